@@ -1,5 +1,39 @@
-"""tagrouter_fast: TagRouter (ACL 2025) routing with a Rust core."""
+"""tagrouter_fast: TagRouter (ACL 2025) LLM routing through tags, with a Rust core.
+
+>>> from tagrouter_fast import TagScorer, TagDecider
+>>> scorer = TagScorer.from_records([("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss")])
+>>> TagDecider(scorer, costs={"big": 10.0, "small": 1.0}).route_tags(["Poem"])
+'big'
+"""
 
 from tagrouter_fast._core import __version__
+from tagrouter_fast.router import TagRouter, default_router, route
+from tagrouter_fast.scoring import (
+    Decision,
+    InconsistentRecordsError,
+    StoreFormatError,
+    TagDecider,
+    TagRouterError,
+    TagScorer,
+    ThetaSearch,
+    UnknownModelError,
+    UnknownTagError,
+    split_tags,
+)
 
-__all__ = ["__version__"]
+__all__ = [
+    "Decision",
+    "InconsistentRecordsError",
+    "StoreFormatError",
+    "TagDecider",
+    "TagRouter",
+    "TagRouterError",
+    "TagScorer",
+    "ThetaSearch",
+    "UnknownModelError",
+    "UnknownTagError",
+    "__version__",
+    "default_router",
+    "route",
+    "split_tags",
+]

@@ -1,5 +1,19 @@
-//! TagRouter core: the tag-score store (TagScorer), the cost-aware decider (TagDecider).
-//! Pure Rust; the `python` feature adds the PyO3 glue in `py/`.
+//! TagRouter core: the tag-score store (TagScorer), the cost-aware decider (TagDecider), theta
+//! selection and the store file. Pure Rust; the `python` feature adds the PyO3 glue in `py/`.
+
+// Docs quote the paper's names (TagScorer, M_LLM, w_t) as prose; backticking every one hurts
+// reading more than it helps.
+#![allow(clippy::doc_markdown)]
+
+pub mod decide;
+pub mod error;
+pub mod store_io;
+pub mod table;
+pub mod theta;
 
 #[cfg(feature = "python")]
 mod py;
+
+pub use decide::{split_tags, Decider, Explained, Reason, Route};
+pub use error::{Result, RouterError};
+pub use table::{Outcome, Params, Record, Store, Weighting};

@@ -1,0 +1,304 @@
+"""Pure-Python reference of the TagScorer and TagDecider: the test oracle and benchmark baseline.
+
+Written for clarity, straight from the paper (3.3, 3.4, G.2), independently of the Rust core. It
+performs the floating-point operations in the same order as the core (outcome sums as
+``win * s_win + tie * s_tie + loss * s_loss``, S(M) summed over a query's distinct known tags in
+the order first seen), so the two agree to the last bit, not merely approximately.
+
+>>> scorer = ReferenceScorer([("q1", ["poem"], "big", "win"), ("q1", ["poem"], "small", "loss")])
+>>> ReferenceDecider(scorer, {"big": 10.0, "small": 1.0}).route_tags(["poem"])
+'big'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+OUTCOMES = ("win", "tie", "loss")
+
+# ==== Scorer ====
+
+
+class ReferenceScorer:
+    """The tag-score store, kept as plain dicts."""
+
+    def __init__(
+        self,
+        records: Iterable[tuple[Any, Sequence[str], str, str]],
+        s_win: float = 1.0,
+        s_tie: float = 0.15,
+        s_loss: float = -1.0,
+        weighting: str = "paper",
+        prior_strength: float = 0.0,
+    ) -> None:
+        if weighting not in ("paper", "none", "shrunk"):
+            raise ValueError(f"unknown weighting {weighting!r}")
+        self.s = {"win": s_win, "tie": s_tie, "loss": s_loss}
+        self.weighting = weighting
+        self.prior_strength = prior_strength
+        self.models: list[str] = []
+        self.tags: list[str] = []
+        self.query_tags: dict[str, frozenset[str]] = {}
+        # (tag, model) -> {outcome: n}; model -> {outcome: n} over records.
+        self.counts: dict[tuple[str, str], dict[str, int]] = {}
+        self.model_totals: dict[str, dict[str, int]] = {}
+        for qid, tags, model, outcome in records:
+            self._add(str(qid), list(tags), model, outcome)
+        self._count_t = {t: 0 for t in self.tags}
+        for tags in self.query_tags.values():
+            for t in tags:
+                self._count_t[t] += 1
+        self._total = float(sum(self._count_t.values()))
+
+    def _add(self, qid: str, tags: list[str], model: str, outcome: str) -> None:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        tag_set = frozenset(tags)
+        known = self.query_tags.setdefault(qid, tag_set)
+        if known != tag_set:
+            raise ValueError(f"query {qid!r} has two tag sets")
+        for t in tags:
+            if t not in self.tags:
+                self.tags.append(t)
+        if model not in self.models:
+            self.models.append(model)
+        for t in tag_set:
+            c = self.counts.setdefault((t, model), dict.fromkeys(OUTCOMES, 0))
+            c[outcome] += 1
+        self.model_totals.setdefault(model, dict.fromkeys(OUTCOMES, 0))[outcome] += 1
+
+    def count(self, tag: str) -> int:
+        """count_t: distinct training queries carrying ``tag``."""
+        return self._count_t[tag]
+
+    def outcome_sum(self, c: Mapping[str, int]) -> float:
+        return (
+            float(c["win"]) * self.s["win"]
+            + float(c["tie"]) * self.s["tie"]
+            + float(c["loss"]) * self.s["loss"]
+        )
+
+    def score(self, model: str, tag: str) -> float:
+        if model not in self.models:
+            raise KeyError(model)
+        if tag not in self.tags:
+            raise KeyError(tag)
+        c = self.counts.get((tag, model), dict.fromkeys(OUTCOMES, 0))
+        if self.weighting == "shrunk":
+            k = self.prior_strength
+            totals = self.model_totals[model]
+            n_all = float(totals["win"]) + float(totals["tie"]) + float(totals["loss"])
+            mu = self.outcome_sum(totals) / n_all if n_all > 0 else 0.0
+            n = float(c["win"]) + float(c["tie"]) + float(c["loss"])
+            return (self.outcome_sum(c) + k * mu) / (n + k) if n + k > 0 else mu
+        if self.weighting == "none":
+            w = 1.0
+        else:
+            # The paper's denominator: count_t' summed over every tag of the store.
+            w = (1.0 - math.exp(-float(self.count(tag)))) / self._total
+        return w * self.outcome_sum(c)
+
+    def score_table(self) -> dict[str, dict[str, float]]:
+        """``{tag: {model: score}}`` for every tag and model."""
+        return {t: {m: self.score(m, t) for m in self.models} for t in self.tags}
+
+
+# ==== Decider ====
+
+
+class ReferenceDecider:
+    """Cost-aware decider: argmax of summed tag scores, then Delta_q against theta."""
+
+    def __init__(
+        self,
+        scorer: ReferenceScorer,
+        costs: Mapping[str, float],
+        llm: str | None = None,
+        theta: float = 0.0,
+        fallback: str | None = None,
+    ) -> None:
+        self.scorer = scorer
+        self.models = [m for m in scorer.models if m in costs]
+        self.costs = {m: float(costs[m]) for m in self.models}
+        if llm is None:
+            top = max(self.costs.values())
+            llm = min(m for m in self.models if self.costs[m] == top)
+        self.llm = llm
+        self.fallback = fallback if fallback is not None else llm
+        self.theta = theta
+        self.table = scorer.score_table()
+
+    def _argmax(self, sums: Mapping[str, float], among: Iterable[str]) -> str:
+        # Highest S(M); ties to the cheaper model, then to the smaller name.
+        return min(among, key=lambda m: (-sums[m], self.costs[m], m))
+
+    def decide(self, tags: Sequence[str]) -> dict[str, Any]:
+        known: list[str] = []
+        unknown: list[str] = []
+        for t in tags:
+            if t in self.table:
+                if t not in known:
+                    known.append(t)
+            elif t not in unknown:
+                unknown.append(t)
+        sums = {m: 0.0 for m in self.models}
+        for t in known:
+            for m in self.models:
+                sums[m] += self.table[t][m]
+        out: dict[str, Any] = {
+            "scores": sums,
+            "known_tags": known,
+            "unknown_tags": unknown,
+            "contributions": {t: {m: self.table[t][m] for m in self.models} for t in known},
+            "llm": self.llm,
+            "theta": self.theta,
+        }
+        if not known:
+            return {
+                **out, "model": self.fallback, "reason": "fallback", "delta": math.nan,
+                "slm": None, "argmax": self.fallback,
+            }
+        best = self._argmax(sums, self.models)
+        others = [m for m in self.models if m != self.llm]
+        if not others:
+            return {**out, "model": best, "reason": "argmax", "delta": math.nan, "slm": None,
+                    "argmax": best}
+        slm = self._argmax(sums, others)
+        delta = sums[slm] - sums[self.llm]
+        model = slm if delta >= self.theta else self.llm
+        reason = "argmax" if model == best else "cost_threshold"
+        return {**out, "model": model, "reason": reason, "delta": delta, "slm": slm,
+                "argmax": best}
+
+    def route_tags(self, tags: Sequence[str]) -> str:
+        """The model only: the same rule as `decide` without building the explanation."""
+        table = self.table
+        seen: list[str] = []
+        sums = dict.fromkeys(self.models, 0.0)
+        for t in tags:
+            row = table.get(t)
+            if row is not None and t not in seen:
+                seen.append(t)
+                for m in self.models:
+                    sums[m] += row[m]
+        if not seen:
+            return self.fallback
+        if len(self.models) == 1:
+            return self.models[0]
+        slm = self._argmax(sums, [m for m in self.models if m != self.llm])
+        return slm if sums[slm] - sums[self.llm] >= self.theta else self.llm
+
+    def route_tags_batch(self, list_of_tags: Sequence[Sequence[str]]) -> list[str]:
+        return [self.route_tags(t) for t in list_of_tags]
+
+    def scores_batch(self, list_of_tags: Sequence[Sequence[str]]) -> np.ndarray:
+        rows = [self.decide(t)["scores"] for t in list_of_tags]
+        return np.array([[r[m] for m in self.models] for r in rows], dtype=np.float64).reshape(
+            len(rows), len(self.models)
+        )
+
+    def deltas_batch(self, list_of_tags: Sequence[Sequence[str]]) -> np.ndarray:
+        return np.array([self.decide(t)["delta"] for t in list_of_tags], dtype=np.float64)
+
+
+class NumpyDecider:
+    """Vectorised numpy baseline of `ReferenceDecider.route_tags_batch` (same rule, same result).
+
+    Tags are looked up in a dict (no way around Python for strings), then the score rows of all
+    queries are gathered and summed with one ``np.add.reduceat``.
+    """
+
+    def __init__(self, ref: ReferenceDecider) -> None:
+        self.ref = ref
+        # Columns in preference order (cheaper first, then name), so argmax's first maximum is
+        # the tie-break.
+        self.pref = sorted(ref.models, key=lambda m: (ref.costs[m], m))
+        self.tag_id = {t: i for i, t in enumerate(ref.table)}
+        self.rows = np.array(
+            [[ref.table[t][m] for m in self.pref] for t in ref.table], dtype=np.float64
+        ).reshape(len(ref.table), len(self.pref))
+        self.llm = self.pref.index(ref.llm)
+        self.fallback = self.pref.index(ref.fallback)
+        self.names = np.array(self.pref, dtype=object)
+
+    def route_tags_batch(self, list_of_tags: Sequence[Sequence[str]]) -> list[str]:
+        tag_id = self.tag_id
+        ids: list[int] = []
+        starts: list[int] = []
+        for tags in list_of_tags:
+            starts.append(len(ids))
+            # Distinct ids in first-seen order (a set would change the summation order).
+            ids.extend(dict.fromkeys(tag_id[t] for t in tags if t in tag_id))
+        n = len(list_of_tags)
+        counts = np.diff(np.append(starts, len(ids)))
+        sums = np.zeros((n, self.rows.shape[1]))
+        has = counts > 0
+        if len(ids):
+            gathered = self.rows[np.asarray(ids, dtype=np.int64)]
+            # reduceat sums sequentially within each segment, in the same order as the core.
+            sums[has] = np.add.reduceat(gathered, np.asarray(starts)[has], axis=0)
+        out = np.full(n, self.fallback, dtype=np.int64)
+        masked = sums.copy()
+        masked[:, self.llm] = -np.inf
+        slm = masked.argmax(axis=1)
+        delta = sums[np.arange(n), slm] - sums[:, self.llm]
+        chosen = np.where(delta >= self.ref.theta, slm, self.llm)
+        if len(self.pref) == 1:
+            chosen = np.zeros(n, dtype=np.int64)
+        out[has] = chosen[has]
+        return list(self.names[out])
+
+
+def split_tags(raw: str) -> list[str]:
+    """A tag generator's raw ``"a, b, c"`` output as a list of tags."""
+    return [t.strip() for t in raw.split(",") if t.strip()]
+
+
+# ==== Theta (paper G.2) ====
+
+
+def evaluate_theta(
+    decider: ReferenceDecider,
+    list_of_tags: Sequence[Sequence[str]],
+    accept: np.ndarray,
+    cost: np.ndarray,
+    theta: float,
+) -> tuple[float, float, float]:
+    """(accept rate, mean cost, share routed to M_LLM) of routing the set at ``theta``."""
+    d = ReferenceDecider(
+        decider.scorer, decider.costs, llm=decider.llm, theta=theta, fallback=decider.fallback
+    )
+    col = {m: i for i, m in enumerate(d.models)}
+    acc = tot = llm = 0.0
+    for q, tags in enumerate(list_of_tags):
+        m = col[d.route_tags(tags)]
+        acc += bool(accept[q, m])
+        tot += float(cost[q, m])
+        llm += d.models[m] == d.llm
+    n = len(list_of_tags)
+    return acc / n, tot / n, llm / n
+
+
+def select_theta(
+    decider: ReferenceDecider,
+    list_of_tags: Sequence[Sequence[str]],
+    accept: np.ndarray,
+    cost: np.ndarray,
+    grid: Sequence[float],
+) -> tuple[float, float, float]:
+    """Best theta on ``grid``: highest accept rate, then lowest cost, then |theta|, then theta.
+
+    Returns (theta, accept rate, mean cost).
+    """
+    best: tuple[float, float, float, float] | None = None
+    for theta in grid:
+        ar, c, _ = evaluate_theta(decider, list_of_tags, accept, cost, theta)
+        key = (-ar, c, abs(theta), theta)
+        if best is None or key < (-best[1], best[2], abs(best[0]), best[0]):
+            best = (theta, ar, c, 0.0)
+    assert best is not None
+    return best[0], best[1], best[2]

@@ -1,0 +1,210 @@
+"""On-disk cache of embeddings and tags, keyed by model fingerprint and the hash of the inputs.
+
+Encoding a dataset's queries or tagging them with a generator takes seconds to hours; both are
+pure functions of (model files, texts), so results are stored under :func:`cache_dir` and reused
+across processes. Writers go through a temporary file in the same directory and ``os.replace``,
+which is atomic on POSIX and Windows, so concurrent writers of the same key never leave a torn file
+(the last one wins; both wrote the same content).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+__all__ = [
+    "cache_dir",
+    "embed_cached",
+    "tag_cached",
+    "texts_key",
+    "atomic_write_bytes",
+    "load_array",
+    "save_array",
+]
+
+
+class _Encoder(Protocol):
+    fingerprint: str
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+class _Tagger(Protocol):
+    fingerprint: str
+
+    def tag_batch(self, queries: list[str]) -> list[list[str]]: ...
+
+
+def cache_dir() -> Path:
+    """Return the cache directory, creating it if needed.
+
+    ``TAGROUTER_CACHE`` wins; otherwise ``$XDG_CACHE_HOME/tagrouter_fast`` or
+    ``~/.cache/tagrouter_fast``. Never a path inside the repository, so caches are not committed.
+
+    Returns:
+        The directory path.
+
+    >>> isinstance(cache_dir(), Path)
+    True
+    """
+    env = os.environ.get("TAGROUTER_CACHE")
+    if env:
+        d = Path(env).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        d = Path(base) / "tagrouter_fast"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def texts_key(fingerprint: str, texts: Sequence[str], *, salt: str = "") -> str:
+    """Hash a model fingerprint and an ordered list of texts into a file-name-safe key.
+
+    Each text is length-prefixed so that ``["ab", "c"]`` and ``["a", "bc"]`` differ.
+
+    Args:
+        fingerprint: The model's fingerprint.
+        texts: The inputs, in order.
+        salt: Extra parameters that change outputs (e.g. a tagger's k).
+
+    Returns:
+        A 32-character hex key.
+    """
+    h = hashlib.sha256()
+    h.update(fingerprint.encode())
+    h.update(b"\x00")
+    h.update(salt.encode())
+    for t in texts:
+        b = t.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()[:32]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a same-directory temp file and ``os.replace``.
+
+    Args:
+        path: Destination; its parent is created.
+        data: The bytes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache entries may be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """Save one array as ``.npy`` atomically."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_array(path: Path) -> np.ndarray | None:
+    """Load an ``.npy`` written by :func:`save_array`; ``None`` if absent or unreadable."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        # A corrupt entry is treated as a miss and overwritten, never raised to the user.
+        return None
+
+
+def embed_cached(encoder: _Encoder, texts: Sequence[str]) -> np.ndarray:
+    """Encode ``texts`` with ``encoder``, reusing an on-disk result for the same model and texts.
+
+    Args:
+        encoder: Anything with ``.encode(list[str]) -> (n, d) float32`` and ``.fingerprint``.
+        texts: The texts, in order.
+
+    Returns:
+        ``(len(texts), d)`` float32 embeddings.
+
+    >>> class E:
+    ...     fingerprint = "doctest"
+    ...     def encode(self, texts): return np.ones((len(texts), 2), np.float32)
+    >>> embed_cached(E(), ["a", "b"]).shape
+    (2, 2)
+    """
+    texts = list(texts)
+    path = (
+        cache_dir()
+        / "embeddings"
+        / encoder.fingerprint
+        / f"{texts_key(encoder.fingerprint, texts)}.npy"
+    )
+    arr = load_array(path)
+    if arr is not None and arr.shape[0] == len(texts):
+        return arr
+    arr = np.asarray(encoder.encode(texts), dtype=np.float32)
+    save_array(path, arr)
+    return arr
+
+
+def tag_cached(
+    tagger: _Tagger,
+    texts: Sequence[str],
+    *,
+    progress: Callable[[int, int], Any] | None = None,
+    show_progress: bool = False,
+    chunk: int = 256,
+) -> list[list[str]]:
+    """Tag ``texts`` with ``tagger``, reusing an on-disk result for the same tagger and texts.
+
+    Tags are computed in chunks and each chunk is stored under its own key, so an interrupted run
+    (a slow generator over thousands of queries) resumes where it stopped.
+
+    Args:
+        tagger: Anything with ``.tag_batch(list[str]) -> list[list[str]]`` and ``.fingerprint``.
+        texts: The queries, in order.
+        progress: Optional callback ``(done, total)`` after each chunk.
+        show_progress: Show a tqdm progress bar over the texts.
+        chunk: Queries per stored chunk.
+
+    Returns:
+        One tag list per text.
+    """
+    texts = list(texts)
+    root = cache_dir() / "tags" / tagger.fingerprint
+    out: list[list[str]] = []
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(texts), desc="tagging", unit="query")
+    for start in range(0, len(texts), chunk):
+        part = texts[start : start + chunk]
+        path = root / f"{texts_key(tagger.fingerprint, part)}.json"
+        got: list[list[str]] | None = None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, list) and len(data) == len(part):
+                got = [list(map(str, tags)) for tags in data]
+        except (OSError, ValueError):
+            got = None
+        if got is None:
+            got = [list(tags) for tags in tagger.tag_batch(part)]
+            atomic_write_bytes(path, json.dumps(got, ensure_ascii=False).encode("utf-8"))
+        out.extend(got)
+        if bar is not None:
+            bar.update(len(got))
+        if progress is not None:
+            progress(len(out), len(texts))
+    if bar is not None:
+        bar.close()
+    return out

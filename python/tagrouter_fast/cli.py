@@ -1,0 +1,107 @@
+"""`tagrouter` command line: tag, route, build-store, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _load_router(args: argparse.Namespace):  # noqa: ANN202 - TagRouter, imported lazily
+    from tagrouter_fast.router import TagRouter, default_router
+
+    if args.router:
+        return TagRouter.load(args.router, theta=args.theta)
+    router = default_router()
+    if args.theta is not None:
+        router.decider = router.decider.with_theta(args.theta)
+    return router
+
+
+def _cmd_tag(args: argparse.Namespace) -> int:
+    from tagrouter_fast.taggers import DefaultTagger
+
+    if args.generator:
+        from tagrouter_fast.taggers import TagGeneratorTagger
+
+        tagger = TagGeneratorTagger(args.generator)
+    else:
+        tagger = DefaultTagger()
+    queries = args.query or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for q, tags in zip(queries, tagger.tag_batch(queries)):
+        if args.json:
+            print(json.dumps({"query": q, "tags": tags}))
+        else:
+            print(", ".join(tags))
+    return 0
+
+
+def _cmd_route(args: argparse.Namespace) -> int:
+    router = _load_router(args)
+    queries = args.query or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for q in queries:
+        if args.explain or args.json:
+            d = router.decide(q)
+            if args.json:
+                print(json.dumps({"query": q, **d.to_dict()}))
+            else:
+                print(d.explain())
+        else:
+            print(router.route(q))
+    return 0
+
+
+def _cmd_build_store(args: argparse.Namespace) -> int:
+    from tagrouter_fast.router import build_default_bundle
+
+    out = build_default_bundle(args.data, pool=args.pool, out=args.out)
+    print(f"router bundle written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tagrouter", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tag", help="print the tags of each query")
+    t.add_argument("query", nargs="*", help="queries (default: one per line on stdin)")
+    t.add_argument("--generator", metavar="ONNX_DIR", help="exported TagGenerator (default: embedded)")
+    t.add_argument("--json", action="store_true", help="one JSON object per line")
+    t.set_defaults(func=_cmd_tag)
+
+    r = sub.add_parser("route", help="print the model each query is routed to")
+    r.add_argument("query", nargs="*", help="queries (default: one per line on stdin)")
+    r.add_argument("--router", metavar="DIR", help="router bundle (default: the cached default)")
+    r.add_argument("--theta", type=float, default=None, help="cost-awareness threshold override")
+    r.add_argument("--explain", action="store_true", help="print the full decision")
+    r.add_argument("--json", action="store_true", help="one JSON decision per line")
+    r.set_defaults(func=_cmd_route)
+
+    b = sub.add_parser("build-store", help="convert judgments into a router bundle")
+    b.add_argument("--data", metavar="DIR", help="routing-table dir (default: $TAGROUTER_DATA or ../shared/data/alpacaeval2)")
+    b.add_argument("--pool", default="five-api", help="candidate pool name (default: five-api)")
+    b.add_argument("--out", metavar="DIR", help="bundle dir (default: <cache>/routers/default)")
+    b.set_defaults(func=_cmd_build_store)
+
+    try:
+        from tagrouter_fast.eval.cli import add_eval_parser
+    except ImportError:
+        pass
+    else:
+        add_eval_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"tagrouter: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

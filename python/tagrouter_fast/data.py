@@ -1,0 +1,370 @@
+"""Routing tables: queries and per-(query, model) judged outcomes, read and validated.
+
+A routing table is two CSV files in one directory (the format of ``../shared/data/alpacaeval2``):
+
+- ``queries.csv``: ``query_id, query_text, subset``. ``subset`` is optional (empty or absent
+  means one stratum ``""``); it is used to stratify cross-validation folds.
+- ``outcomes.csv``: ``query_id, model, outcome`` are required; ``score, in_chars, out_chars,
+  cost_usd`` are optional. ``outcome`` is ``win``, ``tie`` or ``loss`` against the table's
+  reference answer. ``score``, ``in_chars`` and ``out_chars`` are kept but treated as opaque.
+
+Missing data is explicit: a (query, model) pair with no row is *missing*, never a loss.
+Dense views use outcome code ``-1`` for it and :meth:`RoutingTable.complete_rows` tells which
+queries have an outcome for every model of a pool.
+
+Costs: ``cost_usd`` is the cost of that model answering that query. When a cell is empty the
+model's mean cost over its other rows is used; a model with no cost at all gets the mean of the
+other models' mean costs (and is listed in :attr:`RoutingTable.cost_imputed_models`); a table
+without a ``cost_usd`` column gets cost 1.0 per call (cost = number of calls), unless
+``model_costs`` gives a per-call cost per model.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "OUTCOMES",
+    "POOLS",
+    "DataError",
+    "RoutingTable",
+    "load_table",
+    "resolve_pool",
+]
+
+#: Outcome labels and their integer codes in dense arrays (``-1`` = missing).
+OUTCOMES: tuple[str, ...] = ("win", "tie", "loss")
+WIN, TIE, LOSS, MISSING = 0, 1, 2, -1
+
+#: The candidate pools of the AlpacaEval 2.0 table (data README). ``llm`` is M_LLM; ``None``
+#: means "the most expensive member".
+POOLS: dict[str, dict[str, object]] = {
+    "pair-api": {"models": ["claude-2", "gpt-3.5-turbo-1106"], "llm": "claude-2"},
+    "five-api": {
+        "models": [
+            "claude-2",
+            "claude-instant-1.2",
+            "gpt-3.5-turbo-1106",
+            "gpt35_turbo_instruct",
+            "Mixtral-8x7B-Instruct-v0.1_concise",
+        ],
+        "llm": "claude-2",
+    },
+    "with-reference": {
+        "models": [
+            "gpt4_1106_preview",
+            "claude-instant-1.2",
+            "gpt-3.5-turbo-1106",
+            "Mixtral-8x7B-Instruct-v0.1_concise",
+        ],
+        "llm": "gpt4_1106_preview",
+    },
+    "open-similar": {
+        "models": ["vicuna-13b-v1.5", "wizardlm-13b", "OpenHermes-2.5-Mistral-7B", "Qwen-14B-Chat"],
+        "llm": None,
+    },
+    "open-small-big": {
+        "models": [
+            "FuseChat-Gemma-2-9B-Instruct",
+            "FuseChat-Llama-3.2-1B-Instruct",
+            "FuseChat-Llama-3.2-3B-Instruct",
+        ],
+        "llm": "FuseChat-Gemma-2-9B-Instruct",
+    },
+}
+
+QUERY_COLUMNS = ("query_id", "query_text")
+OUTCOME_COLUMNS = ("query_id", "model", "outcome")
+
+
+class DataError(ValueError):
+    """A routing table is malformed; the message names the file and line."""
+
+
+@dataclass
+class RoutingTable:
+    """A validated routing table held as dense arrays over all of its models.
+
+    Attributes:
+        query_ids: Query ids in file order.
+        texts: Query texts, aligned with ``query_ids``.
+        subsets: Stratum of each query (``""`` when the table has none).
+        models: Every model with at least one outcome, in first-seen order.
+        outcome_codes: ``(n_queries, n_models)`` int8: 0 win, 1 tie, 2 loss, -1 missing.
+        costs: ``(n_queries, n_models)`` float64 cost per call, imputed (never NaN).
+        raw_costs: Like ``costs`` but NaN where the file had no cost.
+        scores: ``(n_queries, n_models)`` float64 opaque ``score`` column, NaN when absent.
+        source: Where the table was read from.
+        cost_imputed_models: Models with no cost at all (priced by the fallback).
+    """
+
+    query_ids: list[str]
+    texts: list[str]
+    subsets: list[str]
+    models: list[str]
+    outcome_codes: np.ndarray
+    costs: np.ndarray
+    raw_costs: np.ndarray
+    scores: np.ndarray
+    source: str = ""
+    cost_imputed_models: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._qindex = {q: i for i, q in enumerate(self.query_ids)}
+        self._mindex = {m: j for j, m in enumerate(self.models)}
+
+    @property
+    def n_queries(self) -> int:
+        """Number of queries."""
+        return len(self.query_ids)
+
+    def model_index(self, models: Sequence[str]) -> np.ndarray:
+        """Column indices of ``models``.
+
+        Raises:
+            KeyError: A model is not in the table (the message lists close names).
+        """
+        out = []
+        for m in models:
+            if m not in self._mindex:
+                close = [x for x in self.models if m.lower()[:5] in x.lower()][:5]
+                raise KeyError(f"model {m!r} is not in {self.source or 'the table'}; close: {close}")
+            out.append(self._mindex[m])
+        return np.asarray(out, dtype=np.int64)
+
+    def query_index(self, query_ids: Sequence[str]) -> np.ndarray:
+        """Row indices of ``query_ids``."""
+        return np.asarray([self._qindex[q] for q in query_ids], dtype=np.int64)
+
+    def outcomes(self, models: Sequence[str]) -> np.ndarray:
+        """``(n_queries, len(models))`` outcome codes, -1 where missing."""
+        return self.outcome_codes[:, self.model_index(models)]
+
+    def accept(self, models: Sequence[str]) -> np.ndarray:
+        """``(n_queries, len(models))`` bool: outcome is win or tie (missing is False).
+
+        Use :meth:`complete_rows` to drop queries with missing pairs before scoring a router:
+        a missing pair is unknown, so counting it as not accepted would be a silent loss.
+        """
+        o = self.outcomes(models)
+        return (o == WIN) | (o == TIE)
+
+    def cost_matrix(self, models: Sequence[str]) -> np.ndarray:
+        """``(n_queries, len(models))`` cost per call, missing cells mean-imputed per model."""
+        return self.costs[:, self.model_index(models)]
+
+    def complete_rows(self, models: Sequence[str]) -> np.ndarray:
+        """Bool mask of queries that have an outcome for every model in ``models``."""
+        return (self.outcomes(models) >= 0).all(axis=1)
+
+    def mean_cost(self, models: Sequence[str]) -> dict[str, float]:
+        """Mean cost per call of each model (over its imputed cost column)."""
+        c = self.cost_matrix(models)
+        return {m: float(c[:, j].mean()) for j, m in enumerate(models)}
+
+    def records(
+        self, rows: np.ndarray | Sequence[int], models: Sequence[str], tags: Sequence[Sequence[str]]
+    ) -> list[tuple[str, list[str], str, str]]:
+        """``(query_id, tags, model, outcome)`` records for :meth:`TagScorer.from_records`.
+
+        Missing pairs yield no record (they are not losses).
+
+        Args:
+            rows: Row indices of the queries to include.
+            models: Models to include.
+            tags: Tags of every query of the table (indexed by row).
+        """
+        o = self.outcomes(models)
+        out = []
+        for i in rows:
+            t = list(tags[i])
+            for j, m in enumerate(models):
+                c = int(o[i, j])
+                if c >= 0:
+                    out.append((self.query_ids[i], t, m, OUTCOMES[c]))
+        return out
+
+
+def resolve_pool(
+    table: RoutingTable,
+    pool: str | None = None,
+    models: Sequence[str] | None = None,
+    llm: str | None = None,
+) -> tuple[list[str], str]:
+    """Return the pool's models and its M_LLM (the most expensive one unless given).
+
+    Args:
+        table: The routing table (for costs and model names).
+        pool: A name from :data:`POOLS`.
+        models: An explicit model list (instead of ``pool``).
+        llm: M_LLM; defaults to the pool's, else the most expensive member by mean cost.
+
+    Raises:
+        ValueError: Neither or both of ``pool``/``models``, unknown pool, or ``llm`` not a member.
+    """
+    if (pool is None) == (models is None):
+        raise ValueError("give exactly one of a pool name or a model list")
+    if pool is not None:
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; known: {sorted(POOLS)}")
+        models = list(POOLS[pool]["models"])  # type: ignore[arg-type]
+        llm = llm or POOLS[pool]["llm"]  # type: ignore[assignment]
+    models = list(dict.fromkeys(models or []))
+    if len(models) < 2:
+        raise ValueError("a pool needs at least two models")
+    table.model_index(models)
+    if llm is None:
+        costs = table.mean_cost(models)
+        llm = max(models, key=lambda m: costs[m])
+    if llm not in models:
+        raise ValueError(f"llm {llm!r} is not one of the pool's models {models}")
+    return models, llm
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[tuple[int, dict]]]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DataError(f"{path}:1: missing column(s) {missing}; header is {header}")
+        reader.fieldnames = header
+        rows = []
+        for row in reader:
+            # line_num is the physical line after the record; quoted texts span lines.
+            rows.append((reader.line_num, row))
+    return header, rows
+
+
+def _parse_float(value: str | None, path: Path, line: int, column: str) -> float:
+    if value is None or value.strip() == "":
+        return float("nan")
+    try:
+        return float(value)
+    except ValueError:
+        raise DataError(f"{path}:{line}: column {column!r} is not a number: {value!r}") from None
+
+
+def load_table(directory: str | Path, model_costs: Mapping[str, float] | None = None) -> RoutingTable:
+    """Read and validate a routing table from ``directory``.
+
+    Args:
+        directory: Folder with ``queries.csv`` and ``outcomes.csv``.
+        model_costs: Per-call cost per model, used when ``outcomes.csv`` has no ``cost_usd``.
+
+    Returns:
+        The table.
+
+    Raises:
+        DataError: Missing file or column, empty or duplicate query id, unknown outcome label,
+            duplicate (query, model) row, outcome for an unknown query id, or a non-numeric cell
+            in a numeric column. The message names the file and line.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "queries.csv").write_text("query_id,query_text,subset\\nq1,hi,a\\n")
+    >>> _ = (d / "outcomes.csv").write_text("query_id,model,outcome\\nq1,m,win\\n")
+    >>> load_table(d).outcomes(["m"]).tolist()
+    [[0]]
+    """
+    d = Path(directory)
+    qpath, opath = d / "queries.csv", d / "outcomes.csv"
+    _, qrows = _read_csv(qpath, QUERY_COLUMNS)
+    query_ids: list[str] = []
+    texts: list[str] = []
+    subsets: list[str] = []
+    seen: dict[str, int] = {}
+    for line, row in qrows:
+        qid = (row.get("query_id") or "").strip()
+        if not qid:
+            raise DataError(f"{qpath}:{line}: empty query_id")
+        if qid in seen:
+            raise DataError(f"{qpath}:{line}: duplicate query_id {qid!r} (first at line {seen[qid]})")
+        seen[qid] = line
+        query_ids.append(qid)
+        texts.append(row.get("query_text") or "")
+        subsets.append((row.get("subset") or "").strip())
+    if not query_ids:
+        raise DataError(f"{qpath}: no queries")
+
+    oheader, orows = _read_csv(opath, OUTCOME_COLUMNS)
+    has_cost = "cost_usd" in oheader
+    qindex = {q: i for i, q in enumerate(query_ids)}
+    mindex: dict[str, int] = {}
+    cells: list[tuple[int, int, int, float, float]] = []
+    first_line: dict[tuple[int, int], int] = {}
+    labels = {s: k for k, s in enumerate(OUTCOMES)}
+    for line, row in orows:
+        qid = (row.get("query_id") or "").strip()
+        model = (row.get("model") or "").strip()
+        label = (row.get("outcome") or "").strip().lower()
+        if qid not in qindex:
+            raise DataError(f"{opath}:{line}: outcome for unknown query_id {qid!r}")
+        if not model:
+            raise DataError(f"{opath}:{line}: empty model")
+        if label not in labels:
+            raise DataError(
+                f"{opath}:{line}: unknown outcome label {row.get('outcome')!r}; expected one of "
+                f"{list(OUTCOMES)}"
+            )
+        j = mindex.setdefault(model, len(mindex))
+        key = (qindex[qid], j)
+        if key in first_line:
+            raise DataError(
+                f"{opath}:{line}: duplicate row for (query {qid!r}, model {model!r}) "
+                f"(first at line {first_line[key]})"
+            )
+        first_line[key] = line
+        cost = _parse_float(row.get("cost_usd"), opath, line, "cost_usd") if has_cost else np.nan
+        score = _parse_float(row.get("score"), opath, line, "score")
+        cells.append((key[0], j, labels[label], cost, score))
+
+    models = list(mindex)
+    nq, nm = len(query_ids), len(models)
+    codes = np.full((nq, nm), MISSING, dtype=np.int8)
+    raw = np.full((nq, nm), np.nan)
+    scores = np.full((nq, nm), np.nan)
+    if cells:
+        arr = np.asarray(cells, dtype=np.float64)
+        ii, jj = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64)
+        codes[ii, jj] = arr[:, 2].astype(np.int8)
+        raw[ii, jj] = arr[:, 3]
+        scores[ii, jj] = arr[:, 4]
+
+    imputed: list[str] = []
+    if not has_cost:
+        per_call = np.asarray([float((model_costs or {}).get(m, 1.0)) for m in models])
+        costs = np.broadcast_to(per_call, (nq, nm)).copy()
+    else:
+        present = ~np.isnan(raw)
+        counts = present.sum(axis=0)
+        sums = np.where(present, raw, 0.0).sum(axis=0)
+        means = np.divide(sums, counts, out=np.full(nm, np.nan), where=counts > 0)
+        if np.isnan(means).all():
+            means[:] = 1.0
+        fallback = float(np.nanmean(means))
+        for j in np.flatnonzero(np.isnan(means)):
+            imputed.append(models[j])
+            means[j] = fallback
+        costs = np.where(present, raw, means[None, :])
+    return RoutingTable(
+        query_ids=query_ids,
+        texts=texts,
+        subsets=subsets,
+        models=models,
+        outcome_codes=codes,
+        costs=costs,
+        raw_costs=raw,
+        scores=scores,
+        source=str(d),
+        cost_imputed_models=imputed,
+    )

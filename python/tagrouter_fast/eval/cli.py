@@ -1,0 +1,192 @@
+"""`tagrouter eval`: cross-validated comparison of TagRouter and the baselines on a routing table.
+
+Example::
+
+    tagrouter eval --data ../shared/data/alpacaeval2 --pool pair-api --folds 5 \\
+        --json pair.json --plot pair.png
+    tagrouter eval --data DIR --pool five-api --ablation stie --json stie.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ABLATIONS", "add_eval_parser", "build_result", "run_eval"]
+
+ABLATIONS = ("stie", "wt", "align", "norm", "trainsize")
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``eval`` sub-command on an ``argparse`` sub-parsers object."""
+    e = subparsers.add_parser("eval", help="cross-validated evaluation of routers on a routing table")
+    _add_args(e)
+    e.set_defaults(func=run_eval)
+    return e
+
+
+def _add_args(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--data", required=True, metavar="DIR", help="routing-table dir (queries.csv, outcomes.csv)")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--pool", help="named pool (see tagrouter_fast.data.POOLS)")
+    g.add_argument("--models", help="comma-separated model names")
+    e.add_argument("--llm", help="M_LLM (default: the pool's, else the most expensive model)")
+    e.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    e.add_argument("--seeds", default="0", help="comma-separated split seeds (default 0)")
+    e.add_argument("--inner-folds", type=int, default=3, help="inner CV folds for operating points")
+    e.add_argument("--methods", help="comma-separated method names (default: all)")
+    e.add_argument("--ablation", choices=ABLATIONS, help="run one TagRouter ablation instead")
+    e.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples")
+    e.add_argument("--json", metavar="OUT", help="write every number as JSON")
+    e.add_argument("--plot", metavar="OUT.png", help="write the AR-vs-ratio curves")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _methods(names: str | None, ablation: str | None, train_sizes: Sequence[int] = (100, 300, 1000)):
+    from tagrouter_fast.eval import ablations
+    from tagrouter_fast.eval.methods import default_methods
+
+    if ablation:
+        return ablations.methods_for(ablation, train_sizes)
+    ms = default_methods()
+    if names:
+        want = [n.strip() for n in names.split(",") if n.strip()]
+        known = {m.name: m for m in ms}
+        bad = [n for n in want if n not in known]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; known: {list(known)}")
+        ms = [known[n] for n in want]
+    return ms
+
+
+def build_result(
+    data: str | Path,
+    pool: str | None = None,
+    models: Sequence[str] | None = None,
+    llm: str | None = None,
+    folds: int = 5,
+    seeds: Sequence[int] = (0,),
+    methods: Any = None,
+    inner_folds: int = 3,
+    n_boot: int = 1000,
+    progress: bool = True,
+    table: Any = None,
+    features: Any = None,
+) -> dict[str, Any]:
+    """Load, featurise, cross-validate and summarise; return the result dictionary (JSON schema
+    of ``docs/eval.md``)."""
+    from tagrouter_fast.data import load_table, resolve_pool
+    from tagrouter_fast.eval.features import compute_features
+    from tagrouter_fast.eval.methods import default_methods, scoring_impl
+    from tagrouter_fast.eval.protocol import PoolData, evaluate, summarize
+
+    t0 = time.perf_counter()
+    table = table if table is not None else load_table(data)
+    models, llm = resolve_pool(table, pool, models, llm)
+    feats = features if features is not None else compute_features(table.texts)
+    t_feat = time.perf_counter() - t0
+    pd = PoolData.build(table, models, llm, feats)
+    methods = list(methods) if methods is not None else default_methods()
+    n_steps = folds * len(seeds) * len(methods)
+    bar = None
+    cb = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_steps, desc=f"eval {pool or 'pool'}", unit="fit", file=sys.stderr)
+
+        def cb(name: str) -> None:
+            bar.set_postfix_str(name[:24])
+            bar.update(1)
+
+    res = evaluate(pd, methods, folds=folds, seeds=seeds, inner_folds=inner_folds, progress=cb)
+    if bar is not None:
+        bar.close()
+    kinds = {m.name: m.kind for m in methods}
+    kinds["oracle"] = "oracle"
+    for m in models:
+        kinds[m] = "model"
+    summary, best = summarize(res, kinds, n_boot=n_boot)
+    order = models + ["random", "prior", "oracle"] + [m.name for m in methods]
+    ordered = {n: summary[n] for n in dict.fromkeys(order) if n in summary}
+    return {
+        "data": str(data),
+        "pool": pool,
+        "models": models,
+        "llm": llm,
+        "folds": folds,
+        "seeds": list(seeds),
+        "inner_folds": inner_folds,
+        "n_queries": len(pd.train_all.query_ids),
+        "dropped_incomplete": pd.dropped,
+        "encoder": feats.encoder,
+        "tagger": feats.tagger,
+        "scorer_impl": scoring_impl()[2],
+        "best_baseline": best,
+        "seconds": {"features": t_feat, "total": time.perf_counter() - t0},
+        "methods": ordered,
+    }
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Entry point of ``tagrouter eval``: print the table, write JSON and PNG if asked."""
+    from tagrouter_fast.eval.report import markdown_table, plot_curves
+
+    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    methods = _methods(args.methods, args.ablation)
+    result = build_result(
+        args.data,
+        pool=args.pool,
+        models=models,
+        llm=args.llm,
+        folds=args.folds,
+        seeds=seeds,
+        methods=methods,
+        inner_folds=args.inner_folds,
+        n_boot=args.bootstrap,
+        progress=not args.no_progress,
+    )
+    if args.ablation:
+        result["ablation"] = args.ablation
+    print(markdown_table(result))
+    print(f"\n({result['seconds']['total']:.1f} s; tagger {result['tagger']}, scorer {result['scorer_impl']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(_clean(result), indent=1, allow_nan=False))
+    if args.plot:
+        plot_curves(result, args.plot)
+    return 0
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, NaN/inf to ``null``."""
+    import math
+
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m tagrouter_fast.eval.cli``)."""
+    p = argparse.ArgumentParser(prog="tagrouter eval", description=__doc__)
+    _add_args(p)
+    args = p.parse_args(argv)
+    return run_eval(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,509 @@
+"""Routers compared by the evaluation: TagRouter variants and the baselines of paper Appx. B.2.
+
+A method is fitted on a :class:`TrainSet` (training-fold queries with their labels) and returns
+a :class:`Fitted` router that sees only label-free :class:`QueryFeatures` of the queries it
+routes: test labels cannot reach a method by construction. A fitted router returns, per query,
+
+- ``slm``: the pool column of the small model it would use, and
+- ``pref``: its preference for M_LLM over that small model (threshold knob: M_LLM iff
+  ``pref > t``; see :mod:`tagrouter_fast.eval.metrics`).
+
+Utility routers (MF, KNN, MLP, FORC-style) predict each model's accept probability ``u``;
+``slm = argmax`` of ``u`` over the small models and ``pref = u_LLM - u_slm``. TagRouter uses the
+decider's summed tag scores: ``slm`` is the best-scoring small model and ``pref = -Delta_q``,
+so the threshold ``t`` is ``-theta`` (paper 3.4: M_LLM iff ``Delta_q < theta``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Fitted",
+    "Method",
+    "QueryFeatures",
+    "TrainSet",
+    "scoring_impl",
+    "default_methods",
+]
+
+
+# ==== Data handed to methods ====
+
+
+@dataclass
+class QueryFeatures:
+    """Label-free inputs of the queries to route (aligned rows).
+
+    Attributes:
+        query_ids: Query ids.
+        emb: ``(n, d)`` query embeddings.
+        tag_emb: ``(n, d)`` embeddings of the joined tags.
+        tags: Tags of each query.
+    """
+
+    query_ids: list[str]
+    emb: np.ndarray
+    tag_emb: np.ndarray
+    tags: list[list[str]]
+
+
+@dataclass
+class TrainSet(QueryFeatures):
+    """Training-fold queries with their labels.
+
+    Attributes:
+        models: Pool models (columns of ``acc``/``cost``/``codes``).
+        llm: Column of M_LLM.
+        acc: ``(n, m)`` bool accepted (win or tie).
+        codes: ``(n, m)`` outcome codes 0 win, 1 tie, 2 loss.
+        cost: ``(n, m)`` cost per call.
+        subsets: Stratum of each query.
+        all_codes: ``(n, n_all)`` outcome codes of every model of the table (-1 missing), for
+            methods that learn query difficulty from models outside the pool.
+    """
+
+    models: list[str] = field(default_factory=list)
+    llm: int = 0
+    acc: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))
+    codes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int8))
+    cost: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    subsets: list[str] = field(default_factory=list)
+    all_codes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int8))
+
+    @property
+    def slms(self) -> list[int]:
+        """Columns of the small models."""
+        return [j for j in range(len(self.models)) if j != self.llm]
+
+    def subset_rows(self, rows: np.ndarray) -> TrainSet:
+        """The training set restricted to ``rows`` (for inner cross-validation)."""
+        return TrainSet(
+            query_ids=[self.query_ids[i] for i in rows],
+            emb=self.emb[rows],
+            tag_emb=self.tag_emb[rows],
+            tags=[self.tags[i] for i in rows],
+            models=self.models,
+            llm=self.llm,
+            acc=self.acc[rows],
+            codes=self.codes[rows],
+            cost=self.cost[rows],
+            subsets=[self.subsets[i] for i in rows],
+            all_codes=self.all_codes[rows],
+        )
+
+    def features(self, rows: np.ndarray | None = None) -> QueryFeatures:
+        """The label-free view of (some of) these queries."""
+        rows = np.arange(len(self.query_ids)) if rows is None else rows
+        return QueryFeatures(
+            query_ids=[self.query_ids[i] for i in rows],
+            emb=self.emb[rows],
+            tag_emb=self.tag_emb[rows],
+            tags=[self.tags[i] for i in rows],
+        )
+
+
+class Fitted:
+    """A fitted router.
+
+    Attributes:
+        fixed_threshold: If set, the method's own operating point (TagRouter: ``-theta``);
+            otherwise the harness picks the max-AR threshold on the training folds.
+    """
+
+    fixed_threshold: float | None = None
+
+    def route(self, x: QueryFeatures) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(pref, slm)`` for each query."""
+        raise NotImplementedError
+
+
+@dataclass
+class Method:
+    """A named router family.
+
+    Attributes:
+        name: Display/JSON name.
+        kind: ``"baseline"``, ``"tagrouter"`` or ``"reference"`` (random; not a learned router).
+        fit: ``fit(train, seed) -> Fitted``.
+        select_on_train: Pick the max-AR threshold on training folds (inner CV).
+    """
+
+    name: str
+    kind: str
+    fit: Callable[[TrainSet, int], Fitted]
+    select_on_train: bool = True
+
+
+# ==== Helpers ====
+
+
+def _slm_choice(u: np.ndarray, train: TrainSet) -> tuple[np.ndarray, np.ndarray]:
+    """``(pref, slm)`` from per-model utilities; ties between small models go to the cheaper."""
+    slms = np.asarray(train.slms)
+    mean_cost = train.cost.mean(axis=0)
+    # Break exact ties by cost with a perturbation far below any probability difference.
+    rank = np.argsort(np.argsort(mean_cost[slms]))
+    us = u[:, slms] - 1e-12 * rank[None, :]
+    best = np.argmax(us, axis=1)
+    slm = slms[best]
+    pref = u[:, train.llm] - u[np.arange(len(u)), slm]
+    return pref, slm
+
+
+class _UtilityRouter(Fitted):
+    def __init__(self, predict: Callable[[QueryFeatures], np.ndarray], train: TrainSet) -> None:
+        self._predict = predict
+        self._train = train
+
+    def route(self, x: QueryFeatures) -> tuple[np.ndarray, np.ndarray]:
+        return _slm_choice(self._predict(x), self._train)
+
+
+def _inputs(x: QueryFeatures, use_tags: bool) -> np.ndarray:
+    return x.tag_emb if use_tags else x.emb
+
+
+def _constant_columns(y: np.ndarray) -> np.ndarray:
+    return (y.min(axis=0) == y.max(axis=0))
+
+
+# ==== Baselines (paper Appx. B.2) ====
+
+
+def fit_mf(train: TrainSet, seed: int, use_tags: bool = False, dim: int = 50) -> Fitted:
+    """RouteLLM-MF style: embeddings -> truncated SVD(``dim``) -> logistic regression per model."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.linear_model import LogisticRegression
+
+    X = _inputs(train, use_tags)
+    k = int(min(dim, X.shape[1] - 1, X.shape[0] - 1))
+    svd = TruncatedSVD(n_components=k, random_state=seed).fit(X)
+    Z = svd.transform(X)
+    y = train.acc.astype(int)
+    const = _constant_columns(y)
+    clfs = []
+    for j in range(y.shape[1]):
+        if const[j]:
+            clfs.append(float(y[0, j]))
+        else:
+            clfs.append(LogisticRegression(C=1.0, max_iter=1000).fit(Z, y[:, j]))
+
+    def predict(x: QueryFeatures) -> np.ndarray:
+        z = svd.transform(_inputs(x, use_tags))
+        cols = [
+            np.full(len(z), c) if isinstance(c, float) else c.predict_proba(z)[:, 1] for c in clfs
+        ]
+        return np.stack(cols, axis=1)
+
+    return _UtilityRouter(predict, train)
+
+
+def fit_knn(train: TrainSet, seed: int, use_tags: bool = False, k: int = 11) -> Fitted:
+    """RouterBench KNN: mean accept of the ``k`` nearest training queries (cosine)."""
+    X = _inputs(train, use_tags)
+    y = train.acc.astype(np.float64)
+    kk = min(k, len(X))
+
+    def predict(x: QueryFeatures) -> np.ndarray:
+        sims = _inputs(x, use_tags) @ X.T
+        nn = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        return y[nn].mean(axis=1)
+
+    return _UtilityRouter(predict, train)
+
+
+def fit_mlp(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
+    """RouterBench MLP: two hidden layers, one multi-label output per model."""
+    from sklearn.neural_network import MLPClassifier
+
+    X = _inputs(train, use_tags)
+    y = train.acc.astype(int)
+    const = _constant_columns(y)
+    var = np.flatnonzero(~const)
+    clf = None
+    if len(var):
+        # Multi-label needs at least two output columns; duplicate a lone one.
+        yy = y[:, var] if len(var) > 1 else np.repeat(y[:, var], 2, axis=1)
+        # Early stopping on a 10% split: without it 200 epochs overfit 600 queries and take
+        # 10 s per fit on two cores.
+        clf = MLPClassifier(
+            hidden_layer_sizes=(128, 64),
+            alpha=1e-3,
+            max_iter=200,
+            early_stopping=True,
+            n_iter_no_change=10,
+            random_state=seed,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clf.fit(X, yy)
+
+    def predict(x: QueryFeatures) -> np.ndarray:
+        Xq = _inputs(x, use_tags)
+        u = np.tile(y[0].astype(np.float64), (len(Xq), 1))
+        if clf is not None:
+            p = clf.predict_proba(Xq)
+            u[:, var] = p[:, : len(var)]
+        return u
+
+    return _UtilityRouter(predict, train)
+
+
+def fit_forc(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
+    """FORC-style: one classifier over (query, model-identifier) pairs.
+
+    FORC feeds DistilBERT the query with a model-identifier token and predicts that model's
+    success. Without BERT, the query embedding is concatenated with a one-hot model id and one
+    shared MLP (one hidden layer) predicts acceptance for every pair.
+    """
+    from sklearn.neural_network import MLPClassifier
+
+    X = _inputs(train, use_tags)
+    n, m = train.acc.shape
+    eye = np.eye(m, dtype=np.float32)
+
+    def pairs(Xq: np.ndarray) -> np.ndarray:
+        rep = np.repeat(Xq, m, axis=0)
+        ids = np.tile(eye, (len(Xq), 1))
+        # Interaction features let one linear layer express per-model directions.
+        return np.hstack([rep, ids])
+
+    y = train.acc.astype(int).reshape(-1)
+    if y.min() == y.max():
+        const = float(y[0])
+        return _UtilityRouter(lambda x: np.full((len(x.query_ids), m), const), train)
+    clf = MLPClassifier(
+        hidden_layer_sizes=(128,),
+        alpha=1e-3,
+        max_iter=60,
+        early_stopping=True,
+        n_iter_no_change=5,
+        random_state=seed,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf.fit(pairs(X), y)
+
+    def predict(x: QueryFeatures) -> np.ndarray:
+        Xq = _inputs(x, use_tags)
+        return clf.predict_proba(pairs(Xq))[:, 1].reshape(len(Xq), m)
+
+    return _UtilityRouter(predict, train)
+
+
+class _Constant(Fitted):
+    def __init__(self, slm: int, n_slm_random: Sequence[int] | None = None, seed: int = 0) -> None:
+        self.slm = slm
+        self.choices = n_slm_random
+        self.rng = np.random.default_rng(seed)
+
+    def route(self, x: QueryFeatures) -> tuple[np.ndarray, np.ndarray]:
+        n = len(x.query_ids)
+        if self.choices is not None:
+            slm = self.rng.choice(np.asarray(self.choices), size=n)
+        else:
+            slm = np.full(n, self.slm)
+        # One tie group: the sweep is the straight line of routing a random share to M_LLM.
+        return np.zeros(n), slm
+
+
+def fit_prior(train: TrainSet, seed: int) -> Fitted:
+    """No-information router: the small model with the best training AR (cheaper on ties),
+    and a random share of queries to M_LLM."""
+    ar = train.acc.mean(axis=0)
+    cost = train.cost.mean(axis=0)
+    best = min(train.slms, key=lambda j: (-ar[j], cost[j]))
+    return _Constant(best)
+
+
+def fit_random(train: TrainSet, seed: int) -> Fitted:
+    """Random routing: a uniformly random small model and a random share to M_LLM."""
+    return _Constant(-1, train.slms, seed)
+
+
+# ==== TagRouter ====
+
+
+def scoring_impl() -> tuple[Any, Any, str]:
+    """``(TagScorer, TagDecider, name)``: the product's classes, or the eval stand-in."""
+    try:
+        from tagrouter_fast.scoring import TagDecider, TagScorer  # type: ignore[attr-defined]
+
+        return TagScorer, TagDecider, "tagrouter_fast.scoring"
+    except ImportError:
+        from tagrouter_fast.eval._standin_scoring import TagDecider, TagScorer
+
+        return TagScorer, TagDecider, "eval._standin_scoring"
+
+
+@dataclass
+class TagConfig:
+    """How a TagRouter variant builds its scorer.
+
+    Attributes:
+        s_tie: Score of a tie (paper: 0.15).
+        weighting: ``"paper"``, ``"none"`` or ``"shrunk"``.
+        prior_strength: Pseudo-count of ``"shrunk"``.
+        theta: Fixed threshold (``None``: choose theta* on training folds).
+        align: Map test tags onto the training tag set (paper 3.3 alignment).
+        align_floor: Minimum cosine similarity of an alignment match.
+        mean_over_tags: Average (not sum) tag scores over a query's known tags.
+        normalize: Paper 3.2 normalization of the training tags (rule, frequency >= 5, DBSCAN);
+            test tags are mapped through it, the rest aligned (if ``align``) or dropped.
+        min_count: Frequency filter of the normalization.
+    """
+
+    s_tie: float = 0.15
+    weighting: str = "paper"
+    prior_strength: float = 0.0
+    theta: float | None = 0.0
+    align: bool = True
+    align_floor: float | None = None
+    mean_over_tags: bool = False
+    normalize: bool = True
+    min_count: int = 5
+
+
+class _TagRouterFitted(Fitted):
+    def __init__(
+        self, decider: Any, scorer: Any, train: TrainSet, cfg: TagConfig, aligner: Any, norm: Any
+    ):
+        self.norm = norm
+        self.decider = decider
+        self.scorer = scorer
+        self.train = train
+        self.cfg = cfg
+        self.aligner = aligner
+        self.fixed_threshold = None if cfg.theta is None else -float(cfg.theta)
+        # scores_batch columns follow the decider's model order (the store's for the stand-in).
+        order = list(getattr(decider, "models", None) or scorer.models)
+        pos = {m: k for k, m in enumerate(order)}
+        self.cols = np.asarray([pos.get(m, -1) for m in train.models])
+        self.known = set(scorer.tags)
+
+    def _tags(self, x: QueryFeatures) -> list[list[str]]:
+        out = []
+        rest: list[list[str]] = []
+        for tags in x.tags:
+            mapped = []
+            miss = []
+            for t in tags:
+                c = self.norm.map_tag(t) if self.norm is not None else t
+                if c is not None and c in self.known:
+                    mapped.append(c)
+                else:
+                    miss.append(t)
+            out.append(mapped)
+            rest.append(miss)
+        if self.aligner is not None and any(rest):
+            for mapped, r in zip(out, self.aligner.align_batch(rest), strict=True):
+                mapped.extend(r.tags)
+        return [list(dict.fromkeys(t)) for t in out]
+
+    def route(self, x: QueryFeatures) -> tuple[np.ndarray, np.ndarray]:
+        tags = self._tags(x)
+        s = np.asarray(self.decider.scores_batch(tags), dtype=np.float64)
+        n = len(tags)
+        S = np.zeros((n, len(self.train.models)))
+        ok = self.cols >= 0
+        S[:, ok] = s[:, self.cols[ok]]
+        if self.cfg.mean_over_tags:
+            cnt = np.asarray([max(len(t), 1) for t in tags], dtype=np.float64)
+            S = S / cnt[:, None]
+        pref, slm = _slm_choice(S, self.train)
+        # No known tag: the decider falls back to M_LLM, so such queries go to M_LLM first.
+        unknown = np.asarray([len(t) == 0 for t in tags])
+        pref = np.where(unknown, np.inf, pref)
+        return pref, slm
+
+
+def _aligner_for(tags: Sequence[str], floor: float | None) -> Any:
+    try:
+        from tagrouter_fast.align import TagAligner
+        from tagrouter_fast.encoder import default_encoder
+    except ImportError:
+        return None
+    return TagAligner(tags, _shared_encoder(default_encoder), floor=floor, exact=True)
+
+
+_ENCODER: list[Any] = []
+
+
+def _default_encoder() -> Any:
+    from tagrouter_fast.encoder import default_encoder
+
+    return default_encoder()
+
+
+def _shared_encoder(factory: Callable[[], Any]) -> Any:
+    if not _ENCODER:
+        _ENCODER.append(factory())
+    return _ENCODER[0]
+
+
+def fit_tagrouter(train: TrainSet, seed: int, cfg: TagConfig | None = None) -> Fitted:
+    """TagRouter (paper section 3) fitted on the training fold's tags and judgments."""
+    cfg = cfg or TagConfig()
+    TagScorer, TagDecider, _ = scoring_impl()
+    models = train.models
+    norm = None
+    train_tags = train.tags
+    if cfg.normalize:
+        from tagrouter_fast.normalize import normalize_tags
+
+        norm, train_tags = normalize_tags(
+            train.tags, _shared_encoder(_default_encoder), min_count=cfg.min_count
+        )
+    records = []
+    for i, qid in enumerate(train.query_ids):
+        tags = list(dict.fromkeys(train_tags[i]))
+        for j, m in enumerate(models):
+            c = int(train.codes[i, j])
+            if c >= 0:
+                records.append((qid, tags, m, ("win", "tie", "loss")[c]))
+    kwargs: dict[str, Any] = {"s_tie": cfg.s_tie, "weighting": cfg.weighting}
+    if cfg.weighting == "shrunk":
+        kwargs["prior_strength"] = cfg.prior_strength
+    scorer = TagScorer.from_records(records, **kwargs)
+    costs = {m: float(c) for m, c in zip(models, train.cost.mean(axis=0), strict=True)}
+    decider = TagDecider(scorer, costs, llm=models[train.llm], theta=cfg.theta or 0.0)
+    aligner = _aligner_for(list(scorer.tags), cfg.align_floor) if cfg.align else None
+    return _TagRouterFitted(decider, scorer, train, cfg, aligner, norm)
+
+
+# ==== Registry ====
+
+
+def default_methods(plus: TagConfig | None = None) -> list[Method]:
+    """Every method of the Table-2 comparison, in display order.
+
+    Args:
+        plus: Configuration of ``TagRouter+`` (defaults to shrunk weighting, pseudo-count 10).
+    """
+    plus = plus or TagConfig(weighting="shrunk", prior_strength=10.0, theta=None)
+    out = [
+        Method("random", "reference", fit_random),
+        Method("prior", "baseline", fit_prior),
+        Method("RouteLLM-MF", "baseline", lambda t, s: fit_mf(t, s)),
+        Method("RouterBench-KNN", "baseline", lambda t, s: fit_knn(t, s)),
+        Method("RouterBench-MLP", "baseline", lambda t, s: fit_mlp(t, s)),
+        Method("FORC-style", "baseline", lambda t, s: fit_forc(t, s)),
+        Method("RouteLLM-MF w/ tags", "baseline", lambda t, s: fit_mf(t, s, use_tags=True)),
+        Method("RouterBench-KNN w/ tags", "baseline", lambda t, s: fit_knn(t, s, use_tags=True)),
+        Method("RouterBench-MLP w/ tags", "baseline", lambda t, s: fit_mlp(t, s, use_tags=True)),
+        Method("FORC-style w/ tags", "baseline", lambda t, s: fit_forc(t, s, use_tags=True)),
+        Method("TagRouter", "tagrouter", lambda t, s: fit_tagrouter(t, s, TagConfig())),
+        Method(
+            "TagRouter-theta*",
+            "tagrouter",
+            lambda t, s: fit_tagrouter(t, s, TagConfig(theta=None)),
+        ),
+        Method("TagRouter+", "tagrouter", lambda t, s: fit_tagrouter(t, s, plus)),
+    ]
+    return out

@@ -1,0 +1,282 @@
+"""Routing metrics: AR, Uplift, Cost, Rank, AUC, PAUC (paper section 4), APGR, CPT, AIQ.
+
+Every router is reduced to two per-query outputs (see ``docs/eval.md``):
+
+- ``slm``: the small model it would use (a column of the pool), and
+- ``pref``: how much it prefers M_LLM over that small model.
+
+Its knob is a threshold ``t``: a query goes to M_LLM iff ``pref > t``. Sweeping ``t`` from
+``+inf`` (all small) to ``-inf`` (all M_LLM) traces the AR-vs-ratio curve. Queries with equal
+``pref`` switch together (a threshold cannot separate them), so the curve has one point per
+distinct ``pref`` value and is linear in between, which is also the expected curve of breaking
+the tie at random. A router without information (all ``pref`` equal) is a straight line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "Curve",
+    "aiq",
+    "apgr",
+    "auc",
+    "batch_auc_pauc",
+    "cpt",
+    "operating_point",
+    "pauc",
+    "sweep",
+]
+
+
+@dataclass
+class Curve:
+    """Points of a threshold sweep, from all-small (ratio 0) to all-M_LLM (ratio 1).
+
+    Attributes:
+        ratio: Share of queries routed to M_LLM at each point (non-decreasing, 0 to 1).
+        ar: Accept rate at each point.
+        cost: Mean cost per query at each point.
+        thresholds: A threshold realising each point (``+inf`` for all-small).
+    """
+
+    ratio: np.ndarray
+    ar: np.ndarray
+    cost: np.ndarray
+    thresholds: np.ndarray
+
+
+def _groups(pref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order by ``pref`` descending and return the order and the group end positions."""
+    order = np.argsort(-pref, kind="stable")
+    p = pref[order]
+    ends = np.flatnonzero(np.r_[p[1:] != p[:-1], True]) + 1
+    return order, ends
+
+
+def sweep(
+    pref: np.ndarray,
+    acc_llm: np.ndarray,
+    acc_slm: np.ndarray,
+    cost_llm: np.ndarray | None = None,
+    cost_slm: np.ndarray | None = None,
+) -> Curve:
+    """Trace the AR/cost curve of a router's threshold sweep.
+
+    Args:
+        pref: ``(n,)`` preference for M_LLM (higher goes to M_LLM first). ``+inf``/``-inf`` allowed.
+        acc_llm: ``(n,)`` 1 if M_LLM's answer is accepted (win or tie).
+        acc_slm: ``(n,)`` 1 if the router's small model's answer is accepted.
+        cost_llm: ``(n,)`` cost of M_LLM per query (zeros if omitted).
+        cost_slm: ``(n,)`` cost of the chosen small model per query.
+
+    Returns:
+        The curve; its first point is all-small, its last all-M_LLM.
+
+    >>> c = sweep(np.array([2.0, 1.0]), np.array([1, 0]), np.array([0, 1]))
+    >>> c.ratio.tolist(), c.ar.tolist()
+    ([0.0, 0.5, 1.0], [0.5, 1.0, 0.5])
+    """
+    # -inf would never pass any threshold; clamp it so "all to M_LLM" stays reachable.
+    pref = np.maximum(np.asarray(pref, dtype=np.float64), -1e300)
+    n = pref.shape[0]
+    if n == 0:
+        raise ValueError("empty test set")
+    acc_llm = np.asarray(acc_llm, dtype=np.float64)
+    acc_slm = np.asarray(acc_slm, dtype=np.float64)
+    cost_llm = np.zeros(n) if cost_llm is None else np.asarray(cost_llm, dtype=np.float64)
+    cost_slm = np.zeros(n) if cost_slm is None else np.asarray(cost_slm, dtype=np.float64)
+    order, ends = _groups(pref)
+    gain = np.cumsum((acc_llm - acc_slm)[order])
+    dcost = np.cumsum((cost_llm - cost_slm)[order])
+    ratio = np.r_[0.0, ends / n]
+    ar = acc_slm.mean() + np.r_[0.0, gain[ends - 1]] / n
+    cost = cost_slm.mean() + np.r_[0.0, dcost[ends - 1]] / n
+    p = pref[order]
+    # Point k routes the first k groups, i.e. pref > threshold: a threshold between group k and
+    # group k+1 (their midpoint, so it transfers to unseen queries without favouring either).
+    cur = p[ends - 1]
+    nxt = np.r_[p[ends[:-1]], -np.inf]
+    mid = np.where(np.isfinite(cur), (cur + nxt) / 2, nxt)
+    mid[-1] = -np.inf
+    thresholds = np.r_[np.inf, mid]
+    return Curve(ratio=ratio, ar=ar, cost=cost, thresholds=thresholds)
+
+
+def auc(ratio: np.ndarray, ar: np.ndarray) -> float:
+    """Area under AR(ratio) over ``[0, 1]`` by the trapezoid rule (paper section 4).
+
+    >>> round(auc(np.array([0.0, 1.0]), np.array([0.2, 0.4])), 6)
+    0.3
+    """
+    r = np.asarray(ratio, dtype=np.float64)
+    y = np.asarray(ar, dtype=np.float64)
+    if r[0] != 0.0 or r[-1] != 1.0:
+        raise ValueError("the curve must span ratio 0 to 1")
+    return float(np.sum(np.diff(r) * (y[1:] + y[:-1]) / 2))
+
+
+def _positive_area(dx: np.ndarray, y0: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    """Exact area of max(y, 0) over segments where y is linear from y0 to y1."""
+    both = (y0 >= 0) & (y1 >= 0)
+    cross = (y0 > 0) != (y1 > 0)
+    pos = np.maximum(y0, y1)
+    span = np.abs(y0) + np.abs(y1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tri = np.where(span > 0, dx * pos * pos / (2 * span), 0.0)
+    return np.where(both, dx * (y0 + y1) / 2, np.where(cross & ~both, tri, 0.0))
+
+
+def pauc(ratio: np.ndarray, ar: np.ndarray, ar_llm: float) -> float:
+    """Area of the curve above always-M_LLM's AR: ``integral of max(AR(r) - AR_LLM, 0) dr``.
+
+    The paper's prose says "area under the curve where AR > AR_LLM"; its reported values
+    (e.g. 1.46% at an AR gain of about 5 points) only fit the area *between* the curve and the
+    line ``AR_LLM``, which is what this computes, exactly for the piecewise-linear curve.
+
+    >>> round(pauc(np.array([0.0, 0.5, 1.0]), np.array([0.2, 0.6, 0.4]), 0.4), 6)
+    0.075
+    """
+    r = np.asarray(ratio, dtype=np.float64)
+    y = np.asarray(ar, dtype=np.float64) - ar_llm
+    return float(np.sum(_positive_area(np.diff(r), y[:-1], y[1:])))
+
+
+def apgr(area: float, ar_weak: float, ar_strong: float) -> float:
+    """RouteLLM's average performance gap recovered: mean over ratios of PGR(r).
+
+    ``PGR(r) = (AR(r) - AR_weak) / (AR_strong - AR_weak)``, so its mean over ``[0, 1]`` is
+    ``(AUC - AR_weak) / (AR_strong - AR_weak)``. NaN when the strong model is not better.
+
+    >>> round(apgr(0.35, 0.2, 0.4), 6)
+    0.75
+    """
+    gap = ar_strong - ar_weak
+    if not gap > 0:
+        return float("nan")
+    return float((area - ar_weak) / gap)
+
+
+def cpt(ratio: np.ndarray, ar: np.ndarray, ar_weak: float, ar_strong: float, level: float = 0.5) -> float:
+    """RouteLLM's call-performance threshold: least M_LLM share reaching PGR >= ``level``.
+
+    Read off the linearly interpolated curve. 1.0 if never reached before all-M_LLM; NaN when
+    the strong model is not better than the weak one.
+
+    >>> round(cpt(np.array([0.0, 1.0]), np.array([0.2, 0.4]), 0.2, 0.4), 6)
+    0.5
+    """
+    gap = ar_strong - ar_weak
+    if not gap > 0:
+        return float("nan")
+    target = ar_weak + level * gap
+    r = np.asarray(ratio, dtype=np.float64)
+    y = np.asarray(ar, dtype=np.float64)
+    if y[0] >= target:
+        return 0.0
+    for k in range(1, len(r)):
+        if y[k] >= target:
+            y0, y1 = y[k - 1], y[k]
+            frac = (target - y0) / (y1 - y0) if y1 != y0 else 0.0
+            return float(r[k - 1] + frac * (r[k] - r[k - 1]))
+    return 1.0
+
+
+def _upper_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-decreasing upper concave hull of points (RouterBench's R~ for AIQ)."""
+    order = np.lexsort((-y, x))
+    hx: list[float] = []
+    hy: list[float] = []
+    for xi, yi in zip(x[order], y[order]):
+        # Non-decreasing: a point no better than the current best adds nothing.
+        if hy and yi <= hy[-1]:
+            continue
+        while len(hx) >= 2:
+            x1, y1, x2, y2 = hx[-2], hy[-2], hx[-1], hy[-1]
+            if (y2 - y1) * (xi - x1) <= (yi - y1) * (x2 - x1):
+                hx.pop()
+                hy.pop()
+            else:
+                break
+        if hx and xi == hx[-1]:
+            hy[-1] = max(hy[-1], yi)
+            continue
+        hx.append(float(xi))
+        hy.append(float(yi))
+    return np.asarray(hx), np.asarray(hy)
+
+
+def aiq(cost: np.ndarray, ar: np.ndarray, c_lo: float, c_hi: float) -> float:
+    """RouterBench's average improvement in quality over the cost range ``[c_lo, c_hi]``.
+
+    The router's (cost, AR) points are replaced by their non-decreasing upper convex hull
+    (mixing two operating points at random realises any point between them), held flat beyond
+    its last point and at its first AR before its first point, and averaged over the range.
+
+    >>> round(aiq(np.array([0.0, 1.0]), np.array([0.2, 0.4]), 0.0, 1.0), 6)
+    0.3
+    """
+    if not c_hi > c_lo:
+        return float("nan")
+    hx, hy = _upper_hull(np.asarray(cost, dtype=np.float64), np.asarray(ar, dtype=np.float64))
+    grid = np.unique(np.r_[c_lo, c_hi, hx[(hx > c_lo) & (hx < c_hi)]])
+    vals = np.interp(grid, hx, hy)
+    return float(np.sum(np.diff(grid) * (vals[1:] + vals[:-1]) / 2) / (c_hi - c_lo))
+
+
+def batch_auc_pauc(
+    pref: np.ndarray,
+    acc_llm: np.ndarray,
+    acc_slm: np.ndarray,
+    weights: np.ndarray,
+    ar_llm: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """AUC and PAUC of one router under many query weightings (bootstrap resamples).
+
+    Args:
+        pref: ``(n,)`` router preference.
+        acc_llm: ``(n,)`` M_LLM accepted.
+        acc_slm: ``(n,)`` chosen small model accepted.
+        weights: ``(B, n)`` non-negative weights (multinomial counts of a resample).
+        ar_llm: ``(B,)`` always-M_LLM AR under each weighting.
+
+    Returns:
+        ``(B,)`` AUCs and ``(B,)`` PAUCs, equal to :func:`auc`/:func:`pauc` of the resampled set.
+    """
+    order, ends = _groups(np.asarray(pref, dtype=np.float64))
+    w = weights[:, order].astype(np.float64)
+    tot = w.sum(axis=1, keepdims=True)
+    a_llm = np.asarray(acc_llm, dtype=np.float64)[order]
+    a_slm = np.asarray(acc_slm, dtype=np.float64)[order]
+    base = (w * a_slm).sum(axis=1, keepdims=True) / tot
+    cw = np.cumsum(w, axis=1)[:, ends - 1] / tot
+    cg = np.cumsum(w * (a_llm - a_slm), axis=1)[:, ends - 1] / tot
+    ratio = np.concatenate([np.zeros_like(base), cw], axis=1)
+    ar = base + np.concatenate([np.zeros_like(base), cg], axis=1)
+    dx = np.diff(ratio, axis=1)
+    area = np.sum(dx * (ar[:, 1:] + ar[:, :-1]) / 2, axis=1)
+    y = ar - ar_llm[:, None]
+    parea = np.sum(_positive_area(dx, y[:, :-1], y[:, 1:]), axis=1)
+    return area, parea
+
+
+def operating_point(
+    to_llm: np.ndarray,
+    acc_llm: np.ndarray,
+    acc_slm: np.ndarray,
+    cost_llm: np.ndarray,
+    cost_slm: np.ndarray,
+) -> dict[str, float]:
+    """AR, Rank, cost and M_LLM share of one routing decision per query.
+
+    Rank is the paper's GPT-Rank against the table's reference answer: the routed answer ranks
+    1 when it wins or ties (a tie shares first place) and 2 when it loses, averaged over queries,
+    so ``rank = 2 - AR`` (paper Table 2: AR 78.76% -> 1.212).
+    """
+    to_llm = np.asarray(to_llm, dtype=bool)
+    acc = np.where(to_llm, acc_llm, acc_slm).astype(np.float64)
+    cost = np.where(to_llm, cost_llm, cost_slm).astype(np.float64)
+    ar = float(acc.mean())
+    return {"ar": ar, "rank": 2.0 - ar, "cost": float(cost.mean()), "ratio": float(to_llm.mean())}

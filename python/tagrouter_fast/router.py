@@ -1,0 +1,356 @@
+"""TagRouter facade: tagger -> aligner -> Rust core, and the module-level `route()` drop-in.
+
+A router is saved as a *bundle* directory: the tag-score store (counts, see docs/store-format.md) and a
+small `router.json` with what the decider needs besides the store (per-model costs, M_LLM, theta,
+fallback) and which tagger produced the store's tags, so that the same tagger is used at routing time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tagrouter_fast.scoring import Decision, TagDecider, TagScorer
+
+if TYPE_CHECKING:
+    from tagrouter_fast.data import RoutingTable
+
+BUNDLE_FORMAT = "tagrouter-bundle"
+BUNDLE_VERSION = 1
+STORE_FILE = "store.trs"
+META_FILE = "router.json"
+DEFAULT_POOL = "five-api"
+
+
+class BundleError(ValueError):
+    """A router bundle is missing, of another version, or inconsistent with its store."""
+
+
+# ==== Tagger specs ====
+# A bundle records which tagger made its tags as a small spec, so loading it rebuilds the same tagger.
+
+
+def _tagger_spec(tagger: Any) -> dict[str, Any]:
+    from tagrouter_fast.taggers import DefaultTagger
+
+    if isinstance(tagger, DefaultTagger):
+        return {"kind": "default", "fingerprint": tagger.fingerprint}
+    onnx_dir = getattr(tagger, "onnx_dir", None)
+    if onnx_dir is not None:
+        return {"kind": "generator", "onnx_dir": str(onnx_dir), "fingerprint": tagger.fingerprint}
+    return {"kind": "custom", "fingerprint": getattr(tagger, "fingerprint", type(tagger).__name__)}
+
+
+def _tagger_from_spec(spec: Mapping[str, Any]) -> Any:
+    kind = spec.get("kind")
+    if kind == "default":
+        from tagrouter_fast.taggers import DefaultTagger
+
+        return DefaultTagger()
+    if kind == "generator":
+        from tagrouter_fast.taggers import TagGeneratorTagger
+
+        return TagGeneratorTagger(spec["onnx_dir"])
+    raise BundleError(
+        f"this bundle was built with a custom tagger ({spec.get('fingerprint')!r}); "
+        "pass it explicitly: TagRouter.load(path, tagger=...)"
+    )
+
+
+# ==== The facade ====
+
+
+class TagRouter:
+    """Routes raw queries (or pre-computed tags) to the best candidate model.
+
+    Args:
+        decider: the cost-aware decider over a tag-score store.
+        tagger: turns a query into tags (`DefaultTagger`, `TagGeneratorTagger`, or any object with
+            `tag(query) -> list[str]` and `tag_batch(queries)`); needed only by `route`/`decide`.
+        align: map generated tags that the store does not know to their nearest store tag
+            (paper 3.3 "Tag Alignment"), using the default phrase encoder and an HNSW index.
+        align_floor: cosine similarity below which a generated tag is dropped instead of aligned.
+
+    >>> scorer = TagScorer.from_records([("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss")])
+    >>> router = TagRouter(TagDecider(scorer, costs={"big": 10.0, "small": 1.0}))
+    >>> router.route_tags(["Poem"])
+    'big'
+    """
+
+    def __init__(
+        self,
+        decider: TagDecider,
+        tagger: Any = None,
+        *,
+        align: bool = True,
+        align_floor: float = 0.5,
+    ) -> None:
+        self.decider = decider
+        self.tagger = tagger
+        self._align = align
+        self._align_floor = align_floor
+        self._aligner: Any = None
+        self._aligner_lock = threading.Lock()
+
+    @property
+    def scorer(self) -> TagScorer:
+        return self.decider.scorer
+
+    # ---- tags -> model (no tagger needed) ----
+
+    def route_tags(self, tags: Sequence[str]) -> str:
+        """Model name for a query's pre-computed tags (tags unknown to the store are ignored)."""
+        return self.decider.route_tags(tags)
+
+    def route_tags_batch(self, list_of_tags: Sequence[Sequence[str]]) -> list[str]:
+        """`route_tags` for many queries in one call (releases the GIL)."""
+        return self.decider.route_tags_batch(list_of_tags)
+
+    def decide_tags(self, tags: Sequence[str]) -> Decision:
+        """Full, explained decision for pre-computed tags."""
+        return self.decider.decide(tags)
+
+    # ---- query -> tags -> model ----
+
+    def tags(self, query: str) -> list[str]:
+        """The store tags a query maps to: tagger output, aligned to the store's tag set."""
+        return self.tags_batch([query])[0]
+
+    def tags_batch(self, queries: Sequence[str]) -> list[list[str]]:
+        if self.tagger is None:
+            raise ValueError("this TagRouter has no tagger; use route_tags() or pass tagger=")
+        raw = self.tagger.tag_batch(list(queries))
+        aligner = self._get_aligner()
+        if aligner is None:
+            return [list(t) for t in raw]
+        return [list(r.tags) for r in aligner.align_batch(raw)]
+
+    def route(self, query: str) -> str:
+        """Model name for a raw query.
+
+        >>> router.route("Rewrite this sentence in the present tense: ...")  # doctest: +SKIP
+        'gpt-3.5-turbo-1106'
+        """
+        return self.decider.route_tags(self.tags(query))
+
+    def route_batch(self, queries: Sequence[str]) -> list[str]:
+        return self.decider.route_tags_batch(self.tags_batch(queries))
+
+    def decide(self, query: str) -> Decision:
+        """Explained decision for a raw query (tags, per-model scores, Delta_q, reason)."""
+        return self.decider.decide(self.tags(query))
+
+    def _get_aligner(self) -> Any:
+        if not self._align:
+            return None
+        # Built lazily: it encodes every store tag once, which only route()/decide() need.
+        with self._aligner_lock:
+            if self._aligner is None:
+                from tagrouter_fast.align import TagAligner
+                from tagrouter_fast.encoder import default_encoder
+
+                self._aligner = TagAligner(
+                    list(self.scorer.tags), default_encoder(), floor=self._align_floor
+                )
+            return self._aligner
+
+    # ---- building and persistence ----
+
+    @classmethod
+    def build(
+        cls,
+        table: RoutingTable,
+        models: Sequence[str],
+        *,
+        llm: str | None = None,
+        tagger: Any = None,
+        query_ids: Iterable[str] | None = None,
+        theta: float = 0.0,
+        s_win: float = 1.0,
+        s_tie: float = 0.15,
+        s_loss: float = -1.0,
+        weighting: str = "paper",
+        prior_strength: float = 0.0,
+    ) -> TagRouter:
+        """Build a router from judgments in the routing-table format.
+
+        Every training query is tagged (cached on disk by tagger fingerprint and text hash), and its
+        win/tie/loss outcome per candidate model becomes a store record. Per-model cost is the mean
+        `cost_usd` of that model over the training queries.
+        """
+        from tagrouter_fast.cache import tag_cached
+
+        if tagger is None:
+            from tagrouter_fast.taggers import DefaultTagger
+
+            tagger = DefaultTagger()
+        models = list(models)
+        if not models:
+            raise ValueError("empty model set")
+        table.model_index(models)  # raises, naming close matches, on an unknown model
+        rows = (
+            table.query_index(list(query_ids))
+            if query_ids is not None
+            else np.arange(table.n_queries)
+        )
+        # Tag only the training queries; records() indexes tags by table row.
+        texts = [table.texts[i] for i in rows]
+        row_tags = tag_cached(tagger, texts)
+        tags: list[list[str]] = [[] for _ in range(table.n_queries)]
+        for i, t in zip(rows, row_tags):
+            tags[i] = list(t)
+        records = table.records(rows, models, tags)
+        # Mean cost over the training queries: the decider only needs the models' cost order
+        # and the per-query average for cost reports.
+        cost = table.cost_matrix(models)[rows]
+        costs = {m: float(cost[:, j].mean()) for j, m in enumerate(models)}
+        scorer = TagScorer.from_records(
+            records,
+            s_win=s_win,
+            s_tie=s_tie,
+            s_loss=s_loss,
+            weighting=weighting,
+            prior_strength=prior_strength,
+        )
+        decider = TagDecider(scorer, costs=costs, llm=llm, theta=theta)
+        return cls(decider, tagger)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the bundle directory (store + router.json); each file is replaced atomically."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.scorer.save(out / STORE_FILE)
+        meta = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "store": STORE_FILE,
+            "costs": self.decider.costs,
+            "llm": self.decider.llm,
+            "theta": self.decider.theta,
+            "fallback": self.decider.fallback,
+            "tagger": _tagger_spec(self.tagger) if self.tagger is not None else None,
+            "align": self._align,
+            "align_floor": self._align_floor,
+        }
+        tmp = out / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(tmp, out / META_FILE)
+        return out
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        tagger: Any = None,
+        theta: float | None = None,
+        align: bool | None = None,
+    ) -> TagRouter:
+        """Load a bundle written by `save` (or `tagrouter build-store`)."""
+        root = Path(path)
+        meta_path = root / META_FILE
+        if not meta_path.is_file():
+            raise BundleError(f"{root} is not a router bundle (no {META_FILE})")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{meta_path}: not valid JSON ({e})") from e
+        if meta.get("format") != BUNDLE_FORMAT or meta.get("version") != BUNDLE_VERSION:
+            raise BundleError(
+                f"{meta_path}: bundle format {meta.get('format')!r} v{meta.get('version')!r}, "
+                f"this version reads {BUNDLE_FORMAT!r} v{BUNDLE_VERSION}"
+            )
+        scorer = TagScorer.load(root / meta["store"])
+        decider = TagDecider(
+            scorer,
+            costs=meta["costs"],
+            llm=meta["llm"],
+            theta=meta["theta"] if theta is None else theta,
+            fallback=meta.get("fallback"),
+        )
+        if tagger is None and meta.get("tagger") is not None:
+            tagger = _tagger_from_spec(meta["tagger"])
+        return cls(
+            decider,
+            tagger,
+            align=meta.get("align", True) if align is None else align,
+            align_floor=meta.get("align_floor", 0.5),
+        )
+
+
+# ==== Default bundle and the drop-in route() ====
+
+
+def default_data_dir() -> Path | None:
+    """Where the public AlpacaEval table is, if anywhere: $TAGROUTER_DATA, or ../shared/data next
+    to the current directory or to this checkout."""
+    env = os.environ.get("TAGROUTER_DATA")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve()
+    candidates += [Path.cwd().parent / "shared/data/alpacaeval2"]
+    candidates += [p.parent / "shared/data/alpacaeval2" for p in here.parents]
+    for c in candidates:
+        if (c / "queries.csv").is_file() and (c / "outcomes.csv").is_file():
+            return c
+    return None
+
+
+def default_bundle_dir() -> Path:
+    from tagrouter_fast.cache import cache_dir
+
+    return cache_dir() / "routers" / "default"
+
+
+def build_default_bundle(
+    data_dir: str | os.PathLike[str] | None = None,
+    pool: str = DEFAULT_POOL,
+    out: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Convert a public judgment table into the default router bundle (one command:
+    `tagrouter build-store`). The bundle is cached outside the repository."""
+    from tagrouter_fast.data import load_table, resolve_pool
+
+    src = Path(data_dir) if data_dir is not None else default_data_dir()
+    if src is None:
+        raise BundleError(
+            "no judgments to build a store from: pass --data DIR (routing-table format: "
+            "queries.csv + outcomes.csv) or set TAGROUTER_DATA"
+        )
+    table = load_table(src)
+    models, llm = resolve_pool(table, pool=pool)
+    router = TagRouter.build(table, models, llm=llm)
+    return router.save(out if out is not None else default_bundle_dir())
+
+
+_default_router: TagRouter | None = None
+_default_lock = threading.Lock()
+
+
+def default_router() -> TagRouter:
+    """The router `route()` uses: the default bundle, built on first use from the public table
+    when it is present; loaded once per process."""
+    global _default_router
+    if _default_router is None:
+        with _default_lock:
+            if _default_router is None:
+                path = Path(os.environ.get("TAGROUTER_ROUTER", default_bundle_dir()))
+                if not (path / META_FILE).is_file():
+                    build_default_bundle(out=path)
+                _default_router = TagRouter.load(path)
+    return _default_router
+
+
+def route(query: str) -> str:
+    """Drop-in: the model to send `query` to, using the default router (loaded once).
+
+    >>> from tagrouter_fast import route
+    >>> route("Write a haiku about autumn")  # doctest: +SKIP
+    'claude-instant-1.2'
+    """
+    return default_router().route(query)

@@ -1,0 +1,29 @@
+"""Taggers: turn a query into tags.
+
+:class:`DefaultTagger` is embedded and works offline; :class:`TagGeneratorTagger` runs the
+TagGenerator LLM exported to ONNX. Both have ``.tag(query) -> list[str]``,
+``.tag_batch(queries) -> list[list[str]]`` and ``.fingerprint``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tagrouter_fast.taggers.default import DefaultTagger
+
+__all__ = ["DefaultTagger", "TagGeneratorTagger"]
+
+
+def __getattr__(name: str) -> Any:
+    # The generator module pulls in its own runtime pieces; import it only when asked for, and
+    # keep this package importable while it is absent.
+    if name == "TagGeneratorTagger":
+        try:
+            from tagrouter_fast.taggers.generator import TagGeneratorTagger
+        except ImportError as e:
+            raise AttributeError(
+                f"TagGeneratorTagger is unavailable: tagrouter_fast.taggers.generator failed to "
+                f"import ({e})"
+            ) from e
+        return TagGeneratorTagger
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,320 @@
+"""The embedded default tagger: tags from a shipped vocabulary, chosen by embedding similarity.
+
+Works right after ``pip install``: no generator model, no download. The query is embedded with the
+default ONNX all-MiniLM-L6-v2 encoder and compared with the vocabulary in ``vocab.txt`` (open-domain
+tags in the paper's style: task types, domains, skills, output formats, interaction styles). Each
+vocabulary tag is represented by several prototypes (its name and short example phrasings written
+beside it); its score is the best prototype's cosine similarity. The tagger keeps the best task
+type, then fills up to ``k`` tags above ``floor`` with maximal marginal relevance (MMR) so the tags
+describe different aspects of the query instead of five synonyms.
+
+Vocabulary file format (``vocab.txt``)::
+
+    ## task                                   <- category for the lines that follow
+    Text Rewriting | rewrite this sentence; paraphrase the paragraph
+    Geometry                                  <- a tag with no extra prototypes
+
+Lines starting with a single ``#`` are comments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DefaultTagger", "Vocabulary", "load_vocabulary"]
+
+# Categories whose best tag is always considered for the first slot: every query has an intent.
+TASK_CATEGORY = "task"
+
+# Surface cues of a query's intent. MiniLM embeddings are dominated by topic words, so a question
+# about a movie scores movie tags well but "Question Answering" poorly; a few anchored patterns
+# add ``cue_bonus`` to the matching task tag (only if the vocabulary has it). Patterns look at the
+# start of the query or at explicit instruction verbs, where intent is stated.
+_CUES: tuple[tuple[str, str], ...] = (
+    (
+        r"^\W*what if\b|\bimagine (?:a|if|that)\b|\bsuppose (?:that|you|i|we)\b",
+        "Hypothetical Scenario",
+    ),
+    (r"^\W*(?:how (?:do|can|should|would|could) (?:i|you|we|one)|how to)\b", "How To Guide"),
+    (r"\btranslat(?:e|ion)\b", "Translation"),
+    (r"\bsummar(?:y|i[sz]e)\b|\btl;?dr\b", "Summarization"),
+    (r"\b(?:rewrite|rephrase|paraphrase|reword)\b", "Text Rewriting"),
+    (r"^\W*(?:can you |please )?explain\b|\bexplain (?:to me|how|why|what)\b", "Explanation"),
+    (
+        r"^\W*(?:who|what|whats|when|where|which|why|is|are|was|were|does|did|"
+        r"how (?:much|many|far|long|old|big|tall|often))\b",
+        "Question Answering",
+    ),
+    (r"^\W*(?:please )?(?:write|compose|draft|create|generate)\b", "Text Generation"),
+    (r"\b(?:act as|pretend (?:to be|you are)|play the (?:role|part)|role ?play)\b", "Role Play"),
+    (r"\b(?:recommend|suggest)\b", "Recommendation"),
+    (r"\b(?:classify|categori[sz]e)\b", "Classification"),
+    (r"\b(?:brainstorm|come up with|think of some)\b", "Brainstorming"),
+)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Parsed ``vocab.txt``.
+
+    Attributes:
+        tags: Tag names, in file order.
+        categories: Category of each tag.
+        prototypes: Texts to embed (names and example phrasings).
+        owner: For each prototype, the index of its tag.
+        sha256: Hash of the file content (cache key).
+    """
+
+    tags: list[str]
+    categories: list[str]
+    prototypes: list[str]
+    owner: np.ndarray
+    sha256: str
+
+
+def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
+    """Parse a vocabulary file (default: the shipped ``vocab.txt``).
+
+    Args:
+        path: A vocabulary file; ``None`` for the packaged one.
+
+    Returns:
+        The :class:`Vocabulary`.
+
+    Raises:
+        ValueError: A tag appears twice or the file has no tags.
+    """
+    if path is None:
+        text = resources.files("tagrouter_fast.taggers").joinpath("vocab.txt").read_text("utf-8")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    tags: list[str] = []
+    cats: list[str] = []
+    protos: list[str] = []
+    owner: list[int] = []
+    seen: dict[str, int] = {}
+    category = "other"
+    for lineno, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s:
+            continue
+        if s.startswith("##"):
+            category = s[2:].strip().split()[0].lower() if s[2:].strip() else "other"
+            continue
+        if s.startswith("#"):
+            continue
+        name, _, hints = s.partition("|")
+        name = name.strip()
+        key = name.casefold()
+        if key in seen:
+            raise ValueError(f"vocabulary line {lineno}: duplicate tag {name!r}")
+        seen[key] = len(tags)
+        idx = len(tags)
+        tags.append(name)
+        cats.append(category)
+        for p in [name, *(h.strip() for h in hints.split(";"))]:
+            if p:
+                protos.append(p)
+                owner.append(idx)
+    if not tags:
+        raise ValueError("vocabulary has no tags")
+    return Vocabulary(
+        tags=tags,
+        categories=cats,
+        prototypes=protos,
+        owner=np.asarray(owner, dtype=np.int64),
+        sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    )
+
+
+class DefaultTagger:
+    """Offline tagger: embedding similarity to a shipped tag vocabulary, top-k with MMR.
+
+    Args:
+        encoder: Sentence encoder (default: :func:`tagrouter_fast.encoder.default_encoder`).
+        k: Maximum tags per query.
+        floor: Minimum similarity for a tag (the task slot uses ``task_floor``).
+        mmr_lambda: MMR trade-off: 1.0 pure relevance, lower favours diversity.
+        task_floor: Minimum similarity for the guaranteed task-type tag.
+        relative: Also drop tags scoring below ``top score - relative`` (keeps weak tails out
+            of sharply focused queries).
+        candidates: How many top-scoring tags MMR considers.
+        cue_bonus: Score added to a task tag whose surface cue (e.g. a leading "what if")
+            matches the query; 0 disables cues.
+        max_tokens: Query tokens embedded (the start of a query carries its intent; shorter
+            inputs keep latency low on long prompts).
+        vocab: A vocabulary file path or a :class:`Vocabulary`; default the shipped one.
+
+    Attributes:
+        fingerprint: Stable id of encoder + vocabulary + parameters, for cache keys.
+
+    >>> DefaultTagger().tag("Rewrite in the past tense: I eat apples.")  # doctest: +SKIP
+    ['Text Rewriting', 'Verb Tense', ...]
+    """
+
+    def __init__(
+        self,
+        encoder: Any = None,
+        *,
+        k: int = 5,
+        floor: float = 0.3,
+        mmr_lambda: float = 0.7,
+        task_floor: float = 0.3,
+        relative: float = 0.15,
+        candidates: int = 30,
+        max_tokens: int = 128,
+        cue_bonus: float = 0.15,
+        vocab: str | Path | Vocabulary | None = None,
+    ) -> None:
+        if encoder is None:
+            from tagrouter_fast.encoder import default_encoder
+
+            encoder = default_encoder()
+        self.encoder = encoder
+        self.vocab = vocab if isinstance(vocab, Vocabulary) else load_vocabulary(vocab)
+        self.k = int(k)
+        self.floor = float(floor)
+        self.mmr_lambda = float(mmr_lambda)
+        self.task_floor = float(task_floor)
+        self.relative = float(relative)
+        self.candidates = int(candidates)
+        self.max_tokens = int(max_tokens)
+        self.cue_bonus = float(cue_bonus)
+
+        v = self.vocab
+        self._proto_emb = self._embed_vocab()
+        n_tags = len(v.tags)
+        # Tag centroid (mean of its prototypes) for the MMR redundancy term.
+        cent = np.zeros((n_tags, self._proto_emb.shape[1]), dtype=np.float32)
+        np.add.at(cent, v.owner, self._proto_emb)
+        cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+        self._centroids = cent
+        self._is_task = np.array([c == TASK_CATEGORY for c in v.categories])
+        # Prototypes are grouped by tag (file order), so reduceat gives the per-tag max.
+        self._starts = np.flatnonzero(np.r_[True, v.owner[1:] != v.owner[:-1]])
+        index = {t: i for i, t in enumerate(v.tags)}
+        self._cues = [(re.compile(p, re.IGNORECASE), index[t]) for p, t in _CUES if t in index]
+        params = (
+            f"{k}|{floor}|{mmr_lambda}|{task_floor}|{relative}|{candidates}|{max_tokens}|"
+            f"{cue_bonus}"
+        )
+        h = hashlib.sha256(f"{encoder.fingerprint}|{v.sha256}|{params}".encode())
+        self.fingerprint: str = "default-" + h.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"DefaultTagger(k={self.k}, floor={self.floor}, tags={len(self.vocab.tags)})"
+
+    def _embed_vocab(self) -> np.ndarray:
+        from tagrouter_fast.cache import cache_dir, load_array, save_array
+
+        v = self.vocab
+        path = cache_dir() / "tagger" / f"{self.encoder.fingerprint}-{v.sha256[:16]}.npy"
+        arr = load_array(path)
+        if arr is None or arr.shape[0] != len(v.prototypes):
+            arr = np.asarray(self.encoder.encode(v.prototypes), dtype=np.float32)
+            save_array(path, arr)
+        return arr
+
+    def _encode(self, queries: list[str]) -> np.ndarray:
+        try:
+            return np.asarray(
+                self.encoder.encode(queries, max_length=self.max_tokens), dtype=np.float32
+            )
+        except TypeError:  # encoders without a max_length parameter
+            return np.asarray(self.encoder.encode(queries), dtype=np.float32)
+
+    def scores(self, query_embedding: np.ndarray) -> np.ndarray:
+        """Per-tag score (best prototype cosine) for one unit query embedding.
+
+        Args:
+            query_embedding: ``(d,)`` unit vector.
+
+        Returns:
+            ``(n_tags,)`` float32.
+        """
+        proto = self._proto_emb @ query_embedding
+        return np.maximum.reduceat(proto, self._starts)
+
+    def _apply_cues(self, query: str, s: np.ndarray) -> np.ndarray:
+        if not self.cue_bonus or not self._cues:
+            return s
+        head = query[:300]
+        hits = [i for rx, i in self._cues if rx.search(head)]
+        if hits:
+            s = s.copy()
+            s[hits] += self.cue_bonus
+        return s
+
+    def _select(self, s: np.ndarray) -> list[str]:
+        k = self.k
+        if k <= 0:
+            return []
+        top = float(s.max())
+        floor = max(self.floor, top - self.relative)
+        n_cand = min(self.candidates, len(s))
+        cand = np.argpartition(-s, n_cand - 1)[:n_cand]
+        cand = cand[np.argsort(-s[cand], kind="stable")]
+        chosen: list[int] = []
+        task = np.flatnonzero(self._is_task)
+        if len(task):
+            best_task = int(task[np.argmax(s[task])])
+            if s[best_task] >= self.task_floor:
+                chosen.append(best_task)
+        pool = [int(c) for c in cand if s[c] >= floor and int(c) not in chosen]
+        lam = self.mmr_lambda
+        cents = self._centroids
+        while pool and len(chosen) < k:
+            if chosen:
+                red = (cents[pool] @ cents[chosen].T).max(axis=1)
+                mmr = lam * s[pool] - (1.0 - lam) * red
+                j = int(np.argmax(mmr))
+            else:
+                j = 0
+            chosen.append(pool.pop(j))
+        if not chosen:
+            # Routing needs at least one tag; the best match is still the best description.
+            chosen.append(int(cand[0]))
+        return [self.vocab.tags[i] for i in chosen]
+
+    def tag(self, query: str) -> list[str]:
+        """Tags of one query.
+
+        Args:
+            query: The user query.
+
+        Returns:
+            Up to ``k`` vocabulary tags, most relevant first.
+        """
+        e = self._encode([query])[0]
+        return self._select(self._apply_cues(query, self.scores(e)))
+
+    def tag_batch(self, queries: Sequence[str]) -> list[list[str]]:
+        """Tags of many queries (one encoder call).
+
+        Args:
+            queries: The user queries.
+
+        Returns:
+            One tag list per query.
+        """
+        qs = list(queries)
+        if not qs:
+            return []
+        e = self._encode(qs)
+        proto = e @ self._proto_emb.T  # (n, P)
+        per_tag = np.maximum.reduceat(proto, self._starts, axis=1)
+        return [self._select(self._apply_cues(q, row)) for q, row in zip(qs, per_tag, strict=True)]
+
+    def tag_scored(self, query: str) -> list[tuple[str, float]]:
+        """Like :meth:`tag`, with each tag's similarity (for inspection and tuning)."""
+        s = self._apply_cues(query, self.scores(self._encode([query])[0]))
+        index = {t: i for i, t in enumerate(self.vocab.tags)}
+        return [(t, float(s[index[t]])) for t in self._select(s)]

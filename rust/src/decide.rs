@@ -1,0 +1,554 @@
+//! The TagDecider (paper 3.4): summed tag scores, argmax, and the cost-aware threshold.
+//!
+//! Rule, for a query with at least one known tag, `S(M) = sum_t score(M, t)` over its distinct
+//! known tags:
+//! - `M* = argmax S`, ties going to the cheaper model, then to the smaller name;
+//! - `M_SLM` = the same argmax over every candidate except `M_LLM`;
+//! - `Delta_q = S(M_SLM) - S(M_LLM)`; the query goes to `M_SLM` when `Delta_q >= theta`, else to
+//!   `M_LLM`.
+//!
+//! With `theta = 0` this is the argmax (up to an exact tie between `M_SLM` and `M_LLM`, which goes
+//! to `M_SLM` as the paper's `>=` says); lower `theta` moves queries to the small models, higher
+//! `theta` (paper G.1) moves them to `M_LLM`. A query with no known tag goes to the fallback model.
+
+use std::sync::Arc;
+
+use crate::error::{pyrepr, Result, RouterError};
+use crate::table::{FxSet, Store};
+
+/// Why a decision went the way it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The argmax of the summed scores.
+    Argmax,
+    /// The threshold moved the query away from the argmax (to `M_SLM` or to `M_LLM`).
+    CostThreshold,
+    /// No known tag: the fallback model.
+    Fallback,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Argmax => "argmax",
+            Self::CostThreshold => "cost_threshold",
+            Self::Fallback => "fallback",
+        }
+    }
+}
+
+/// A routing decision. Model indices are candidate positions in `Decider::models()` order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Route {
+    pub model: usize,
+    pub reason: Reason,
+    /// `S(M_SLM) - S(M_LLM)`; NaN when there is no known tag or no small model.
+    pub delta: f64,
+    /// `M*`, the argmax (the fallback model when there is no known tag).
+    pub argmax: usize,
+    /// `M_SLM`; `None` when there is no known tag or no small model.
+    pub slm: Option<usize>,
+}
+
+/// A decision with everything needed to explain it.
+#[derive(Debug, Clone)]
+pub struct Explained {
+    pub route: Route,
+    /// `S(M)` per candidate, in `models()` order.
+    pub sums: Vec<f64>,
+    /// Distinct known tags, in the order first seen in the query.
+    pub known: Vec<u32>,
+    /// Positions in the input of the tags the store does not know.
+    pub unknown: Vec<usize>,
+}
+
+/// Above this many candidates the per-query sums go to the heap instead of the stack.
+const STACK_MODELS: usize = 32;
+/// Queries with more tags than this are deduplicated with a hash set instead of a linear scan.
+const LINEAR_DEDUP_MAX: usize = 32;
+
+/// The cost-aware decider over a snapshot of a store.
+#[derive(Debug, Clone)]
+pub struct Decider {
+    store: Arc<Store>,
+    /// Candidates in preference order: cheaper first, then by name. Scanning in this order and
+    /// keeping the first strict maximum is the deterministic tie-break, for free.
+    pref_names: Vec<String>,
+    pref_costs: Vec<f64>,
+    /// Preference position -> position in `models()` (store order).
+    pref_to_out: Vec<usize>,
+    /// Store-order candidate names (the public order).
+    out_names: Vec<String>,
+    n: usize,
+    llm: usize,
+    fallback: usize,
+    theta: f64,
+    /// `rows[tag * n + j]`: score of preference-order candidate j on the tag.
+    rows: Vec<f64>,
+}
+
+impl Decider {
+    /// Builds a decider over `store`.
+    ///
+    /// `costs` names the candidate models (a subset of the store's) and their per-query cost.
+    /// `llm` defaults to the most expensive candidate (ties: the smaller name); `fallback`, used
+    /// for queries with no known tag, defaults to `llm`.
+    pub fn new(
+        store: Arc<Store>,
+        costs: &[(String, f64)],
+        llm: Option<&str>,
+        theta: f64,
+        fallback: Option<&str>,
+    ) -> Result<Self> {
+        if costs.is_empty() {
+            return Err(RouterError::invalid(
+                "empty model set: costs must name at least one model",
+            ));
+        }
+        if !theta.is_finite() {
+            return Err(RouterError::invalid(format!(
+                "theta must be finite, got {theta}"
+            )));
+        }
+        let mut cands: Vec<(u32, &str, f64)> = Vec::with_capacity(costs.len());
+        for (name, cost) in costs {
+            if !(cost.is_finite() && *cost >= 0.0) {
+                return Err(RouterError::invalid(format!(
+                    "cost of {} must be finite and >= 0, got {cost}",
+                    pyrepr(name)
+                )));
+            }
+            let m = store.require_model(name)?;
+            if cands.iter().any(|c| c.0 == m) {
+                return Err(RouterError::invalid(format!(
+                    "model {} appears twice in costs",
+                    pyrepr(name)
+                )));
+            }
+            cands.push((m, name, *cost));
+        }
+        // Public order: the store's model order.
+        cands.sort_by_key(|c| c.0);
+        let out_names: Vec<String> = cands.iter().map(|c| c.1.to_owned()).collect();
+        let mut pref: Vec<usize> = (0..cands.len()).collect();
+        pref.sort_by(|&a, &b| {
+            cands[a]
+                .2
+                .total_cmp(&cands[b].2)
+                .then_with(|| cands[a].1.cmp(cands[b].1))
+        });
+        let n = cands.len();
+        let find = |name: &str| -> Result<usize> {
+            pref.iter()
+                .position(|&o| cands[o].1 == name)
+                .ok_or_else(|| RouterError::unknown_model(name, &out_names))
+        };
+        let llm = if let Some(name) = llm {
+            find(name)?
+        } else {
+            // Most expensive; among equal costs the smaller name, i.e. the first in `pref`.
+            let top = cands[pref[n - 1]].2;
+            pref.iter()
+                .position(|&o| cands[o].2.total_cmp(&top).is_eq())
+                .unwrap_or(n - 1)
+        };
+        let fallback = match fallback {
+            Some(name) => find(name)?,
+            None => llm,
+        };
+        let nm = store.n_models();
+        let mut rows = vec![0.0; store.n_tags() * n];
+        for (t, row) in rows.chunks_exact_mut(n).enumerate() {
+            let src = &store.scores[t * nm..(t + 1) * nm];
+            for (j, r) in row.iter_mut().enumerate() {
+                *r = src[cands[pref[j]].0 as usize];
+            }
+        }
+        Ok(Self {
+            pref_names: pref.iter().map(|&o| cands[o].1.to_owned()).collect(),
+            pref_costs: pref.iter().map(|&o| cands[o].2).collect(),
+            pref_to_out: pref.clone(),
+            out_names,
+            n,
+            llm,
+            fallback,
+            theta,
+            rows,
+            store,
+        })
+    }
+
+    /// The same decider with another threshold.
+    pub fn with_theta(&self, theta: f64) -> Result<Self> {
+        if !theta.is_finite() {
+            return Err(RouterError::invalid(format!(
+                "theta must be finite, got {theta}"
+            )));
+        }
+        Ok(Self {
+            theta,
+            ..self.clone()
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Candidate names in store order; decisions index into this.
+    pub fn models(&self) -> &[String] {
+        &self.out_names
+    }
+
+    pub fn n_models(&self) -> usize {
+        self.n
+    }
+
+    pub fn cost(&self, out: usize) -> f64 {
+        self.pref_costs[self.out_to_pref(out)]
+    }
+
+    pub fn llm(&self) -> usize {
+        self.pref_to_out[self.llm]
+    }
+
+    pub fn fallback(&self) -> usize {
+        self.pref_to_out[self.fallback]
+    }
+
+    pub fn theta(&self) -> f64 {
+        self.theta
+    }
+
+    fn out_to_pref(&self, out: usize) -> usize {
+        self.pref_to_out.iter().position(|&o| o == out).unwrap_or(0)
+    }
+
+    /// Name of a candidate in preference order (what the hot path hands back).
+    pub fn pref_name(&self, j: usize) -> &str {
+        &self.pref_names[j]
+    }
+
+    /// Maps a preference-order index to `models()` order.
+    #[inline]
+    pub fn to_out(&self, j: usize) -> usize {
+        self.pref_to_out[j]
+    }
+
+    #[inline]
+    pub fn tag_id(&self, tag: &str) -> Option<u32> {
+        self.store.tag_id(tag)
+    }
+
+    #[inline]
+    fn row(&self, t: u32) -> &[f64] {
+        let t = t as usize;
+        &self.rows[t * self.n..(t + 1) * self.n]
+    }
+
+    // ==== Routing ====
+
+    /// Routes a query given its known tag ids (duplicates allowed). Returns the model in
+    /// preference order; see `to_out`/`pref_name`.
+    #[inline]
+    pub fn route_pref(&self, ids: &[u32]) -> usize {
+        self.with_sums(ids, |sums, any| self.decide_sums(sums, any).0)
+    }
+
+    /// Routes a query given its tag ids; the model index is in `models()` order.
+    pub fn route_ids(&self, ids: &[u32]) -> Route {
+        self.with_sums(ids, |sums, any| {
+            self.to_out_route(self.decide_sums(sums, any))
+        })
+    }
+
+    /// Routes a query given its tags (unknown tags ignored); `models()` order.
+    pub fn route<S: AsRef<str>>(&self, tags: &[S]) -> Route {
+        let ids = self.known_ids(tags);
+        self.route_ids(&ids)
+    }
+
+    /// Routes many queries, `tags[offsets[i]..offsets[i + 1]]` being query i; preference order.
+    pub fn route_flat_pref<S: AsRef<str>>(&self, tags: &[S], offsets: &[usize]) -> Vec<u32> {
+        let mut ids: Vec<u32> = Vec::with_capacity(LINEAR_DEDUP_MAX);
+        offsets
+            .windows(2)
+            .map(|w| {
+                ids.clear();
+                ids.extend(
+                    tags[w[0]..w[1]]
+                        .iter()
+                        .filter_map(|t| self.tag_id(t.as_ref())),
+                );
+                crate::table::to_u32(self.route_pref(&ids))
+            })
+            .collect()
+    }
+
+    /// `S(M)` for many queries, row-major `(n_queries, n_models)` in `models()` order.
+    pub fn scores_flat<S: AsRef<str>>(&self, tags: &[S], offsets: &[usize]) -> Vec<f64> {
+        let mut out = vec![0.0; offsets.len().saturating_sub(1) * self.n];
+        let mut ids: Vec<u32> = Vec::new();
+        for (w, dst) in offsets.windows(2).zip(out.chunks_exact_mut(self.n)) {
+            ids.clear();
+            ids.extend(
+                tags[w[0]..w[1]]
+                    .iter()
+                    .filter_map(|t| self.tag_id(t.as_ref())),
+            );
+            self.with_sums(&ids, |sums, _| {
+                for (j, s) in sums.iter().enumerate() {
+                    dst[self.pref_to_out[j]] = *s;
+                }
+            });
+        }
+        out
+    }
+
+    /// Full routes (model, reason, delta, M_SLM) for many queries; `models()` order.
+    pub fn routes_flat<S: AsRef<str>>(&self, tags: &[S], offsets: &[usize]) -> Vec<Route> {
+        let mut ids: Vec<u32> = Vec::new();
+        offsets
+            .windows(2)
+            .map(|w| {
+                ids.clear();
+                ids.extend(
+                    tags[w[0]..w[1]]
+                        .iter()
+                        .filter_map(|t| self.tag_id(t.as_ref())),
+                );
+                self.route_ids(&ids)
+            })
+            .collect()
+    }
+
+    /// A decision with its explanation.
+    pub fn explain<S: AsRef<str>>(&self, tags: &[S]) -> Explained {
+        let mut known: Vec<u32> = Vec::with_capacity(tags.len());
+        let mut unknown = Vec::new();
+        for (i, t) in tags.iter().enumerate() {
+            match self.tag_id(t.as_ref()) {
+                Some(id) => {
+                    if !known.contains(&id) {
+                        known.push(id);
+                    }
+                }
+                None => unknown.push(i),
+            }
+        }
+        let (route, sums) = self.explain_ids(&known);
+        Explained {
+            route,
+            sums,
+            known,
+            unknown,
+        }
+    }
+
+    /// Route and `S(M)` (in `models()` order) for distinct known tag ids.
+    pub fn explain_ids(&self, ids: &[u32]) -> (Route, Vec<f64>) {
+        let mut sums_pref = vec![0.0; self.n];
+        for &t in ids {
+            add_row(&mut sums_pref, self.row(t));
+        }
+        let route = self.to_out_route(self.decide_sums(&sums_pref, !ids.is_empty()));
+        let mut sums = vec![0.0; self.n];
+        for (j, s) in sums_pref.iter().enumerate() {
+            sums[self.pref_to_out[j]] = *s;
+        }
+        (route, sums)
+    }
+
+    /// Writes the candidates' scores on tag `t` (its contribution) into `out`, `models()` order.
+    pub fn tag_scores_into(&self, t: u32, out: &mut [f64]) {
+        for (j, s) in self.row(t).iter().enumerate() {
+            out[self.pref_to_out[j]] = *s;
+        }
+    }
+
+    fn known_ids<S: AsRef<str>>(&self, tags: &[S]) -> Vec<u32> {
+        tags.iter()
+            .filter_map(|t| self.tag_id(t.as_ref()))
+            .collect()
+    }
+
+    /// Sums the rows of the distinct ids into a (stack) buffer and hands it to `f`, with whether
+    /// any tag was known.
+    #[inline]
+    fn with_sums<R>(&self, ids: &[u32], f: impl FnOnce(&[f64], bool) -> R) -> R {
+        let mut stack = [0.0_f64; STACK_MODELS];
+        let mut heap;
+        let sums: &mut [f64] = if self.n <= STACK_MODELS {
+            &mut stack[..self.n]
+        } else {
+            heap = vec![0.0; self.n];
+            &mut heap
+        };
+        if ids.len() <= LINEAR_DEDUP_MAX {
+            for (i, &t) in ids.iter().enumerate() {
+                // Set semantics: a tag given twice counts once. Quadratic, but over a handful.
+                if !ids[..i].contains(&t) {
+                    add_row(sums, self.row(t));
+                }
+            }
+        } else {
+            let mut seen: FxSet<u32> = FxSet::default();
+            for &t in ids {
+                if seen.insert(t) {
+                    add_row(sums, self.row(t));
+                }
+            }
+        }
+        f(sums, !ids.is_empty())
+    }
+
+    /// The decision rule over summed scores in preference order.
+    #[inline]
+    fn decide_sums(
+        &self,
+        sums: &[f64],
+        any_known: bool,
+    ) -> (usize, Reason, f64, usize, Option<usize>) {
+        if !any_known {
+            return (
+                self.fallback,
+                Reason::Fallback,
+                f64::NAN,
+                self.fallback,
+                None,
+            );
+        }
+        let best = argmax(sums, usize::MAX);
+        if self.n == 1 {
+            return (best, Reason::Argmax, f64::NAN, best, None);
+        }
+        let slm = argmax(sums, self.llm);
+        let delta = sums[slm] - sums[self.llm];
+        let model = if delta >= self.theta { slm } else { self.llm };
+        let reason = if model == best {
+            Reason::Argmax
+        } else {
+            Reason::CostThreshold
+        };
+        (model, reason, delta, best, Some(slm))
+    }
+
+    fn to_out_route(&self, d: (usize, Reason, f64, usize, Option<usize>)) -> Route {
+        Route {
+            model: self.pref_to_out[d.0],
+            reason: d.1,
+            delta: d.2,
+            argmax: self.pref_to_out[d.3],
+            slm: d.4.map(|j| self.pref_to_out[j]),
+        }
+    }
+}
+
+#[inline]
+fn add_row(sums: &mut [f64], row: &[f64]) {
+    for (s, r) in sums.iter_mut().zip(row) {
+        *s += *r;
+    }
+}
+
+/// First strict maximum, skipping index `skip`.
+#[inline]
+fn argmax(v: &[f64], skip: usize) -> usize {
+    let mut best = usize::MAX;
+    let mut best_v = f64::NEG_INFINITY;
+    for (j, &x) in v.iter().enumerate() {
+        if j != skip && (best == usize::MAX || x > best_v) {
+            best = j;
+            best_v = x;
+        }
+    }
+    best
+}
+
+/// Splits a tag generator's raw output `"a, b, c"` into trimmed, non-empty tags.
+pub fn split_tags(raw: &str) -> impl Iterator<Item = &str> {
+    raw.split(',').map(str::trim).filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+// Exact float equality is what these tests check: same data, same operations, same bits.
+#[allow(clippy::float_cmp)]
+mod tests {
+    use super::*;
+    use crate::table::{Outcome, Params, Record};
+
+    fn store() -> Arc<Store> {
+        let r = |q, tags, m, o| Record {
+            query_id: q,
+            tags,
+            model: m,
+            outcome: o,
+        };
+        Arc::new(
+            Store::from_records(
+                Params::default(),
+                [
+                    r("q1", &["poem"][..], "big", Outcome::Win),
+                    r("q1", &["poem"][..], "small", Outcome::Loss),
+                    r("q2", &["math"][..], "big", Outcome::Loss),
+                    r("q2", &["math"][..], "small", Outcome::Win),
+                ],
+            )
+            .unwrap(),
+        )
+    }
+
+    fn costs() -> Vec<(String, f64)> {
+        vec![("big".into(), 10.0), ("small".into(), 1.0)]
+    }
+
+    #[test]
+    fn argmax_threshold_and_fallback() {
+        let d = Decider::new(store(), &costs(), None, 0.0, None).unwrap();
+        assert_eq!(d.models(), ["big", "small"]);
+        assert_eq!(d.llm(), 0);
+        let r = d.route(&["poem"]);
+        assert_eq!((r.model, r.reason), (0, Reason::Argmax));
+        assert!(r.delta < 0.0);
+        assert_eq!(d.route(&["math", "nope"]).model, 1);
+        let f = d.route(&["nope"]);
+        assert_eq!((f.model, f.reason), (0, Reason::Fallback));
+        assert!(f.delta.is_nan());
+        // A low enough theta sends the poem query to the small model.
+        let cheap = d.with_theta(-1.0).unwrap();
+        let r = cheap.route(&["poem"]);
+        assert_eq!((r.model, r.reason), (1, Reason::CostThreshold));
+        // A high theta keeps the math query on the LLM.
+        let r = d.with_theta(1.0).unwrap().route(&["math"]);
+        assert_eq!((r.model, r.reason), (0, Reason::CostThreshold));
+    }
+
+    #[test]
+    fn ties_go_to_the_cheaper_model() {
+        let d = Decider::new(store(), &costs(), None, 0.0, None).unwrap();
+        // poem + math: big and small tie exactly.
+        let e = d.explain(&["poem", "math", "poem"]);
+        assert_eq!(e.sums[0], e.sums[1]);
+        assert_eq!(e.route.model, 1);
+        assert_eq!(e.known.len(), 2);
+    }
+
+    #[test]
+    fn bad_arguments() {
+        assert!(Decider::new(store(), &[], None, 0.0, None).is_err());
+        assert!(Decider::new(store(), &costs(), None, f64::NAN, None).is_err());
+        let nan = vec![("big".into(), f64::NAN)];
+        assert!(Decider::new(store(), &nan, None, 0.0, None).is_err());
+        let unknown = vec![("huge".into(), 1.0)];
+        assert!(matches!(
+            Decider::new(store(), &unknown, None, 0.0, None),
+            Err(RouterError::UnknownModel { .. })
+        ));
+    }
+
+    #[test]
+    fn split_generator_output() {
+        let v: Vec<&str> = split_tags(" Poem ,, Text Rewriting,").collect();
+        assert_eq!(v, ["Poem", "Text Rewriting"]);
+    }
+}

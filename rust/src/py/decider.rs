@@ -1,0 +1,586 @@
+//! `_core.Decider` and `_core.Decision`: the cost-aware decider behind `tagrouter_fast.TagDecider`.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString};
+
+use super::errors::run;
+use super::input::{for_each_tag, tag_str, Flat, Ids};
+use super::scorer::PyStore;
+use crate::decide::{split_tags, Decider, Route};
+use crate::error::pyrepr;
+use crate::theta;
+
+/// Cost-aware decider over a snapshot of a store (paper 3.4).
+#[pyclass(frozen, name = "Decider", module = "tagrouter_fast._core")]
+pub struct PyDecider {
+    core: Decider,
+    store: Py<PyStore>,
+    /// Model names in the decider's preference order, created once so that routing hands back
+    /// a new reference to an existing str instead of building one per call.
+    pref_names: Vec<Py<PyString>>,
+    /// Model names in `models` order, shared with every Decision.
+    out_names: Arc<[Py<PyString>]>,
+}
+
+impl PyDecider {
+    fn from_core(py: Python<'_>, core: Decider, store: Py<PyStore>) -> Self {
+        let pref_names = (0..core.n_models())
+            .map(|j| PyString::intern(py, core.pref_name(j)).unbind())
+            .collect();
+        let out_names = core
+            .models()
+            .iter()
+            .map(|m| PyString::intern(py, m).unbind())
+            .collect();
+        Self {
+            core,
+            store,
+            pref_names,
+            out_names,
+        }
+    }
+
+    #[inline]
+    fn name(&self, py: Python<'_>, out: usize) -> Py<PyString> {
+        self.out_names[out].clone_ref(py)
+    }
+
+    fn decision(
+        &self,
+        py: Python<'_>,
+        ids: &[u32],
+        known: Vec<Py<PyAny>>,
+        unknown: Vec<Py<PyAny>>,
+    ) -> PyDecision {
+        let (route, sums) = self.core.explain_ids(ids);
+        let n = self.core.n_models();
+        let mut contributions = vec![0.0; ids.len() * n];
+        for (&t, out) in ids.iter().zip(contributions.chunks_exact_mut(n)) {
+            self.core.tag_scores_into(t, out);
+        }
+        PyDecision {
+            route,
+            theta: self.core.theta(),
+            llm: self.core.llm(),
+            names: Arc::clone(&self.out_names),
+            model: self.name(py, route.model),
+            sums,
+            known,
+            contributions,
+            unknown,
+        }
+    }
+
+    fn flat_routes(&self, py: Python<'_>, list_of_tags: &Bound<'_, PyAny>) -> PyResult<Vec<Route>> {
+        let flat = Flat::from_tag_lists(list_of_tags)?;
+        let (core, strs, offs) = (&self.core, &flat.strs, &flat.offsets);
+        Ok(py.detach(|| core.routes_flat(strs, offs)))
+    }
+}
+
+#[pymethods]
+impl PyDecider {
+    #[new]
+    #[pyo3(signature = (store, costs, llm=None, theta=0.0, fallback=None))]
+    fn new(
+        py: Python<'_>,
+        store: Bound<'_, PyStore>,
+        costs: HashMap<String, f64>,
+        llm: Option<&str>,
+        theta: f64,
+        fallback: Option<&str>,
+    ) -> PyResult<Self> {
+        let costs: Vec<(String, f64)> = costs.into_iter().collect();
+        let inner = Arc::clone(&store.get().inner);
+        let core = Decider::new(inner, &costs, llm, theta, fallback)?;
+        Ok(Self::from_core(py, core, store.unbind()))
+    }
+
+    /// The same decider with another theta.
+    fn with_theta(&self, py: Python<'_>, theta: f64) -> PyResult<Self> {
+        Ok(Self {
+            core: self.core.with_theta(theta)?,
+            store: self.store.clone_ref(py),
+            pref_names: self.pref_names.iter().map(|n| n.clone_ref(py)).collect(),
+            out_names: Arc::clone(&self.out_names),
+        })
+    }
+
+    #[getter]
+    fn store(&self, py: Python<'_>) -> Py<PyStore> {
+        self.store.clone_ref(py)
+    }
+
+    #[getter]
+    fn models(&self, py: Python<'_>) -> Vec<Py<PyString>> {
+        self.out_names.iter().map(|n| n.clone_ref(py)).collect()
+    }
+
+    #[getter]
+    fn costs(&self) -> HashMap<String, f64> {
+        self.core
+            .models()
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.clone(), self.core.cost(i)))
+            .collect()
+    }
+
+    #[getter]
+    fn llm(&self, py: Python<'_>) -> Py<PyString> {
+        self.name(py, self.core.llm())
+    }
+
+    #[getter]
+    fn fallback(&self, py: Python<'_>) -> Py<PyString> {
+        self.name(py, self.core.fallback())
+    }
+
+    #[getter]
+    fn theta(&self) -> f64 {
+        self.core.theta()
+    }
+
+    // ==== Routing ====
+
+    /// The model for one query's tags.
+    fn route_tags(&self, py: Python<'_>, tags: &Bound<'_, PyAny>) -> PyResult<Py<PyString>> {
+        // Too little work to be worth detaching: the whole call is a few hundred nanoseconds.
+        let mut ids = Ids::new();
+        for_each_tag(tags, |item| {
+            if let Some(id) = self.core.tag_id(tag_str(&item)?) {
+                ids.push(id);
+            }
+            Ok(())
+        })?;
+        Ok(self.pref_names[self.core.route_pref(ids.as_slice())].clone_ref(py))
+    }
+
+    /// The model for a tag generator's raw output, `"a, b, c"`, split here.
+    fn route_tag_string(&self, py: Python<'_>, raw: &str) -> Py<PyString> {
+        let mut ids = Ids::new();
+        for t in split_tags(raw) {
+            if let Some(id) = self.core.tag_id(t) {
+                ids.push(id);
+            }
+        }
+        self.pref_names[self.core.route_pref(ids.as_slice())].clone_ref(py)
+    }
+
+    /// The model for each query of a batch of tag lists.
+    fn route_tags_batch<'py>(
+        &self,
+        py: Python<'py>,
+        list_of_tags: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let flat = Flat::from_tag_lists(list_of_tags)?;
+        let (core, strs, offs) = (&self.core, &flat.strs, &flat.offsets);
+        let idx = py.detach(|| core.route_flat_pref(strs, offs));
+        PyList::new(
+            py,
+            idx.iter().map(|&j| self.pref_names[j as usize].bind(py)),
+        )
+    }
+
+    /// The model for each of a batch of raw generator outputs.
+    fn route_tag_strings_batch<'py>(
+        &self,
+        py: Python<'py>,
+        raws: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let flat = Flat::from_tag_strings(raws)?;
+        let (core, strs, offs) = (&self.core, &flat.strs, &flat.offsets);
+        let idx = py.detach(|| core.route_flat_pref(strs, offs));
+        PyList::new(
+            py,
+            idx.iter().map(|&j| self.pref_names[j as usize].bind(py)),
+        )
+    }
+
+    /// Index into `models` of the routed model, per query.
+    fn route_indices_batch<'py>(
+        &self,
+        py: Python<'py>,
+        list_of_tags: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let flat = Flat::from_tag_lists(list_of_tags)?;
+        let (core, strs, offs) = (&self.core, &flat.strs, &flat.offsets);
+        let idx: Vec<i64> = py.detach(|| {
+            core.route_flat_pref(strs, offs)
+                .iter()
+                .map(|&j| to_i64(core.to_out(j as usize)))
+                .collect()
+        });
+        Ok(idx.into_pyarray(py))
+    }
+
+    /// `S(M)` per query and model, `(n_queries, n_models)` in `models` order.
+    fn scores_batch<'py>(
+        &self,
+        py: Python<'py>,
+        list_of_tags: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let flat = Flat::from_tag_lists(list_of_tags)?;
+        let (core, strs, offs) = (&self.core, &flat.strs, &flat.offsets);
+        let v = py.detach(|| core.scores_flat(strs, offs));
+        let a = Array2::from_shape_vec((flat.n_queries(), core.n_models()), v)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(a.into_pyarray(py))
+    }
+
+    /// `Delta_q = S(M_SLM) - S(M_LLM)` per query; NaN without a known tag or a small model.
+    fn deltas_batch<'py>(
+        &self,
+        py: Python<'py>,
+        list_of_tags: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let routes = self.flat_routes(py, list_of_tags)?;
+        Ok(routes
+            .iter()
+            .map(|r| r.delta)
+            .collect::<Vec<_>>()
+            .into_pyarray(py))
+    }
+
+    /// The decision for one query, with its explanation.
+    fn decide(&self, py: Python<'_>, tags: &Bound<'_, PyAny>) -> PyResult<PyDecision> {
+        let mut ids: Vec<u32> = Vec::new();
+        let mut known: Vec<Py<PyAny>> = Vec::new();
+        let mut unknown: Vec<Py<PyAny>> = Vec::new();
+        let mut unknown_strs: Vec<String> = Vec::new();
+        for_each_tag(tags, |item| {
+            let s = tag_str(&item)?;
+            match self.core.tag_id(s) {
+                Some(id) if !ids.contains(&id) => {
+                    ids.push(id);
+                    known.push(item.unbind());
+                }
+                Some(_) => {}
+                None if unknown_strs.iter().any(|u| u == s) => {}
+                None => {
+                    unknown_strs.push(s.to_owned());
+                    unknown.push(item.unbind());
+                }
+            }
+            Ok(())
+        })?;
+        Ok(self.decision(py, &ids, known, unknown))
+    }
+
+    /// `decide` for a tag generator's raw output, `"a, b, c"`.
+    fn decide_tag_string(&self, py: Python<'_>, raw: &str) -> PyDecision {
+        let mut ids: Vec<u32> = Vec::new();
+        let mut known = Vec::new();
+        let mut unknown: Vec<&str> = Vec::new();
+        for t in split_tags(raw) {
+            match self.core.tag_id(t) {
+                Some(id) if !ids.contains(&id) => {
+                    ids.push(id);
+                    known.push(PyString::new(py, t).into_any().unbind());
+                }
+                Some(_) => {}
+                None if unknown.contains(&t) => {}
+                None => unknown.push(t),
+            }
+        }
+        let unknown = unknown
+            .iter()
+            .map(|t| PyString::new(py, t).into_any().unbind())
+            .collect();
+        self.decision(py, &ids, known, unknown)
+    }
+
+    // ==== Theta ====
+
+    /// Evaluates theta values on a labelled set; see `TagDecider.select_theta`.
+    #[pyo3(signature = (list_of_tags, accept, cost=None, grid=None))]
+    #[allow(clippy::type_complexity)]
+    fn sweep_theta<'py>(
+        &self,
+        py: Python<'py>,
+        list_of_tags: &Bound<'py, PyAny>,
+        accept: PyReadonlyArray2<'py, bool>,
+        cost: Option<PyReadonlyArray2<'py, f64>>,
+        grid: Option<PyReadonlyArray1<'py, f64>>,
+    ) -> PyResult<(
+        usize,
+        Bound<'py, PyArray1<f64>>,
+        Bound<'py, PyArray1<f64>>,
+        Bound<'py, PyArray1<f64>>,
+        Bound<'py, PyArray1<f64>>,
+    )> {
+        let routes = self.flat_routes(py, list_of_tags)?;
+        let nm = self.core.n_models();
+        let shape_ok = |s: &[usize]| s == [routes.len(), nm];
+        let acc = accept.as_array();
+        if !shape_ok(acc.shape()) {
+            return Err(mismatch("accept", acc.shape(), routes.len(), nm));
+        }
+        let acc: Vec<bool> = acc.iter().copied().collect();
+        let cost: Vec<f64> = match &cost {
+            Some(c) => {
+                let c = c.as_array();
+                if !shape_ok(c.shape()) {
+                    return Err(mismatch("cost", c.shape(), routes.len(), nm));
+                }
+                c.iter().copied().collect()
+            }
+            None => (0..routes.len())
+                .flat_map(|_| (0..nm).map(|m| self.core.cost(m)))
+                .collect(),
+        };
+        let grid: Vec<f64> = match &grid {
+            Some(g) => g.as_array().iter().copied().collect(),
+            None => theta::default_grid(&routes),
+        };
+        let llm = self.core.llm();
+        let pts = run(py, || {
+            let set = theta::Labelled {
+                routes: &routes,
+                accept: &acc,
+                cost: &cost,
+                n_models: nm,
+                llm,
+            };
+            theta::sweep(&set, &grid)
+        })?;
+        let col = |f: fn(&theta::ThetaPoint) -> f64| {
+            pts.iter().map(f).collect::<Vec<_>>().into_pyarray(py)
+        };
+        // Index of the best point (accept rate, then cost, then |theta|): `theta::best` on the grid.
+        let best = theta::best(&pts)
+            .and_then(|b| pts.iter().position(|p| *p == b))
+            .unwrap_or(0);
+        Ok((
+            best,
+            col(|p| p.theta),
+            col(|p| p.accept_rate),
+            col(|p| p.mean_cost),
+            col(|p| p.llm_share),
+        ))
+    }
+
+    /// A theta routing the largest share of these queries to `M_LLM` that does not exceed `share`.
+    fn theta_for_llm_share(
+        &self,
+        py: Python<'_>,
+        list_of_tags: &Bound<'_, PyAny>,
+        share: f64,
+    ) -> PyResult<f64> {
+        let routes = self.flat_routes(py, list_of_tags)?;
+        Ok(theta::theta_for_llm_share(&routes, self.core.llm(), share)?)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<Decider: {} models, llm={}, theta={}>",
+            self.core.n_models(),
+            pyrepr(&self.core.models()[self.core.llm()]),
+            self.core.theta()
+        )
+    }
+}
+
+fn to_i64(i: usize) -> i64 {
+    i64::try_from(i).unwrap_or(i64::MAX)
+}
+
+#[cold]
+#[inline(never)]
+fn mismatch(what: &str, shape: &[usize], n: usize, m: usize) -> PyErr {
+    PyValueError::new_err(format!(
+        "mismatched lengths: {what} has shape {shape:?}, expected ({n}, {m}) = (queries, models)"
+    ))
+}
+
+/// One routing decision and its explanation.
+///
+/// Attributes:
+///     model: the model the query goes to.
+///     reason: "argmax", "cost_threshold" (theta moved it off the argmax) or "fallback"
+///         (no known tag).
+///     scores: S(M) per candidate model.
+///     delta: S(M_SLM) - S(M_LLM); NaN without a known tag or a small model.
+///     theta, llm, slm, argmax: the threshold, M_LLM, M_SLM (None if none) and M*.
+///     contributions: per known tag, its score for each model.
+///     known_tags, unknown_tags: the query's tags the store knows, and those it ignored.
+#[pyclass(frozen, name = "Decision", module = "tagrouter_fast._core")]
+pub struct PyDecision {
+    route: Route,
+    theta: f64,
+    llm: usize,
+    names: Arc<[Py<PyString>]>,
+    model: Py<PyString>,
+    sums: Vec<f64>,
+    known: Vec<Py<PyAny>>,
+    /// `contributions[k * n_models + m]`: score of model m on known tag k.
+    contributions: Vec<f64>,
+    unknown: Vec<Py<PyAny>>,
+}
+
+impl PyDecision {
+    fn name(&self, py: Python<'_>, i: usize) -> Py<PyString> {
+        self.names[i].clone_ref(py)
+    }
+
+    fn model_dict<'py>(&self, py: Python<'py>, values: &[f64]) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (n, v) in self.names.iter().zip(values) {
+            d.set_item(n.bind(py), *v)?;
+        }
+        Ok(d)
+    }
+}
+
+#[pymethods]
+impl PyDecision {
+    #[getter]
+    fn model(&self, py: Python<'_>) -> Py<PyString> {
+        self.model.clone_ref(py)
+    }
+
+    #[getter]
+    fn reason(&self) -> &'static str {
+        self.route.reason.as_str()
+    }
+
+    #[getter]
+    fn delta(&self) -> f64 {
+        self.route.delta
+    }
+
+    #[getter]
+    fn theta(&self) -> f64 {
+        self.theta
+    }
+
+    #[getter]
+    fn llm(&self, py: Python<'_>) -> Py<PyString> {
+        self.name(py, self.llm)
+    }
+
+    #[getter]
+    fn slm(&self, py: Python<'_>) -> Option<Py<PyString>> {
+        self.route.slm.map(|i| self.name(py, i))
+    }
+
+    #[getter]
+    fn argmax(&self, py: Python<'_>) -> Py<PyString> {
+        self.name(py, self.route.argmax)
+    }
+
+    #[getter]
+    fn scores<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.model_dict(py, &self.sums)
+    }
+
+    #[getter]
+    fn contributions<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let n = self.names.len();
+        for (tag, row) in self.known.iter().zip(self.contributions.chunks_exact(n)) {
+            d.set_item(tag.bind(py), self.model_dict(py, row)?)?;
+        }
+        Ok(d)
+    }
+
+    #[getter]
+    fn known_tags(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        self.known.iter().map(|t| t.clone_ref(py)).collect()
+    }
+
+    #[getter]
+    fn unknown_tags(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        self.unknown.iter().map(|t| t.clone_ref(py)).collect()
+    }
+
+    /// All fields as a plain dict (JSON-serialisable apart from NaN deltas).
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("model", self.model(py))?;
+        d.set_item("reason", self.reason())?;
+        d.set_item("scores", self.scores(py)?)?;
+        d.set_item("delta", self.route.delta)?;
+        d.set_item("theta", self.theta)?;
+        d.set_item("llm", self.llm(py))?;
+        d.set_item("slm", self.slm(py))?;
+        d.set_item("argmax", self.argmax(py))?;
+        d.set_item("contributions", self.contributions(py)?)?;
+        d.set_item("known_tags", self.known_tags(py))?;
+        d.set_item("unknown_tags", self.unknown_tags(py))?;
+        Ok(d)
+    }
+
+    /// A human-readable, multi-line account of the decision.
+    fn explain(&self, py: Python<'_>) -> PyResult<String> {
+        let name = |i: usize| self.names[i].bind(py).to_string();
+        let mut s = String::new();
+        let _ = writeln!(s, "-> {} ({})", self.model.bind(py), self.reason());
+        if self.route.reason == crate::decide::Reason::Fallback {
+            let _ = writeln!(s, "   no known tag: fallback model");
+        } else {
+            let _ = writeln!(
+                s,
+                "   M* (argmax) = {}, M_LLM = {}",
+                name(self.route.argmax),
+                name(self.llm)
+            );
+            if let Some(slm) = self.route.slm {
+                let _ = writeln!(
+                    s,
+                    "   Delta = S({}) - S({}) = {:.6e}, theta = {}",
+                    name(slm),
+                    name(self.llm),
+                    self.route.delta,
+                    self.theta
+                );
+            }
+        }
+        let mut order: Vec<usize> = (0..self.names.len()).collect();
+        order.sort_by(|&a, &b| self.sums[b].total_cmp(&self.sums[a]));
+        for i in order {
+            let _ = writeln!(s, "   S({}) = {:.6e}", name(i), self.sums[i]);
+        }
+        let n = self.names.len();
+        for (tag, row) in self.known.iter().zip(self.contributions.chunks_exact(n)) {
+            let parts: Vec<String> = row
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("{}={v:.3e}", name(i)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "   tag {}: {}",
+                pyrepr(&tag.bind(py).str()?.to_string()),
+                parts.join(", ")
+            );
+        }
+        if !self.unknown.is_empty() {
+            let parts: Vec<String> = self
+                .unknown
+                .iter()
+                .map(|t| t.bind(py).str().map(|x| pyrepr(&x.to_string())))
+                .collect::<PyResult<_>>()?;
+            let _ = writeln!(s, "   ignored (unknown) tags: {}", parts.join(", "));
+        }
+        Ok(s.trim_end().to_owned())
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "Decision(model={}, reason={}, delta={}, known_tags={}, unknown_tags={})",
+            pyrepr(&self.model.bind(py).to_string()),
+            pyrepr(self.reason()),
+            self.route.delta,
+            self.known.len(),
+            self.unknown.len()
+        )
+    }
+}

@@ -1,0 +1,388 @@
+//! The store file: versioned, checksummed, written atomically. Layout in docs/store-format.md.
+//!
+//! The file keeps the raw data (per-query tag sets and per-model outcome counts, the per-(tag,
+//! model) counts, per-model totals) and the parameters, never only scores, so a loaded store can
+//! be merged, updated and re-weighted exactly. Scores are recomputed on load.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{pyrepr, Result, RouterError};
+use crate::table::{index_of, to_u32, Params, Query, Store, Weighting};
+
+/// First bytes of every store file.
+pub const MAGIC: &[u8; 8] = b"TAGRSTOR";
+/// Format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// magic (8) + version (4) + flags (4) + body length (8).
+const HEADER_LEN: usize = 24;
+/// CRC-32 of header and body.
+const TRAILER_LEN: usize = 4;
+
+// ==== Writing ====
+
+/// Serialises the store to bytes (header, body, CRC-32 trailer).
+pub fn to_bytes(store: &Store) -> Vec<u8> {
+    let mut body = Vec::with_capacity(
+        64 + store.n_tags() * (16 + store.n_models() * 12) + store.n_queries() * 48,
+    );
+    let p = store.params;
+    for v in [p.s_win, p.s_tie, p.s_loss, p.prior_strength] {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    body.push(p.weighting.code());
+    body.extend_from_slice(&[0; 7]);
+    for n in [store.models.len(), store.tags.len(), store.queries.len(), 0] {
+        put_u32(&mut body, to_u32(n));
+    }
+    for m in &store.models {
+        put_str(&mut body, m);
+    }
+    for t in &store.tags {
+        put_str(&mut body, t);
+    }
+    for c in &store.model_totals {
+        put3(&mut body, *c);
+    }
+    for col in &store.counts {
+        for c in col {
+            put3(&mut body, *c);
+        }
+    }
+    for q in &store.queries {
+        put_str(&mut body, &q.id);
+        put_u32(&mut body, to_u32(q.tags.len()));
+        for &t in &q.tags {
+            put_u32(&mut body, t);
+        }
+        put_u32(&mut body, to_u32(q.judged.len()));
+        for &(m, c) in &q.judged {
+            put_u32(&mut body, m);
+            put3(&mut body, c);
+        }
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TRAILER_LEN);
+    out.extend_from_slice(MAGIC);
+    put_u32(&mut out, FORMAT_VERSION);
+    put_u32(&mut out, 0);
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body);
+    let crc = crc32fast::hash(&out);
+    put_u32(&mut out, crc);
+    out
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put3(out: &mut Vec<u8>, c: [u32; 3]) {
+    for v in c {
+        put_u32(out, v);
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_u32(out, to_u32(s.len()));
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Writes the store to `path` atomically: a temporary file in the same directory, fsync, rename
+/// over `path`, fsync of the directory. A crash leaves either the old file or the new one, never
+/// a partial one; on error the temporary file is removed.
+pub fn save(store: &Store, path: &Path) -> Result<()> {
+    let bytes = to_bytes(store);
+    write_atomic(path, &bytes)
+}
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| RouterError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| RouterError::invalid(format!("{}: not a file path", path.display())))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        // Best effort: the temporary may not exist if creating it is what failed.
+        let _ = fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    // Make the rename itself durable. Directories cannot be opened for fsync everywhere; the
+    // data is already safe in the file, so a failure here is not worth failing the save.
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+// ==== Reading ====
+
+/// Loads a store written by `save`.
+pub fn load(path: &Path) -> Result<Store> {
+    let bytes = fs::read(path).map_err(|source| RouterError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    from_bytes(&bytes).map_err(|reason| RouterError::StoreFormat {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// Parses a store from bytes; the error is a human-readable reason.
+pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Store, String> {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err("not a tagrouter store file (bad magic bytes)".into());
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(format!(
+            "truncated: {} bytes, shorter than the {HEADER_LEN}-byte header",
+            bytes.len()
+        ));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "store format version {version}, but this build of tagrouter_fast reads version {FORMAT_VERSION}; \
+             rebuild the store or use a matching tagrouter_fast"
+        ));
+    }
+    let body_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
+    let want = (HEADER_LEN + TRAILER_LEN) as u64 + body_len;
+    if (bytes.len() as u64) < want {
+        return Err(format!(
+            "truncated: the header announces {want} bytes, the file has {}",
+            bytes.len()
+        ));
+    }
+    if (bytes.len() as u64) > want {
+        return Err(format!(
+            "corrupt: {} trailing bytes after the store",
+            bytes.len() as u64 - want
+        ));
+    }
+    let end = bytes.len() - TRAILER_LEN;
+    let stored = u32::from_le_bytes(bytes[end..].try_into().unwrap_or_default());
+    if crc32fast::hash(&bytes[..end]) != stored {
+        return Err("corrupt: checksum mismatch".into());
+    }
+    parse_body(&bytes[HEADER_LEN..end]).map_err(|e| format!("corrupt: {e}"))
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len());
+        let end =
+            end.ok_or_else(|| format!("body ends early at byte {} (needed {n} more)", self.at))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+
+    fn f64(&mut self) -> std::result::Result<f64, String> {
+        let s = self.take(8)?;
+        let mut a = [0_u8; 8];
+        a.copy_from_slice(s);
+        Ok(f64::from_le_bytes(a))
+    }
+
+    fn three(&mut self) -> std::result::Result<[u32; 3], String> {
+        Ok([self.u32()?, self.u32()?, self.u32()?])
+    }
+
+    fn str(&mut self) -> std::result::Result<&'a str, String> {
+        let n = self.u32()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| "a name is not valid UTF-8".to_string())
+    }
+
+    fn index(&mut self, bound: usize, what: &str) -> std::result::Result<u32, String> {
+        let i = self.u32()?;
+        if (i as usize) < bound {
+            Ok(i)
+        } else {
+            Err(format!("{what} index {i} out of range (< {bound})"))
+        }
+    }
+}
+
+fn parse_body(b: &[u8]) -> std::result::Result<Store, String> {
+    let mut c = Cursor { b, at: 0 };
+    let (s_win, s_tie, s_loss, prior_strength) = (c.f64()?, c.f64()?, c.f64()?, c.f64()?);
+    let wcode = c.take(8)?[0];
+    let weighting =
+        Weighting::from_code(wcode).ok_or_else(|| format!("unknown weighting code {wcode}"))?;
+    let params = Params {
+        s_win,
+        s_tie,
+        s_loss,
+        weighting,
+        prior_strength,
+    };
+    params.validate().map_err(|e| e.to_string())?;
+    let (nm, nt, nq) = (c.u32()? as usize, c.u32()? as usize, c.u32()? as usize);
+    c.u32()?;
+    // Bound the allocations by what the body can hold, so a lying count cannot exhaust memory.
+    if nm.saturating_mul(nt).saturating_mul(12) > b.len() || nq.saturating_mul(12) > b.len() {
+        return Err("table sizes larger than the file".into());
+    }
+    let models: Vec<String> = (0..nm)
+        .map(|_| c.str().map(str::to_owned))
+        .collect::<Result<_, _>>()?;
+    let tags: Vec<Box<str>> = (0..nt)
+        .map(|_| c.str().map(Into::into))
+        .collect::<Result<_, _>>()?;
+    let model_index = index_of(&models);
+    let tag_index = index_of(&tags);
+    if model_index.len() != nm || tag_index.len() != nt {
+        return Err("duplicate model or tag names".into());
+    }
+    let model_totals: Vec<[u32; 3]> = (0..nm).map(|_| c.three()).collect::<Result<_, _>>()?;
+    let mut counts = Vec::with_capacity(nm);
+    for _ in 0..nm {
+        let raw = c.take(nt * 12)?;
+        counts.push(
+            raw.chunks_exact(12)
+                .map(|x| {
+                    let u = |i: usize| u32::from_le_bytes([x[i], x[i + 1], x[i + 2], x[i + 3]]);
+                    [u(0), u(4), u(8)]
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    let mut queries = Vec::with_capacity(nq);
+    for _ in 0..nq {
+        let id: Box<str> = c.str()?.into();
+        let k = c.u32()? as usize;
+        let tags: Box<[u32]> = (0..k)
+            .map(|_| c.index(nt, "tag"))
+            .collect::<Result<_, _>>()?;
+        if tags.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!(
+                "query {}: tag list not sorted and distinct",
+                pyrepr(&id)
+            ));
+        }
+        let j = c.u32()? as usize;
+        if j == 0 || j > nm {
+            return Err(format!("query {}: {j} judged models", pyrepr(&id)));
+        }
+        let judged = (0..j)
+            .map(|_| Ok((c.index(nm, "model")?, c.three()?)))
+            .collect::<std::result::Result<Vec<_>, String>>()?;
+        queries.push(Query { id, tags, judged });
+    }
+    if c.at != b.len() {
+        return Err(format!(
+            "{} unread bytes at the end of the body",
+            b.len() - c.at
+        ));
+    }
+    let query_index = index_of(&queries.iter().map(|q| &*q.id).collect::<Vec<_>>());
+    if query_index.len() != nq {
+        return Err("duplicate query ids".into());
+    }
+    let mut store = Store {
+        params,
+        models,
+        model_index,
+        tags,
+        tag_index,
+        queries,
+        query_index,
+        counts,
+        model_totals,
+        tag_queries: Vec::new(),
+        scores: Vec::new(),
+    };
+    store.recompute();
+    if store.n_tags() != nt {
+        return Err("tags carried by no query".into());
+    }
+    Ok(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{Outcome, Record};
+
+    fn store() -> Store {
+        let r = |q, tags, m, o| Record {
+            query_id: q,
+            tags,
+            model: m,
+            outcome: o,
+        };
+        Store::from_records(
+            Params::default(),
+            [
+                r("q1", &["a", "b"][..], "x", Outcome::Win),
+                r("q1", &["a", "b"][..], "y", Outcome::Tie),
+                r("q2", &["b"][..], "y", Outcome::Loss),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn round_trip_bytes() {
+        let s = store();
+        let back = from_bytes(&to_bytes(&s)).unwrap();
+        assert_eq!(back.models(), s.models());
+        assert_eq!(back.score_matrix(), s.score_matrix());
+        assert_eq!(to_bytes(&back), to_bytes(&s));
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_an_error() {
+        let bytes = to_bytes(&store());
+        for n in 0..bytes.len() {
+            assert!(from_bytes(&bytes[..n]).is_err(), "truncated to {n} bytes");
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            assert!(from_bytes(&b).is_err(), "flipped byte {i}");
+        }
+    }
+
+    #[test]
+    fn other_version_names_both_versions() {
+        let mut bytes = to_bytes(&store());
+        bytes[8] = 2;
+        let e = from_bytes(&bytes).unwrap_err();
+        assert!(e.contains("version 2") && e.contains("version 1"), "{e}");
+    }
+}

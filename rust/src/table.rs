@@ -1,0 +1,736 @@
+//! The TagScorer store: raw win/tie/loss counts per (tag, model), tag frequencies `count_t`, and
+//! the dense score matrix derived from them (paper 3.3).
+//!
+//! A store is a value: every update (`with_records`, `with_model`, `without_model`, `merged`)
+//! returns a new store, so readers (deciders, other threads) never see a half-applied update and
+//! need no lock. The raw data kept per training query (its tag set and per-model outcome counts)
+//! is what makes updates exact: `count_t` counts distinct queries, so adding or removing a model
+//! must know which queries remain judged by anyone.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasherDefault;
+
+use rustc_hash::FxHasher;
+
+use crate::error::{pyrepr, Result, RouterError};
+
+/// Hash map with the Fx hasher: tag lookups on the routing hot path hash short strings, where
+/// SipHash (std's default) costs several times more and DoS resistance buys nothing.
+pub type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+/// Hash set with the Fx hasher.
+pub type FxSet<K> = HashSet<K, BuildHasherDefault<FxHasher>>;
+
+// ==== Parameters ====
+
+/// Outcome of a model's answer against the reference (`M_LLM` in the paper).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Win = 0,
+    Tie = 1,
+    Loss = 2,
+}
+
+impl Outcome {
+    /// Parses the exact lower-case labels `win`, `tie`, `loss`.
+    pub fn parse(label: &str) -> Option<Self> {
+        match label {
+            "win" => Some(Self::Win),
+            "tie" => Some(Self::Tie),
+            "loss" => Some(Self::Loss),
+            _ => None,
+        }
+    }
+}
+
+/// How per-tag outcome counts become a score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weighting {
+    /// The paper's `w_t = (1 - exp(-count_t)) / sum_t' count_t'` times the summed outcome scores.
+    Paper,
+    /// `w_t = 1`: the summed outcome scores alone (the w_t ablation).
+    None,
+    /// Mean outcome score per (tag, model) shrunk towards the model's global mean with
+    /// pseudo-count `prior_strength`.
+    Shrunk,
+}
+
+impl Weighting {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "paper" => Some(Self::Paper),
+            "none" => Some(Self::None),
+            "shrunk" => Some(Self::Shrunk),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Paper => "paper",
+            Self::None => "none",
+            Self::Shrunk => "shrunk",
+        }
+    }
+
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Self::Paper => 0,
+            Self::None => 1,
+            Self::Shrunk => 2,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(Self::Paper),
+            1 => Some(Self::None),
+            2 => Some(Self::Shrunk),
+            _ => None,
+        }
+    }
+}
+
+/// Scoring parameters: outcome scores `s_r` and the weighting mode.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Params {
+    pub s_win: f64,
+    pub s_tie: f64,
+    pub s_loss: f64,
+    pub weighting: Weighting,
+    pub prior_strength: f64,
+}
+
+impl Default for Params {
+    /// The paper's defaults (3.3, F.2): `s_win = 1`, `s_tie = 0.15`, `s_loss = -1`.
+    fn default() -> Self {
+        Self {
+            s_win: 1.0,
+            s_tie: 0.15,
+            s_loss: -1.0,
+            weighting: Weighting::Paper,
+            prior_strength: 0.0,
+        }
+    }
+}
+
+impl Params {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("s_win", self.s_win),
+            ("s_tie", self.s_tie),
+            ("s_loss", self.s_loss),
+        ] {
+            if !v.is_finite() {
+                return Err(RouterError::invalid(format!(
+                    "{name} must be finite, got {v}"
+                )));
+            }
+        }
+        if !(self.prior_strength.is_finite() && self.prior_strength >= 0.0) {
+            return Err(RouterError::invalid(format!(
+                "prior_strength must be finite and >= 0, got {}",
+                self.prior_strength
+            )));
+        }
+        Ok(())
+    }
+
+    /// `sum_r counts[r] * s_r`, always in the order win, tie, loss (the reference sums the same
+    /// way, so both agree to the last bit).
+    #[inline]
+    pub fn outcome_sum(&self, c: [u32; 3]) -> f64 {
+        f64::from(c[0]) * self.s_win + f64::from(c[1]) * self.s_tie + f64::from(c[2]) * self.s_loss
+    }
+}
+
+// ==== The store ====
+
+/// One training query: its tag set and how often each model got each outcome on it.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub id: Box<str>,
+    /// Sorted, distinct tag indices.
+    pub tags: Box<[u32]>,
+    /// `(model index, [win, tie, loss])`, at most one entry per model.
+    pub judged: Vec<(u32, [u32; 3])>,
+}
+
+/// The tag-score store.
+#[derive(Debug, Clone, Default)]
+pub struct Store {
+    pub(crate) params: Params,
+    pub(crate) models: Vec<String>,
+    pub(crate) model_index: FxMap<Box<str>, u32>,
+    pub(crate) tags: Vec<Box<str>>,
+    pub(crate) tag_index: FxMap<Box<str>, u32>,
+    pub(crate) queries: Vec<Query>,
+    pub(crate) query_index: FxMap<Box<str>, u32>,
+    /// `counts[model][tag] = [win, tie, loss]` over the queries carrying the tag. Model-major so
+    /// adding or removing a model touches one vector.
+    pub(crate) counts: Vec<Vec<[u32; 3]>>,
+    /// Per model, outcome counts over records (each record once, whatever its number of tags):
+    /// the model's global mean for the "shrunk" weighting.
+    pub(crate) model_totals: Vec<[u32; 3]>,
+    /// `count_t`: distinct training queries carrying tag t. Derived from `queries`.
+    pub(crate) tag_queries: Vec<u32>,
+    /// `scores[tag * n_models + model]`. Derived.
+    pub(crate) scores: Vec<f64>,
+}
+
+impl Store {
+    /// An empty store with the given parameters.
+    pub fn new(params: Params) -> Result<Self> {
+        params.validate()?;
+        Ok(Self {
+            params,
+            ..Self::default()
+        })
+    }
+
+    pub fn params(&self) -> Params {
+        self.params
+    }
+
+    pub fn models(&self) -> &[String] {
+        &self.models
+    }
+
+    pub fn n_models(&self) -> usize {
+        self.models.len()
+    }
+
+    pub fn n_tags(&self) -> usize {
+        self.tags.len()
+    }
+
+    pub fn n_queries(&self) -> usize {
+        self.queries.len()
+    }
+
+    pub fn tag_names(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.tags.iter().map(AsRef::as_ref)
+    }
+
+    pub fn tag_name(&self, t: u32) -> &str {
+        &self.tags[t as usize]
+    }
+
+    /// Index of a tag by name; the routing hot path.
+    #[inline]
+    pub fn tag_id(&self, tag: &str) -> Option<u32> {
+        self.tag_index.get(tag).copied()
+    }
+
+    pub fn model_id(&self, model: &str) -> Option<u32> {
+        self.model_index.get(model).copied()
+    }
+
+    pub(crate) fn require_model(&self, model: &str) -> Result<u32> {
+        self.model_id(model)
+            .ok_or_else(|| RouterError::unknown_model(model, &self.models))
+    }
+
+    fn require_tag(&self, tag: &str) -> Result<u32> {
+        self.tag_id(tag)
+            .ok_or_else(|| RouterError::UnknownTag(tag.to_owned()))
+    }
+
+    /// The paper's `score(M, t)` (or the chosen weighting's).
+    pub fn score(&self, model: &str, tag: &str) -> Result<f64> {
+        let m = self.require_model(model)?;
+        let t = self.require_tag(tag)?;
+        Ok(self.scores[t as usize * self.models.len() + m as usize])
+    }
+
+    /// `[win, tie, loss]` counts of `model` on queries carrying `tag`.
+    pub fn counts(&self, model: &str, tag: &str) -> Result<[u32; 3]> {
+        let m = self.require_model(model)?;
+        let t = self.require_tag(tag)?;
+        Ok(self.counts[m as usize][t as usize])
+    }
+
+    /// `count_t`: how many distinct training queries carry `tag`.
+    pub fn tag_count(&self, tag: &str) -> Result<u32> {
+        Ok(self.tag_queries[self.require_tag(tag)? as usize])
+    }
+
+    /// Per-model outcome counts over records.
+    pub fn model_totals(&self, model: &str) -> Result<[u32; 3]> {
+        Ok(self.model_totals[self.require_model(model)? as usize])
+    }
+
+    /// The dense score matrix, `[tag * n_models + model]`.
+    pub fn score_matrix(&self) -> &[f64] {
+        &self.scores
+    }
+
+    pub fn queries(&self) -> &[Query] {
+        &self.queries
+    }
+
+    /// Number of outcome records the store was built from.
+    pub fn n_records(&self) -> u64 {
+        self.model_totals
+            .iter()
+            .flatten()
+            .map(|&c| u64::from(c))
+            .sum()
+    }
+
+    // ---- updates (each returns a new store) ----
+
+    /// Builds a store from outcome records.
+    pub fn from_records<'a, I>(params: Params, records: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = Record<'a>>,
+    {
+        let mut store = Self::new(params)?;
+        let mut ingest = Ingest::new(&mut store);
+        for r in records {
+            for t in r.tags {
+                ingest.tag(t);
+            }
+            ingest.finish_record(r.query_id, r.model, r.outcome)?;
+        }
+        ingest.finish();
+        Ok(store)
+    }
+
+    /// This store plus more records (for existing or new models).
+    pub fn with_records<'a, I>(&self, records: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = Record<'a>>,
+    {
+        let mut store = self.clone();
+        let mut ingest = Ingest::new(&mut store);
+        for r in records {
+            for t in r.tags {
+                ingest.tag(t);
+            }
+            ingest.finish_record(r.query_id, r.model, r.outcome)?;
+        }
+        ingest.finish();
+        Ok(store)
+    }
+
+    /// The same counts scored with other parameters.
+    pub fn reweighted(&self, params: Params) -> Result<Self> {
+        params.validate()?;
+        let mut store = self.clone();
+        store.params = params;
+        store.recompute();
+        Ok(store)
+    }
+
+    /// This store without `model`: its counts go, and so do the queries only it was judged on
+    /// (they no longer count towards `count_t`), and tags left on no query.
+    pub fn without_model(&self, model: &str) -> Result<Self> {
+        let m = self.require_model(model)?;
+        if self.models.len() == 1 {
+            return Err(RouterError::invalid(format!(
+                "cannot remove {}: it is the only model (a store needs at least one)",
+                pyrepr(model)
+            )));
+        }
+        let mut store = self.clone();
+        store.models.remove(m as usize);
+        store.counts.remove(m as usize);
+        store.model_totals.remove(m as usize);
+        store.model_index = index_of(&store.models);
+        for q in &mut store.queries {
+            q.judged.retain(|&(j, _)| j != m);
+            for (j, _) in &mut q.judged {
+                if *j > m {
+                    *j -= 1;
+                }
+            }
+        }
+        if store.queries.iter().any(|q| q.judged.is_empty()) {
+            store.queries.retain(|q| !q.judged.is_empty());
+            store.query_index = store
+                .queries
+                .iter()
+                .enumerate()
+                .map(|(i, q)| (q.id.clone(), to_u32(i)))
+                .collect();
+        }
+        store.recompute();
+        Ok(store)
+    }
+
+    /// Counts of both stores added up (as if built from both record sets, `self`'s first);
+    /// parameters are `self`'s.
+    pub fn merged(&self, other: &Store) -> Result<Self> {
+        let mut store = self.clone();
+        let model_map: Vec<u32> = other.models.iter().map(|m| store.intern_model(m)).collect();
+        let tag_map: Vec<u32> = other.tags.iter().map(|t| store.intern_tag(t)).collect();
+        let mut scratch: Vec<u32> = Vec::new();
+        for q in &other.queries {
+            scratch.clear();
+            scratch.extend(q.tags.iter().map(|&t| tag_map[t as usize]));
+            scratch.sort_unstable();
+            let qi = store.find_or_add_query(&q.id, &scratch)?;
+            let entry = &mut store.queries[qi as usize];
+            for &(m, c) in &q.judged {
+                add_judged(&mut entry.judged, model_map[m as usize], c);
+            }
+        }
+        for (om, col) in other.counts.iter().enumerate() {
+            let target = &mut store.counts[model_map[om] as usize];
+            for (ot, c) in col.iter().enumerate() {
+                add3(&mut target[tag_map[ot] as usize], *c);
+            }
+            add3(
+                &mut store.model_totals[model_map[om] as usize],
+                other.model_totals[om],
+            );
+        }
+        store.recompute();
+        Ok(store)
+    }
+
+    // ---- internals ----
+
+    fn intern_model(&mut self, model: &str) -> u32 {
+        if let Some(&m) = self.model_index.get(model) {
+            return m;
+        }
+        let m = to_u32(self.models.len());
+        self.models.push(model.to_owned());
+        self.model_index.insert(model.into(), m);
+        self.counts.push(vec![[0; 3]; self.tags.len()]);
+        self.model_totals.push([0; 3]);
+        m
+    }
+
+    fn intern_tag(&mut self, tag: &str) -> u32 {
+        if let Some(&t) = self.tag_index.get(tag) {
+            return t;
+        }
+        let t = to_u32(self.tags.len());
+        self.tags.push(tag.into());
+        self.tag_index.insert(tag.into(), t);
+        for col in &mut self.counts {
+            col.push([0; 3]);
+        }
+        t
+    }
+
+    /// Index of query `id`, adding it with `tags` (sorted, distinct) when new; an existing query
+    /// must carry the same tag set.
+    fn find_or_add_query(&mut self, id: &str, tags: &[u32]) -> Result<u32> {
+        if let Some(&q) = self.query_index.get(id) {
+            let known = &self.queries[q as usize].tags;
+            if **known != *tags {
+                return Err(self.conflicting_tags(id, known, tags));
+            }
+            return Ok(q);
+        }
+        let q = to_u32(self.queries.len());
+        self.queries.push(Query {
+            id: id.into(),
+            tags: tags.into(),
+            judged: Vec::new(),
+        });
+        self.query_index.insert(id.into(), q);
+        Ok(q)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn conflicting_tags(&self, id: &str, known: &[u32], new: &[u32]) -> RouterError {
+        let names = |ids: &[u32]| -> Vec<&str> { ids.iter().map(|&t| self.tag_name(t)).collect() };
+        RouterError::inconsistent(format!(
+            "query {} appears with two different tag sets: {:?} and {:?}",
+            pyrepr(id),
+            names(known),
+            names(new)
+        ))
+    }
+
+    /// Recomputes everything derived from the raw data: `count_t`, drops tags on no query, and
+    /// the score matrix. Called after every update.
+    pub(crate) fn recompute(&mut self) {
+        let mut tq = vec![0_u32; self.tags.len()];
+        for q in &self.queries {
+            for &t in &q.tags {
+                tq[t as usize] += 1;
+            }
+        }
+        if tq.contains(&0) {
+            self.drop_unused_tags(&tq);
+            tq.retain(|&c| c > 0);
+        }
+        self.tag_queries = tq;
+        self.compute_scores();
+    }
+
+    fn drop_unused_tags(&mut self, tq: &[u32]) {
+        let mut remap = vec![u32::MAX; tq.len()];
+        let mut next = 0_u32;
+        for (t, &c) in tq.iter().enumerate() {
+            if c > 0 {
+                remap[t] = next;
+                next += 1;
+            }
+        }
+        let keep = |t: usize| tq[t] > 0;
+        let mut i = 0;
+        self.tags.retain(|_| {
+            i += 1;
+            keep(i - 1)
+        });
+        self.tag_index = index_of(&self.tags);
+        for col in &mut self.counts {
+            let mut i = 0;
+            col.retain(|_| {
+                i += 1;
+                keep(i - 1)
+            });
+        }
+        for q in &mut self.queries {
+            // Remapping is monotone, so the tag list stays sorted.
+            q.tags = q.tags.iter().map(|&t| remap[t as usize]).collect();
+        }
+    }
+
+    fn compute_scores(&mut self) {
+        let p = self.params;
+        let nm = self.models.len();
+        let nt = self.tags.len();
+        let mut scores = vec![0.0_f64; nt * nm];
+        match p.weighting {
+            Weighting::Paper | Weighting::None => {
+                // The paper's denominator runs over all tags of the store.
+                let total: f64 = self.tag_queries.iter().map(|&c| f64::from(c)).sum();
+                for (t, row) in scores.chunks_exact_mut(nm.max(1)).enumerate().take(nt) {
+                    let w = match p.weighting {
+                        Weighting::Paper => (1.0 - (-f64::from(self.tag_queries[t])).exp()) / total,
+                        _ => 1.0,
+                    };
+                    for (m, s) in row.iter_mut().enumerate() {
+                        *s = w * p.outcome_sum(self.counts[m][t]);
+                    }
+                }
+            }
+            Weighting::Shrunk => {
+                let k = p.prior_strength;
+                let mu: Vec<f64> = self
+                    .model_totals
+                    .iter()
+                    .map(|&c| {
+                        let n = f64::from(c[0]) + f64::from(c[1]) + f64::from(c[2]);
+                        if n > 0.0 {
+                            p.outcome_sum(c) / n
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                for (t, row) in scores.chunks_exact_mut(nm.max(1)).enumerate().take(nt) {
+                    for (m, s) in row.iter_mut().enumerate() {
+                        let c = self.counts[m][t];
+                        let n = f64::from(c[0]) + f64::from(c[1]) + f64::from(c[2]);
+                        let denom = n + k;
+                        // With no evidence and no prior the mean is undefined; its limit as the
+                        // prior vanishes is the model's global mean.
+                        *s = if denom > 0.0 {
+                            (p.outcome_sum(c) + k * mu[m]) / denom
+                        } else {
+                            mu[m]
+                        };
+                    }
+                }
+            }
+        }
+        self.scores = scores;
+    }
+}
+
+// ==== Ingesting records ====
+
+/// One outcome record: `(query_id, tags, model, outcome)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub query_id: &'a str,
+    pub tags: &'a [&'a str],
+    pub model: &'a str,
+    pub outcome: Outcome,
+}
+
+/// Streams records into a store without materialising them: `tag()` for each tag of a record,
+/// then `finish_record()`. Used by the Python glue to read records straight from Python objects.
+/// On error the store is left half-updated; callers ingest into a clone and drop it on error.
+pub struct Ingest<'s> {
+    store: &'s mut Store,
+    buf: Vec<u32>,
+}
+
+impl<'s> Ingest<'s> {
+    pub fn new(store: &'s mut Store) -> Self {
+        Self {
+            store,
+            buf: Vec::with_capacity(16),
+        }
+    }
+
+    /// Adds one tag to the record being read.
+    #[inline]
+    pub fn tag(&mut self, tag: &str) {
+        let t = self.store.intern_tag(tag);
+        self.buf.push(t);
+    }
+
+    /// Completes the record: the tags pushed since the last record, `query_id`, `model`, `outcome`.
+    pub fn finish_record(&mut self, query_id: &str, model: &str, outcome: Outcome) -> Result<()> {
+        self.buf.sort_unstable();
+        self.buf.dedup();
+        let m = self.store.intern_model(model);
+        let q = self.store.find_or_add_query(query_id, &self.buf)?;
+        let mut one = [0_u32; 3];
+        one[outcome as usize] = 1;
+        add_judged(&mut self.store.queries[q as usize].judged, m, one);
+        let col = &mut self.store.counts[m as usize];
+        for &t in &self.buf {
+            col[t as usize][outcome as usize] += 1;
+        }
+        self.store.model_totals[m as usize][outcome as usize] += 1;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Discards the tags pushed for a record that will not be finished.
+    pub fn abandon_record(&mut self) {
+        self.buf.clear();
+    }
+
+    /// Recomputes the derived tables; the store is ready to use.
+    pub fn finish(self) {
+        self.store.recompute();
+    }
+}
+
+fn add_judged(judged: &mut Vec<(u32, [u32; 3])>, m: u32, c: [u32; 3]) {
+    if let Some((_, have)) = judged.iter_mut().find(|(j, _)| *j == m) {
+        add3(have, c);
+    } else {
+        judged.push((m, c));
+    }
+}
+
+#[inline]
+fn add3(a: &mut [u32; 3], b: [u32; 3]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+pub(crate) fn index_of<S: AsRef<str>>(names: &[S]) -> FxMap<Box<str>, u32> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_ref().into(), to_u32(i)))
+        .collect()
+}
+
+/// Tables index with u32 to halve their memory; more than 4 billion tags or queries is out of
+/// scope, so overflowing is a bug, not an input error.
+#[inline]
+pub(crate) fn to_u32(i: usize) -> u32 {
+    u32::try_from(i).expect("table larger than u32::MAX entries")
+}
+
+#[cfg(test)]
+// Exact float equality is what these tests check: same data, same operations, same bits.
+#[allow(clippy::float_cmp)]
+mod tests {
+    use super::*;
+
+    fn rec<'a>(q: &'a str, tags: &'a [&'a str], m: &'a str, o: Outcome) -> Record<'a> {
+        Record {
+            query_id: q,
+            tags,
+            model: m,
+            outcome: o,
+        }
+    }
+
+    #[test]
+    fn paper_formula_by_hand() {
+        let recs = [
+            rec("q1", &["a", "b"], "big", Outcome::Tie),
+            rec("q1", &["a", "b"], "small", Outcome::Win),
+            rec("q2", &["a"], "small", Outcome::Loss),
+        ];
+        let s = Store::from_records(Params::default(), recs).unwrap();
+        // count_a = 2 queries, count_b = 1; denominator = 3.
+        assert_eq!(s.tag_count("a").unwrap(), 2);
+        assert_eq!(s.tag_count("b").unwrap(), 1);
+        let w_a = (1.0 - (-2.0_f64).exp()) / 3.0;
+        let w_b = (1.0 - (-1.0_f64).exp()) / 3.0;
+        assert!((s.score("small", "a").unwrap() - w_a * (1.0 - 1.0)).abs() < 1e-15);
+        assert!((s.score("big", "a").unwrap() - w_a * 0.15).abs() < 1e-15);
+        assert!((s.score("small", "b").unwrap() - w_b).abs() < 1e-15);
+        assert_eq!(s.counts("small", "a").unwrap(), [1, 0, 1]);
+    }
+
+    #[test]
+    fn duplicate_tags_in_a_record_count_once() {
+        let s = Store::from_records(
+            Params::default(),
+            [rec("q", &["a", "a"], "m", Outcome::Win)],
+        )
+        .unwrap();
+        assert_eq!(s.counts("m", "a").unwrap(), [1, 0, 0]);
+        assert_eq!(s.tag_count("a").unwrap(), 1);
+    }
+
+    #[test]
+    fn conflicting_tag_sets_are_an_error() {
+        let err = Store::from_records(
+            Params::default(),
+            [
+                rec("q", &["a"], "m", Outcome::Win),
+                rec("q", &["b"], "n", Outcome::Win),
+            ],
+        )
+        .unwrap_err();
+        assert!(matches!(err, RouterError::Inconsistent(_)), "{err}");
+    }
+
+    #[test]
+    fn remove_model_drops_orphan_queries_and_tags() {
+        let recs = [
+            rec("q1", &["a"], "x", Outcome::Win),
+            rec("q1", &["a"], "y", Outcome::Loss),
+            rec("q2", &["b"], "y", Outcome::Win),
+        ];
+        let s = Store::from_records(Params::default(), recs).unwrap();
+        let r = s.without_model("y").unwrap();
+        let direct = Store::from_records(Params::default(), [recs[0]]).unwrap();
+        assert_eq!(r.models(), direct.models());
+        assert_eq!(r.n_tags(), 1);
+        assert_eq!(r.score("x", "a").unwrap(), direct.score("x", "a").unwrap());
+        assert!(matches!(r.score("x", "b"), Err(RouterError::UnknownTag(_))));
+    }
+
+    #[test]
+    fn shrunk_weighting() {
+        let p = Params {
+            weighting: Weighting::Shrunk,
+            prior_strength: 2.0,
+            ..Params::default()
+        };
+        let recs = [
+            rec("q1", &["a"], "m", Outcome::Win),
+            rec("q2", &["b"], "m", Outcome::Loss),
+            rec("q3", &["b"], "m", Outcome::Loss),
+            rec("q3", &["b"], "n", Outcome::Tie),
+        ];
+        let s = Store::from_records(p, recs).unwrap();
+        let mu_m = (1.0 - 2.0) / 3.0;
+        assert!((s.score("m", "a").unwrap() - (1.0 + 2.0 * mu_m) / 3.0).abs() < 1e-15);
+        // n has no evidence on "a": the prior alone, i.e. its global mean.
+        assert!((s.score("n", "a").unwrap() - 0.15).abs() < 1e-15);
+    }
+}

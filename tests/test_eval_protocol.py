@@ -1,0 +1,176 @@
+"""Cross-validation protocol: folds, no leakage, end-to-end on a synthetic table, CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tagrouter_fast.data import load_table
+from tagrouter_fast.eval.cli import build_result, main
+from tagrouter_fast.eval.features import Features
+from tagrouter_fast.eval.methods import (
+    Fitted,
+    Method,
+    QueryFeatures,
+    TagConfig,
+    default_methods,
+    fit_knn,
+    fit_prior,
+    fit_random,
+    fit_tagrouter,
+)
+from tagrouter_fast.eval.protocol import PoolData, evaluate, stratified_folds, summarize
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
+
+
+def test_folds_partition_and_stratify():
+    strata = ["a"] * 50 + ["b"] * 23 + ["c"] * 7
+    folds = stratified_folds(strata, 5, seed=3)
+    allrows = np.concatenate(folds)
+    assert sorted(allrows.tolist()) == list(range(80))
+    sizes = [len(f) for f in folds]
+    assert max(sizes) - min(sizes) <= 1
+    for s in "abc":
+        per = [sum(strata[i] == s for i in f) for f in folds]
+        assert max(per) - min(per) <= 1
+    assert [f.tolist() for f in folds] == [f.tolist() for f in stratified_folds(strata, 5, seed=3)]
+    assert [f.tolist() for f in folds] != [f.tolist() for f in stratified_folds(strata, 5, seed=4)]
+
+
+def _synthetic(tmp_path: Path, n: int = 300, seed: int = 0) -> tuple[Path, Features]:
+    """A table where the tag says which model to use.
+
+    "hard" queries: only big is accepted; "easy": both; "odd": only small; "none": neither.
+    Embeddings carry the same information (one direction per kind) plus noise.
+    """
+    rng = np.random.default_rng(seed)
+    kinds = rng.choice(["hard", "easy", "odd", "none"], size=n, p=[0.3, 0.3, 0.1, 0.3])
+    q = ["query_id,query_text,subset"]
+    o = ["query_id,model,outcome,cost_usd"]
+    table = {"hard": ("win", "loss"), "easy": ("tie", "win"), "odd": ("loss", "win"), "none": ("loss", "loss")}
+    for i, k in enumerate(kinds):
+        q.append(f"q{i},text {i},{'s' + str(i % 3)}")
+        big, small = table[k]
+        # Label noise so that nothing is perfectly separable.
+        if rng.random() < 0.1:
+            big, small = small, big
+        o.append(f"q{i},big,{big},0.01")
+        if i != 5:  # one missing pair: q5 has no outcome for small
+            o.append(f"q{i},small,{small},0.001")
+    (tmp_path / "queries.csv").write_text("\n".join(q) + "\n")
+    (tmp_path / "outcomes.csv").write_text("\n".join(o) + "\n")
+    dirs = {k: rng.normal(size=16) for k in table}
+    emb = np.stack([dirs[k] + 0.5 * rng.normal(size=16) for k in kinds]).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    tags = [[k.capitalize(), f"Topic {rng.integers(0, 5)}"] for k in kinds]
+    return tmp_path, Features(emb=emb, tags=tags, tag_emb=emb.copy(), encoder="test", tagger="test")
+
+
+def _light_methods():
+    cfg = TagConfig(normalize=False, align=False)
+    return [
+        Method("random", "reference", fit_random),
+        Method("prior", "baseline", fit_prior),
+        Method("RouterBench-KNN", "baseline", fit_knn),
+        Method("TagRouter", "tagrouter", lambda t, s: fit_tagrouter(t, s, cfg)),
+        Method(
+            "TagRouter+",
+            "tagrouter",
+            lambda t, s: fit_tagrouter(
+                t, s, TagConfig(normalize=False, align=False, weighting="shrunk", prior_strength=2.0, theta=None)
+            ),
+        ),
+    ]
+
+
+def test_fit_sees_only_training_queries(tmp_path):
+    d, feats = _synthetic(tmp_path, n=120)
+    table = load_table(d)
+    pool = PoolData.build(table, ["big", "small"], "big", feats)
+    seen: list[tuple[set, set]] = []
+
+    class Spy(Fitted):
+        def __init__(self, train_ids):
+            self.train_ids = train_ids
+
+        def route(self, x: QueryFeatures):
+            # The routed queries arrive without labels, by type.
+            assert not hasattr(x, "acc") and not hasattr(x, "codes")
+            seen.append((self.train_ids, set(x.query_ids)))
+            return np.zeros(len(x.query_ids)), np.ones(len(x.query_ids), dtype=int)
+
+    res = evaluate(pool, [Method("spy", "baseline", lambda t, s: Spy(set(t.query_ids)))], folds=4, inner_folds=2)
+    assert len(res["spy"]) == 4
+    # Every route call (outer test folds and inner operating-point folds) is disjoint from the
+    # queries its router was fitted on.
+    assert seen and all(not (tr & te) for tr, te in seen)
+    outer = [te for tr, te in seen if len(te) >= 25]
+    assert set().union(*outer) == set(pool.train_all.query_ids)
+    # The query with a missing pair is dropped, not scored as a loss.
+    assert pool.dropped == ["q5"]
+
+
+def test_end_to_end_synthetic_tagrouter_learns(tmp_path):
+    d, feats = _synthetic(tmp_path)
+    res = build_result(
+        d, models=["big", "small"], folds=3, seeds=[0, 1], methods=_light_methods(), n_boot=200,
+        progress=False, features=feats,
+    )
+    m = res["methods"]
+    assert res["llm"] == "big" and res["n_queries"] == 299 and res["folds"] == 3
+    for name in ("TagRouter", "TagRouter+", "prior", "oracle", "big", "small"):
+        assert name in m
+    for key in ("ar", "uplift", "cost", "relative_cost", "rank", "auc", "pauc", "apgr", "cpt50", "aiq"):
+        assert key in m["TagRouter"] and f"{key}_std" in m["TagRouter"]
+    # Tags determine the best model here: TagRouter clearly beats the no-information router.
+    assert m["TagRouter"]["auc"] > m["prior"]["auc"] + 0.05
+    d_auc = m["TagRouter+"]["delta_auc_vs_best_baseline"]
+    assert d_auc["ci95"][0] <= d_auc["mean"] <= d_auc["ci95"][1]
+    assert m["oracle"]["auc"] >= max(v["auc"] or 0 for v in m.values())
+    # Its operating point beats always-big at a lower cost.
+    assert m["TagRouter"]["ar"] > m["big"]["ar"] and m["TagRouter"]["relative_cost"] < 1
+
+
+def test_cli_writes_json_and_plot(tmp_path, monkeypatch):
+    d, feats = _synthetic(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path)
+    import tagrouter_fast.eval.cli as cli
+
+    monkeypatch.setattr(cli, "_methods", lambda names, ablation: _light_methods())
+    monkeypatch.setattr("tagrouter_fast.eval.features.compute_features", lambda texts: feats)
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["--data", str(d), "--models", "big,small", "--folds", "3", "--json", str(out),
+               "--plot", str(png), "--no-progress", "--bootstrap", "50"])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert set(r) >= {"data", "models", "llm", "folds", "methods"}
+    assert png.stat().st_size > 1000
+
+
+def test_default_registry_names():
+    names = [m.name for m in default_methods()]
+    for n in ("TagRouter", "TagRouter-theta*", "TagRouter+", "RouteLLM-MF", "RouterBench-KNN",
+              "RouterBench-MLP", "FORC-style", "RouteLLM-MF w/ tags", "prior", "random"):
+        assert n in names
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.data
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data absent at {DATA}")
+def test_real_pool_end_to_end():
+    want = {"prior", "RouterBench-KNN", "TagRouter", "TagRouter+"}
+    methods = [m for m in default_methods() if m.name in want]
+    res = build_result(DATA, pool="pair-api", folds=2, methods=methods, n_boot=100, progress=False)
+    m = res["methods"]
+    assert res["n_queries"] == 805
+    assert abs(m["claude-2"]["ar"] - 0.183) < 0.01
+    for name in want:
+        assert 0.0 < m[name]["auc"] < 1.0
+    # The oracle bounds every router.
+    assert all(m["oracle"]["auc"] >= m[n]["auc"] for n in want)
+    assert Counter(k for k in m)["TagRouter"] == 1

