@@ -58,6 +58,9 @@ TOKENIZER_FILES = (
     "config.json",
 )
 DTYPES = ("fp32", "fp16", "int8")
+# Bump when the exported graph or manifest changes meaning; cached test/bench exports are keyed on
+# it (and on library versions), so cosmetic edits to this file do not force a re-export.
+EXPORT_VERSION = 1
 # Python's int64 max, used as "to the end" in ONNX Slice.
 _INT64_MAX = (1 << 63) - 1
 
@@ -74,9 +77,8 @@ def _last_position_logits(model: Any) -> None:
     Raises:
         ValueError: The graph has no ``logits`` output produced by a MatMul (not a decoder export).
     """
-    from onnx import TensorProto, helper, numpy_helper
-
     import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
@@ -121,7 +123,7 @@ def _last_position_logits(model: Any) -> None:
     # Topological order: the slice goes right before the head, argmax after it.
     nodes = list(g.node)
     idx = nodes.index(head)
-    nodes[idx:idx + 1] = [slice_node, head, argmax, squeeze]
+    nodes[idx : idx + 1] = [slice_node, head, argmax, squeeze]
     del g.node[:]
     g.node.extend(nodes)
     for out in g.output:
@@ -129,7 +131,9 @@ def _last_position_logits(model: Any) -> None:
             dims = out.type.tensor_type.shape.dim
             dims[1].ClearField("dim_param")
             dims[1].dim_value = 1
-    g.output.insert(1, helper.make_tensor_value_info("next_token", TensorProto.INT64, ["batch_size"]))
+    g.output.insert(
+        1, helper.make_tensor_value_info("next_token", TensorProto.INT64, ["batch_size"])
+    )
 
 
 def _materialize_head_weight(model: Any) -> None:
@@ -379,6 +383,7 @@ def export_generator(
         pad_token_id=_pad_id(model_dir, cfg, eos),
         chat_template=template,
         chat_format="chatml" if chatml_ok else "unknown",
+        export_version=EXPORT_VERSION,
     )
     return out
 

@@ -19,6 +19,19 @@ GPU box::
     export PYTHONPATH=/tmp/site   # onnxruntime-gpu, see ../shared/gpu/README.md
     python export/gpu_bench.py
 
+The box has torch but (probably) not transformers/optimum; their cp312 wheels are ~28 MB, so they
+fit in one transfer. Here::
+
+    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 --platform any -d .gpuwheels \
+      transformers==4.57.6 optimum==2.1.0 optimum-onnx==0.1.0 onnx==1.23.2 tokenizers==0.22.2 \
+      huggingface-hub==0.36.2 safetensors==0.8.0 regex ml_dtypes protobuf pyyaml requests \
+      urllib3 idna certifi charset-normalizer tqdm packaging
+
+and there: ``pip install -q --no-index --no-deps --target /tmp/site .gpuwheels/*.whl``. The
+script lists any module it cannot import before doing anything else.
+
 Here (CPU, a tiny model, seconds)::
 
     python export/gpu_bench.py --device cpu --tiny
@@ -36,8 +49,9 @@ import tempfile
 import time
 import traceback
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "export"))
@@ -98,12 +112,19 @@ def _timeit(fn: Callable[[], Any], reps: int, warmup: int, sync: Callable[[], No
 
 
 def _queries(n: int, tok: Any, gen: Any, target_tokens: int) -> list[str]:
-    """``n`` queries whose full prompts are close to ``target_tokens`` tokens."""
+    """``n`` distinct queries whose full prompts are about ``target_tokens`` tokens long."""
+
+    def length(q: str) -> int:
+        return len(tok.encode(gen.render_chatml(gen.build_messages(q))).ids)
+
     out = []
     for i in range(n):
-        q = QUERIES[i % len(QUERIES)] + f" (case {i})"
-        while len(tok.encode(gen.render_chatml(gen.build_messages(q))).ids) < target_tokens:
-            q += " Please be specific."
+        words = (QUERIES[i % len(QUERIES)] + " Please be specific and concise.").split()
+        q = f"Case {i}:"
+        k = 0
+        while length(q) < target_tokens:
+            q += " " + words[k % len(words)]
+            k += 1
         out.append(q)
     return out
 
@@ -119,17 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--work", default=None, help="where models are built (default: a temp dir)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--json-name", default="gpu_bench.json", help="result file name in --out")
     ap.add_argument(
         "--skip", default="", help="comma list of paths to skip: ort,ort-noprefix,eager,compiled"
     )
     args = ap.parse_args(argv)
 
+    import importlib.util
+
+    need = ("numpy", "torch", "transformers", "optimum", "onnx", "onnxruntime", "tokenizers")
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"missing modules: {missing} (see this script's docstring)")
+
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM
-
-    from tiny_qwen2 import make_qwen25_05b_shape, make_tiny_qwen2
     from generator import export_generator
+    from tiny_qwen2 import make_qwen25_05b_shape, make_tiny_qwen2
+    from transformers import AutoModelForCausalLM
 
     gen = _import_runtime()
     import onnxruntime as ort
@@ -172,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
 
     def record(path: str, batch: int, stats: dict, **extra: Any) -> None:
-        row = {"path": path, "batch": batch, **stats, "ms_per_query": stats["p50_ms"] / batch, **extra}
+        row = {
+            "path": path,
+            "batch": batch,
+            **stats,
+            "ms_per_query": stats["p50_ms"] / batch,
+            **extra,
+        }
         results["runs"].append(row)
         print(json.dumps(row), flush=True)
 
@@ -205,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                 qs = qs_all[:b]
                 got = tagger.generate_ids(qs)
                 assert all(len(g) == args.new_tokens for g in got)
-                stats = _timeit(lambda: tagger.generate_ids(qs), args.reps, args.warmup, sync)
-                record(path, b, stats, device=tagger.device, prefix_hits=tagger.stats["prefix_hits"])
+                stats = _timeit(
+                    lambda t=tagger, q=qs: t.generate_ids(q), args.reps, args.warmup, sync
+                )
+                record(
+                    path, b, stats, device=tagger.device, prefix_hits=tagger.stats["prefix_hits"]
+                )
                 if b == 1:
                     results.setdefault("ort_tokens_b1", got[0])
                 del tagger
@@ -241,9 +279,12 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.inference_mode():
                     out = model.generate(**enc, **gen_kwargs)
                     if b == 1:
-                        results["eager_tokens_b1"] = out[0, enc["input_ids"].shape[1]:].tolist()
+                        results["eager_tokens_b1"] = out[0, enc["input_ids"].shape[1] :].tolist()
                     stats = _timeit(
-                        lambda: model.generate(**enc, **gen_kwargs), args.reps, args.warmup, sync
+                        lambda e=enc: model.generate(**e, **gen_kwargs),
+                        args.reps,
+                        args.warmup,
+                        sync,
                     )
                 record("torch-eager", b, stats)
         except Exception as e:
@@ -252,16 +293,31 @@ def main(argv: list[str] | None = None) -> int:
 
     if "compiled" not in skip:
         try:
-            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            if cuda:
+                # transformers compiles the forward itself for a static cache on CUDA (CUDA graphs
+                # through inductor's "reduce-overhead"); compiling it again here would nest.
+                from transformers import CompileConfig
+
+                static_kw = dict(
+                    cache_implementation="static",
+                    compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"),
+                )
+            else:
+                # Its auto-compile is CUDA-only, so compile by hand for the CPU smoke test.
+                model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+                static_kw = dict(cache_implementation="static", disable_compile=True)
             for b in batches:
                 enc = encode(b)
-                kw = dict(gen_kwargs, cache_implementation="static")
+                kw = dict(gen_kwargs, **static_kw)
                 with torch.inference_mode():
                     tc = time.perf_counter()
                     model.generate(**enc, **kw)  # compiles
                     compile_s = time.perf_counter() - tc
                     stats = _timeit(
-                        lambda: model.generate(**enc, **kw), args.reps, max(args.warmup, 3), sync
+                        lambda e=enc, k=kw: model.generate(**e, **k),
+                        args.reps,
+                        max(args.warmup, 3),
+                        sync,
                     )
                 record("torch-compiled", b, stats, first_call_s=compile_s)
         except Exception as e:
@@ -271,17 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     if "ort_tokens_b1" in results and "eager_tokens_b1" in results:
         a, e = results["ort_tokens_b1"], results["eager_tokens_b1"]
         results["ort_vs_eager_same_prefix_tokens"] = next(
-            (i for i, (x, y) in enumerate(zip(a, e)) if x != y), min(len(a), len(e))
+            (i for i, (x, y) in enumerate(zip(a, e, strict=False)) if x != y), min(len(a), len(e))
         )
 
-    (out_dir / "gpu_bench.json").write_text(json.dumps(results, indent=2, default=str))
+    (out_dir / args.json_name).write_text(json.dumps(results, indent=2, default=str))
     print()
     print(f"{'path':<16}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'ms/query':>10}")
     for r in results["runs"]:
-        print(f"{r['path']:<16}{r['batch']:>6}{r['p50_ms']:>10.1f}{r['p90_ms']:>10.1f}{r['ms_per_query']:>10.2f}")
+        print(
+            f"{r['path']:<16}{r['batch']:>6}{r['p50_ms']:>10.1f}{r['p90_ms']:>10.1f}{r['ms_per_query']:>10.2f}"
+        )
     if results["errors"]:
         print("errors in:", ", ".join(results["errors"]))
-    print(f"wrote {out_dir / 'gpu_bench.json'}")
+    print(f"wrote {out_dir / args.json_name}")
     _ = np  # numpy is imported early so a broken install fails before the long export
     return 0
 

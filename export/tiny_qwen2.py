@@ -1,9 +1,9 @@
 """Build a tiny, randomly initialised Qwen2 causal LM and a locally trained tokenizer.
 
-Tests and benches need a real Qwen2 checkpoint directory to export and compare against, and no model
-hub is reachable. Everything here is built from scratch, deterministically from ``seed``: a byte-level
-BPE trained on a few sentences (so any text tokenizes), the ChatML special tokens the TagGenerator
-uses, a Qwen2.5-style chat template, and a ``Qwen2ForCausalLM`` with random weights.
+Tests and benches need a real Qwen2 checkpoint directory to export and compare against, and no
+model hub is reachable. Everything here is built from scratch, deterministically from ``seed``: a
+byte-level BPE trained on a few sentences (so any text tokenizes), the ChatML special tokens the
+TagGenerator uses, a Qwen2.5-style chat template, and a ``Qwen2ForCausalLM`` with random weights.
 
 Needs torch, transformers and tokenizers (the ``export`` extra).
 """
@@ -198,7 +198,7 @@ def _versions(*dists: str) -> str:
 
 
 def _model_key(name: str, seed: int, builder: Any) -> str:
-    """Hash of what determines the random HF model: the builder code, the seed, torch/transformers."""
+    """Hash of what determines the random HF model: builder code, seed, torch/transformers."""
     import hashlib
     import inspect
 
@@ -211,12 +211,16 @@ def _model_key(name: str, seed: int, builder: Any) -> str:
 
 
 def _export_key() -> str:
-    """Hash of what determines an export of a given model: the exporter and the libraries."""
+    """Hash of what determines an export of a given model: the exporter version and libraries."""
     import hashlib
 
-    h = hashlib.sha256((Path(__file__).resolve().parent / "generator.py").read_bytes())
+    from generator import EXPORT_VERSION
+
+    h = hashlib.sha256(f"export-v{EXPORT_VERSION}".encode())
     h.update(
-        _versions("torch", "transformers", "optimum-onnx", "onnx", "onnxruntime", "accelerate").encode()
+        _versions(
+            "torch", "transformers", "optimum-onnx", "onnx", "onnxruntime", "accelerate"
+        ).encode()
     )
     return h.hexdigest()[:12]
 
@@ -260,16 +264,24 @@ def cached_export(
     if not (hf_dir / "config.json").is_file():
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".hf.", dir=base))
-        builder(tmp, seed)
+        try:
+            builder(tmp, seed)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(hf_dir, ignore_errors=True)
         os.replace(tmp, hf_dir)
     if not (onnx_dir / "manifest.json").is_file():
         tmp = Path(tempfile.mkdtemp(prefix=f".onnx-{dtype}.", dir=base))
-        with warnings.catch_warnings():
-            # torch's tracer warns about every data-dependent branch in transformers' masking
-            # code; the exported graph is checked by the parity tests instead.
-            warnings.simplefilter("ignore")
-            export_generator(hf_dir, tmp, dtype=dtype, source=f"random {name} seed={seed}")
+        try:
+            with warnings.catch_warnings():
+                # torch's tracer warns about every data-dependent branch in transformers' masking
+                # code; the exported graph is checked by the parity tests instead.
+                warnings.simplefilter("ignore")
+                export_generator(hf_dir, tmp, dtype=dtype, source=f"{name} seed={seed}")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         for stale in base.glob(f"onnx-{dtype}-*"):
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, onnx_dir)

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from tagrouter_fast.scoring import (
     InconsistentRecordsError,
     TagDecider,
@@ -69,7 +68,9 @@ def test_bad_scoring_parameters(kwargs, match):
 
 
 def test_unknown_model_and_tag(scorer):
-    with pytest.raises(UnknownModelError, match=r"unknown model 'nope'; known models: \['big', 'small'\]"):
+    with pytest.raises(
+        UnknownModelError, match=r"unknown model 'nope'; known models: \['big', 'small'\]"
+    ):
         scorer.score("nope", "a")
     with pytest.raises(UnknownTagError, match="zzz"):
         scorer.score("big", "zzz")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from tagrouter_fast import _reference as ref
 from tagrouter_fast.scoring import TagDecider, TagScorer
 
@@ -19,9 +18,7 @@ MODELS = ["alpha", "beta", "gamma", "delta", "eps"]
 TAGS = ["Poem", "Math", "Code", "Text Rewriting", "Humor", "Ünïcode tag", "x", "Q&A"]
 OUTCOMES = ["win", "tie", "loss"]
 
-PROFILE = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+PROFILE = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -142,7 +139,9 @@ def test_decisions_equal_reference(records, p, costs, llm_pick, fallback_pick, t
         assert d.unknown_tags == want["unknown_tags"]
         assert d.contributions == want["contributions"]
     assert decider.route_tags_batch(queries) == [r_decider.route_tags(t) for t in queries]
-    assert decider.route_tags_batch(queries) == ref.NumpyDecider(r_decider).route_tags_batch(queries)
+    assert decider.route_tags_batch(queries) == ref.NumpyDecider(r_decider).route_tags_batch(
+        queries
+    )
     np.testing.assert_array_equal(decider.scores_batch(queries), r_decider.scores_batch(queries))
     np.testing.assert_array_equal(decider.deltas_batch(queries), r_decider.deltas_batch(queries))
     idx = decider.route_indices_batch(queries)
@@ -200,9 +199,15 @@ def test_fallback_and_cost_threshold_reasons():
     assert (poem.model, poem.reason) == ("big", "argmax")
     assert poem.delta == pytest.approx(s.score("small", "poem") - s.score("big", "poem"))
     cheap = d.with_theta(poem.delta)  # Delta >= theta: the small model
-    assert (cheap.decide(["poem"]).model, cheap.decide(["poem"]).reason) == ("small", "cost_threshold")
+    assert (cheap.decide(["poem"]).model, cheap.decide(["poem"]).reason) == (
+        "small",
+        "cost_threshold",
+    )
     strict = d.with_theta(1.0)  # Math prefers small, but not by a margin of 1
-    assert (strict.decide(["math"]).model, strict.decide(["math"]).reason) == ("big", "cost_threshold")
+    assert (strict.decide(["math"]).model, strict.decide(["math"]).reason) == (
+        "big",
+        "cost_threshold",
+    )
     assert "fallback" in fb.explain() and "poem" in poem.explain()
     assert poem.to_dict()["scores"] == poem.scores
 
@@ -315,7 +320,7 @@ def test_select_theta_equals_reference(records, costs, queries, data):
     ).reshape(n, m)
     found = decider.select_theta(queries, accept, qcost)
     for theta, ar, c, share in zip(
-        found.thetas, found.accept_rates, found.mean_costs, found.llm_shares
+        found.thetas, found.accept_rates, found.mean_costs, found.llm_shares, strict=True
     ):
         want = ref.evaluate_theta(r_decider, queries, accept, qcost, float(theta))
         assert ar == pytest.approx(want[0]) and c == pytest.approx(want[1])
@@ -326,7 +331,9 @@ def test_select_theta_equals_reference(records, costs, queries, data):
     # The default grid reaches every outcome of the rule: no theta does better.
     for theta in [-5.0, 0.0, 5.0, *r_decider.deltas_batch(queries)]:
         if not math.isnan(theta):
-            assert ref.evaluate_theta(r_decider, queries, accept, qcost, theta)[0] <= found.accept_rate
+            assert (
+                ref.evaluate_theta(r_decider, queries, accept, qcost, theta)[0] <= found.accept_rate
+            )
 
 
 @PROFILE

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tagrouter_fast import _core
 from tagrouter_fast.scoring import StoreFormatError, TagDecider, TagRouterError, TagScorer
 
@@ -37,9 +36,10 @@ def test_round_trip_keeps_counts_params_and_scores(scorer, tmp_path):
     np.testing.assert_array_equal(back.score_matrix(), scorer.score_matrix())
     assert back.counts("small", "Poem") == (0, 1, 0)
     # Counts, not only scores: a loaded store can still be re-weighted and merged exactly.
-    assert back.reweighted(weighting="paper").to_bytes() == TagScorer.from_records(
-        RECORDS, s_tie=0.2, prior_strength=1.5
-    ).to_bytes()
+    assert (
+        back.reweighted(weighting="paper").to_bytes()
+        == TagScorer.from_records(RECORDS, s_tie=0.2, prior_strength=1.5).to_bytes()
+    )
     back.merge(TagScorer.from_records([("q9", ["Math"], "big", "win")]))
     assert back.tag_count("Math") == 3
     costs = {"big": 3.0, "mid": 2.0, "small": 1.0}

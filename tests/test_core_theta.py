@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from tagrouter_fast.scoring import TagDecider, TagScorer
 
 
@@ -19,7 +18,9 @@ def decider() -> TagDecider:
         "t4": ("loss", "win"),
     }.items():
         records += [(tag, [tag], "big", big), (tag, [tag], "small", small)]
-    return TagDecider(TagScorer.from_records(records, weighting="none"), {"big": 10.0, "small": 1.0})
+    return TagDecider(
+        TagScorer.from_records(records, weighting="none"), {"big": 10.0, "small": 1.0}
+    )
 
 
 QUERIES = [["t1"], ["t2"], ["t3"], ["t4"]]
@@ -80,6 +81,9 @@ def test_target_share_counts_fallback_queries(decider):
     theta = decider.theta_for_llm_share(queries, 0.5)
     routed = decider.with_theta(theta).route_tags_batch(queries)
     assert routed.count("big") == 2
-    assert decider.with_theta(decider.theta_for_llm_share(queries, 0.8)).route_tags_batch(
-        queries
-    ).count("big") == 4
+    assert (
+        decider.with_theta(decider.theta_for_llm_share(queries, 0.8))
+        .route_tags_batch(queries)
+        .count("big")
+        == 4
+    )

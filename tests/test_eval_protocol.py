@@ -137,7 +137,8 @@ def test_end_to_end_synthetic_tagrouter_learns(tmp_path):
 
 
 def test_cli_writes_json_and_plot(tmp_path, monkeypatch):
-    d, feats = _synthetic(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path)
+    (tmp_path / "x").mkdir()
+    d, feats = _synthetic(tmp_path / "x")
     import tagrouter_fast.eval.cli as cli
 
     monkeypatch.setattr(cli, "_methods", lambda names, ablation: _light_methods())

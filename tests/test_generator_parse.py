@@ -7,7 +7,6 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from tagrouter_fast.taggers.parse import MAX_TAG_CHARS, ParsedTags, clean_tag, parse_tags
 
 
@@ -33,9 +32,17 @@ from tagrouter_fast.taggers.parse import MAX_TAG_CHARS, ParsedTags, clean_tag, p
             "json-partial",
         ),
         ('["Summarization", "News", "Engl', ["Summarization", "News"], "json-partial"),
-        ("Poetry Writing, Nature, Seasons", ["Poetry Writing", "Nature", "Seasons"], "comma-separated"),
+        (
+            "Poetry Writing, Nature, Seasons",
+            ["Poetry Writing", "Nature", "Seasons"],
+            "comma-separated",
+        ),
         ("Tags: Travel; Planning", ["Travel", "Planning"], "comma-separated"),
-        ("- Travel Planning\n- Budgeting\n* Itinerary", ["Travel Planning", "Budgeting", "Itinerary"], "bullets"),
+        (
+            "- Travel Planning\n- Budgeting\n* Itinerary",
+            ["Travel Planning", "Budgeting", "Itinerary"],
+            "bullets",
+        ),
         (
             "1. **Text Rewriting**: changes the tense\n2) Grammar - verbs",
             ["Text Rewriting", "Grammar"],
@@ -85,8 +92,10 @@ def test_clean_tag() -> None:
 
 _json_like = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=5)
-    | st.dictionaries(st.sampled_from(["tag", "tags", "explanation", "x"]), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.sampled_from(["tag", "tags", "explanation", "x"]), inner, max_size=3)
+    ),
     max_leaves=20,
 )
 

@@ -42,6 +42,7 @@ class ReferenceScorer:
         self.prior_strength = prior_strength
         self.models: list[str] = []
         self.tags: list[str] = []
+        self._tag_set: set[str] = set()
         self.query_tags: dict[str, frozenset[str]] = {}
         # (tag, model) -> {outcome: n}; model -> {outcome: n} over records.
         self.counts: dict[tuple[str, str], dict[str, int]] = {}
@@ -49,8 +50,8 @@ class ReferenceScorer:
         for qid, tags, model, outcome in records:
             self._add(str(qid), list(tags), model, outcome)
         self._count_t = {t: 0 for t in self.tags}
-        for tags in self.query_tags.values():
-            for t in tags:
+        for tag_set in self.query_tags.values():
+            for t in tag_set:
                 self._count_t[t] += 1
         self._total = float(sum(self._count_t.values()))
 
@@ -62,7 +63,8 @@ class ReferenceScorer:
         if known != tag_set:
             raise ValueError(f"query {qid!r} has two tag sets")
         for t in tags:
-            if t not in self.tags:
+            if t not in self._tag_set:
+                self._tag_set.add(t)
                 self.tags.append(t)
         if model not in self.models:
             self.models.append(model)
@@ -159,20 +161,29 @@ class ReferenceDecider:
         }
         if not known:
             return {
-                **out, "model": self.fallback, "reason": "fallback", "delta": math.nan,
-                "slm": None, "argmax": self.fallback,
+                **out,
+                "model": self.fallback,
+                "reason": "fallback",
+                "delta": math.nan,
+                "slm": None,
+                "argmax": self.fallback,
             }
         best = self._argmax(sums, self.models)
         others = [m for m in self.models if m != self.llm]
         if not others:
-            return {**out, "model": best, "reason": "argmax", "delta": math.nan, "slm": None,
-                    "argmax": best}
+            return {
+                **out,
+                "model": best,
+                "reason": "argmax",
+                "delta": math.nan,
+                "slm": None,
+                "argmax": best,
+            }
         slm = self._argmax(sums, others)
         delta = sums[slm] - sums[self.llm]
         model = slm if delta >= self.theta else self.llm
         reason = "argmax" if model == best else "cost_threshold"
-        return {**out, "model": model, "reason": reason, "delta": delta, "slm": slm,
-                "argmax": best}
+        return {**out, "model": model, "reason": reason, "delta": delta, "slm": slm, "argmax": best}
 
     def route_tags(self, tags: Sequence[str]) -> str:
         """The model only: the same rule as `decide` without building the explanation."""
@@ -227,29 +238,34 @@ class NumpyDecider:
 
     def route_tags_batch(self, list_of_tags: Sequence[Sequence[str]]) -> list[str]:
         tag_id = self.tag_id
-        ids: list[int] = []
-        starts: list[int] = []
-        for tags in list_of_tags:
-            starts.append(len(ids))
-            # Distinct ids in first-seen order (a set would change the summation order).
-            ids.extend(dict.fromkeys(tag_id[t] for t in tags if t in tag_id))
-        n = len(list_of_tags)
-        counts = np.diff(np.append(starts, len(ids)))
-        sums = np.zeros((n, self.rows.shape[1]))
-        has = counts > 0
-        if len(ids):
-            gathered = self.rows[np.asarray(ids, dtype=np.int64)]
-            # reduceat sums sequentially within each segment, in the same order as the core.
-            sums[has] = np.add.reduceat(gathered, np.asarray(starts)[has], axis=0)
-        out = np.full(n, self.fallback, dtype=np.int64)
-        masked = sums.copy()
-        masked[:, self.llm] = -np.inf
-        slm = masked.argmax(axis=1)
-        delta = sums[np.arange(n), slm] - sums[:, self.llm]
-        chosen = np.where(delta >= self.ref.theta, slm, self.llm)
+        # Distinct ids in first-seen order (a set would change the summation order), padded
+        # with the index of an all-zero row so that every query has the same width.
+        per_query = [
+            list(dict.fromkeys(tag_id[t] for t in tags if t in tag_id)) for tags in list_of_tags
+        ]
+        n = len(per_query)
+        width = max((len(q) for q in per_query), default=0)
+        zero = len(self.rows)
+        ids = np.full((n, max(width, 1)), zero, dtype=np.int64)
+        for i, q in enumerate(per_query):
+            ids[i, : len(q)] = q
+        rows = np.vstack([self.rows, np.zeros((1, self.rows.shape[1]))])
+        gathered = rows[ids]  # (n, width, models)
+        # Column by column, left to right: the same additions in the same order as the core,
+        # so sums (and ties) agree to the bit.
+        sums = np.zeros((n, rows.shape[1]))
+        for k in range(gathered.shape[1]):
+            sums = sums + gathered[:, k, :]
+        has = np.array([len(q) > 0 for q in per_query], dtype=bool)
         if len(self.pref) == 1:
             chosen = np.zeros(n, dtype=np.int64)
-        out[has] = chosen[has]
+        else:
+            masked = sums.copy()
+            masked[:, self.llm] = -np.inf
+            slm = masked.argmax(axis=1)  # first maximum: the preference-order tie-break
+            delta = sums[np.arange(n), slm] - sums[:, self.llm]
+            chosen = np.where(delta >= self.ref.theta, slm, self.llm)
+        out = np.where(has, chosen, self.fallback)
         return list(self.names[out])
 
 

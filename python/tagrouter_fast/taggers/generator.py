@@ -30,6 +30,12 @@ reused (the *prompt-prefix cache*). That is exact, not an approximation, because
 
 It would not be valid for sliding-window attention shorter than the prompt (Qwen2.5-0.5B does not
 use one) or for a model whose tokenizer adds tokens after the text.
+
+On CUDA the loop runs through IO binding: the KV cache stays on the GPU as OrtValues from one step
+to the next and only ``batch`` int64 token ids come back per step (the exported graph ends in an
+ArgMax). onnxruntime CUDA graphs are not used: they need fixed input addresses and shapes, while
+this decoder's KV cache grows by one position per step; that needs a preallocated cache updated in
+place (the GroupQueryAttention form onnxruntime-genai exports), which this export does not have.
 """
 
 from __future__ import annotations
@@ -211,7 +217,9 @@ class TagGeneratorTagger:
             sess_options=so,
             providers=list(providers) if providers is not None else _default_providers(),
         )
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.device = (
+            "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        )
         self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._past_names = [
@@ -255,7 +263,9 @@ class TagGeneratorTagger:
 
     def _render(self, query: str) -> str:
         return render_chatml(
-            build_messages(query, system_prompt=self.system_prompt, user_template=self.user_template)
+            build_messages(
+                query, system_prompt=self.system_prompt, user_template=self.user_template
+            )
         )
 
     def prompt(self, query: str) -> str:
@@ -287,7 +297,7 @@ class TagGeneratorTagger:
             io.bind_cpu_input("input_ids", input_ids)
             io.bind_cpu_input("attention_mask", mask)
             io.bind_cpu_input("position_ids", pos)
-            for name, value in zip(flat_past, past):
+            for name, value in zip(flat_past, past, strict=True):
                 if isinstance(value, np.ndarray):
                     io.bind_cpu_input(name, value)
                 else:
@@ -298,8 +308,12 @@ class TagGeneratorTagger:
             self.session.run_with_iobinding(io)
             outs = io.get_outputs()
             return outs[0].numpy(), list(outs[1:])
-        feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos}
-        feeds.update(zip(flat_past, past))
+        feeds: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": pos,
+        }
+        feeds.update(zip(flat_past, past, strict=True))
         outs = self.session.run(self._out_names, feeds)
         return outs[0], outs[1:]
 
@@ -393,7 +407,7 @@ class TagGeneratorTagger:
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s : s + self.batch_size]
                 rows = [full[i][p:] if use_prefix else full[i] for i in chunk]
-                for i, o in zip(chunk, self._decode(rows, use_prefix)):
+                for i, o in zip(chunk, self._decode(rows, use_prefix), strict=True):
                     results[i] = o
         return results
 

@@ -67,8 +67,13 @@ def clean_tag(raw: Any, max_chars: int = MAX_TAG_CHARS) -> str | None:
         return None
     s = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in raw)
     s = _MARKDOWN.sub("", s)
-    s = _SPACES.sub(" ", s).strip(" \"'`\u201c\u201d\u2018\u2019[]{}()<>")
-    s = s.rstrip(" .,;:!?").strip()
+    s = _SPACES.sub(" ", s)
+    # Quotes and trailing punctuation nest either way round ('"Tag".' and '"Tag."'): strip both
+    # until nothing changes.
+    prev = None
+    while prev != s:
+        prev = s
+        s = s.strip(" \"'`\u201c\u201d\u2018\u2019[]{}()<>").rstrip(" .,;:!?")
     if not s or len(s) > max_chars:
         return None
     return s
