@@ -53,9 +53,10 @@ def _cmd_route(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_store(args: argparse.Namespace) -> int:
-    from tagrouter_fast.router import build_default_bundle
+    from tagrouter_fast.router import build_bundle
 
-    out = build_default_bundle(args.data, pool=args.pool, out=args.out)
+    models = args.models.split(",") if args.models else None
+    out = build_bundle(args.data, pool=args.pool, out=args.out, models=models, llm=args.llm)
     print(f"router bundle written to {out}")
     return 0
 
@@ -80,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-store", help="convert judgments into a router bundle")
     b.add_argument("--data", metavar="DIR", help="routing-table dir (default: $TAGROUTER_DATA or ../shared/data/alpacaeval2)")
-    b.add_argument("--pool", default="five-api", help="candidate pool name (default: five-api)")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--pool", help="candidate pool name from the data README (default: five-api)")
+    g.add_argument("--models", help="comma-separated candidate models")
+    b.add_argument("--llm", help="M_LLM (default: the pool's, else the most expensive model)")
     b.add_argument("--out", metavar="DIR", help="bundle dir (default: <cache>/routers/default)")
     b.set_defaults(func=_cmd_build_store)
 
@@ -97,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"tagrouter: error: {e}", file=sys.stderr)
         return 2
 

@@ -41,9 +41,13 @@ def _tagger_spec(tagger: Any) -> dict[str, Any]:
 
     if isinstance(tagger, DefaultTagger):
         return {"kind": "default", "fingerprint": tagger.fingerprint}
-    onnx_dir = getattr(tagger, "onnx_dir", None)
-    if onnx_dir is not None:
-        return {"kind": "generator", "onnx_dir": str(onnx_dir), "fingerprint": tagger.fingerprint}
+    manifest = getattr(tagger, "manifest", None)
+    if manifest is not None and manifest.get("kind") == "generator":
+        return {
+            "kind": "generator",
+            "onnx_dir": str(manifest.directory),
+            "fingerprint": tagger.fingerprint,
+        }
     return {"kind": "custom", "fingerprint": getattr(tagger, "fingerprint", type(tagger).__name__)}
 
 
@@ -177,6 +181,7 @@ class TagRouter:
         s_loss: float = -1.0,
         weighting: str = "paper",
         prior_strength: float = 0.0,
+        show_progress: bool = False,
     ) -> TagRouter:
         """Build a router from judgments in the routing-table format.
 
@@ -201,7 +206,7 @@ class TagRouter:
         )
         # Tag only the training queries; records() indexes tags by table row.
         texts = [table.texts[i] for i in rows]
-        row_tags = tag_cached(tagger, texts)
+        row_tags = tag_cached(tagger, texts, show_progress=show_progress)
         tags: list[list[str]] = [[] for _ in range(table.n_queries)]
         for i, t in zip(rows, row_tags):
             tags[i] = list(t)
@@ -307,13 +312,18 @@ def default_bundle_dir() -> Path:
     return cache_dir() / "routers" / "default"
 
 
-def build_default_bundle(
+def build_bundle(
     data_dir: str | os.PathLike[str] | None = None,
-    pool: str = DEFAULT_POOL,
+    pool: str | None = None,
     out: str | os.PathLike[str] | None = None,
+    *,
+    models: Sequence[str] | None = None,
+    llm: str | None = None,
+    show_progress: bool = True,
 ) -> Path:
-    """Convert a public judgment table into the default router bundle (one command:
-    `tagrouter build-store`). The bundle is cached outside the repository."""
+    """Convert judgments in the routing-table format into a router bundle (one command:
+    `tagrouter build-store`). With no arguments: the public AlpacaEval table, pool `five-api`,
+    written to the cache (outside the repository) where `route()` finds it."""
     from tagrouter_fast.data import load_table, resolve_pool
 
     src = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -323,8 +333,10 @@ def build_default_bundle(
             "queries.csv + outcomes.csv) or set TAGROUTER_DATA"
         )
     table = load_table(src)
-    models, llm = resolve_pool(table, pool=pool)
-    router = TagRouter.build(table, models, llm=llm)
+    if pool is None and models is None:
+        pool = DEFAULT_POOL
+    models, llm = resolve_pool(table, pool=pool, models=models, llm=llm)
+    router = TagRouter.build(table, models, llm=llm, show_progress=show_progress)
     return router.save(out if out is not None else default_bundle_dir())
 
 
@@ -341,7 +353,7 @@ def default_router() -> TagRouter:
             if _default_router is None:
                 path = Path(os.environ.get("TAGROUTER_ROUTER", default_bundle_dir()))
                 if not (path / META_FILE).is_file():
-                    build_default_bundle(out=path)
+                    build_bundle(out=path)
                 _default_router = TagRouter.load(path)
     return _default_router
 

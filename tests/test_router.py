@@ -1,0 +1,162 @@
+"""TagRouter facade, bundles and the `tagrouter` CLI, on a small synthetic routing table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tagrouter_fast import TagRouter
+from tagrouter_fast.cli import main
+from tagrouter_fast.data import load_table
+from tagrouter_fast.router import BundleError
+
+# Two query kinds with opposite winners: the small model wins poems, the big one wins maths.
+POEMS = [f"Write a short poem about the {w}" for w in ["sea", "moon", "rain", "forest", "city", "snow"]]
+MATHS = [f"Solve the equation {a}x + {a + 1} = {2 * a}" for a in range(1, 7)]
+
+
+class KeywordTagger:
+    """A deterministic stand-in tagger: tags by keyword, so the expected routes are known."""
+
+    fingerprint = "keyword-tagger-v1"
+
+    def tag(self, query: str) -> list[str]:
+        return self.tag_batch([query])[0]
+
+    def tag_batch(self, queries: list[str]) -> list[list[str]]:
+        out = []
+        for q in queries:
+            tags = []
+            if "poem" in q.lower():
+                tags += ["Poetry Writing", "Creative Writing"]
+            if "equation" in q.lower():
+                tags += ["Algebra", "Mathematical Problem Solving"]
+            out.append(tags)
+        return out
+
+
+@pytest.fixture()
+def table_dir(tmp_path: Path) -> Path:
+    rows = ["query_id,query_text,subset"]
+    out = ["query_id,model,outcome,score,in_chars,out_chars,cost_usd"]
+    for i, q in enumerate(POEMS + MATHS):
+        qid = f"q{i:02d}"
+        rows.append(f'{qid},"{q}",{"poems" if i < len(POEMS) else "maths"}')
+        poem = i < len(POEMS)
+        out.append(f"{qid},big,{'loss' if poem else 'win'},,10,100,0.010")
+        out.append(f"{qid},small,{'win' if poem else 'loss'},,10,100,0.001")
+    d = tmp_path / "table"
+    d.mkdir()
+    (d / "queries.csv").write_text("\n".join(rows) + "\n")
+    (d / "outcomes.csv").write_text("\n".join(out) + "\n")
+    return d
+
+
+def test_build_routes_by_tags_and_costs(table_dir: Path) -> None:
+    table = load_table(table_dir)
+    router = TagRouter.build(table, ["big", "small"], tagger=KeywordTagger())
+    assert router.decider.llm == "big"  # the most expensive model by mean cost
+    assert router.decider.costs == pytest.approx({"big": 0.010, "small": 0.001})
+    assert router.route_tags(["Poetry Writing"]) == "small"
+    assert router.route_tags(["Algebra"]) == "big"
+    # Raw queries go through the tagger (alignment off: the keyword tags are store tags).
+    router = TagRouter(router.decider, KeywordTagger(), align=False)
+    assert router.route("Write a poem about spring") == "small"
+    assert router.route_batch(["Solve the equation x = 1", "A poem please"]) == ["big", "small"]
+    d = router.decide("Solve the equation 2x = 4")
+    assert d.model == "big" and d.reason == "argmax"
+
+
+def test_no_known_tag_falls_back_to_llm(table_dir: Path) -> None:
+    router = TagRouter.build(load_table(table_dir), ["big", "small"], tagger=KeywordTagger())
+    d = router.decide_tags(["Cooking"])
+    assert d.model == "big" and d.reason == "fallback" and d.unknown_tags == ["Cooking"]
+
+
+def test_build_on_training_ids_only(table_dir: Path) -> None:
+    table = load_table(table_dir)
+    train = table.query_ids[:3] + table.query_ids[-3:]
+    router = TagRouter.build(table, ["big", "small"], tagger=KeywordTagger(), query_ids=train)
+    assert router.scorer.n_queries == len(train)
+
+
+def test_bundle_round_trip(table_dir: Path, tmp_path: Path) -> None:
+    router = TagRouter.build(
+        load_table(table_dir), ["big", "small"], tagger=KeywordTagger(), theta=-0.01
+    )
+    path = router.save(tmp_path / "bundle")
+    with pytest.raises(BundleError, match="custom tagger"):
+        TagRouter.load(path)
+    loaded = TagRouter.load(path, tagger=KeywordTagger())
+    assert loaded.decider.theta == -0.01
+    assert loaded.decider.costs == router.decider.costs
+    for tags in (["Poetry Writing"], ["Algebra", "Creative Writing"], ["Unknown"]):
+        # JSON text compares NaN deltas (no SLM/LLM comparison made) as equal.
+        got, want = loaded.decide_tags(tags).to_dict(), router.decide_tags(tags).to_dict()
+        assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+    assert TagRouter.load(path, tagger=KeywordTagger(), theta=0.5).decider.theta == 0.5
+
+
+def test_bundle_errors(tmp_path: Path, table_dir: Path) -> None:
+    with pytest.raises(BundleError, match="not a router bundle"):
+        TagRouter.load(tmp_path)
+    router = TagRouter.build(load_table(table_dir), ["big", "small"], tagger=KeywordTagger())
+    path = router.save(tmp_path / "b")
+    meta = json.loads((path / "router.json").read_text())
+    meta["version"] = 99
+    (path / "router.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="v99"):
+        TagRouter.load(path, tagger=KeywordTagger())
+    (path / "router.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        TagRouter.load(path, tagger=KeywordTagger())
+
+
+def test_build_rejects_unknown_and_empty_models(table_dir: Path) -> None:
+    table = load_table(table_dir)
+    with pytest.raises(KeyError, match="nope"):
+        TagRouter.build(table, ["big", "nope"], tagger=KeywordTagger())
+    with pytest.raises(ValueError, match="empty model set"):
+        TagRouter.build(table, [], tagger=KeywordTagger())
+
+
+def test_router_without_tagger_says_so(table_dir: Path) -> None:
+    router = TagRouter.build(load_table(table_dir), ["big", "small"], tagger=KeywordTagger())
+    bare = TagRouter(router.decider)
+    with pytest.raises(ValueError, match="no tagger"):
+        bare.route("Write a poem")
+
+
+def test_cli_build_and_route_with_default_tagger(
+    table_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "bundle"
+    # A table whose models are not a named pool is built with --models.
+    assert main(["build-store", "--data", str(table_dir), "--models", "big,small",
+                 "--out", str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["route", "--router", str(bundle), "--json", "Write a poem about the stars"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["query"] == "Write a poem about the stars"
+    assert d["model"] in {"big", "small"}
+    assert set(d["scores"]) == {"big", "small"}
+    # The poem tags of the default tagger were learnt from the poem queries, where small wins.
+    assert d["model"] == "small", d
+    assert main(["route", "--router", str(bundle), "Solve the equation 3x + 4 = 6"]) == 0
+    assert capsys.readouterr().out.strip() == "big"
+
+
+def test_cli_errors_are_messages_not_tracebacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["route", "--router", str(tmp_path), "hello"]) == 2
+    assert "not a router bundle" in capsys.readouterr().err
+
+
+def test_cli_tag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tag", "--json", "Translate 'good morning' into French"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["tags"] and all(isinstance(t, str) for t in d["tags"])
+    assert "Translation" in d["tags"]
