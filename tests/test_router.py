@@ -13,7 +13,9 @@ from tagrouter_fast.data import load_table
 from tagrouter_fast.router import BundleError
 
 # Two query kinds with opposite winners: the small model wins poems, the big one wins maths.
-POEMS = [f"Write a short poem about the {w}" for w in ["sea", "moon", "rain", "forest", "city", "snow"]]
+POEMS = [
+    f"Write a short poem about the {w}" for w in ["sea", "moon", "rain", "forest", "city", "snow"]
+]
 MATHS = [f"Solve the equation {a}x + {a + 1} = {2 * a}" for a in range(1, 7)]
 
 
@@ -134,8 +136,12 @@ def test_cli_build_and_route_with_default_tagger(
 ) -> None:
     bundle = tmp_path / "bundle"
     # A table whose models are not a named pool is built with --models.
-    assert main(["build-store", "--data", str(table_dir), "--models", "big,small",
-                 "--out", str(bundle)]) == 0
+    assert (
+        main(
+            ["build-store", "--data", str(table_dir), "--models", "big,small", "--out", str(bundle)]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["route", "--router", str(bundle), "--json", "Write a poem about the stars"]) == 0
     d = json.loads(capsys.readouterr().out)

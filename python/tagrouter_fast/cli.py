@@ -29,7 +29,7 @@ def _cmd_tag(args: argparse.Namespace) -> int:
     else:
         tagger = DefaultTagger()
     queries = args.query or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    for q, tags in zip(queries, tagger.tag_batch(queries)):
+    for q, tags in zip(queries, tagger.tag_batch(queries), strict=True):
         if args.json:
             print(json.dumps({"query": q, "tags": tags}))
         else:
@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tag", help="print the tags of each query")
     t.add_argument("query", nargs="*", help="queries (default: one per line on stdin)")
-    t.add_argument("--generator", metavar="ONNX_DIR", help="exported TagGenerator (default: embedded)")
+    t.add_argument(
+        "--generator", metavar="ONNX_DIR", help="exported TagGenerator (default: embedded)"
+    )
     t.add_argument("--json", action="store_true", help="one JSON object per line")
     t.set_defaults(func=_cmd_tag)
 
@@ -80,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_route)
 
     b = sub.add_parser("build-store", help="convert judgments into a router bundle")
-    b.add_argument("--data", metavar="DIR", help="routing-table dir (default: $TAGROUTER_DATA or ../shared/data/alpacaeval2)")
+    b.add_argument(
+        "--data",
+        metavar="DIR",
+        help="routing-table dir (default: $TAGROUTER_DATA or ../shared/data/alpacaeval2)",
+    )
     g = b.add_mutually_exclusive_group()
     g.add_argument("--pool", help="candidate pool name from the data README (default: five-api)")
     g.add_argument("--models", help="comma-separated candidate models")
@@ -108,4 +114,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -1,8 +1,9 @@
 """TagRouter facade: tagger -> aligner -> Rust core, and the module-level `route()` drop-in.
 
-A router is saved as a *bundle* directory: the tag-score store (counts, see docs/store-format.md) and a
-small `router.json` with what the decider needs besides the store (per-model costs, M_LLM, theta,
-fallback) and which tagger produced the store's tags, so that the same tagger is used at routing time.
+A router is saved as a *bundle* directory: the tag-score store (counts, see
+docs/store-format.md) and a small `router.json` with what the decider needs besides the store
+(per-model costs, M_LLM, theta, fallback) and which tagger produced the store's tags, so that the
+same tagger is used at routing time.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class BundleError(ValueError):
 
 
 # ==== Tagger specs ====
-# A bundle records which tagger made its tags as a small spec, so loading it rebuilds the same tagger.
+# A bundle records which tagger made its tags as a small spec, so loading it rebuilds that tagger.
 
 
 def _tagger_spec(tagger: Any) -> dict[str, Any]:
@@ -81,7 +82,8 @@ class TagRouter:
             (paper 3.3 "Tag Alignment"), using the default phrase encoder and an HNSW index.
         align_floor: cosine similarity below which a generated tag is dropped instead of aligned.
 
-    >>> scorer = TagScorer.from_records([("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss")])
+    >>> recs = [("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss")]
+    >>> scorer = TagScorer.from_records(recs)
     >>> router = TagRouter(TagDecider(scorer, costs={"big": 10.0, "small": 1.0}))
     >>> router.route_tags(["Poem"])
     'big'
@@ -208,7 +210,7 @@ class TagRouter:
         texts = [table.texts[i] for i in rows]
         row_tags = tag_cached(tagger, texts, show_progress=show_progress)
         tags: list[list[str]] = [[] for _ in range(table.n_queries)]
-        for i, t in zip(rows, row_tags):
+        for i, t in zip(rows, row_tags, strict=True):
             tags[i] = list(t)
         records = table.records(rows, models, tags)
         # Mean cost over the training queries: the decider only needs the models' cost order
