@@ -58,7 +58,7 @@ def table_dir(tmp_path: Path) -> Path:
 
 def test_build_routes_by_tags_and_costs(table_dir: Path) -> None:
     table = load_table(table_dir)
-    router = TagRouter.build(table, ["big", "small"], tagger=KeywordTagger())
+    router = TagRouter.build(table, ["big", "small"], tagger=KeywordTagger(), normalize=False)
     assert router.decider.llm == "big"  # the most expensive model by mean cost
     assert router.decider.costs == pytest.approx({"big": 0.010, "small": 0.001})
     assert router.route_tags(["Poetry Writing"]) == "small"
@@ -72,7 +72,9 @@ def test_build_routes_by_tags_and_costs(table_dir: Path) -> None:
 
 
 def test_no_known_tag_falls_back_to_llm(table_dir: Path) -> None:
-    router = TagRouter.build(load_table(table_dir), ["big", "small"], tagger=KeywordTagger())
+    router = TagRouter.build(
+        load_table(table_dir), ["big", "small"], tagger=KeywordTagger(), normalize=False
+    )
     d = router.decide_tags(["Cooking"])
     assert d.model == "big" and d.reason == "fallback" and d.unknown_tags == ["Cooking"]
 
@@ -80,13 +82,19 @@ def test_no_known_tag_falls_back_to_llm(table_dir: Path) -> None:
 def test_build_on_training_ids_only(table_dir: Path) -> None:
     table = load_table(table_dir)
     train = table.query_ids[:3] + table.query_ids[-3:]
-    router = TagRouter.build(table, ["big", "small"], tagger=KeywordTagger(), query_ids=train)
+    router = TagRouter.build(
+        table, ["big", "small"], tagger=KeywordTagger(), query_ids=train, normalize=False
+    )
     assert router.scorer.n_queries == len(train)
 
 
 def test_bundle_round_trip(table_dir: Path, tmp_path: Path) -> None:
     router = TagRouter.build(
-        load_table(table_dir), ["big", "small"], tagger=KeywordTagger(), theta=-0.01
+        load_table(table_dir),
+        ["big", "small"],
+        tagger=KeywordTagger(),
+        theta=-0.01,
+        normalize=False,
     )
     path = router.save(tmp_path / "bundle")
     with pytest.raises(BundleError, match="custom tagger"):
@@ -104,7 +112,9 @@ def test_bundle_round_trip(table_dir: Path, tmp_path: Path) -> None:
 def test_bundle_errors(tmp_path: Path, table_dir: Path) -> None:
     with pytest.raises(BundleError, match="not a router bundle"):
         TagRouter.load(tmp_path)
-    router = TagRouter.build(load_table(table_dir), ["big", "small"], tagger=KeywordTagger())
+    router = TagRouter.build(
+        load_table(table_dir), ["big", "small"], tagger=KeywordTagger(), normalize=False
+    )
     path = router.save(tmp_path / "b")
     meta = json.loads((path / "router.json").read_text())
     meta["version"] = 99
@@ -119,13 +129,15 @@ def test_bundle_errors(tmp_path: Path, table_dir: Path) -> None:
 def test_build_rejects_unknown_and_empty_models(table_dir: Path) -> None:
     table = load_table(table_dir)
     with pytest.raises(KeyError, match="nope"):
-        TagRouter.build(table, ["big", "nope"], tagger=KeywordTagger())
+        TagRouter.build(table, ["big", "nope"], tagger=KeywordTagger(), normalize=False)
     with pytest.raises(ValueError, match="empty model set"):
-        TagRouter.build(table, [], tagger=KeywordTagger())
+        TagRouter.build(table, [], tagger=KeywordTagger(), normalize=False)
 
 
 def test_router_without_tagger_says_so(table_dir: Path) -> None:
-    router = TagRouter.build(load_table(table_dir), ["big", "small"], tagger=KeywordTagger())
+    router = TagRouter.build(
+        load_table(table_dir), ["big", "small"], tagger=KeywordTagger(), normalize=False
+    )
     bare = TagRouter(router.decider)
     with pytest.raises(ValueError, match="no tagger"):
         bare.route("Write a poem")
@@ -166,3 +178,35 @@ def test_cli_tag(capsys: pytest.CaptureFixture[str]) -> None:
     d = json.loads(capsys.readouterr().out)
     assert d["tags"] and all(isinstance(t, str) for t in d["tags"])
     assert "Translation" in d["tags"]
+
+
+class MessyTagger(KeywordTagger):
+    """Emits the spelling variants an LLM tagger produces for the same tag."""
+
+    fingerprint = "messy-tagger-v1"
+
+    def tag_batch(self, queries: list[str]) -> list[list[str]]:
+        out = []
+        for i, tags in enumerate(super().tag_batch(queries)):
+            variants = [t.lower().replace(" ", "-") if i % 2 else t for t in tags]
+            out.append(variants)
+        return out
+
+
+def test_build_normalizes_open_vocabulary_tags(table_dir: Path, tmp_path: Path) -> None:
+    router = TagRouter.build(load_table(table_dir), ["big", "small"], tagger=MessyTagger())
+    assert router.normalization is not None
+    # "poetry-writing" and "Poetry Writing" are one canonical tag after rule aggregation.
+    assert "Poetry Writing" in router.scorer.tags
+    assert not any("-" in t for t in router.scorer.tags)
+    assert router.scorer.tag_count("Poetry Writing") == len(POEMS)
+    assert router.route("write a poem") == "small"
+    path = router.save(tmp_path / "bundle")
+    loaded = TagRouter.load(path, tagger=MessyTagger(), align=False)
+    assert loaded.normalization is not None
+    assert loaded.normalization.map_tag("poetry_writing") == "Poetry Writing"
+    assert loaded.route_batch(["a poem", "b poem", "Solve the equation"]) == [
+        "small",
+        "small",
+        "big",
+    ]

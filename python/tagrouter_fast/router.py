@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tagrouter_fast.normalize import TagNormalization
 from tagrouter_fast.scoring import Decision, TagDecider, TagScorer
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 BUNDLE_FORMAT = "tagrouter-bundle"
 BUNDLE_VERSION = 1
 STORE_FILE = "store.trs"
+NORMALIZATION_FILE = "normalization.json"
 META_FILE = "router.json"
 DEFAULT_POOL = "five-api"
 
@@ -81,6 +83,8 @@ class TagRouter:
         align: map generated tags that the store does not know to their nearest store tag
             (paper 3.3 "Tag Alignment"), using the default phrase encoder and an HNSW index.
         align_floor: cosine similarity below which a generated tag is dropped instead of aligned.
+        normalization: the raw -> canonical tag mapping of paper 3.2 that the store was built
+            with; generated tags go through it before alignment.
 
     >>> recs = [("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss")]
     >>> scorer = TagScorer.from_records(recs)
@@ -96,9 +100,11 @@ class TagRouter:
         *,
         align: bool = True,
         align_floor: float = 0.5,
+        normalization: TagNormalization | None = None,
     ) -> None:
         self.decider = decider
         self.tagger = tagger
+        self.normalization = normalization
         self._align = align
         self._align_floor = align_floor
         self._aligner: Any = None
@@ -132,6 +138,9 @@ class TagRouter:
         if self.tagger is None:
             raise ValueError("this TagRouter has no tagger; use route_tags() or pass tagger=")
         raw = self.tagger.tag_batch(list(queries))
+        if self.normalization is not None:
+            norm = self.normalization
+            raw = [[norm.map_tag(t) or t for t in tags] for tags in raw]
         aligner = self._get_aligner()
         if aligner is None:
             return [list(t) for t in raw]
@@ -183,6 +192,8 @@ class TagRouter:
         s_loss: float = -1.0,
         weighting: str = "paper",
         prior_strength: float = 0.0,
+        normalize: bool | None = None,
+        min_count: int = 5,
         show_progress: bool = False,
     ) -> TagRouter:
         """Build a router from judgments in the routing-table format.
@@ -190,6 +201,11 @@ class TagRouter:
         Every training query is tagged (cached on disk by tagger fingerprint and text hash), and its
         win/tie/loss outcome per candidate model becomes a store record. Per-model cost is the mean
         `cost_usd` of that model over the training queries.
+
+        `normalize` runs the paper's tag normalization (3.2: rule aggregation, frequency filter
+        with `min_count`, DBSCAN semantic merge) on the training tags first and keeps the
+        mapping in the router. The default (`None`) normalizes open-vocabulary taggers and not
+        the embedded `DefaultTagger`, whose tags already come from a fixed, clean vocabulary.
         """
         from tagrouter_fast.cache import tag_cached
 
@@ -209,6 +225,18 @@ class TagRouter:
         # Tag only the training queries; records() indexes tags by table row.
         texts = [table.texts[i] for i in rows]
         row_tags = tag_cached(tagger, texts, show_progress=show_progress)
+        normalization = None
+        if normalize is None:
+            from tagrouter_fast.taggers import DefaultTagger
+
+            normalize = not isinstance(tagger, DefaultTagger)
+        if normalize:
+            from tagrouter_fast.encoder import default_encoder
+            from tagrouter_fast.normalize import normalize_tags
+
+            normalization, row_tags = normalize_tags(
+                row_tags, default_encoder(), min_count=min_count
+            )
         tags: list[list[str]] = [[] for _ in range(table.n_queries)]
         for i, t in zip(rows, row_tags, strict=True):
             tags[i] = list(t)
@@ -226,13 +254,15 @@ class TagRouter:
             prior_strength=prior_strength,
         )
         decider = TagDecider(scorer, costs=costs, llm=llm, theta=theta)
-        return cls(decider, tagger)
+        return cls(decider, tagger, normalization=normalization)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the bundle directory (store + router.json); each file is replaced atomically."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         self.scorer.save(out / STORE_FILE)
+        if self.normalization is not None:
+            self.normalization.save(out / NORMALIZATION_FILE)
         meta = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
@@ -244,6 +274,7 @@ class TagRouter:
             "tagger": _tagger_spec(self.tagger) if self.tagger is not None else None,
             "align": self._align,
             "align_floor": self._align_floor,
+            "normalization": NORMALIZATION_FILE if self.normalization is not None else None,
         }
         tmp = out / (META_FILE + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -283,11 +314,13 @@ class TagRouter:
         )
         if tagger is None and meta.get("tagger") is not None:
             tagger = _tagger_from_spec(meta["tagger"])
+        norm_file = meta.get("normalization")
         return cls(
             decider,
             tagger,
             align=meta.get("align", True) if align is None else align,
             align_floor=meta.get("align_floor", 0.5),
+            normalization=TagNormalization.load(root / norm_file) if norm_file else None,
         )
 
 
