@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -371,8 +372,15 @@ def build_bundle(
     if pool is None and models is None:
         pool = DEFAULT_POOL
     models, llm = resolve_pool(table, pool=pool, models=models, llm=llm)
+    dest = Path(out) if out is not None else default_bundle_dir()
+    if show_progress:
+        print(
+            f"tagrouter: building a router from {src} ({len(models)} models, M_LLM {llm}) "
+            f"into {dest}",
+            file=sys.stderr,
+        )
     router = TagRouter.build(table, models, llm=llm, show_progress=show_progress)
-    return router.save(out if out is not None else default_bundle_dir())
+    return router.save(dest)
 
 
 _default_router: TagRouter | None = None
