@@ -14,6 +14,7 @@ import random
 
 import numpy as np
 import pytest
+
 from tagrouter_fast import _reference as ref
 from tagrouter_fast.scoring import TagDecider, TagScorer
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tagrouter_fast import _reference as ref
 from tagrouter_fast.scoring import TagDecider, TagScorer
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tagrouter_fast import _core
 from tagrouter_fast.scoring import StoreFormatError, TagDecider, TagRouterError, TagScorer
 

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+
 from tagrouter_fast.scoring import TagDecider, TagScorer
 
 N_THREADS = 4

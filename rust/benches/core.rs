@@ -43,7 +43,11 @@ fn data(n_tags: usize, n_models: usize, n_queries: usize, tags_per_query: usize)
             records.push((format!("q{q}"), qt.clone(), m, outcomes[rng.below(3)]));
         }
     }
-    Data { tags, models, records }
+    Data {
+        tags,
+        models,
+        records,
+    }
 }
 
 fn build(d: &Data, limit: usize) -> Store {
@@ -67,8 +71,11 @@ fn build(d: &Data, limit: usize) -> Store {
 
 fn decider(store: Store, models: &[String]) -> Decider {
     #[allow(clippy::cast_precision_loss)]
-    let costs: Vec<(String, f64)> =
-        models.iter().enumerate().map(|(i, m)| (m.clone(), 1.0 + i as f64)).collect();
+    let costs: Vec<(String, f64)> = models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.clone(), 1.0 + i as f64))
+        .collect();
     Decider::new(Arc::new(store), &costs, None, 0.0, None).expect("valid decider")
 }
 
@@ -81,8 +88,12 @@ fn routing(c: &mut Criterion) {
         .map(|_| (0..5).map(|_| d.tags[rng.below(2000)].as_str()).collect())
         .collect();
     let one = &queries[0];
-    c.bench_function("route 5 tags x 5 models", |b| b.iter(|| dec.route(black_box(one))));
-    c.bench_function("explain 5 tags x 5 models", |b| b.iter(|| dec.explain(black_box(one))));
+    c.bench_function("route 5 tags x 5 models", |b| {
+        b.iter(|| dec.route(black_box(one)))
+    });
+    c.bench_function("explain 5 tags x 5 models", |b| {
+        b.iter(|| dec.explain(black_box(one)))
+    });
     let flat: Vec<&str> = queries.iter().flatten().copied().collect();
     let offsets: Vec<usize> = (0..=queries.len()).map(|i| i * 5).collect();
     let mut g = c.benchmark_group("batch");
@@ -103,7 +114,11 @@ fn building(c: &mut Criterion) {
     let big = data(10_000, 50, 4000, 5);
     let bytes = store_io::to_bytes(&build(&big, usize::MAX));
     g.bench_function("load 10k tags x 50 models (from bytes)", |b| {
-        b.iter_batched(|| bytes.clone(), |b| store_io::from_bytes(&b), BatchSize::LargeInput);
+        b.iter_batched(
+            || bytes.clone(),
+            |b| store_io::from_bytes(&b),
+            BatchSize::LargeInput,
+        );
     });
     g.finish();
 }
