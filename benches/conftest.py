@@ -5,6 +5,7 @@ so benchmarks marked `needs_release` are skipped unless `_core` was built with
 from __future__ import annotations
 
 import pytest
+
 from tagrouter_fast import _core
 
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tagrouter_fast.cache import cache_dir
 
 EXPORT_DIR = Path(__file__).resolve().parents[1] / "export"

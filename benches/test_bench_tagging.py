@@ -9,6 +9,7 @@ import csv
 from pathlib import Path
 
 import pytest
+
 from tagrouter_fast import encoder as encmod
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2" / "queries.csv"

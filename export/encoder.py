@@ -193,6 +193,7 @@ def export_encoder(
     """
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     import onnx
+
     from tagrouter_fast.manifest import write_manifest
 
     if dtype not in DTYPES:

@@ -71,10 +71,19 @@ def test_model_without_any_cost_gets_mean_of_others(tmp_path):
     ("outcomes", "match"),
     [
         ("query_id,model\nq1,a\n", r"outcomes\.csv:1: missing column\(s\) \['outcome'\]"),
-        (OUTCOMES_HEAD + "q1,a,win,,,,\nq1,a,draw,,,,\n", r"outcomes\.csv:3: unknown outcome label 'draw'"),
-        (OUTCOMES_HEAD + "q1,a,win,,,,\nq1,a,loss,,,,\n", r"outcomes\.csv:3: duplicate row .*first at line 2"),
+        (
+            OUTCOMES_HEAD + "q1,a,win,,,,\nq1,a,draw,,,,\n",
+            r"outcomes\.csv:3: unknown outcome label 'draw'",
+        ),
+        (
+            OUTCOMES_HEAD + "q1,a,win,,,,\nq1,a,loss,,,,\n",
+            r"outcomes\.csv:3: duplicate row .*first at line 2",
+        ),
         (OUTCOMES_HEAD + "q9,a,win,,,,\n", r"outcomes\.csv:2: outcome for unknown query_id 'q9'"),
-        (OUTCOMES_HEAD + "q1,a,win,,,,abc\n", r"outcomes\.csv:2: column 'cost_usd' is not a number"),
+        (
+            OUTCOMES_HEAD + "q1,a,win,,,,abc\n",
+            r"outcomes\.csv:2: column 'cost_usd' is not a number",
+        ),
     ],
 )
 def test_bad_outcomes_name_file_and_line(tmp_path, outcomes, match):
@@ -89,7 +98,9 @@ def test_bad_queries_name_file_and_line(tmp_path):
         load_table(tmp_path)
     # The multi-line quoted text of q1 ends on line 3, so the duplicate is on line 5.
     _write(tmp_path, OUTCOMES_HEAD, queries=QUERIES + "q2,again,a\n")
-    with pytest.raises(DataError, match=r"queries\.csv:6: duplicate query_id 'q2' \(first at line 4\)"):
+    with pytest.raises(
+        DataError, match=r"queries\.csv:6: duplicate query_id 'q2' \(first at line 4\)"
+    ):
         load_table(tmp_path)
     with pytest.raises(DataError, match="file not found"):
         load_table(tmp_path / "nowhere")

@@ -23,7 +23,7 @@ from tagrouter_fast.eval.methods import (
     fit_random,
     fit_tagrouter,
 )
-from tagrouter_fast.eval.protocol import PoolData, evaluate, stratified_folds, summarize
+from tagrouter_fast.eval.protocol import PoolData, evaluate, stratified_folds
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
 
@@ -52,7 +52,12 @@ def _synthetic(tmp_path: Path, n: int = 300, seed: int = 0) -> tuple[Path, Featu
     kinds = rng.choice(["hard", "easy", "odd", "none"], size=n, p=[0.3, 0.3, 0.1, 0.3])
     q = ["query_id,query_text,subset"]
     o = ["query_id,model,outcome,cost_usd"]
-    table = {"hard": ("win", "loss"), "easy": ("tie", "win"), "odd": ("loss", "win"), "none": ("loss", "loss")}
+    table = {
+        "hard": ("win", "loss"),
+        "easy": ("tie", "win"),
+        "odd": ("loss", "win"),
+        "none": ("loss", "loss"),
+    }
     for i, k in enumerate(kinds):
         q.append(f"q{i},text {i},{'s' + str(i % 3)}")
         big, small = table[k]
@@ -82,7 +87,11 @@ def _light_methods():
             "TagRouter+",
             "tagrouter",
             lambda t, s: fit_tagrouter(
-                t, s, TagConfig(normalize=False, align=False, weighting="shrunk", prior_strength=2.0, theta=None)
+                t,
+                s,
+                TagConfig(
+                    normalize=False, align=False, weighting="shrunk", prior_strength=2.0, theta=None
+                ),
             ),
         ),
     ]
@@ -104,7 +113,12 @@ def test_fit_sees_only_training_queries(tmp_path):
             seen.append((self.train_ids, set(x.query_ids)))
             return np.zeros(len(x.query_ids)), np.ones(len(x.query_ids), dtype=int)
 
-    res = evaluate(pool, [Method("spy", "baseline", lambda t, s: Spy(set(t.query_ids)))], folds=4, inner_folds=2)
+    res = evaluate(
+        pool,
+        [Method("spy", "baseline", lambda t, s: Spy(set(t.query_ids)))],
+        folds=4,
+        inner_folds=2,
+    )
     assert len(res["spy"]) == 4
     # Every route call (outer test folds and inner operating-point folds) is disjoint from the
     # queries its router was fitted on.
@@ -118,14 +132,31 @@ def test_fit_sees_only_training_queries(tmp_path):
 def test_end_to_end_synthetic_tagrouter_learns(tmp_path):
     d, feats = _synthetic(tmp_path)
     res = build_result(
-        d, models=["big", "small"], folds=3, seeds=[0, 1], methods=_light_methods(), n_boot=200,
-        progress=False, features=feats,
+        d,
+        models=["big", "small"],
+        folds=3,
+        seeds=[0, 1],
+        methods=_light_methods(),
+        n_boot=200,
+        progress=False,
+        features=feats,
     )
     m = res["methods"]
     assert res["llm"] == "big" and res["n_queries"] == 299 and res["folds"] == 3
     for name in ("TagRouter", "TagRouter+", "prior", "oracle", "big", "small"):
         assert name in m
-    for key in ("ar", "uplift", "cost", "relative_cost", "rank", "auc", "pauc", "apgr", "cpt50", "aiq"):
+    for key in (
+        "ar",
+        "uplift",
+        "cost",
+        "relative_cost",
+        "rank",
+        "auc",
+        "pauc",
+        "apgr",
+        "cpt50",
+        "aiq",
+    ):
         assert key in m["TagRouter"] and f"{key}_std" in m["TagRouter"]
     # Tags determine the best model here: TagRouter clearly beats the no-information router.
     assert m["TagRouter"]["auc"] > m["prior"]["auc"] + 0.05
@@ -144,8 +175,23 @@ def test_cli_writes_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_methods", lambda names, ablation: _light_methods())
     monkeypatch.setattr("tagrouter_fast.eval.features.compute_features", lambda texts: feats)
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = main(["--data", str(d), "--models", "big,small", "--folds", "3", "--json", str(out),
-               "--plot", str(png), "--no-progress", "--bootstrap", "50"])
+    rc = main(
+        [
+            "--data",
+            str(d),
+            "--models",
+            "big,small",
+            "--folds",
+            "3",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+            "--no-progress",
+            "--bootstrap",
+            "50",
+        ]
+    )
     assert rc == 0
     r = json.loads(out.read_text())
     assert set(r) >= {"data", "models", "llm", "folds", "methods"}
@@ -154,8 +200,18 @@ def test_cli_writes_json_and_plot(tmp_path, monkeypatch):
 
 def test_default_registry_names():
     names = [m.name for m in default_methods()]
-    for n in ("TagRouter", "TagRouter-theta*", "TagRouter+", "RouteLLM-MF", "RouterBench-KNN",
-              "RouterBench-MLP", "FORC-style", "RouteLLM-MF w/ tags", "prior", "random"):
+    for n in (
+        "TagRouter",
+        "TagRouter-theta*",
+        "TagRouter+",
+        "RouteLLM-MF",
+        "RouterBench-KNN",
+        "RouterBench-MLP",
+        "FORC-style",
+        "RouteLLM-MF w/ tags",
+        "prior",
+        "random",
+    ):
         assert n in names
     assert len(set(names)) == len(names)
 

@@ -7,6 +7,7 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tagrouter_fast.taggers.parse import MAX_TAG_CHARS, ParsedTags, clean_tag, parse_tags
 
 

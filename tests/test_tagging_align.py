@@ -6,6 +6,7 @@ import hashlib
 
 import numpy as np
 import pytest
+
 from tagrouter_fast.align import AlignResult, TagAligner
 
 

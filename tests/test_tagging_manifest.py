@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pytest
+
 from tagrouter_fast.manifest import (
     MANIFEST_NAME,
     ManifestError,

@@ -8,6 +8,7 @@ from itertools import permutations
 
 import numpy as np
 import pytest
+
 from tagrouter_fast.sampling import hybrid_sample, hybrid_tag_weights, point_weights
 
 

@@ -1,7 +1,8 @@
 """tagrouter_fast: TagRouter (ACL 2025) LLM routing through tags, with a Rust core.
 
 >>> from tagrouter_fast import TagScorer, TagDecider
->>> scorer = TagScorer.from_records([("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss")])
+>>> recs = [("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss")]
+>>> scorer = TagScorer.from_records(recs)
 >>> TagDecider(scorer, costs={"big": 10.0, "small": 1.0}).route_tags(["Poem"])
 'big'
 """

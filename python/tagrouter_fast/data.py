@@ -134,7 +134,9 @@ class RoutingTable:
         for m in models:
             if m not in self._mindex:
                 close = [x for x in self.models if m.lower()[:5] in x.lower()][:5]
-                raise KeyError(f"model {m!r} is not in {self.source or 'the table'}; close: {close}")
+                raise KeyError(
+                    f"model {m!r} is not in {self.source or 'the table'}; close: {close}"
+                )
             out.append(self._mindex[m])
         return np.asarray(out, dtype=np.int64)
 
@@ -254,7 +256,9 @@ def _parse_float(value: str | None, path: Path, line: int, column: str) -> float
         raise DataError(f"{path}:{line}: column {column!r} is not a number: {value!r}") from None
 
 
-def load_table(directory: str | Path, model_costs: Mapping[str, float] | None = None) -> RoutingTable:
+def load_table(
+    directory: str | Path, model_costs: Mapping[str, float] | None = None
+) -> RoutingTable:
     """Read and validate a routing table from ``directory``.
 
     Args:
@@ -288,7 +292,9 @@ def load_table(directory: str | Path, model_costs: Mapping[str, float] | None = 
         if not qid:
             raise DataError(f"{qpath}:{line}: empty query_id")
         if qid in seen:
-            raise DataError(f"{qpath}:{line}: duplicate query_id {qid!r} (first at line {seen[qid]})")
+            raise DataError(
+                f"{qpath}:{line}: duplicate query_id {qid!r} (first at line {seen[qid]})"
+            )
         seen[qid] = line
         query_ids.append(qid)
         texts.append(row.get("query_text") or "")

@@ -89,10 +89,10 @@ fn routing(c: &mut Criterion) {
         .collect();
     let one = &queries[0];
     c.bench_function("route 5 tags x 5 models", |b| {
-        b.iter(|| dec.route(black_box(one)))
+        b.iter(|| dec.route(black_box(one)));
     });
     c.bench_function("explain 5 tags x 5 models", |b| {
-        b.iter(|| dec.explain(black_box(one)))
+        b.iter(|| dec.explain(black_box(one)));
     });
     let flat: Vec<&str> = queries.iter().flatten().copied().collect();
     let offsets: Vec<usize> = (0..=queries.len()).map(|i| i * 5).collect();

@@ -44,7 +44,9 @@ def methods_for(ablation: str, train_sizes: Sequence[int] = (100, 300, 1000)) ->
     """The methods of one ablation: ``stie``, ``wt``, ``align``, ``norm`` or ``trainsize``."""
     base = [Method("prior", "baseline", fit_prior), Method("RouterBench-KNN", "baseline", fit_knn)]
     if ablation == "stie":
-        return base + [_tr(f"TagRouter s_tie={v:g}", TagConfig(s_tie=v)) for v in (0.0, 0.15, 0.5, 1.0)]
+        return base + [
+            _tr(f"TagRouter s_tie={v:g}", TagConfig(s_tie=v)) for v in (0.0, 0.15, 0.5, 1.0)
+        ]
     if ablation == "wt":
         return base + [
             _tr("TagRouter w_t=paper", TagConfig(weighting="paper")),
@@ -68,9 +70,12 @@ def methods_for(ablation: str, train_sizes: Sequence[int] = (100, 300, 1000)) ->
                 ("TagRouter", lambda t, s: fit_tagrouter(t, s, TagConfig())),
                 ("RouterBench-KNN", fit_knn),
             ):
+
                 def f(t, s, size=size, fit=fit):
                     return fit(subsample(t, size, s) if size else t, s)
 
-                out.append(Method(f"{nm} n={label}", "tagrouter" if nm == "TagRouter" else "baseline", f))
+                out.append(
+                    Method(f"{nm} n={label}", "tagrouter" if nm == "TagRouter" else "baseline", f)
+                )
         return out
     raise ValueError(f"unknown ablation {ablation!r}")

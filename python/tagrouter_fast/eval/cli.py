@@ -24,14 +24,18 @@ ABLATIONS = ("stie", "wt", "align", "norm", "trainsize")
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``eval`` sub-command on an ``argparse`` sub-parsers object."""
-    e = subparsers.add_parser("eval", help="cross-validated evaluation of routers on a routing table")
+    e = subparsers.add_parser(
+        "eval", help="cross-validated evaluation of routers on a routing table"
+    )
     _add_args(e)
     e.set_defaults(func=run_eval)
     return e
 
 
 def _add_args(e: argparse.ArgumentParser) -> None:
-    e.add_argument("--data", required=True, metavar="DIR", help="routing-table dir (queries.csv, outcomes.csv)")
+    e.add_argument(
+        "--data", required=True, metavar="DIR", help="routing-table dir (queries.csv, outcomes.csv)"
+    )
     g = e.add_mutually_exclusive_group(required=True)
     g.add_argument("--pool", help="named pool (see tagrouter_fast.data.POOLS)")
     g.add_argument("--models", help="comma-separated model names")
@@ -47,7 +51,9 @@ def _add_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _methods(names: str | None, ablation: str | None, train_sizes: Sequence[int] = (100, 300, 1000)):
+def _methods(
+    names: str | None, ablation: str | None, train_sizes: Sequence[int] = (100, 300, 1000)
+):
     from tagrouter_fast.eval import ablations
     from tagrouter_fast.eval.methods import default_methods
 
@@ -155,7 +161,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.ablation:
         result["ablation"] = args.ablation
     print(markdown_table(result))
-    print(f"\n({result['seconds']['total']:.1f} s; tagger {result['tagger']}, scorer {result['scorer_impl']})")
+    print(
+        f"\n({result['seconds']['total']:.1f} s; tagger {result['tagger']}, "
+        f"scorer {result['scorer_impl']})"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(_clean(result), indent=1, allow_nan=False))
     if args.plot:

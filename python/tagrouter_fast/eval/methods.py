@@ -170,7 +170,7 @@ def _inputs(x: QueryFeatures, use_tags: bool) -> np.ndarray:
 
 
 def _constant_columns(y: np.ndarray) -> np.ndarray:
-    return (y.min(axis=0) == y.max(axis=0))
+    return y.min(axis=0) == y.max(axis=0)
 
 
 # ==== Baselines (paper Appx. B.2) ====
@@ -331,15 +331,11 @@ def fit_random(train: TrainSet, seed: int) -> Fitted:
 
 
 def scoring_impl() -> tuple[Any, Any, str]:
-    """``(TagScorer, TagDecider, name)``: the product's classes, or the eval stand-in."""
-    try:
-        from tagrouter_fast.scoring import TagDecider, TagScorer  # type: ignore[attr-defined]
+    """``(TagScorer, TagDecider, name)``: the product's classes, so the evaluated TagRouter is the
+    code path users run."""
+    from tagrouter_fast.scoring import TagDecider, TagScorer
 
-        return TagScorer, TagDecider, "tagrouter_fast.scoring"
-    except ImportError:
-        from tagrouter_fast.eval._standin_scoring import TagDecider, TagScorer
-
-        return TagScorer, TagDecider, "eval._standin_scoring"
+    return TagScorer, TagDecider, "tagrouter_fast.scoring"
 
 
 @dataclass

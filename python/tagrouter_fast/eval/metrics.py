@@ -159,7 +159,9 @@ def apgr(area: float, ar_weak: float, ar_strong: float) -> float:
     return float((area - ar_weak) / gap)
 
 
-def cpt(ratio: np.ndarray, ar: np.ndarray, ar_weak: float, ar_strong: float, level: float = 0.5) -> float:
+def cpt(
+    ratio: np.ndarray, ar: np.ndarray, ar_weak: float, ar_strong: float, level: float = 0.5
+) -> float:
     """RouteLLM's call-performance threshold: least M_LLM share reaching PGR >= ``level``.
 
     Read off the linearly interpolated curve. 1.0 if never reached before all-M_LLM; NaN when
@@ -189,7 +191,7 @@ def _upper_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = np.lexsort((-y, x))
     hx: list[float] = []
     hy: list[float] = []
-    for xi, yi in zip(x[order], y[order]):
+    for xi, yi in zip(x[order], y[order], strict=False):
         # Non-decreasing: a point no better than the current best adds nothing.
         if hy and yi <= hy[-1]:
             continue

@@ -29,7 +29,18 @@ __all__ = [
     "summarize",
 ]
 
-METRIC_KEYS = ("ar", "uplift", "cost", "relative_cost", "rank", "auc", "pauc", "apgr", "cpt50", "aiq")
+METRIC_KEYS = (
+    "ar",
+    "uplift",
+    "cost",
+    "relative_cost",
+    "rank",
+    "auc",
+    "pauc",
+    "apgr",
+    "cpt50",
+    "aiq",
+)
 
 
 def stratified_folds(strata: Sequence[str], k: int, seed: int) -> list[np.ndarray]:
@@ -73,7 +84,9 @@ class PoolData:
     dropped: list[str]
 
     @classmethod
-    def build(cls, table: RoutingTable, models: Sequence[str], llm: str, feats: Features) -> PoolData:
+    def build(
+        cls, table: RoutingTable, models: Sequence[str], llm: str, feats: Features
+    ) -> PoolData:
         """Select the pool's complete rows and assemble their arrays."""
         models = list(models)
         keep = np.flatnonzero(table.complete_rows(models))
@@ -184,7 +197,7 @@ def evaluate(
     llm = data.llm
     results: dict[str, list[FoldResult]] = {}
     for seed in seeds:
-        for fi, test_rows in enumerate(stratified_folds(data.subsets, folds, seed)):
+        for _fi, test_rows in enumerate(stratified_folds(data.subsets, folds, seed)):
             train_rows = np.setdiff1d(np.arange(n), test_rows)
             train = data.subset_rows(train_rows)
             test = data.subset_rows(test_rows)
@@ -294,7 +307,9 @@ def summarize(
                 entry[f"{k}_std"] = None
             else:
                 entry[k] = float(np.nanmean(vals))
-                entry[f"{k}_std"] = float(np.nanstd(vals, ddof=1)) if np.sum(~np.isnan(vals)) > 1 else 0.0
+                entry[f"{k}_std"] = (
+                    float(np.nanstd(vals, ddof=1)) if np.sum(~np.isnan(vals)) > 1 else 0.0
+                )
         entry["per_fold"] = {
             k: [r.metrics.get(k) for r in rs] for k in ("ar", "auc", "pauc", "cost", "threshold")
         }

@@ -54,7 +54,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             else "-"
         )
         lines.append(
-            f"| {name} | {_pm(e, 'ar')} | {_f(e.get('uplift'), 1, 1)} | {_f(e.get('cost'), 1000, 3)} "
+            f"| {name} | {_pm(e, 'ar')} | {_f(e.get('uplift'), 1, 1)} "
+            f"| {_f(e.get('cost'), 1000, 3)} "
             f"| {_f(e.get('relative_cost'), 1, 3)} | {_f(e.get('rank'), 1, 3)} | {_pm(e, 'auc')} "
             f"| {_pm(e, 'pauc')} | {_f(e.get('apgr'), 1, 3)} | {_f(e.get('cpt50'), 100, 1)} "
             f"| {_f(e.get('aiq'), 100, 2)} | {dcell} | {dpcell} |"
@@ -63,7 +64,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"Pool {result.get('pool') or ','.join(result['models'])}, M_LLM = {result['llm']}, "
-        f"{result['folds']} folds x seeds {result.get('seeds')}, {result.get('n_queries')} queries; "
+        f"{result['folds']} folds x seeds {result.get('seeds')}, "
+        f"{result.get('n_queries')} queries; "
         f"best baseline (by mean AUC): {best}."
     )
     return "\n".join(lines)
@@ -80,14 +82,26 @@ def plot_curves(result: dict[str, Any], path: str | Path) -> None:
     for name, e in result["methods"].items():
         c = e.get("curve")
         if c is not None:
-            style = "-" if e.get("kind") == "tagrouter" else ("--" if e.get("kind") == "baseline" else ":")
-            ax.plot(c["ratio"], [100 * y for y in c["ar"]], style, label=name, lw=1.8 if style == "-" else 1.1)
+            style = (
+                "-"
+                if e.get("kind") == "tagrouter"
+                else ("--" if e.get("kind") == "baseline" else ":")
+            )
+            ax.plot(
+                c["ratio"],
+                [100 * y for y in c["ar"]],
+                style,
+                label=name,
+                lw=1.8 if style == "-" else 1.1,
+            )
         elif e.get("ratio") is not None and e.get("kind") == "model":
             ax.scatter([e["ratio"]], [100 * e["ar"]], marker="x", s=30)
             ax.annotate(name, (e["ratio"], 100 * e["ar"]), fontsize=7)
     ax.set_xlabel(f"ratio of queries routed to {result['llm']}")
     ax.set_ylabel("accept rate AR (%)")
-    ax.set_title(f"{result.get('pool') or 'pool'}: AR vs ratio to M_LLM ({result['folds']}-fold CV mean)")
+    ax.set_title(
+        f"{result.get('pool') or 'pool'}: AR vs ratio to M_LLM ({result['folds']}-fold CV mean)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
