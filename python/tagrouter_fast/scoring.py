@@ -16,6 +16,7 @@ model with the highest summed score, then applies the paper's cost-aware thresho
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -119,6 +120,84 @@ class TagScorer:
         return cls(
             _core.Store.from_records(records, s_win, s_tie, s_loss, weighting, prior_strength)
         )
+
+    @classmethod
+    def from_table(
+        cls,
+        table_dir: str | os.PathLike[str],
+        tags: str | os.PathLike[str] | Mapping[str, Sequence[str] | str],
+        models: Sequence[str] | None = None,
+        *,
+        missing: str = "error",
+        unknown: str = "error",
+        **score_params: Any,
+    ) -> TagScorer:
+        """Builds a store from a routing table (queries.csv + outcomes.csv) and a tags file.
+
+        The routing-table format is read and validated by `tagrouter_fast.data.load_table`; a
+        (query, model) pair with no outcome row gives no record (missing data, not a loss).
+
+        Args:
+            table_dir: folder holding ``queries.csv`` and ``outcomes.csv``.
+            tags: a JSON file ``{query_id: [tag, ...]}``, or such a mapping. A value may also be
+                a generator's raw ``"a, b, c"`` string (split like `split_tags`).
+            models: models to include (default: every model of the table).
+            missing: what to do with table queries that have no tags entry: "error" (default)
+                or "skip" (leave them out of the store).
+            unknown: what to do with tags entries for query ids the table lacks: "error"
+                (default) or "ignore".
+            **score_params: ``s_win``, ``s_tie``, ``s_loss``, ``weighting``,
+                ``prior_strength``, as in `from_records`.
+
+        Returns:
+            The store.
+
+        Raises:
+            ValueError: queries without tags (``missing="error"``), tags for unknown queries
+                (``unknown="error"``), a malformed tags file or entry, no query left, or a bad
+                ``missing``/``unknown``/score parameter. The message names the query ids.
+            tagrouter_fast.data.DataError: a malformed routing table (a ValueError too).
+            KeyError: a model in ``models`` that the table lacks.
+            OSError: a file cannot be read.
+
+        >>> import json, pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "queries.csv").write_text("query_id,query_text\\nq1,Write a poem\\n")
+        >>> _ = (d / "outcomes.csv").write_text("query_id,model,outcome\\nq1,a,win\\nq1,b,loss\\n")
+        >>> TagScorer.from_table(d, {"q1": ["Poem"]}).counts("a", "Poem")
+        (1, 0, 0)
+        """
+        from tagrouter_fast.data import load_table
+
+        if missing not in ("error", "skip"):
+            raise ValueError(f"missing must be 'error' or 'skip', got {missing!r}")
+        if unknown not in ("error", "ignore"):
+            raise ValueError(f"unknown must be 'error' or 'ignore', got {unknown!r}")
+        bad = set(score_params) - {"s_win", "s_tie", "s_loss", "weighting", "prior_strength"}
+        if bad:
+            raise TypeError(f"from_table() got unexpected keyword arguments {sorted(bad)}")
+        table = load_table(table_dir)
+        by_query = _read_tags(tags)
+        known = set(table.query_ids)
+        strays = [q for q in by_query if q not in known]
+        if strays and unknown == "error":
+            raise ValueError(
+                f"tags given for {len(strays)} query id(s) not in {table.source}: "
+                f"{_some(strays)} (pass unknown='ignore' to leave them out)"
+            )
+        untagged = [q for q in table.query_ids if q not in by_query]
+        if untagged and missing == "error":
+            raise ValueError(
+                f"{len(untagged)} query id(s) of {table.source} have no tags entry: "
+                f"{_some(untagged)} (pass missing='skip' to leave them out)"
+            )
+        rows = [i for i, q in enumerate(table.query_ids) if q in by_query]
+        if not rows:
+            raise ValueError(f"no query of {table.source} has a tags entry")
+        row_tags = [by_query.get(q, []) for q in table.query_ids]
+        chosen = list(table.models) if models is None else list(models)
+        records = table.records(rows, chosen, row_tags)
+        return cls.from_records(records, **score_params)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TagScorer:
@@ -541,6 +620,51 @@ class TagDecider:
                 if model in col:
                     out[q, col[model]] = label != "loss"
         return out
+
+
+def _read_tags(
+    tags: str | os.PathLike[str] | Mapping[str, Sequence[str] | str],
+) -> dict[str, list[str]]:
+    """``{query_id: [tag, ...]}`` from a JSON file or a mapping, checked entry by entry."""
+    if isinstance(tags, Mapping):
+        raw: Any = tags
+        where = "tags mapping"
+    elif isinstance(tags, (str, os.PathLike)):
+        where = os.fspath(tags)
+        with open(tags, encoding="utf-8") as f:
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f"{where}: expected a JSON object {{query_id: [tags...]}}, "
+                f"got {type(raw).__name__}"
+            )
+    else:
+        raise TypeError(
+            f"tags must be a path to a JSON file or a mapping, got {type(tags).__name__}"
+        )
+    out: dict[str, list[str]] = {}
+    for qid, value in raw.items():
+        if not isinstance(qid, str):
+            raise ValueError(f"{where}: query id {qid!r} is not a str")
+        if isinstance(value, str):
+            out[qid] = split_tags(value)
+        elif isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value):
+            out[qid] = list(value)
+        else:
+            raise ValueError(
+                f"{where}: tags of query {qid!r} must be a list of str or a 'a, b, c' string, "
+                f"got {value!r}"
+            )
+    return out
+
+
+def _some(ids: Sequence[str], shown: int = 10) -> str:
+    """The first few ids, for error messages about possibly thousands of them."""
+    head = ", ".join(repr(q) for q in ids[:shown])
+    return head + (f", ... ({len(ids)} in all)" if len(ids) > shown else "")
 
 
 def split_tags(raw: str) -> list[str]:
