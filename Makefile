@@ -45,7 +45,7 @@ test-py:
 
 lint: setup
 	cargo fmt --all --check
-	cargo clippy --all-targets --features python -- -D warnings
+	PYO3_PYTHON=$(abspath $(PY)) cargo clippy --all-targets --features python -- -D warnings
 	$(VENV)/bin/ruff check python tests benches export
 	$(PY) -m mypy.stubtest tagrouter_fast._core
 

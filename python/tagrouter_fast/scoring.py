@@ -638,8 +638,7 @@ def _read_tags(
                 raise ValueError(f"{where}: not valid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(
-                f"{where}: expected a JSON object {{query_id: [tags...]}}, "
-                f"got {type(raw).__name__}"
+                f"{where}: expected a JSON object {{query_id: [tags...]}}, got {type(raw).__name__}"
             )
     else:
         raise TypeError(
