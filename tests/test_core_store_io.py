@@ -74,6 +74,18 @@ def write(tmp_path: Path, data: bytes) -> Path:
     return p
 
 
+def test_counts_that_disagree_with_the_queries_are_an_error(scorer):
+    # A file edited and re-sealed with a valid checksum (crafted, or a writer bug): the stored
+    # counts must agree with the per-query outcomes they are sums of.
+    data = bytearray(scorer.to_bytes())
+    names = sum(4 + len(x.encode()) for x in scorer.models + scorer.tags)
+    first_total = 24 + 40 + 16 + names
+    data[first_total] ^= 1
+    data[-4:] = struct.pack("<I", zlib.crc32(bytes(data[:-4])))
+    with pytest.raises(StoreFormatError, match="model totals disagree"):
+        TagScorer.from_bytes(bytes(data))
+
+
 def test_other_version_is_a_clear_error(scorer, tmp_path):
     data = bytearray(scorer.to_bytes())
     data[8:12] = struct.pack("<I", 7)

@@ -21,9 +21,11 @@ from tagrouter_fast.eval.methods import (
     fit_knn,
     fit_prior,
     fit_random,
+    fit_knn_difficulty,
+    fit_tag_difficulty,
     fit_tagrouter,
 )
-from tagrouter_fast.eval.protocol import PoolData, evaluate, stratified_folds
+from tagrouter_fast.eval.protocol import METRIC_KEYS, PoolData, evaluate, stratified_folds
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
 
@@ -194,8 +196,64 @@ def test_cli_writes_json_and_plot(tmp_path, monkeypatch):
     )
     assert rc == 0
     r = json.loads(out.read_text())
-    assert set(r) >= {"data", "models", "llm", "folds", "methods"}
-    assert png.stat().st_size > 1000
+    assert set(r) >= {"data", "models", "llm", "folds", "methods", "best_baseline", "seeds"}
+    assert r["models"] == ["big", "small"] and r["llm"] == "big" and r["folds"] == 3
+    for name in ("big", "small", "random", "prior", "oracle", "TagRouter", "TagRouter+"):
+        assert name in r["methods"]
+    for name in ("TagRouter", "TagRouter+", "RouterBench-KNN"):
+        e = r["methods"][name]
+        for key in METRIC_KEYS:
+            assert key in e and f"{key}_std" in e
+        d = e["delta_auc_vs_best_baseline"]
+        assert d["baseline"] == r["best_baseline"] and d["ci95"][0] <= d["ci95"][1]
+        assert len(e["curve"]["ratio"]) == len(e["curve"]["ar"])
+    # A real PNG, not an empty file.
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def _with_bystanders(d: Path, n_others: int = 6, seed: int = 1) -> None:
+    """Add models outside the pool whose judgments follow each query's kind, like the 56
+    models of AlpacaEval that judge every query but are not pool members."""
+    rng = np.random.default_rng(seed)
+    rows = (d / "outcomes.csv").read_text().splitlines()
+    big = {r.split(",")[0]: r.split(",")[2] for r in rows[1:] if r.split(",")[1] == "big"}
+    extra = []
+    for q, out in big.items():
+        for j in range(n_others):
+            o = out if rng.random() < 0.8 else "loss"
+            extra.append(f"{q},other{j},{o},0.005")
+    (d / "outcomes.csv").write_text("\n".join(rows + extra) + "\n")
+
+
+def test_pool_maps_to_all_model_columns(tmp_path):
+    d, feats = _synthetic(tmp_path, n=60)
+    _with_bystanders(d)
+    table = load_table(d)
+    pool = PoolData.build(table, ["small", "big"], "big", feats)
+    ts = pool.train_all
+    # all_index points each pool column at the same model's column of the whole table.
+    assert ts.all_codes.shape[1] == len(table.models) == 8
+    for j in range(2):
+        assert np.array_equal(ts.all_codes[:, ts.all_index[j]], ts.codes[:, j])
+
+
+def test_difficulty_variants_learn_on_synthetic(tmp_path):
+    d, feats = _synthetic(tmp_path)
+    _with_bystanders(d)
+    methods = [
+        Method("prior", "baseline", fit_prior),
+        Method("TagRouter+D", "tagrouter", lambda t, s: fit_tag_difficulty(t, s, k=5.0)),
+        Method("KNN+D (control)", "baseline", fit_knn_difficulty),
+    ]
+    res = build_result(
+        d, models=["big", "small"], folds=3, methods=methods, n_boot=100, progress=False,
+        features=feats,
+    )
+    m = res["methods"]
+    # Tags and embeddings both say which model to use: both clearly beat no information.
+    assert m["TagRouter+D"]["auc"] > m["prior"]["auc"] + 0.05
+    assert m["KNN+D (control)"]["auc"] > m["prior"]["auc"] + 0.05
+    assert m["TagRouter+D"]["auc"] <= m["oracle"]["auc"]
 
 
 def test_default_registry_names():
@@ -211,6 +269,8 @@ def test_default_registry_names():
         "RouteLLM-MF w/ tags",
         "prior",
         "random",
+        "TagRouter+D",
+        "KNN+D (control)",
     ):
         assert n in names
     assert len(set(names)) == len(names)
@@ -220,10 +280,13 @@ def test_default_registry_names():
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data absent at {DATA}")
 def test_real_pool_end_to_end():
-    want = {"prior", "RouterBench-KNN", "TagRouter", "TagRouter+"}
+    want = {"prior", "RouterBench-KNN", "TagRouter", "TagRouter+", "TagRouter+D"}
     methods = [m for m in default_methods() if m.name in want]
-    res = build_result(DATA, pool="pair-api", folds=2, methods=methods, n_boot=100, progress=False)
+    res = build_result(DATA, pool="pair-api", folds=2, methods=methods, n_boot=50, progress=False)
     m = res["methods"]
+    assert res["models"] == ["claude-2", "gpt-3.5-turbo-1106"] and res["llm"] == "claude-2"
+    assert res["scorer_impl"] == "tagrouter_fast.scoring"
+    json.dumps(res["methods"]["TagRouter"]["delta_auc_vs_best_baseline"])
     assert res["n_queries"] == 805
     assert abs(m["claude-2"]["ar"] - 0.183) < 0.01
     for name in want:

@@ -21,6 +21,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -176,7 +177,7 @@ class TagScorer:
         bad = set(score_params) - {"s_win", "s_tie", "s_loss", "weighting", "prior_strength"}
         if bad:
             raise TypeError(f"from_table() got unexpected keyword arguments {sorted(bad)}")
-        table = load_table(table_dir)
+        table = load_table(Path(table_dir))
         by_query = _read_tags(tags)
         known = set(table.query_ids)
         strays = [q for q in by_query if q not in known]

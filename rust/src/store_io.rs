@@ -301,8 +301,12 @@ fn parse_body(b: &[u8]) -> std::result::Result<Store, String> {
         let judged = (0..j)
             .map(|_| Ok((c.index(nm, "model")?, c.three()?)))
             .collect::<std::result::Result<Vec<_>, String>>()?;
+        if (1..judged.len()).any(|i| judged[..i].iter().any(|e| e.0 == judged[i].0)) {
+            return Err(format!("query {}: a model judged twice", pyrepr(&id)));
+        }
         queries.push(Query { id, tags, judged });
     }
+    check_counts(&queries, &counts, &model_totals)?;
     if c.at != b.len() {
         return Err(format!(
             "{} unread bytes at the end of the body",
@@ -331,6 +335,42 @@ fn parse_body(b: &[u8]) -> std::result::Result<Store, String> {
         return Err("tags carried by no query".into());
     }
     Ok(store)
+}
+
+/// The per-(tag, model) counts and per-model totals are sums over the queries' outcomes. The file
+/// stores both (so loading needs no pass over the queries to route), and a file whose parts
+/// disagree, from a writer bug or crafted to pass the checksum, must not load as a table whose
+/// scores no query supports.
+fn check_counts(
+    queries: &[Query],
+    counts: &[Vec<[u32; 3]>],
+    model_totals: &[[u32; 3]],
+) -> std::result::Result<(), String> {
+    let add = |a: &mut [u32; 3], b: [u32; 3]| {
+        for (x, y) in a.iter_mut().zip(b) {
+            // Saturating: a crafted file must give an error, not an overflow panic.
+            *x = x.saturating_add(y);
+        }
+    };
+    let nt = counts.first().map_or(0, Vec::len);
+    let mut want = vec![vec![[0_u32; 3]; nt]; counts.len()];
+    let mut totals = vec![[0_u32; 3]; model_totals.len()];
+    for q in queries {
+        for &(m, c) in &q.judged {
+            add(&mut totals[m as usize], c);
+            let col = &mut want[m as usize];
+            for &t in &*q.tags {
+                add(&mut col[t as usize], c);
+            }
+        }
+    }
+    if totals != model_totals {
+        return Err("model totals disagree with the per-query outcomes".into());
+    }
+    if want != counts {
+        return Err("tag counts disagree with the per-query outcomes".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -375,6 +415,31 @@ mod tests {
             let mut b = bytes.clone();
             b[i] ^= 0x10;
             assert!(from_bytes(&b).is_err(), "flipped byte {i}");
+        }
+    }
+
+    /// Re-seals bytes whose body was edited, as a crafted file would be.
+    fn reseal(mut bytes: Vec<u8>) -> Vec<u8> {
+        let end = bytes.len() - TRAILER_LEN;
+        let crc = crc32fast::hash(&bytes[..end]);
+        bytes[end..].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn counts_that_disagree_with_the_queries_are_an_error() {
+        let s = store();
+        let bytes = to_bytes(&s);
+        // The first count triple follows params (40), sizes (16), names, and the model totals.
+        let names: usize = s.models.iter().map(|m| 4 + m.len()).sum::<usize>()
+            + s.tags.iter().map(|t| 4 + t.len()).sum::<usize>();
+        let totals = HEADER_LEN + 56 + names;
+        let first_count = totals + 12 * s.n_models();
+        for (at, what) in [(totals, "model totals"), (first_count, "tag counts")] {
+            let mut b = bytes.clone();
+            b[at] ^= 1;
+            let e = from_bytes(&reseal(b)).unwrap_err();
+            assert!(e.contains(what), "{e}");
         }
     }
 

@@ -66,6 +66,7 @@ class TrainSet(QueryFeatures):
         subsets: Stratum of each query.
         all_codes: ``(n, n_all)`` outcome codes of every model of the table (-1 missing), for
             methods that learn query difficulty from models outside the pool.
+        all_index: Column of each pool model in ``all_codes``.
     """
 
     models: list[str] = field(default_factory=list)
@@ -75,6 +76,7 @@ class TrainSet(QueryFeatures):
     cost: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     subsets: list[str] = field(default_factory=list)
     all_codes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int8))
+    all_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def slms(self) -> list[int]:
@@ -95,6 +97,7 @@ class TrainSet(QueryFeatures):
             cost=self.cost[rows],
             subsets=[self.subsets[i] for i in rows],
             all_codes=self.all_codes[rows],
+            all_index=self.all_index,
         )
 
     def features(self, rows: np.ndarray | None = None) -> QueryFeatures:
@@ -484,6 +487,145 @@ def fit_tagrouter(train: TrainSet, seed: int, cfg: TagConfig | None = None) -> F
     return _TagRouterFitted(decider, scorer, train, cfg, aligner, norm)
 
 
+# ==== Difficulty-aware TagRouter (ours) ====
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+def _tag_accept_tables(train: TrainSet, tags: list[list[str]]) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Per-(tag, model) accept and judgment counts over every model of the table.
+
+    Both come from the product scorer with ``weighting="none"`` (``w_t = 1``): scores
+    ``s = (1, 1, 0)`` sum accepts, ``s = (1, 1, 1)`` sum judgments.
+    """
+    TagScorer, _, _ = scoring_impl()
+    codes = train.all_codes
+    recs = []
+    for i, qid in enumerate(train.query_ids):
+        t = tags[i]
+        if not t:
+            continue
+        for a in np.flatnonzero(codes[i] >= 0):
+            recs.append((qid, t, f"m{a}", ("win", "tie", "loss")[int(codes[i, a])]))
+    acc = TagScorer.from_records(recs, s_win=1.0, s_tie=1.0, s_loss=0.0, weighting="none")
+    tot = TagScorer.from_records(recs, s_win=1.0, s_tie=1.0, s_loss=1.0, weighting="none")
+    return acc, np.asarray(acc.score_matrix()), np.asarray(tot.score_matrix())
+
+
+class _DifficultyRouter(Fitted):
+    def __init__(self, featurize: Callable[[QueryFeatures], np.ndarray], heads: list[Any],
+                 train: TrainSet) -> None:
+        self._featurize = featurize
+        self._heads = heads
+        self._train = train
+
+    def route(self, x: QueryFeatures) -> tuple[np.ndarray, np.ndarray]:
+        F = self._featurize(x)
+        u = np.stack([h(F[:, j]) for j, h in enumerate(self._heads)], axis=1)
+        return _slm_choice(u, self._train)
+
+
+def _fit_heads(train: TrainSet, F: np.ndarray) -> list[Any]:
+    """One logistic regression per pool model on its two features (easiness, own rate)."""
+    from sklearn.linear_model import LogisticRegression
+
+    heads = []
+    for j in range(len(train.models)):
+        y = train.acc[:, j].astype(int)
+        if y.min() == y.max():
+            heads.append(lambda f, c=float(y[0]): np.full(len(f), c))
+            continue
+        clf = LogisticRegression(C=1.0, max_iter=1000).fit(F[:, j], y)
+        heads.append(lambda f, c=clf: c.predict_proba(f)[:, 1])
+    return heads
+
+
+def fit_tag_difficulty(train: TrainSet, seed: int, k: float = 20.0) -> Fitted:
+    """TagRouter+D (ours): tag scores plus a per-tag difficulty prior from every model.
+
+    The pool's own judgments are scarce (one binary outcome per query and model), but the table
+    judges every training query by all of its models. Per tag, the accept rate over *all* models
+    (``easiness``) and the pool model's own accept rate are each shrunk towards their global rate
+    with pseudo-count ``k`` (queries), averaged (in logits) over the query's tags, and one
+    logistic regression per pool model maps these two numbers to an accept probability. Training
+    features are leave-one-out (a query's own judgments are removed from its tags' counts), so
+    the regression sees the same noise as on unseen queries. Routing: ``slm`` = best small model,
+    ``pref = P(M_LLM) - P(slm)``; the operating point is chosen on the training folds.
+    """
+    tags = [list(dict.fromkeys(t)) for t in train.tags]
+    acc_sc, A, N = _tag_accept_tables(train, tags)
+    tix = {t: r for r, t in enumerate(acc_sc.tags)}
+    col = {m: c for c, m in enumerate(acc_sc.models)}
+    codes = train.all_codes
+    valid = codes >= 0
+    accq = ((codes == 0) | (codes == 1)) & valid
+    all_cols = [col[f"m{a}"] for a in range(codes.shape[1]) if f"m{a}" in col]
+    all_ids = [a for a in range(codes.shape[1]) if f"m{a}" in col]
+    pool_all = [int(a) for a in train.all_index]
+    e_acc, e_tot = A[:, all_cols].sum(axis=1), N[:, all_cols].sum(axis=1)
+    mu_e = accq.sum() / max(valid.sum(), 1)
+    per_q = valid.sum() / max(len(codes), 1)
+    mu_m = train.acc.mean(axis=0)
+    pool_cols = [col.get(f"m{a}", -1) for a in pool_all]
+
+    def feats(tag_lists: list[list[str]], loo: bool) -> np.ndarray:
+        n, m = len(tag_lists), len(train.models)
+        F = np.zeros((n, m, 2))
+        for i, tl in enumerate(tag_lists):
+            rows = [tix[t] for t in tl if t in tix]
+            if not rows:
+                F[i, :, 0] = _logit(np.asarray(mu_e))
+                F[i, :, 1] = _logit(mu_m)
+                continue
+            ea, et = e_acc[rows], e_tot[rows]
+            if loo:
+                ea = ea - accq[i, all_ids].sum()
+                et = et - valid[i, all_ids].sum()
+            ez = _logit((ea + k * per_q * mu_e) / (et + k * per_q)).mean()
+            F[i, :, 0] = ez
+            for j, c in enumerate(pool_cols):
+                if c < 0:
+                    F[i, j, 1] = _logit(mu_m[j])
+                    continue
+                pa, pn = A[rows, c], N[rows, c]
+                if loo:
+                    pa = pa - float(train.acc[i, j])
+                    pn = pn - 1.0
+                F[i, j, 1] = _logit((pa + k * mu_m[j]) / (pn + k)).mean()
+        return F
+
+    heads = _fit_heads(train, feats(tags, loo=True))
+    return _DifficultyRouter(
+        lambda x: feats([list(dict.fromkeys(t)) for t in x.tags], loo=False), heads, train
+    )
+
+
+def fit_knn_difficulty(train: TrainSet, seed: int, k: int = 25) -> Fitted:
+    """Control for TagRouter+D: the same two features and heads, from the ``k`` nearest training
+    queries by embedding instead of shared tags (same extra labels, no tags)."""
+    codes = train.all_codes
+    valid = codes >= 0
+    accq = (((codes == 0) | (codes == 1)) & valid).sum(axis=1)
+    nval = valid.sum(axis=1)
+    X = train.emb
+    y = train.acc.astype(np.float64)
+
+    def feats(emb: np.ndarray, loo: bool) -> np.ndarray:
+        sims = emb @ X.T
+        if loo:
+            np.fill_diagonal(sims, -np.inf)
+        nn = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        ez = _logit((accq[nn].sum(axis=1) + 1.0) / (nval[nn].sum(axis=1) + 2.0))
+        pm = _logit((y[nn].sum(axis=1) + 1.0) / (k + 2.0))
+        return np.stack([np.repeat(ez[:, None], y.shape[1], axis=1), pm], axis=2)
+
+    heads = _fit_heads(train, feats(X, loo=True))
+    return _DifficultyRouter(lambda x: feats(x.emb, loo=False), heads, train)
+
+
 # ==== Registry ====
 
 #: TagRouter+ as chosen by paired comparisons on AlpacaEval 2.0 (docs/eval.md): per-tag accept
@@ -525,5 +667,9 @@ def default_methods(plus: TagConfig | None = None) -> list[Method]:
             lambda t, s: fit_tagrouter(t, s, TagConfig(theta=None)),
         ),
         Method("TagRouter+", "tagrouter", lambda t, s: fit_tagrouter(t, s, plus)),
+        Method("TagRouter+D", "tagrouter", lambda t, s: fit_tag_difficulty(t, s, k=50.0)),
+        # Same extra labels (every model's judgments) without tags: tells whether +D's gain, if
+        # any, comes from the tags or only from the extra labels.
+        Method("KNN+D (control)", "baseline", fit_knn_difficulty),
     ]
     return out

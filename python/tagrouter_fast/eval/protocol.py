@@ -104,6 +104,7 @@ class PoolData:
             cost=table.cost_matrix(models)[keep],
             subsets=[table.subsets[i] for i in keep],
             all_codes=table.outcome_codes[keep],
+            all_index=table.model_index(models),
         )
         return cls(ts, dropped)
 
