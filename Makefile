@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# maturin installs into $VIRTUAL_ENV when set: point it at this venv, whatever shell it runs from.
+export VIRTUAL_ENV := $(abspath $(VENV))
 # Extras installed by `make setup`. `export` brings torch (~3 GB) for the ONNX export/parity tests.
 EXTRAS ?= test,eval,export
 Q ?= Rewrite the sentence so that it's in the present tense: She had worked at the company for the past 3 years.

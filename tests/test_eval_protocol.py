@@ -19,9 +19,9 @@ from tagrouter_fast.eval.methods import (
     TagConfig,
     default_methods,
     fit_knn,
+    fit_knn_difficulty,
     fit_prior,
     fit_random,
-    fit_knn_difficulty,
     fit_tag_difficulty,
     fit_tagrouter,
 )
@@ -246,7 +246,12 @@ def test_difficulty_variants_learn_on_synthetic(tmp_path):
         Method("KNN+D (control)", "baseline", fit_knn_difficulty),
     ]
     res = build_result(
-        d, models=["big", "small"], folds=3, methods=methods, n_boot=100, progress=False,
+        d,
+        models=["big", "small"],
+        folds=3,
+        methods=methods,
+        n_boot=100,
+        progress=False,
         features=feats,
     )
     m = res["methods"]

@@ -28,8 +28,10 @@ __all__ = [
     "Method",
     "QueryFeatures",
     "TrainSet",
-    "scoring_impl",
     "default_methods",
+    "fit_knn_difficulty",
+    "fit_tag_difficulty",
+    "scoring_impl",
 ]
 
 
@@ -495,7 +497,9 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def _tag_accept_tables(train: TrainSet, tags: list[list[str]]) -> tuple[Any, np.ndarray, np.ndarray]:
+def _tag_accept_tables(
+    train: TrainSet, tags: list[list[str]]
+) -> tuple[Any, np.ndarray, np.ndarray]:
     """Per-(tag, model) accept and judgment counts over every model of the table.
 
     Both come from the product scorer with ``weighting="none"`` (``w_t = 1``): scores
@@ -516,8 +520,9 @@ def _tag_accept_tables(train: TrainSet, tags: list[list[str]]) -> tuple[Any, np.
 
 
 class _DifficultyRouter(Fitted):
-    def __init__(self, featurize: Callable[[QueryFeatures], np.ndarray], heads: list[Any],
-                 train: TrainSet) -> None:
+    def __init__(
+        self, featurize: Callable[[QueryFeatures], np.ndarray], heads: list[Any], train: TrainSet
+    ) -> None:
         self._featurize = featurize
         self._heads = heads
         self._train = train
