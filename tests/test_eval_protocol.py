@@ -299,3 +299,25 @@ def test_real_pool_end_to_end():
     # The oracle bounds every router.
     assert all(m["oracle"]["auc"] >= m[n]["auc"] for n in want)
     assert Counter(k for k in m)["TagRouter"] == 1
+
+
+def test_repeated_splits_do_not_narrow_the_bootstrap_interval(tmp_path):
+    # Repeating the same split adds no information about new queries: the paired interval must
+    # not shrink, which it would if each seed's folds were resampled independently.
+    d, feats = _synthetic(tmp_path, n=150)
+    methods = [m for m in _light_methods() if m.name in ("prior", "RouterBench-KNN", "TagRouter")]
+
+    def ci(seeds: list[int]) -> list[float]:
+        res = build_result(
+            d,
+            models=["big", "small"],
+            folds=3,
+            seeds=seeds,
+            methods=methods,
+            n_boot=200,
+            progress=False,
+            features=feats,
+        )
+        return res["methods"]["TagRouter"]["delta_auc_vs_best_baseline"]["ci95"]
+
+    assert ci([0, 0]) == pytest.approx(ci([0, 0, 0]))

@@ -238,7 +238,13 @@ def evaluate(
                     progress(meth.name)
             # Remember the fold's test labels for the paired bootstrap.
             results.setdefault("__fold__", []).append(
-                FoldResult({}, None, None, None, extra={"acc_llm": test.acc[:, llm].astype(float)})
+                FoldResult(
+                    {},
+                    None,
+                    None,
+                    None,
+                    extra={"acc_llm": test.acc[:, llm].astype(float), "rows": test_rows},
+                )
             )
     return results
 
@@ -288,7 +294,10 @@ def summarize(
     with a curve, ``delta_auc_vs_best_baseline`` holds the mean and std of the per-fold AUC
     difference and a 95% percentile interval of the paired bootstrap: each fold's test queries
     are resampled with replacement (the same resample for both methods), the AUC difference is
-    recomputed on every fold and averaged over folds. Same for PAUC.
+    recomputed on every fold and averaged over folds. With several seeds each query is in one
+    test fold per seed, so the queries are resampled once and every fold takes its queries'
+    weights (a resample that drops all of a fold's queries does not occur at these sizes).
+    Same for PAUC.
 
     Returns:
         ``(methods, best_baseline_name)``.
@@ -332,9 +341,20 @@ def summarize(
     best = max(baselines, key=lambda n: out[n]["auc"])
     rng = np.random.default_rng(seed)
     weights = []
-    for f in folds:
-        nf = len(f.extra["acc_llm"])
-        weights.append(rng.multinomial(nf, np.full(nf, 1.0 / nf), size=n_boot).astype(np.float64))
+    rows = [np.asarray(f.extra.get("rows", np.arange(len(f.extra["acc_llm"])))) for f in folds]
+    n_all = int(max(r.max() for r in rows)) + 1 if rows else 0
+    if sum(len(r) for r in rows) > n_all:
+        # Several seeds: every query sits in one test fold per seed. Resampling each fold on
+        # its own would treat the seeds as independent samples of queries and shrink the
+        # interval; resample the queries once and give each fold its queries' weights.
+        glob = rng.multinomial(n_all, np.full(n_all, 1.0 / n_all), size=n_boot)
+        weights = [glob[:, r].astype(np.float64) for r in rows]
+    else:
+        for f in folds:
+            nf = len(f.extra["acc_llm"])
+            weights.append(
+                rng.multinomial(nf, np.full(nf, 1.0 / nf), size=n_boot).astype(np.float64)
+            )
 
     def boot(name: str) -> tuple[np.ndarray, np.ndarray]:
         aucs, paucs = [], []
