@@ -29,7 +29,60 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     _add_args(e)
     e.set_defaults(func=run_eval)
+    sg = subparsers.add_parser(
+        "eval-signal",
+        help="how much routing signal a pool holds, and the power to detect a better router",
+    )
+    _add_signal_args(sg)
+    sg.set_defaults(func=run_signal_cmd)
     return e
+
+
+def _add_signal_args(e: argparse.ArgumentParser) -> None:
+    e.add_argument(
+        "--data", required=True, metavar="DIR", help="routing-table dir (queries.csv, outcomes.csv)"
+    )
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--pool", help="named pool (see tagrouter_fast.data.POOLS)")
+    g.add_argument("--models", help="comma-separated model names")
+    e.add_argument("--llm", help="M_LLM (default: the pool's, else the most expensive model)")
+    e.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    e.add_argument("--seed", type=int, default=0, help="split and simulation seed (default 0)")
+    e.add_argument(
+        "--reps", type=int, default=100, help="simulated routers per correlation (default 100)"
+    )
+    e.add_argument(
+        "--rho-rival",
+        type=float,
+        default=0.1,
+        help="gain correlation of the rival router in the power curve (default 0.1)",
+    )
+    e.add_argument("--json", metavar="OUT", help="write every number as JSON")
+
+
+def run_signal_cmd(args: argparse.Namespace) -> int:
+    """Entry point of ``tagrouter eval-signal``."""
+    from tagrouter_fast.eval.signal import run_signal, signal_report
+
+    if not 0.0 <= args.rho_rival < 1.0:
+        raise ValueError(f"--rho-rival must be in [0, 1), got {args.rho_rival}")
+    if args.reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {args.reps}")
+    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    res = run_signal(
+        args.data,
+        pool=args.pool,
+        models=models,
+        llm=args.llm,
+        folds=args.folds,
+        seed=args.seed,
+        reps=args.reps,
+        rho_rival=args.rho_rival,
+    )
+    print(signal_report(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(_clean(res), indent=1, allow_nan=False))
+    return 0
 
 
 def _add_args(e: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,10 @@ __all__ = [
     "QueryFeatures",
     "TrainSet",
     "default_methods",
+    "fit_hybrid",
     "fit_knn_difficulty",
+    "fit_plus",
+    "fit_selected",
     "fit_tag_difficulty",
     "scoring_impl",
 ]
@@ -122,6 +125,8 @@ class Fitted:
     """
 
     fixed_threshold: float | None = None
+    #: What the fit chose (e.g. the configuration picked by inner cross-validation).
+    info: dict[str, Any] = {}
 
     def route(self, x: QueryFeatures) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(pref, slm)`` for each query."""
@@ -631,12 +636,93 @@ def fit_knn_difficulty(train: TrainSet, seed: int, k: int = 25) -> Fitted:
     return _DifficultyRouter(lambda x: feats(x.emb, loo=False), heads, train)
 
 
+# ==== Selection on the training folds ====
+
+
+def fit_selected(
+    train: TrainSet,
+    seed: int,
+    candidates: Sequence[tuple[str, Callable[[TrainSet, int], Fitted]]],
+    inner_folds: int = 3,
+) -> Fitted:
+    """Fit the candidate whose inner-cross-validated AUC on ``train`` is highest.
+
+    Hyper-parameters chosen by looking at the evaluation's own test folds flatter a method;
+    chosen this way, only training-fold labels decide. Each candidate routes the out-of-fold
+    queries of an inner stratified split; the AUC of its AR-vs-ratio curve, averaged over the
+    inner folds, ranks it (ties: the earlier candidate). The winner is refitted on all of
+    ``train`` and reports its name in ``info["chosen"]``.
+    """
+    from tagrouter_fast.eval import metrics as M
+    from tagrouter_fast.eval.protocol import stratified_folds
+
+    if not candidates:
+        raise ValueError("no candidates to select from")
+    n = len(train.query_ids)
+    splits = stratified_folds(train.subsets, inner_folds, seed + 15485863)
+    llm = train.llm
+    best_name, best_fit, best_auc = candidates[0][0], candidates[0][1], -np.inf
+    scores = {}
+    for name, fit in candidates:
+        aucs = []
+        for test in splits:
+            tr = np.setdiff1d(np.arange(n), test)
+            pref, slm = fit(train.subset_rows(tr), seed).route(train.features(test))
+            a_slm = train.acc[test, np.asarray(slm)].astype(np.float64)
+            c = M.sweep(np.asarray(pref, float), train.acc[test, llm], a_slm)
+            aucs.append(M.auc(c.ratio, c.ar))
+        scores[name] = float(np.mean(aucs))
+        if scores[name] > best_auc:
+            best_name, best_fit, best_auc = name, fit, scores[name]
+    fitted = best_fit(train, seed)
+    fitted.info = {"chosen": best_name, "inner_auc": scores}
+    return fitted
+
+
+# ==== Hybrid of tag scores and an embedding router (ours) ====
+
+
+class _QuantileBlend(Fitted):
+    """Averages the preferences of several fitted routers after mapping each through its
+    empirical CDF on the training queries (a fixed monotone map per component, so a query's
+    route does not depend on the other queries routed with it). Small model: the first's."""
+
+    def __init__(self, parts: list[Fitted], train: TrainSet, weights: Sequence[float]) -> None:
+        self.parts = parts
+        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        x = train.features()
+        self.cdfs = [np.sort(self._finite(p.route(x)[0])) for p in parts]
+
+    @staticmethod
+    def _finite(pref: np.ndarray) -> np.ndarray:
+        # +inf marks "no known tag: M_LLM first"; keep it above every finite preference.
+        return np.clip(np.asarray(pref, dtype=np.float64), -1e300, 1e300)
+
+    def route(self, x: QueryFeatures) -> tuple[np.ndarray, np.ndarray]:
+        outs = [p.route(x) for p in self.parts]
+        q = np.zeros(len(x.query_ids))
+        for w, cdf, (pref, _) in zip(self.weights, self.cdfs, outs, strict=True):
+            v = self._finite(pref)
+            lo = np.searchsorted(cdf, v, side="left")
+            hi = np.searchsorted(cdf, v, side="right")
+            q += w * (lo + hi) / (2.0 * len(cdf))
+        return q, np.asarray(outs[0][1])
+
+
+def fit_hybrid(train: TrainSet, seed: int) -> Fitted:
+    """``TagRouter+MF`` (ours): TagRouter+ and RouteLLM-MF preferences, each mapped to its
+    training quantile, averaged with equal weights; the small model is TagRouter+'s. Tests
+    whether the tag scores and the embedding router carry different pieces of the signal."""
+    return _QuantileBlend([fit_plus(train, seed), fit_mf(train, seed)], train, [0.5, 0.5])
+
+
 # ==== Registry ====
 
-#: TagRouter+ as chosen by paired comparisons on AlpacaEval 2.0 (docs/eval.md): per-tag accept
-#: scores shrunk towards the model's global mean with a pseudo-count of 100, averaged (not summed)
-#: over the query's known tags, theta* chosen on the training folds, raw tagger tags (the
-#: frequency filter of the normalization drops most tags of a 1k-query table).
+#: TagRouter+ (ours, docs/eval.md): per-tag accept scores shrunk towards the model's global
+#: mean with a pseudo-count (100 here; ``TagRouter+`` itself picks it from ``PLUS_STRENGTHS`` on
+#: the training folds), averaged (not summed) over the query's known tags, theta* chosen on the
+#: training folds, raw tagger tags (the frequency filter of the normalization drops most tags of
+#: a 1k-query table).
 PLUS = TagConfig(
     weighting="shrunk",
     prior_strength=100.0,
@@ -647,13 +733,30 @@ PLUS = TagConfig(
 )
 
 
+#: Pseudo-counts ``TagRouter+`` chooses from by inner cross-validation on the training folds.
+PLUS_STRENGTHS = (30.0, 100.0, 300.0)
+
+
+def fit_plus(train: TrainSet, seed: int, base: TagConfig | None = None) -> Fitted:
+    """``TagRouter+``: :data:`PLUS` with its pseudo-count chosen on the training folds."""
+    base = base or PLUS
+    cands = [
+        (
+            f"prior_strength={k:g}",
+            lambda t, s, k=k: fit_tagrouter(t, s, replace(base, prior_strength=k)),
+        )
+        for k in PLUS_STRENGTHS
+    ]
+    return fit_selected(train, seed, cands)
+
+
 def default_methods(plus: TagConfig | None = None) -> list[Method]:
     """Every method of the Table-2 comparison, in display order.
 
     Args:
-        plus: Configuration of ``TagRouter+`` (defaults to shrunk weighting, pseudo-count 10).
+        plus: Base configuration of ``TagRouter+`` (default :data:`PLUS`; its pseudo-count is
+            chosen from :data:`PLUS_STRENGTHS` on the training folds).
     """
-    plus = plus or PLUS
     out = [
         Method("random", "reference", fit_random),
         Method("prior", "baseline", fit_prior),
@@ -671,8 +774,9 @@ def default_methods(plus: TagConfig | None = None) -> list[Method]:
             "tagrouter",
             lambda t, s: fit_tagrouter(t, s, TagConfig(theta=None)),
         ),
-        Method("TagRouter+", "tagrouter", lambda t, s: fit_tagrouter(t, s, plus)),
+        Method("TagRouter+", "tagrouter", lambda t, s: fit_plus(t, s, plus)),
         Method("TagRouter+D", "tagrouter", lambda t, s: fit_tag_difficulty(t, s, k=50.0)),
+        Method("TagRouter+MF", "tagrouter", fit_hybrid),
         # Same extra labels (every model's judgments) without tags: tells whether +D's gain, if
         # any, comes from the tags or only from the extra labels.
         Method("KNN+D (control)", "baseline", fit_knn_difficulty),

@@ -40,6 +40,7 @@ METRIC_KEYS = (
     "apgr",
     "cpt50",
     "aiq",
+    "gain_corr",
 )
 
 
@@ -163,8 +164,22 @@ def _score_fold(
         apgr=M.apgr(area, ref["ar_weak"], ref["ar_llm"]),
         cpt50=M.cpt(curve.ratio, curve.ar, ref["ar_weak"], ref["ar_llm"], 0.5),
         aiq=M.aiq(curve.cost, curve.ar, ref["c_lo"], ref["c_hi"]),
+        gain_corr=_rank_corr(pref, a_llm - a_slm),
     )
     return out, curve
+
+
+def _rank_corr(pref: np.ndarray, gain: np.ndarray) -> float:
+    """Spearman correlation of a router's preference with the realized gain of M_LLM over its
+    small model: what AUC rewards (its excess over the random line is about Cov(gain, rank)),
+    and the x-axis of ``tagrouter eval-signal``'s power curve. 0 for a constant preference."""
+    from scipy.stats import rankdata
+
+    rp = rankdata(np.maximum(np.asarray(pref, dtype=np.float64), -1e300))
+    rg = rankdata(gain)
+    if rp.std() == 0 or rg.std() == 0:
+        return 0.0
+    return float(np.corrcoef(rp, rg)[0, 1])
 
 
 def _point_metrics(op: dict[str, float], ref: dict[str, float]) -> dict[str, float]:
@@ -232,7 +247,14 @@ def evaluate(
                 met, curve = _score_fold(np.asarray(pref, float), np.asarray(slm), thr, test, ref)
                 met["threshold"] = float(thr)
                 results.setdefault(meth.name, []).append(
-                    FoldResult(met, curve, np.asarray(pref, float), _acc_cost(test, slm)[0], fit_s)
+                    FoldResult(
+                        met,
+                        curve,
+                        np.asarray(pref, float),
+                        _acc_cost(test, slm)[0],
+                        fit_s,
+                        extra=dict(getattr(fitted, "info", {}) or {}),
+                    )
                 )
                 if progress:
                     progress(meth.name)
@@ -323,6 +345,8 @@ def summarize(
         entry["per_fold"] = {
             k: [r.metrics.get(k) for r in rs] for k in ("ar", "auc", "pauc", "cost", "threshold")
         }
+        if any("chosen" in r.extra for r in rs):
+            entry["per_fold"]["chosen"] = [r.extra.get("chosen") for r in rs]
         if rs[0].curve is not None:
             ys = [np.interp(grid, r.curve.ratio, r.curve.ar) for r in rs if r.curve is not None]
             cs = [np.interp(grid, r.curve.ratio, r.curve.cost) for r in rs if r.curve is not None]
