@@ -101,6 +101,14 @@ def test_non_finite_theta(scorer, theta):
         TagDecider(scorer, {"big": 2.0, "small": 1.0}).with_theta(theta)
 
 
+def test_bad_aggregation(scorer):
+    costs = {"big": 2.0, "small": 1.0}
+    with pytest.raises(ValueError, match=r"unknown aggregation 'avg'; expected 'sum' or 'mean'"):
+        TagDecider(scorer, costs, aggregation="avg")
+    with pytest.raises(TypeError, match="aggregation must be a str"):
+        TagDecider(scorer, costs, aggregation=None)  # type: ignore[arg-type]
+
+
 def test_empty_model_set(scorer):
     with pytest.raises(ValueError, match="empty model set"):
         TagDecider(scorer, {})

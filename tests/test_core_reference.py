@@ -1,6 +1,6 @@
 """Property tests: the Rust core agrees with the pure-Python reference (`_reference.py`) to the
-last bit on random stores, tag lists, thetas and weightings; updates equal rebuilding from
-scratch."""
+last bit on random stores, tag lists, thetas, weightings and aggregations; updates equal
+rebuilding from scratch."""
 
 from __future__ import annotations
 
@@ -53,21 +53,23 @@ query_tags = st.lists(st.sampled_from([*TAGS, "unknown-1", "unknown-2"]), max_si
 # Costs from a small set, so that ties in cost (and so the tie-break by name) happen.
 cost_values = st.sampled_from([0.0, 1.0, 2.0, 10.0])
 thetas = st.one_of(st.just(0.0), st.floats(-2.0, 2.0, allow_nan=False))
+aggregations = st.sampled_from(["sum", "mean"])
 
 
 def same_float(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == b
 
 
-def build_pair(records, p, costs, llm_pick, theta, fallback_pick):
+def build_pair(records, p, costs, llm_pick, theta, fallback_pick, aggregation="sum"):
     scorer = TagScorer.from_records(records, **p)
     models = scorer.models
     cost = {m: costs[i % len(costs)] for i, m in enumerate(models)}
     llm = None if llm_pick is None else models[llm_pick % len(models)]
     fallback = None if fallback_pick is None else models[fallback_pick % len(models)]
-    decider = TagDecider(scorer, cost, llm=llm, theta=theta, fallback=fallback)
+    kw = {"llm": llm, "theta": theta, "fallback": fallback, "aggregation": aggregation}
+    decider = TagDecider(scorer, cost, **kw)
     r_scorer = ref.ReferenceScorer(records, **p)
-    r_decider = ref.ReferenceDecider(r_scorer, cost, llm=llm, theta=theta, fallback=fallback)
+    r_decider = ref.ReferenceDecider(r_scorer, cost, **kw)
     return scorer, decider, r_scorer, r_decider
 
 
@@ -118,10 +120,12 @@ def test_paper_weight_denominator_runs_over_all_tags():
     llm_pick=st.one_of(st.none(), st.integers(0, 4)),
     fallback_pick=st.one_of(st.none(), st.integers(0, 4)),
     theta=thetas,
+    agg=aggregations,
     queries=st.lists(query_tags, min_size=1, max_size=8),
 )
-def test_decisions_equal_reference(records, p, costs, llm_pick, fallback_pick, theta, queries):
-    _, decider, _, r_decider = build_pair(records, p, costs, llm_pick, theta, fallback_pick)
+def test_decisions_equal_reference(records, p, costs, llm_pick, fallback_pick, theta, agg, queries):
+    _, decider, _, r_decider = build_pair(records, p, costs, llm_pick, theta, fallback_pick, agg)
+    assert decider.aggregation == agg
     assert decider.models == r_decider.models
     assert decider.llm == r_decider.llm
     assert decider.fallback == r_decider.fallback
@@ -147,6 +151,18 @@ def test_decisions_equal_reference(records, p, costs, llm_pick, fallback_pick, t
     np.testing.assert_array_equal(decider.deltas_batch(queries), r_decider.deltas_batch(queries))
     idx = decider.route_indices_batch(queries)
     assert [decider.models[i] for i in idx] == decider.route_tags_batch(queries)
+    # Another theta, the same aggregation.
+    moved = decider.with_theta(-theta)
+    assert moved.aggregation == agg
+    r_moved = ref.ReferenceDecider(
+        r_decider.scorer,
+        r_decider.costs,
+        llm=r_decider.llm,
+        theta=-theta,
+        fallback=r_decider.fallback,
+        aggregation=agg,
+    )
+    assert moved.route_tags_batch(queries) == r_moved.route_tags_batch(queries)
 
 
 @PROFILE
@@ -156,9 +172,10 @@ def test_decisions_equal_reference(records, p, costs, llm_pick, fallback_pick, t
     raw=st.lists(
         st.tuples(st.sampled_from([*TAGS, "nope"]), st.sampled_from(["", " ", "  "])), max_size=5
     ),
+    agg=aggregations,
 )
-def test_raw_generator_string_equals_split_list(records, costs, raw):
-    _, decider, _, r_decider = build_pair(records, {}, costs, None, 0.0, None)
+def test_raw_generator_string_equals_split_list(records, costs, raw, agg):
+    _, decider, _, r_decider = build_pair(records, {}, costs, None, 0.0, None, agg)
     text = ",".join(pad + t + pad for t, pad in raw) + (", " if raw else "")
     tags = ref.split_tags(text)
     assert decider.route_tag_string(text) == r_decider.route_tags(tags)
@@ -211,6 +228,36 @@ def test_fallback_and_cost_threshold_reasons():
     )
     assert "fallback" in fb.explain() and "poem" in poem.explain()
     assert poem.to_dict()["scores"] == poem.scores
+
+
+def test_mean_averages_over_distinct_known_tags():
+    records = [
+        ("q1", ["poem"], "big", "win"),
+        ("q1", ["poem"], "small", "loss"),
+        ("q2", ["math"], "big", "loss"),
+        ("q2", ["math"], "small", "win"),
+        ("q3", ["code"], "big", "loss"),
+        ("q3", ["code"], "small", "win"),
+    ]
+    s = TagScorer.from_records(records, weighting="none")
+    total = TagDecider(s, {"big": 10.0, "small": 1.0})
+    mean = TagDecider(s, {"big": 10.0, "small": 1.0}, aggregation="mean")
+    assert (total.aggregation, mean.aggregation) == ("sum", "mean")
+    tags = ["math", "code", "math", "haiku"]  # a repeat and an unknown tag do not count
+    assert total.decide(tags).scores == {"big": -2.0, "small": 2.0}
+    d = mean.decide(tags)
+    assert d.scores == {"big": -1.0, "small": 1.0}
+    assert (d.delta, total.decide(tags).delta) == (2.0, 4.0)
+    np.testing.assert_array_equal(mean.scores_batch([tags, []]), [[-1.0, 1.0], [0.0, 0.0]])
+    # The argmax is the same; a theta between the two deltas separates them.
+    assert total.route_tags(tags) == mean.route_tags(tags) == "small"
+    assert total.with_theta(3.0).route_tags(tags) == "small"
+    strict = mean.with_theta(3.0)
+    assert strict.aggregation == "mean"
+    assert (strict.decide(tags).model, strict.decide(tags).reason) == ("big", "cost_threshold")
+    assert "mean score over the 2 known tags" in d.explain()
+    assert "mean" not in total.decide(tags).explain()
+    assert "aggregation='mean'" in repr(mean)
 
 
 def test_candidates_can_be_a_subset_of_the_store():
@@ -308,10 +355,11 @@ def test_reweighted_equals_fresh_build(records, p):
     records=record_sets(min_queries=2),
     costs=st.lists(cost_values, min_size=2, max_size=5),
     queries=st.lists(query_tags, min_size=1, max_size=10),
+    agg=aggregations,
     data=st.data(),
 )
-def test_select_theta_equals_reference(records, costs, queries, data):
-    _, decider, _, r_decider = build_pair(records, {}, costs, None, 0.0, None)
+def test_select_theta_equals_reference(records, costs, queries, agg, data):
+    _, decider, _, r_decider = build_pair(records, {}, costs, None, 0.0, None, agg)
     n, m = len(queries), len(decider.models)
     accept = np.array(
         data.draw(st.lists(st.booleans(), min_size=n * m, max_size=n * m)), dtype=bool
@@ -343,9 +391,10 @@ def test_select_theta_equals_reference(records, costs, queries, data):
     costs=st.lists(cost_values, min_size=2, max_size=5),
     queries=st.lists(query_tags, min_size=1, max_size=12),
     share=st.floats(0.0, 1.0),
+    agg=aggregations,
 )
-def test_theta_for_share_is_the_largest_share_within_budget(records, costs, queries, share):
-    _, decider, _, r_decider = build_pair(records, {}, costs, None, 0.0, None)
+def test_theta_for_share_is_the_largest_share_within_budget(records, costs, queries, share, agg):
+    _, decider, _, r_decider = build_pair(records, {}, costs, None, 0.0, None, agg)
     theta = decider.theta_for_llm_share(queries, share)
     n = len(queries)
 

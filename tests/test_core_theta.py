@@ -88,3 +88,17 @@ def test_target_share_counts_fallback_queries(decider):
         .count("big")
         == 4
     )
+
+
+def test_mean_aggregation_puts_theta_on_the_per_tag_scale(decider):
+    mean = TagDecider(decider.scorer, decider.costs, aggregation="mean")
+    # Each query doubled up with another tag of the same sign: the sums double, the means not.
+    pairs = [["t1", "t2"], ["t3", "t4"], ["t1", "t4"]]
+    np.testing.assert_allclose(decider.deltas_batch(pairs), [-3.15, 3.15, 0.0])
+    np.testing.assert_allclose(mean.deltas_batch(pairs), [-1.575, 1.575, 0.0])
+    found = mean.select_theta(pairs, np.array([[True, False], [False, True], [True, False]]))
+    # The grid comes from the mean deltas; the best keeps the mixed query on big.
+    np.testing.assert_allclose(found.thetas[:3], [-1.575, -0.7875, 0.7875])
+    assert found.accept_rate == 1.0 and found.theta == pytest.approx(0.7875)
+    theta = mean.theta_for_llm_share(pairs, 1 / 3)
+    assert mean.with_theta(theta).route_tags_batch(pairs) == ["big", "small", "small"]

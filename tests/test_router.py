@@ -109,6 +109,32 @@ def test_bundle_round_trip(table_dir: Path, tmp_path: Path) -> None:
     assert TagRouter.load(path, tagger=KeywordTagger(), theta=0.5).decider.theta == 0.5
 
 
+def test_bundle_keeps_the_aggregation(table_dir: Path, tmp_path: Path) -> None:
+    router = TagRouter.build(
+        load_table(table_dir),
+        ["big", "small"],
+        tagger=KeywordTagger(),
+        aggregation="mean",
+        normalize=False,
+    )
+    assert router.decider.aggregation == "mean"
+    path = router.save(tmp_path / "bundle")
+    meta = json.loads((path / "router.json").read_text())
+    assert meta["aggregation"] == "mean"
+    loaded = TagRouter.load(path, tagger=KeywordTagger(), theta=0.3)
+    assert loaded.decider.aggregation == "mean"
+    tags = ["Algebra", "Creative Writing", "Poetry Writing"]
+    assert loaded.decide_tags(tags).scores == router.decide_tags(tags).scores
+    # Bundles from before the option have no key: they summed, and still do.
+    del meta["aggregation"]
+    (path / "router.json").write_text(json.dumps(meta))
+    assert TagRouter.load(path, tagger=KeywordTagger()).decider.aggregation == "sum"
+    meta["aggregation"] = "median"
+    (path / "router.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="unknown aggregation 'median'"):
+        TagRouter.load(path, tagger=KeywordTagger())
+
+
 def test_bundle_errors(tmp_path: Path, table_dir: Path) -> None:
     with pytest.raises(BundleError, match="not a router bundle"):
         TagRouter.load(tmp_path)
@@ -164,6 +190,20 @@ def test_cli_build_and_route_with_default_tagger(
     assert d["model"] == "small", d
     assert main(["route", "--router", str(bundle), "Solve the equation 3x + 4 = 6"]) == 0
     assert capsys.readouterr().out.strip() == "big"
+    assert json.loads((bundle / "router.json").read_text())["aggregation"] == "sum"
+
+
+def test_cli_build_store_aggregation(
+    table_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "bundle"
+    args = ["build-store", "--data", str(table_dir), "--models", "big,small", "--out", str(bundle)]
+    assert main([*args, "--aggregation", "mean"]) == 0
+    assert json.loads((bundle / "router.json").read_text())["aggregation"] == "mean"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*args, "--aggregation", "median"])
+    assert "invalid choice: 'median'" in capsys.readouterr().err
 
 
 def test_cli_errors_are_messages_not_tracebacks(

@@ -3,7 +3,8 @@
 Written for clarity, straight from the paper (3.3, 3.4, G.2), independently of the Rust core. It
 performs the floating-point operations in the same order as the core (outcome sums as
 ``win * s_win + tie * s_tie + loss * s_loss``, S(M) summed over a query's distinct known tags in
-the order first seen), so the two agree to the last bit, not merely approximately.
+the order first seen, then divided by their number for the mean), so the two agree to the last
+bit, not merely approximately.
 
 >>> scorer = ReferenceScorer([("q1", ["poem"], "big", "win"), ("q1", ["poem"], "small", "loss")])
 >>> ReferenceDecider(scorer, {"big": 10.0, "small": 1.0}).route_tags(["poem"])
@@ -113,7 +114,7 @@ class ReferenceScorer:
 
 
 class ReferenceDecider:
-    """Cost-aware decider: argmax of summed tag scores, then Delta_q against theta."""
+    """Cost-aware decider: argmax of summed (or averaged) tag scores, then Delta_q against theta."""
 
     def __init__(
         self,
@@ -122,7 +123,11 @@ class ReferenceDecider:
         llm: str | None = None,
         theta: float = 0.0,
         fallback: str | None = None,
+        aggregation: str = "sum",
     ) -> None:
+        if aggregation not in ("sum", "mean"):
+            raise ValueError(f"unknown aggregation {aggregation!r}")
+        self.aggregation = aggregation
         self.scorer = scorer
         self.models = [m for m in scorer.models if m in costs]
         self.costs = {m: float(costs[m]) for m in self.models}
@@ -133,6 +138,12 @@ class ReferenceDecider:
         self.fallback = fallback if fallback is not None else llm
         self.theta = theta
         self.table = scorer.score_table()
+
+    def _aggregate(self, sums: dict[str, float], n_known: int) -> dict[str, float]:
+        """S(M) from the sums over ``n_known`` distinct known tags."""
+        if self.aggregation == "mean" and n_known > 0:
+            return {m: s / n_known for m, s in sums.items()}
+        return sums
 
     def _argmax(self, sums: Mapping[str, float], among: Iterable[str]) -> str:
         # Highest S(M); ties to the cheaper model, then to the smaller name.
@@ -151,6 +162,7 @@ class ReferenceDecider:
         for t in known:
             for m in self.models:
                 sums[m] += self.table[t][m]
+        sums = self._aggregate(sums, len(known))
         out: dict[str, Any] = {
             "scores": sums,
             "known_tags": known,
@@ -198,6 +210,7 @@ class ReferenceDecider:
                     sums[m] += row[m]
         if not seen:
             return self.fallback
+        sums = self._aggregate(sums, len(seen))
         if len(self.models) == 1:
             return self.models[0]
         slm = self._argmax(sums, [m for m in self.models if m != self.llm])
@@ -257,6 +270,9 @@ class NumpyDecider:
         for k in range(gathered.shape[1]):
             sums = sums + gathered[:, k, :]
         has = np.array([len(q) > 0 for q in per_query], dtype=bool)
+        if self.ref.aggregation == "mean":
+            counts = np.array([max(len(q), 1) for q in per_query], dtype=np.float64)
+            sums = sums / counts[:, None]
         if len(self.pref) == 1:
             chosen = np.zeros(n, dtype=np.int64)
         else:
@@ -286,7 +302,12 @@ def evaluate_theta(
 ) -> tuple[float, float, float]:
     """(accept rate, mean cost, share routed to M_LLM) of routing the set at ``theta``."""
     d = ReferenceDecider(
-        decider.scorer, decider.costs, llm=decider.llm, theta=theta, fallback=decider.fallback
+        decider.scorer,
+        decider.costs,
+        llm=decider.llm,
+        theta=theta,
+        fallback=decider.fallback,
+        aggregation=decider.aggregation,
     )
     col = {m: i for i, m in enumerate(d.models)}
     acc = tot = llm = 0.0

@@ -56,7 +56,14 @@ def _cmd_build_store(args: argparse.Namespace) -> int:
     from tagrouter_fast.router import build_bundle
 
     models = args.models.split(",") if args.models else None
-    out = build_bundle(args.data, pool=args.pool, out=args.out, models=models, llm=args.llm)
+    out = build_bundle(
+        args.data,
+        pool=args.pool,
+        out=args.out,
+        models=models,
+        llm=args.llm,
+        aggregation=args.aggregation,
+    )
     print(f"router bundle written to {out}")
     return 0
 
@@ -91,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pool", help="candidate pool name from the data README (default: five-api)")
     g.add_argument("--models", help="comma-separated candidate models")
     b.add_argument("--llm", help="M_LLM (default: the pool's, else the most expensive model)")
+    b.add_argument(
+        "--aggregation",
+        choices=["sum", "mean"],
+        default="sum",
+        help="combine a query's tag scores by sum (the paper, default) or mean",
+    )
     b.add_argument("--out", metavar="DIR", help="bundle dir (default: <cache>/routers/default)")
     b.set_defaults(func=_cmd_build_store)
 

@@ -2,8 +2,8 @@
 
 A router is saved as a *bundle* directory: the tag-score store (counts, see
 docs/store-format.md) and a small `router.json` with what the decider needs besides the store
-(per-model costs, M_LLM, theta, fallback) and which tagger produced the store's tags, so that the
-same tagger is used at routing time.
+(per-model costs, M_LLM, theta, fallback, aggregation) and which tagger produced the store's
+tags, so that the same tagger is used at routing time.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tagrouter_fast.normalize import TagNormalization
-from tagrouter_fast.scoring import Decision, TagDecider, TagScorer
+from tagrouter_fast.scoring import AGGREGATIONS, Decision, TagDecider, TagScorer
 
 if TYPE_CHECKING:
     from tagrouter_fast.data import RoutingTable
@@ -188,6 +188,7 @@ class TagRouter:
         tagger: Any = None,
         query_ids: Iterable[str] | None = None,
         theta: float = 0.0,
+        aggregation: str = "sum",
         s_win: float = 1.0,
         s_tie: float = 0.15,
         s_loss: float = -1.0,
@@ -207,6 +208,9 @@ class TagRouter:
         with `min_count`, DBSCAN semantic merge) on the training tags first and keeps the
         mapping in the router. The default (`None`) normalizes open-vocabulary taggers and not
         the embedded `DefaultTagger`, whose tags already come from a fixed, clean vocabulary.
+
+        `aggregation` is the decider's: "sum" (the paper) or "mean" of the tag scores (see
+        `TagDecider`); it is saved with the bundle.
         """
         from tagrouter_fast.cache import tag_cached
 
@@ -254,7 +258,7 @@ class TagRouter:
             weighting=weighting,
             prior_strength=prior_strength,
         )
-        decider = TagDecider(scorer, costs=costs, llm=llm, theta=theta)
+        decider = TagDecider(scorer, costs=costs, llm=llm, theta=theta, aggregation=aggregation)
         return cls(decider, tagger, normalization=normalization)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -272,6 +276,7 @@ class TagRouter:
             "llm": self.decider.llm,
             "theta": self.decider.theta,
             "fallback": self.decider.fallback,
+            "aggregation": self.decider.aggregation,
             "tagger": _tagger_spec(self.tagger) if self.tagger is not None else None,
             "align": self._align,
             "align_floor": self._align_floor,
@@ -305,6 +310,12 @@ class TagRouter:
                 f"{meta_path}: bundle format {meta.get('format')!r} v{meta.get('version')!r}, "
                 f"this version reads {BUNDLE_FORMAT!r} v{BUNDLE_VERSION}"
             )
+        # Bundles written before the option existed summed, as the paper does.
+        aggregation = meta.get("aggregation", "sum")
+        if aggregation not in AGGREGATIONS:
+            raise BundleError(
+                f"{meta_path}: unknown aggregation {aggregation!r}; expected 'sum' or 'mean'"
+            )
         scorer = TagScorer.load(root / meta["store"])
         decider = TagDecider(
             scorer,
@@ -312,6 +323,7 @@ class TagRouter:
             llm=meta["llm"],
             theta=meta["theta"] if theta is None else theta,
             fallback=meta.get("fallback"),
+            aggregation=aggregation,
         )
         if tagger is None and meta.get("tagger") is not None:
             tagger = _tagger_from_spec(meta["tagger"])
@@ -355,6 +367,7 @@ def build_bundle(
     *,
     models: Sequence[str] | None = None,
     llm: str | None = None,
+    aggregation: str = "sum",
     show_progress: bool = True,
 ) -> Path:
     """Convert judgments in the routing-table format into a router bundle (one command:
@@ -379,7 +392,9 @@ def build_bundle(
             f"into {dest}",
             file=sys.stderr,
         )
-    router = TagRouter.build(table, models, llm=llm, show_progress=show_progress)
+    router = TagRouter.build(
+        table, models, llm=llm, aggregation=aggregation, show_progress=show_progress
+    )
     return router.save(dest)
 
 

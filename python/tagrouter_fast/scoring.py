@@ -3,7 +3,8 @@ extension `tagrouter_fast._core`.
 
 A `TagScorer` holds raw win/tie/loss counts per (tag, model) and the tag frequencies, and derives
 ``score(M, t) = w_t * sum_r count(t, M, r) * s_r``. A `TagDecider` routes a query's tags to the
-model with the highest summed score, then applies the paper's cost-aware threshold theta.
+model with the highest summed (or, optionally, averaged) score, then applies the paper's
+cost-aware threshold theta.
 
 >>> records = [
 ...     ("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss"),
@@ -54,6 +55,7 @@ Record = tuple[Any, Sequence[str], str, str]
 """One outcome record: ``(query_id, tags, model, outcome)`` with outcome "win", "tie" or "loss"."""
 
 WEIGHTINGS = ("paper", "none", "shrunk")
+AGGREGATIONS = ("sum", "mean")
 
 # ==== Scorer ====
 
@@ -388,8 +390,9 @@ class ThetaSearch:
 class TagDecider:
     """Routes a query's tags to a model (paper 3.4).
 
-    ``S(M)`` sums ``score(M, t)`` over the query's distinct known tags; ``M* = argmax S`` (ties
-    go to the cheaper model, then the smaller name). ``M_SLM`` is the argmax over the models
+    ``S(M)`` sums ``score(M, t)`` over the query's distinct known tags (with
+    ``aggregation="mean"``: averages them); ``M* = argmax S`` (ties go to the cheaper model, then
+    the smaller name). ``M_SLM`` is the argmax over the models
     other than ``M_LLM``; the query goes to ``M_SLM`` when
     ``Delta_q = S(M_SLM) - S(M_LLM) >= theta`` and to ``M_LLM`` otherwise. So theta = 0 is the
     argmax, a lower theta saves cost, a higher one (paper G.1) favours ``M_LLM``. Tags unknown to
@@ -402,9 +405,16 @@ class TagDecider:
         llm: M_LLM; by default the most expensive candidate (ties: the smaller name).
         theta: the cost-awareness threshold.
         fallback: the model for queries with no known tag; by default M_LLM.
+        aggregation: how a query's tag scores combine into ``S(M)``: "sum" (the paper) or
+            "mean" (the sum divided by the number of distinct known tags). The mean keeps the
+            argmax but puts ``Delta_q`` on a per-tag scale, so a theta means the same for
+            queries with few or many tags (TagRouter+ in docs/eval.md pairs it with
+            ``weighting="shrunk"``). Choose theta with the aggregation you route with.
 
     Raises:
-        ValueError: empty costs, a NaN, infinite or negative cost, a non-finite theta.
+        ValueError: empty costs, a NaN, infinite or negative cost, a non-finite theta, an
+            aggregation other than "sum" or "mean".
+        TypeError: a cost or theta that is not a number, an aggregation that is not a str.
         UnknownModelError: a model in costs, llm or fallback that the store (or costs) lacks.
 
     >>> recs = [("q", ["Poem"], "big", "win"), ("q", ["Poem"], "small", "tie")]
@@ -412,6 +422,8 @@ class TagDecider:
     >>> d = TagDecider(scorer, costs={"big": 10.0, "small": 1.0}, theta=-1.0)
     >>> d.decide(["Poem", "Haiku"]).model, d.decide(["Poem", "Haiku"]).unknown_tags
     ('small', ['Haiku'])
+    >>> TagDecider(scorer, costs={"big": 10.0, "small": 1.0}, aggregation="mean").aggregation
+    'mean'
     """
 
     def __init__(
@@ -421,6 +433,7 @@ class TagDecider:
         llm: str | None = None,
         theta: float = 0.0,
         fallback: str | None = None,
+        aggregation: str = "sum",
     ) -> None:
         store = scorer._core if isinstance(scorer, TagScorer) else scorer
         if not isinstance(costs, Mapping):
@@ -436,7 +449,11 @@ class TagDecider:
             clean[model] = float(cost)
         if isinstance(theta, bool) or not isinstance(theta, (int, float, np.floating, np.integer)):
             raise TypeError(f"theta must be a number, got {type(theta).__name__}")
-        self._bind(_core.Decider(store, clean, llm, float(theta), fallback))
+        if not isinstance(aggregation, str):
+            raise TypeError(
+                f"aggregation must be a str ('sum' or 'mean'), got {type(aggregation).__name__}"
+            )
+        self._bind(_core.Decider(store, clean, llm, float(theta), fallback, aggregation))
 
     def _bind(self, core: _core.Decider) -> None:
         self._core = core
@@ -481,12 +498,20 @@ class TagDecider:
     def theta(self) -> float:
         return self._core.theta
 
+    @property
+    def aggregation(self) -> str:
+        """How tag scores combine into ``S(M)``: "sum" (the paper) or "mean"."""
+        return self._core.aggregation
+
     def with_theta(self, theta: float) -> TagDecider:
-        """The same decider with another theta (cheap: the score table is shared)."""
+        """The same decider with another theta (and the same aggregation)."""
         return TagDecider._from_core(self._core.with_theta(float(theta)))
 
     def __repr__(self) -> str:
-        return f"TagDecider(models={self.models!r}, llm={self.llm!r}, theta={self.theta!r})"
+        return (
+            f"TagDecider(models={self.models!r}, llm={self.llm!r}, theta={self.theta!r}, "
+            f"aggregation={self.aggregation!r})"
+        )
 
     # ---- routing ----
 
@@ -525,7 +550,8 @@ class TagDecider:
         return self._core.decide_tag_string(raw)
 
     def scores_batch(self, list_of_tags: Sequence[Sequence[str]]) -> np.ndarray:
-        """``S(M)`` as a ``(n_queries, len(models))`` float64 array, in `models` order."""
+        """``S(M)`` as a ``(n_queries, len(models))`` float64 array, in `models` order: the known
+        tags' scores summed or averaged, per `aggregation`."""
         return self._core.scores_batch(list_of_tags)
 
     def deltas_batch(self, list_of_tags: Sequence[Sequence[str]]) -> np.ndarray:

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use tagrouter_core::table::{Outcome, Params, Record, Store};
-use tagrouter_core::{store_io, Decider};
+use tagrouter_core::{store_io, Aggregation, Decider};
 
 /// Deterministic xorshift, so that runs compare.
 struct Rng(u64);
@@ -90,6 +90,11 @@ fn routing(c: &mut Criterion) {
     let one = &queries[0];
     c.bench_function("route 5 tags x 5 models", |b| {
         b.iter(|| dec.route(black_box(one)));
+    });
+    // What the mean adds on top: one division per model.
+    let mean = dec.clone().with_aggregation(Aggregation::Mean);
+    c.bench_function("route 5 tags x 5 models (mean)", |b| {
+        b.iter(|| mean.route(black_box(one)));
     });
     c.bench_function("explain 5 tags x 5 models", |b| {
         b.iter(|| dec.explain(black_box(one)));

@@ -1,7 +1,7 @@
-//! The TagDecider (paper 3.4): summed tag scores, argmax, and the cost-aware threshold.
+//! The TagDecider (paper 3.4): aggregated tag scores, argmax, and the cost-aware threshold.
 //!
 //! Rule, for a query with at least one known tag, `S(M) = sum_t score(M, t)` over its distinct
-//! known tags:
+//! known tags (the paper), or with `Aggregation::Mean` that sum divided by their number:
 //! - `M* = argmax S`, ties going to the cheaper model, then to the smaller name;
 //! - `M_SLM` = the same argmax over every candidate except `M_LLM`;
 //! - `Delta_q = S(M_SLM) - S(M_LLM)`; the query goes to `M_SLM` when `Delta_q >= theta`, else to
@@ -10,16 +10,51 @@
 //! With `theta = 0` this is the argmax (up to an exact tie between `M_SLM` and `M_LLM`, which goes
 //! to `M_SLM` as the paper's `>=` says); lower `theta` moves queries to the small models, higher
 //! `theta` (paper G.1) moves them to `M_LLM`. A query with no known tag goes to the fallback model.
+//!
+//! The mean leaves `M*` and `M_SLM` as they are (up to ties made by rounding) but rescales
+//! `Delta_q`: a query with many tags no longer has a larger margin merely for having more tags,
+//! so one theta means the same for short and long tag lists.
 
 use std::sync::Arc;
 
 use crate::error::{pyrepr, Result, RouterError};
 use crate::table::{FxSet, Store};
 
+/// How a query's per-tag scores combine into `S(M)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aggregation {
+    /// `S(M) = sum_t score(M, t)`, the paper's rule.
+    #[default]
+    Sum,
+    /// `S(M) = mean_t score(M, t)`: the sum divided by the number of distinct known tags.
+    Mean,
+}
+
+impl Aggregation {
+    /// Parses `"sum"` or `"mean"`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "sum" => Ok(Self::Sum),
+            "mean" => Ok(Self::Mean),
+            _ => Err(RouterError::invalid(format!(
+                "unknown aggregation {}; expected 'sum' or 'mean'",
+                pyrepr(name)
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sum => "sum",
+            Self::Mean => "mean",
+        }
+    }
+}
+
 /// Why a decision went the way it did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
-    /// The argmax of the summed scores.
+    /// The argmax of the aggregated scores.
     Argmax,
     /// The threshold moved the query away from the argmax (to `M_SLM` or to `M_LLM`).
     CostThreshold,
@@ -83,6 +118,7 @@ pub struct Decider {
     llm: usize,
     fallback: usize,
     theta: f64,
+    aggregation: Aggregation,
     /// `rows[tag * n + j]`: score of preference-order candidate j on the tag.
     rows: Vec<f64>,
 }
@@ -92,7 +128,8 @@ impl Decider {
     ///
     /// `costs` names the candidate models (a subset of the store's) and their per-query cost.
     /// `llm` defaults to the most expensive candidate (ties: the smaller name); `fallback`, used
-    /// for queries with no known tag, defaults to `llm`.
+    /// for queries with no known tag, defaults to `llm`. Scores are summed (the paper); see
+    /// `with_aggregation` for the mean.
     pub fn new(
         store: Arc<Store>,
         costs: &[(String, f64)],
@@ -173,12 +210,23 @@ impl Decider {
             llm,
             fallback,
             theta,
+            aggregation: Aggregation::Sum,
             rows,
             store,
         })
     }
 
-    /// The same decider with another threshold.
+    /// This decider with another aggregation, e.g.
+    /// `Decider::new(store, &costs, None, 0.0, None)?.with_aggregation(Aggregation::Mean)`.
+    #[must_use]
+    pub fn with_aggregation(self, aggregation: Aggregation) -> Self {
+        Self {
+            aggregation,
+            ..self
+        }
+    }
+
+    /// The same decider with another threshold (and the same aggregation).
     pub fn with_theta(&self, theta: f64) -> Result<Self> {
         if !theta.is_finite() {
             return Err(RouterError::invalid(format!(
@@ -218,6 +266,10 @@ impl Decider {
 
     pub fn theta(&self) -> f64 {
         self.theta
+    }
+
+    pub fn aggregation(&self) -> Aggregation {
+        self.aggregation
     }
 
     fn out_to_pref(&self, out: usize) -> usize {
@@ -351,6 +403,7 @@ impl Decider {
         for &t in ids {
             add_row(&mut sums_pref, self.row(t));
         }
+        self.aggregate(&mut sums_pref, ids.len());
         let route = self.to_out_route(self.decide_sums(&sums_pref, !ids.is_empty()));
         let mut sums = vec![0.0; self.n];
         for (j, s) in sums_pref.iter().enumerate() {
@@ -372,8 +425,8 @@ impl Decider {
             .collect()
     }
 
-    /// Sums the rows of the distinct ids into a (stack) buffer and hands it to `f`, with whether
-    /// any tag was known.
+    /// Aggregates the rows of the distinct ids into a (stack) buffer and hands `S` to `f`, with
+    /// whether any tag was known.
     #[inline]
     fn with_sums<R>(&self, ids: &[u32], f: impl FnOnce(&[f64], bool) -> R) -> R {
         let mut stack = [0.0_f64; STACK_MODELS];
@@ -384,11 +437,13 @@ impl Decider {
             heap = vec![0.0; self.n];
             &mut heap
         };
+        let mut distinct = 0_usize;
         if ids.len() <= LINEAR_DEDUP_MAX {
             for (i, &t) in ids.iter().enumerate() {
                 // Set semantics: a tag given twice counts once. Quadratic, but over a handful.
                 if !ids[..i].contains(&t) {
                     add_row(sums, self.row(t));
+                    distinct += 1;
                 }
             }
         } else {
@@ -396,13 +451,31 @@ impl Decider {
             for &t in ids {
                 if seen.insert(t) {
                     add_row(sums, self.row(t));
+                    distinct += 1;
                 }
             }
         }
+        self.aggregate(sums, distinct);
         f(sums, !ids.is_empty())
     }
 
-    /// The decision rule over summed scores in preference order.
+    /// Turns the sums over `distinct` tags into `S`. Every `S(M)` is divided, rather than only
+    /// the two that make `Delta_q`, so that the reported scores, the argmax and `Delta_q` all
+    /// come from the same numbers (rounding can make two different sums equal means).
+    #[inline]
+    fn aggregate(&self, sums: &mut [f64], distinct: usize) {
+        // Sum: nothing to do. Mean over one tag: dividing by 1 is exact, so skip it too.
+        if self.aggregation == Aggregation::Mean && distinct > 1 {
+            // Distinct tags of one query: far below 2^53, so the conversion is exact.
+            #[allow(clippy::cast_precision_loss)]
+            let k = distinct as f64;
+            for s in sums {
+                *s /= k;
+            }
+        }
+    }
+
+    /// The decision rule over aggregated scores in preference order.
     #[inline]
     fn decide_sums(
         &self,
@@ -544,6 +617,128 @@ mod tests {
             Decider::new(store(), &unknown, None, 0.0, None),
             Err(RouterError::UnknownModel { .. })
         ));
+    }
+
+    /// Two tags that both favour `small` by 2 and one that favours `big` by 2 (weighting
+    /// "none": a score is the outcome sum).
+    fn margin_store() -> Arc<Store> {
+        let p = Params {
+            weighting: crate::table::Weighting::None,
+            ..Params::default()
+        };
+        let mut recs = Vec::new();
+        for (q, tag, big, small) in [
+            ("q1", "math", Outcome::Loss, Outcome::Win),
+            ("q2", "code", Outcome::Loss, Outcome::Win),
+            ("q3", "poem", Outcome::Win, Outcome::Loss),
+        ] {
+            recs.push((q, [tag], "big", big));
+            recs.push((q, [tag], "small", small));
+        }
+        Arc::new(
+            Store::from_records(
+                p,
+                recs.iter().map(|(q, t, m, o)| Record {
+                    query_id: q,
+                    tags: &t[..],
+                    model: m,
+                    outcome: *o,
+                }),
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn aggregation_names() {
+        for a in [Aggregation::Sum, Aggregation::Mean] {
+            assert_eq!(Aggregation::parse(a.as_str()).unwrap(), a);
+        }
+        assert_eq!(Aggregation::default(), Aggregation::Sum);
+        let e = Aggregation::parse("Mean").unwrap_err();
+        assert!(matches!(e, RouterError::InvalidArgument(_)));
+        assert_eq!(
+            e.to_string(),
+            "unknown aggregation 'Mean'; expected 'sum' or 'mean'"
+        );
+    }
+
+    #[test]
+    fn mean_divides_every_score_by_the_distinct_known_tags() {
+        let sum = Decider::new(margin_store(), &costs(), None, 0.0, None).unwrap();
+        let mean = sum.clone().with_aggregation(Aggregation::Mean);
+        assert_eq!(sum.aggregation(), Aggregation::Sum);
+        assert_eq!(mean.aggregation(), Aggregation::Mean);
+        // Duplicates and unknown tags do not count towards the divisor.
+        let q = ["math", "code", "math", "nope", "poem"];
+        let (es, em) = (sum.explain(&q), mean.explain(&q));
+        assert_eq!(em.known.len(), 3);
+        for (s, m) in es.sums.iter().zip(&em.sums) {
+            assert_eq!(*m, *s / 3.0);
+        }
+        assert_eq!(em.route.delta, em.sums[1] - em.sums[0]);
+        assert_eq!((es.route.delta, em.route.delta), (2.0, 2.0 / 3.0));
+        // The hot path, the batch paths and the explanation agree.
+        let offsets = [0, q.len()];
+        assert_eq!(mean.scores_flat(&q, &offsets), em.sums);
+        assert_eq!(mean.routes_flat(&q, &offsets), [em.route]);
+        assert_eq!(mean.route(&q), em.route);
+        assert_eq!(mean.to_out(mean.route_pref(&[2, 0, 1, 0])), em.route.model);
+        // One known tag: mean == sum.
+        assert_eq!(mean.explain(&["math"]).sums, sum.explain(&["math"]).sums);
+        // No known tag: still the fallback, no division by zero.
+        let f = mean.route(&["nope"]);
+        assert_eq!(f.reason, Reason::Fallback);
+        assert!(f.delta.is_nan());
+    }
+
+    #[test]
+    fn mean_changes_what_theta_means() {
+        // math + code: Delta is 4 summed, 2 averaged; theta = 3 lies between.
+        let sum = Decider::new(margin_store(), &costs(), None, 3.0, None).unwrap();
+        let mean = sum.clone().with_aggregation(Aggregation::Mean);
+        let q = ["math", "code"];
+        assert_eq!(sum.route(&q).model, 1);
+        let r = mean.route(&q);
+        assert_eq!((r.model, r.reason), (0, Reason::CostThreshold));
+        // with_theta keeps the aggregation.
+        let lower = mean.with_theta(2.0).unwrap();
+        assert_eq!(lower.aggregation(), Aggregation::Mean);
+        assert_eq!(lower.route(&q).model, 1);
+    }
+
+    #[test]
+    fn mean_counts_distinct_tags_on_the_hashed_path_too() {
+        // More ids than LINEAR_DEDUP_MAX: deduplicated with a set, which must count the same.
+        let names: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+        let tag_sets: Vec<[&str; 1]> = names.iter().map(|t| [t.as_str()]).collect();
+        let recs: Vec<Record<'_>> = tag_sets
+            .iter()
+            .enumerate()
+            .flat_map(|(i, t)| {
+                let o = if i % 3 == 0 {
+                    Outcome::Win
+                } else {
+                    Outcome::Loss
+                };
+                [("big", o), ("small", Outcome::Tie)].map(|(m, o)| Record {
+                    query_id: t[0],
+                    tags: &t[..],
+                    model: m,
+                    outcome: o,
+                })
+            })
+            .collect();
+        let store = Arc::new(Store::from_records(Params::default(), recs).unwrap());
+        let d = Decider::new(store, &costs(), None, 0.0, None)
+            .unwrap()
+            .with_aggregation(Aggregation::Mean);
+        let q: Vec<&str> = names.iter().chain(&names).map(String::as_str).collect();
+        assert!(q.len() > LINEAR_DEDUP_MAX);
+        let e = d.explain(&q);
+        assert_eq!(e.known.len(), 40);
+        assert_eq!(d.scores_flat(&q, &[0, q.len()]), e.sums);
+        assert_eq!(d.route(&q), e.route);
     }
 
     #[test]

@@ -14,6 +14,6 @@ pub mod theta;
 #[cfg(feature = "python")]
 mod py;
 
-pub use decide::{split_tags, Decider, Explained, Reason, Route};
+pub use decide::{split_tags, Aggregation, Decider, Explained, Reason, Route};
 pub use error::{Result, RouterError};
 pub use table::{Outcome, Params, Record, Store, Weighting};

@@ -13,7 +13,7 @@ use pyo3::types::{PyDict, PyList, PyString};
 use super::errors::run;
 use super::input::{for_each_tag, tag_str, Flat, Ids};
 use super::scorer::PyStore;
-use crate::decide::{split_tags, Decider, Route};
+use crate::decide::{split_tags, Aggregation, Decider, Route};
 use crate::error::pyrepr;
 use crate::theta;
 
@@ -68,6 +68,7 @@ impl PyDecider {
         PyDecision {
             route,
             theta: self.core.theta(),
+            aggregation: self.core.aggregation(),
             llm: self.core.llm(),
             names: Arc::clone(&self.out_names),
             model: self.name(py, route.model),
@@ -88,7 +89,7 @@ impl PyDecider {
 #[pymethods]
 impl PyDecider {
     #[new]
-    #[pyo3(signature = (store, costs, llm=None, theta=0.0, fallback=None))]
+    #[pyo3(signature = (store, costs, llm=None, theta=0.0, fallback=None, aggregation="sum"))]
     fn new(
         py: Python<'_>,
         store: Bound<'_, PyStore>,
@@ -96,14 +97,16 @@ impl PyDecider {
         llm: Option<&str>,
         theta: f64,
         fallback: Option<&str>,
+        aggregation: &str,
     ) -> PyResult<Self> {
+        let aggregation = Aggregation::parse(aggregation)?;
         let costs: Vec<(String, f64)> = costs.into_iter().collect();
         let inner = Arc::clone(&store.get().inner);
-        let core = Decider::new(inner, &costs, llm, theta, fallback)?;
+        let core = Decider::new(inner, &costs, llm, theta, fallback)?.with_aggregation(aggregation);
         Ok(Self::from_core(py, core, store.unbind()))
     }
 
-    /// The same decider with another theta.
+    /// The same decider with another theta (and the same aggregation).
     fn with_theta(&self, py: Python<'_>, theta: f64) -> PyResult<Self> {
         Ok(Self {
             core: self.core.with_theta(theta)?,
@@ -146,6 +149,12 @@ impl PyDecider {
     #[getter]
     fn theta(&self) -> f64 {
         self.core.theta()
+    }
+
+    /// How per-tag scores combine into S(M): "sum" (the paper) or "mean".
+    #[getter]
+    fn aggregation(&self) -> &'static str {
+        self.core.aggregation().as_str()
     }
 
     // ==== Routing ====
@@ -380,10 +389,11 @@ impl PyDecider {
 
     fn __repr__(&self) -> String {
         format!(
-            "<Decider: {} models, llm={}, theta={}>",
+            "<Decider: {} models, llm={}, theta={}, aggregation={}>",
             self.core.n_models(),
             pyrepr(&self.core.models()[self.core.llm()]),
-            self.core.theta()
+            self.core.theta(),
+            pyrepr(self.core.aggregation().as_str())
         )
     }
 }
@@ -406,7 +416,8 @@ fn mismatch(what: &str, shape: &[usize], n: usize, m: usize) -> PyErr {
 ///     model: the model the query goes to.
 ///     reason: "argmax", "cost_threshold" (theta moved it off the argmax) or "fallback"
 ///         (no known tag).
-///     scores: S(M) per candidate model.
+///     scores: S(M) per candidate model: the known tags' scores summed, or averaged when the
+///         decider's aggregation is "mean".
 ///     delta: S(M_SLM) - S(M_LLM); NaN without a known tag or a small model.
 ///     theta, llm, slm, argmax: the threshold, M_LLM, M_SLM (None if none) and M*.
 ///     contributions: per known tag, its score for each model.
@@ -415,6 +426,7 @@ fn mismatch(what: &str, shape: &[usize], n: usize, m: usize) -> PyErr {
 pub struct PyDecision {
     route: Route,
     theta: f64,
+    aggregation: Aggregation,
     llm: usize,
     names: Arc<[Py<PyString>]>,
     model: Py<PyString>,
@@ -542,6 +554,14 @@ impl PyDecision {
                     self.theta
                 );
             }
+        }
+        if self.aggregation == Aggregation::Mean && !self.known.is_empty() {
+            // Without this line the scores below would not add up to the tags' contributions.
+            let _ = writeln!(
+                s,
+                "   S(M) = mean score over the {} known tags",
+                self.known.len()
+            );
         }
         let mut order: Vec<usize> = (0..self.names.len()).collect();
         order.sort_by(|&a, &b| self.sums[b].total_cmp(&self.sums[a]));
