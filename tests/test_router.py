@@ -206,6 +206,28 @@ def test_cli_build_store_aggregation(
     assert "invalid choice: 'median'" in capsys.readouterr().err
 
 
+def test_cli_build_store_variants(
+    table_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "bundle"
+    args = ["build-store", "--data", str(table_dir), "--models", "big,small", "--out", str(bundle)]
+    assert main([*args, "--variant", "plus"]) == 0
+    r = TagRouter.load(bundle)
+    assert r.decider.aggregation == "mean"
+    assert r.decider.scorer.weighting == "shrunk" and r.decider.scorer.prior_strength == 100.0
+    # Explicit flags override the preset.
+    assert main([*args, "--variant", "plus", "--prior-strength", "7", "--theta", "0.25"]) == 0
+    r = TagRouter.load(bundle)
+    assert r.decider.scorer.prior_strength == 7.0 and r.decider.theta == 0.25
+    assert main([*args]) == 0
+    r = TagRouter.load(bundle)
+    assert r.decider.aggregation == "sum" and r.decider.scorer.weighting == "paper"
+    capsys.readouterr()
+    # A pseudo-count without the shrunk weighting would be silently ignored: refuse it.
+    assert main([*args, "--prior-strength", "5"]) == 2
+    assert "--prior-strength only applies" in capsys.readouterr().err
+
+
 def test_cli_errors_are_messages_not_tracebacks(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

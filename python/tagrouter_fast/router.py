@@ -368,11 +368,16 @@ def build_bundle(
     models: Sequence[str] | None = None,
     llm: str | None = None,
     aggregation: str = "sum",
+    weighting: str = "paper",
+    prior_strength: float = 0.0,
+    theta: float = 0.0,
     show_progress: bool = True,
 ) -> Path:
     """Convert judgments in the routing-table format into a router bundle (one command:
     `tagrouter build-store`). With no arguments: the public AlpacaEval table, pool `five-api`,
-    written to the cache (outside the repository) where `route()` finds it."""
+    written to the cache (outside the repository) where `route()` finds it. `aggregation`,
+    `weighting`, `prior_strength` and `theta` are :meth:`TagRouter.build`'s (defaults: the
+    paper's TagRouter)."""
     from tagrouter_fast.data import load_table, resolve_pool
 
     src = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -393,7 +398,14 @@ def build_bundle(
             file=sys.stderr,
         )
     router = TagRouter.build(
-        table, models, llm=llm, aggregation=aggregation, show_progress=show_progress
+        table,
+        models,
+        llm=llm,
+        aggregation=aggregation,
+        weighting=weighting,
+        prior_strength=prior_strength,
+        theta=theta,
+        show_progress=show_progress,
     )
     return router.save(dest)
 

@@ -359,7 +359,8 @@ class TagConfig:
         theta: Fixed threshold (``None``: choose theta* on training folds).
         align: Map test tags onto the training tag set (paper 3.3 alignment).
         align_floor: Minimum cosine similarity of an alignment match.
-        mean_over_tags: Average (not sum) tag scores over a query's known tags.
+        aggregation: How the decider combines a query's tag scores: ``"sum"`` (paper) or
+            ``"mean"`` (the product's ``TagDecider(aggregation="mean")``).
         normalize: Paper 3.2 normalization of the training tags (rule, frequency >= 5, DBSCAN);
             test tags are mapped through it, the rest aligned (if ``align``) or dropped.
         min_count: Frequency filter of the normalization.
@@ -371,7 +372,7 @@ class TagConfig:
     theta: float | None = 0.0
     align: bool = True
     align_floor: float | None = None
-    mean_over_tags: bool = False
+    aggregation: str = "sum"
     normalize: bool = True
     min_count: int = 5
 
@@ -419,9 +420,6 @@ class _TagRouterFitted(Fitted):
         S = np.zeros((n, len(self.train.models)))
         ok = self.cols >= 0
         S[:, ok] = s[:, self.cols[ok]]
-        if self.cfg.mean_over_tags:
-            cnt = np.asarray([max(len(t), 1) for t in tags], dtype=np.float64)
-            S = S / cnt[:, None]
         pref, slm = _slm_choice(S, self.train)
         # No known tag: the decider falls back to M_LLM, so such queries go to M_LLM first.
         unknown = np.asarray([len(t) == 0 for t in tags])
@@ -489,7 +487,9 @@ def fit_tagrouter(train: TrainSet, seed: int, cfg: TagConfig | None = None) -> F
         kwargs["prior_strength"] = cfg.prior_strength
     scorer = TagScorer.from_records(records, **kwargs)
     costs = {m: float(c) for m, c in zip(models, train.cost.mean(axis=0), strict=True)}
-    decider = TagDecider(scorer, costs, llm=models[train.llm], theta=cfg.theta or 0.0)
+    decider = TagDecider(
+        scorer, costs, llm=models[train.llm], theta=cfg.theta or 0.0, aggregation=cfg.aggregation
+    )
     aligner = _aligner_for(list(scorer.tags), cfg.align_floor) if cfg.align else None
     return _TagRouterFitted(decider, scorer, train, cfg, aligner, norm)
 
@@ -726,7 +726,7 @@ def fit_hybrid(train: TrainSet, seed: int) -> Fitted:
 PLUS = TagConfig(
     weighting="shrunk",
     prior_strength=100.0,
-    mean_over_tags=True,
+    aggregation="mean",
     theta=None,
     normalize=False,
     align=False,
