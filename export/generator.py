@@ -162,7 +162,7 @@ def _materialize_head_weight(model: Any) -> None:
         g.node.remove(tr)
 
 
-def _save(model: Any, path: Path) -> list[str]:
+def save_model(model: Any, path: Path) -> list[str]:
     """Save ``model`` to ``path``, with external data when it is over protobuf's limit."""
     import onnx
 
@@ -184,7 +184,8 @@ def _save(model: Any, path: Path) -> list[str]:
     return [path.name]
 
 
-def _quantize_int8(src: Path, dst: Path) -> list[str]:
+def quantize_int8(src: Path, dst: Path) -> list[str]:
+    """Quantise ``src``'s constant-weight MatMuls to int8 (dynamic) as ``dst``; return files."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     large = (src.parent / (src.name + "_data")).exists()
@@ -292,9 +293,6 @@ def export_generator(
     from optimum.exporters.onnx import main_export
     from transformers import AutoConfig
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-    from tagrouter_fast.manifest import write_manifest
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     model_dir = Path(model_dir)
@@ -322,20 +320,58 @@ def export_generator(
         for stale in ("model.onnx", "model.onnx_data", "model_fp32.onnx", "model_fp32.onnx_data"):
             (out / stale).unlink(missing_ok=True)
         if dtype == "fp32":
-            files = _save(model, out / "model.onnx")
+            files = save_model(model, out / "model.onnx")
         elif native_fp16:
-            files = _save(model, out / "model.onnx")
+            files = save_model(model, out / "model.onnx")
         elif dtype == "fp16":
             if keep_fp32:
-                _save(model, out / "model_fp32.onnx")
-            files = _save(_to_fp16(model), out / "model.onnx")
+                save_model(model, out / "model_fp32.onnx")
+            files = save_model(_to_fp16(model), out / "model.onnx")
         else:
-            fp32_files = _save(model, tmpd / "edited.onnx")
+            fp32_files = save_model(model, tmpd / "edited.onnx")
             del model
-            files = _quantize_int8(tmpd / fp32_files[0], out / "model.onnx")
+            files = quantize_int8(tmpd / fp32_files[0], out / "model.onnx")
             if keep_fp32:
                 for f in fp32_files:
                     shutil.move(str(tmpd / f), out / f.replace("edited", "model_fp32"))
+    write_generator_dir(model_dir, out, cfg, files, source=source, dtype=dtype, opset=used_opset)
+    return out
+
+
+def write_generator_dir(
+    model_dir: Path,
+    out: Path,
+    cfg: Any,
+    files: list[str],
+    *,
+    source: str | None,
+    dtype: str,
+    opset: int,
+    export_version: int = EXPORT_VERSION,
+    **fields: Any,
+) -> None:
+    """Copy the tokenizer files beside an exported decoder and write its generator manifest.
+
+    Shared by every generator export (optimum's in this file, the static-cache GQA graph in
+    ``generator_gqa.py``), so the runtime reads one manifest format whatever built the graph.
+
+    Args:
+        model_dir: The Hugging Face model directory the graph was built from.
+        out: The export directory, already holding ``files``.
+        cfg: The model's ``transformers`` config.
+        files: The graph's files in ``out``, the model file first.
+        source: Provenance to record (defaults to the model directory's path).
+        dtype: The export dtype.
+        opset: The graph's default-domain opset.
+        export_version: The exporter's version (each exporter versions its own graphs).
+        **fields: Extra manifest fields (e.g. ``kv_layout``).
+
+    Raises:
+        ValueError: The model directory has no ``tokenizer.json`` or no EOS id.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+    from tagrouter_fast.manifest import write_manifest
+
     copied = []
     for name in TOKENIZER_FILES:
         src = model_dir / name
@@ -368,7 +404,7 @@ def export_generator(
         source=source or str(model_dir.resolve()),
         source_sha256=_sha256_dir(model_dir),
         architecture=cfg.model_type,
-        opset=used_opset,
+        opset=opset,
         dtype=dtype,
         logits="last",
         dims={
@@ -383,9 +419,9 @@ def export_generator(
         pad_token_id=_pad_id(model_dir, cfg, eos),
         chat_template=template,
         chat_format="chatml" if chatml_ok else "unknown",
-        export_version=EXPORT_VERSION,
+        export_version=export_version,
+        **fields,
     )
-    return out
 
 
 def _eos_ids(model_dir: Path, cfg: Any) -> list[int]:

@@ -7,6 +7,11 @@ real model's speed), exports it to ONNX with ``export/generator.py``, then times
 * ``ort``: tagrouter_fast's :class:`TagGeneratorTagger` on onnxruntime's CUDA EP: IO binding (the KV
   cache stays on the GPU; one int64 per row comes back per step), prompt-prefix KV cache, greedy
   ArgMax inside the graph. ``ort-noprefix``: the same without the prefix cache.
+* ``ort-gqa``: the same model written by ``export/generator_gqa.py`` (GroupQueryAttention, a KV
+  buffer preallocated per batch size and updated in place), IO binding, prefix cache (prefilled
+  row by row on top of it, as GQA requires). ``ort-gqa-graph``: the same with every decode step
+  replayed as an onnxruntime CUDA graph; ``ort-gqa-graph-noprefix``: CUDA graphs with all rows
+  prefilled in one right-padded call (no prefix cache). CUDA only for the graph rows.
 * ``torch-eager``: ``transformers`` ``generate`` (dynamic cache, sdpa attention).
 * ``torch-compiled``: ``generate`` with ``cache_implementation="static"`` and
   ``torch.compile(mode="reduce-overhead")`` (CUDA graphs through inductor).
@@ -142,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--json-name", default="gpu_bench.json", help="result file name in --out")
     ap.add_argument(
-        "--skip", default="", help="comma list of paths to skip: ort,ort-noprefix,eager,compiled"
+        "--skip",
+        default="",
+        help="comma list of paths to skip: ort,ort-noprefix,ort-gqa,ort-gqa-graph,"
+        "ort-gqa-graph-noprefix,eager,compiled",
     )
     args = ap.parse_args(argv)
 
@@ -156,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
     from generator import export_generator
+    from generator_gqa import export_generator_gqa
     from tiny_qwen2 import make_qwen25_05b_shape, make_tiny_qwen2
     from transformers import AutoModelForCausalLM
 
@@ -192,6 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     onnx_dir = work / f"onnx-{dtype}"
     if not (onnx_dir / "manifest.json").exists():
         export_generator(hf_dir, onnx_dir, dtype=dtype, device="cuda" if cuda else "cpu")
+    gqa_dir = work / f"onnx-gqa-{dtype}"
+    gqa_paths = {"ort-gqa", "ort-gqa-graph", "ort-gqa-graph-noprefix"} - skip
+    if gqa_paths and not (gqa_dir / "manifest.json").exists():
+        try:
+            export_generator_gqa(hf_dir, gqa_dir, dtype=dtype)
+        except Exception as e:
+            results["errors"]["gqa-export"] = traceback.format_exc()
+            print(f"gqa export failed: {e!r}", flush=True)
+            gqa_paths = set()
     results["build_s"] = time.perf_counter() - t0
     print(f"built and exported in {results['build_s']:.1f} s -> {onnx_dir}", flush=True)
 
@@ -247,6 +265,53 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if b == 1:
                     results.setdefault("ort_tokens_b1", got[0])
+                del tagger
+        except Exception as e:
+            results["errors"][path] = traceback.format_exc()
+            print(f"{path} failed: {e!r}", flush=True)
+
+    # ---- onnxruntime, static KV cache (GroupQueryAttention) ----
+    # Buffers just long enough for these prompts: a CUDA graph passes the buffer length as GQA's
+    # total_sequence_length, so a longer one could only add attention work.
+    kv_len = -(-(max(prompt_lens) + args.new_tokens) // 64) * 64
+    for path, prefix, graph in (
+        ("ort-gqa", True, False),
+        ("ort-gqa-graph", True, True),
+        ("ort-gqa-graph-noprefix", False, True),
+    ):
+        if path not in gqa_paths:
+            continue
+        if graph and not cuda:
+            results.setdefault("skipped", {})[path] = "CUDA graphs need --device cuda"
+            continue
+        try:
+            for b in batches:
+                tagger = gen.TagGeneratorTagger(
+                    gqa_dir,
+                    max_new_tokens=args.new_tokens,
+                    batch_size=b,
+                    providers=providers,
+                    prefix_cache=prefix,
+                    kv_len=kv_len,
+                    cuda_graph=graph,
+                )
+                tagger.eos_ids = frozenset()
+                qs = qs_all[:b]
+                got = tagger.generate_ids(qs)  # also captures the batch size's CUDA graph
+                assert all(len(g) == args.new_tokens for g in got)
+                stats = _timeit(
+                    lambda t=tagger, q=qs: t.generate_ids(q), args.reps, args.warmup, sync
+                )
+                record(
+                    path,
+                    b,
+                    stats,
+                    device=tagger.device,
+                    prefix_hits=tagger.stats["prefix_hits"],
+                    kv_len=kv_len,
+                )
+                if b == 1:
+                    results.setdefault(f"{path}_tokens_b1", got[0])
                 del tagger
         except Exception as e:
             results["errors"][path] = traceback.format_exc()
@@ -324,21 +389,29 @@ def main(argv: list[str] | None = None) -> int:
             results["errors"]["compiled"] = traceback.format_exc()
             print(f"compiled failed: {e!r}", flush=True)
 
-    if "ort_tokens_b1" in results and "eager_tokens_b1" in results:
-        a, e = results["ort_tokens_b1"], results["eager_tokens_b1"]
-        results["ort_vs_eager_same_prefix_tokens"] = next(
+    def same_prefix(a: list[int], e: list[int]) -> int:
+        return next(
             (i for i, (x, y) in enumerate(zip(a, e, strict=False)) if x != y), min(len(a), len(e))
         )
 
+    if "eager_tokens_b1" in results:
+        for key in ("ort", "ort-gqa", "ort-gqa-graph", "ort-gqa-graph-noprefix"):
+            if f"{key}_tokens_b1" in results:
+                results[f"{key}_vs_eager_same_prefix_tokens"] = same_prefix(
+                    results[f"{key}_tokens_b1"], results["eager_tokens_b1"]
+                )
+
     (out_dir / args.json_name).write_text(json.dumps(results, indent=2, default=str))
     print()
-    print(f"{'path':<16}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'ms/query':>10}")
+    print(f"{'path':<24}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'ms/query':>10}")
     for r in results["runs"]:
         print(
-            f"{r['path']:<16}{r['batch']:>6}{r['p50_ms']:>10.1f}{r['p90_ms']:>10.1f}{r['ms_per_query']:>10.2f}"
+            f"{r['path']:<24}{r['batch']:>6}{r['p50_ms']:>10.1f}{r['p90_ms']:>10.1f}{r['ms_per_query']:>10.2f}"
         )
     if results["errors"]:
         print("errors in:", ", ".join(results["errors"]))
+    for path, why in results.get("skipped", {}).items():
+        print(f"skipped {path}: {why}")
     print(f"wrote {out_dir / args.json_name}")
     _ = np  # numpy is imported early so a broken install fails before the long export
     return 0

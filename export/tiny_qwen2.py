@@ -251,16 +251,70 @@ def cached_export(
     Returns:
         ``(hf_dir, onnx_dir)``.
     """
-    import os
-    import shutil
-    import tempfile
     import warnings
 
     from generator import export_generator  # export/ is on sys.path when this module is
 
-    builder = builder or make_tiny_qwen2
+    def export(hf_dir: Path, out: Path) -> None:
+        with warnings.catch_warnings():
+            # torch's tracer warns about every data-dependent branch in transformers' masking
+            # code; the exported graph is checked by the parity tests instead.
+            warnings.simplefilter("ignore")
+            export_generator(hf_dir, out, dtype=dtype, source=f"{name} seed={seed}")
+
+    hf_dir, base = _cached_model(root, name, seed, builder or make_tiny_qwen2)
+    return hf_dir, _cached_dir(base, f"onnx-{dtype}", _export_key(), lambda d: export(hf_dir, d))
+
+
+def cached_gqa_export(
+    root: str | Path,
+    *,
+    name: str = "tiny",
+    dtype: str = "fp32",
+    seed: int = 0,
+    builder: Any = None,
+    max_len: int | None = None,
+) -> tuple[Path, Path]:
+    """Like :func:`cached_export`, for the static-KV-cache GQA graph (``generator_gqa.py``).
+
+    Args:
+        root: Cache root.
+        name: A label for the directory name.
+        dtype: Export dtype (``fp32``, ``fp16``, ``int8``).
+        seed: Weight seed.
+        builder: ``builder(dir, seed)`` writing an HF model dir; defaults to
+            :func:`make_tiny_qwen2`.
+        max_len: The graph's longest KV buffer (default: the exporter's).
+
+    Returns:
+        ``(hf_dir, onnx_dir)``.
+    """
+    import hashlib
+
+    from generator_gqa import DEFAULT_MAX_LEN, GQA_EXPORT_VERSION, export_generator_gqa
+
+    n = max_len or DEFAULT_MAX_LEN
+    h = hashlib.sha256(f"gqa-v{GQA_EXPORT_VERSION}:{n}".encode())
+    h.update(_versions("torch", "transformers", "onnx", "onnxruntime").encode())
+    hf_dir, base = _cached_model(root, name, seed, builder or make_tiny_qwen2)
+    return hf_dir, _cached_dir(
+        base,
+        f"onnx-gqa-{dtype}",
+        h.hexdigest()[:12],
+        lambda d: export_generator_gqa(
+            hf_dir, d, dtype=dtype, max_len=n, source=f"{name} seed={seed}"
+        ),
+    )
+
+
+def _cached_model(root: str | Path, name: str, seed: int, builder: Any) -> tuple[Path, Path]:
+    """The random HF model directory for ``(name, seed, builder)``, built once under ``root``."""
+    import os
+    import shutil
+    import tempfile
+
     base = Path(root) / f"{name}-s{seed}-{_model_key(name, seed, builder)}"
-    hf_dir, onnx_dir = base / "hf", base / f"onnx-{dtype}-{_export_key()}"
+    hf_dir = base / "hf"
     if not (hf_dir / "config.json").is_file():
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".hf.", dir=base))
@@ -271,21 +325,30 @@ def cached_export(
             raise
         shutil.rmtree(hf_dir, ignore_errors=True)
         os.replace(tmp, hf_dir)
-    if not (onnx_dir / "manifest.json").is_file():
-        tmp = Path(tempfile.mkdtemp(prefix=f".onnx-{dtype}.", dir=base))
+    return hf_dir, base
+
+
+def _cached_dir(base: Path, label: str, key: str, write: Any) -> Path:
+    """``base/{label}-{key}``, written once by ``write(tmp_dir)`` and renamed into place.
+
+    Older keys of the same label are removed when a new one is written.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    out = base / f"{label}-{key}"
+    if not (out / "manifest.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", dir=base))
         try:
-            with warnings.catch_warnings():
-                # torch's tracer warns about every data-dependent branch in transformers' masking
-                # code; the exported graph is checked by the parity tests instead.
-                warnings.simplefilter("ignore")
-                export_generator(hf_dir, tmp, dtype=dtype, source=f"{name} seed={seed}")
+            write(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for stale in base.glob(f"onnx-{dtype}-*"):
+        for stale in base.glob(f"{label}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, onnx_dir)
-    return hf_dir, onnx_dir
+        os.replace(tmp, out)
+    return out
 
 
 def make_qwen25_05b_shape(out: str | Path, seed: int = 0) -> Path:

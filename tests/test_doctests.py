@@ -7,7 +7,12 @@ import importlib
 
 import pytest
 
-MODULES = ["tagrouter_fast", "tagrouter_fast.router", "tagrouter_fast.scoring"]
+MODULES = [
+    "tagrouter_fast",
+    "tagrouter_fast.router",
+    "tagrouter_fast.scoring",
+    "tagrouter_fast.taggers.default",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

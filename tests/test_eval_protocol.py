@@ -321,3 +321,9 @@ def test_repeated_splits_do_not_narrow_the_bootstrap_interval(tmp_path):
         return res["methods"]["TagRouter"]["delta_auc_vs_best_baseline"]["ci95"]
 
     assert ci([0, 0]) == pytest.approx(ci([0, 0, 0]))
+
+
+def test_unknown_tagger_option_is_an_error(tmp_path):
+    d, _ = _synthetic(tmp_path, n=40)
+    with pytest.raises(ValueError, match="unknown tagger 'bogus'"):
+        build_result(d, models=["big", "small"], folds=2, tagger="bogus", progress=False)

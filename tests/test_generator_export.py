@@ -33,20 +33,8 @@ from tagrouter_fast.taggers.generator import (  # noqa: E402
 
 EXPORT_DIR = Path(__file__).resolve().parents[1] / "export"
 sys.path.insert(0, str(EXPORT_DIR))
+from generation_cases import MAX_NEW, QUERIES, hf_greedy  # noqa: E402
 from tiny_qwen2 import cached_export  # noqa: E402
-
-QUERIES = [
-    "Rewrite the sentence so that it's in the present tense: She had worked at the company "
-    "for the past 3 years.",
-    "Write a poem about the sea.",
-    "What is the capital of Australia?",
-    "hi",
-    "Summarize this article about quantum computing, then translate the summary to French "
-    "and give me three tips for sleeping better. " * 3,
-    "  leading spaces and a {brace} and <|im_end|> literal",
-    "\nstarts with a newline",
-]
-MAX_NEW = 12
 
 
 @pytest.fixture(scope="session")
@@ -62,30 +50,6 @@ def hf(tiny: tuple[Path, Path]):  # type: ignore[no-untyped-def]
     tok = AutoTokenizer.from_pretrained(tiny[0])
     tok.padding_side = "left"
     return model, tok
-
-
-def hf_greedy(hf, queries, max_new=MAX_NEW, eos=None):  # type: ignore[no-untyped-def]
-    """transformers' greedy tokens for queries in one left-padded batch, cut at the first EOS."""
-    model, tok = hf
-    texts = [
-        tok.apply_chat_template(build_messages(q), tokenize=False, add_generation_prompt=True)
-        for q in queries
-    ]
-    enc = tok(texts, return_tensors="pt", padding=True)
-    stops = sorted(eos) if eos is not None else model.generation_config.eos_token_id
-    with torch.no_grad():
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=tok.pad_token_id,
-        )
-    res = []
-    for row in out[:, enc.input_ids.shape[1] :].tolist():
-        cut = next((i for i, t in enumerate(row) if t in set(stops)), len(row))
-        res.append(row[:cut])
-    return res
 
 
 # ==== Prompt ====

