@@ -287,7 +287,7 @@ def build_gqa_decoder(
         )
     )
 
-    kv_shape = ["batch_size", kv_heads, "kv_len", head_dim]
+    kv_shape: list[str | int] = ["batch_size", kv_heads, "kv_len", head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "seq_len"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),

@@ -31,15 +31,17 @@ def markdown_table(result: dict[str, Any]) -> str:
     """Render the methods of a result dictionary as a markdown table.
 
     Columns: performance at the method's operating point (AR %, Uplift %, Cost in USD per 1k
-    queries, relative cost, Rank), then AUC %, PAUC %, APGR, CPT(50%) %, AIQ %, and the paired
+    queries, relative cost, Rank), then AUC %, PAUC %, APGR, CPT(50%) %, AIQ %, the rank
+    correlation of the router's preference with the realized gain of M_LLM, and the paired
     AUC/PAUC difference to the best baseline with its 95% bootstrap interval (points).
     """
     methods = result["methods"]
     head = (
         "| Method | AR (%) | Uplift (%) | Cost ($/1k q) | Rel. cost | Rank | AUC (%) | PAUC (%) "
-        "| APGR | CPT50 (%) | AIQ (%) | ΔAUC vs best baseline [95% CI] | ΔPAUC [95% CI] |"
+        "| APGR | CPT50 (%) | AIQ (%) | Gain corr | ΔAUC vs best baseline [95% CI] "
+        "| ΔPAUC [95% CI] |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for name, e in methods.items():
         d = e.get("delta_auc_vs_best_baseline")
         dp = e.get("delta_pauc_vs_best_baseline")
@@ -58,7 +60,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {_f(e.get('cost'), 1000, 3)} "
             f"| {_f(e.get('relative_cost'), 1, 3)} | {_f(e.get('rank'), 1, 3)} | {_pm(e, 'auc')} "
             f"| {_pm(e, 'pauc')} | {_f(e.get('apgr'), 1, 3)} | {_f(e.get('cpt50'), 100, 1)} "
-            f"| {_f(e.get('aiq'), 100, 2)} | {dcell} | {dpcell} |"
+            f"| {_f(e.get('aiq'), 100, 2)} | {_f(e.get('gain_corr'), 1, 3)} | {dcell} "
+            f"| {dpcell} |"
         )
     best = result.get("best_baseline")
     lines.append("")

@@ -459,19 +459,16 @@ class TagGeneratorTagger:
             ids[i, width - n :] = r
             mask[i, p + width - n :] = 1
             pos[i, width - n :] = np.arange(p, p + n)
-        state = {
-            "mask": mask,
-            "pos": pos[:, -1] + 1,
-            "past": self._prefix_past(b) if use_prefix else self._empty_past(b),
-        }
-        tok, state["past"] = self._forward(ids, mask, pos, state["past"])
+        next_pos = pos[:, -1] + 1
+        tok, past = self._forward(
+            ids, mask, pos, self._prefix_past(b) if use_prefix else self._empty_past(b)
+        )
 
         def step(feed: np.ndarray) -> np.ndarray:
-            state["mask"] = np.concatenate([state["mask"], np.ones((b, 1), np.int64)], axis=1)
-            nxt, state["past"] = self._forward(
-                feed.reshape(b, 1), state["mask"], state["pos"].reshape(b, 1).copy(), state["past"]
-            )
-            state["pos"] = state["pos"] + 1
+            nonlocal mask, past, next_pos
+            mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
+            nxt, past = self._forward(feed.reshape(b, 1), mask, next_pos.reshape(b, 1).copy(), past)
+            next_pos = next_pos + 1
             return nxt
 
         return tok, step
