@@ -63,6 +63,20 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {_f(e.get('aiq'), 100, 2)} | {_f(e.get('gain_corr'), 1, 3)} | {dcell} "
             f"| {dpcell} |"
         )
+    vs_paper = [(n, e) for n, e in methods.items() if e.get("delta_auc_vs_paper")]
+    if vs_paper:
+        lines += [
+            "",
+            "| Ours vs the paper's TagRouter (paired) | ΔAUC [95% CI] | ΔPAUC [95% CI] |",
+            "|---|---|---|",
+        ]
+        for name, e in vs_paper:
+            a, p = e["delta_auc_vs_paper"], e["delta_pauc_vs_paper"]
+            lines.append(
+                f"| {name} | {100 * a['mean']:+.2f} [{100 * a['ci95'][0]:+.2f}, "
+                f"{100 * a['ci95'][1]:+.2f}] | {100 * p['mean']:+.2f} [{100 * p['ci95'][0]:+.2f}, "
+                f"{100 * p['ci95'][1]:+.2f}] |"
+            )
     best = result.get("best_baseline")
     lines.append("")
     lines.append(
