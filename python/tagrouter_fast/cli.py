@@ -52,37 +52,29 @@ def _cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Scorer presets of `build-store --variant`: the paper's TagRouter, and TagRouter+ (ours; its
-#: pseudo-count is the value the evaluation picks most often on the training folds).
-VARIANTS: dict[str, dict[str, object]] = {
-    "paper": {"aggregation": "sum", "weighting": "paper", "prior_strength": 0.0},
-    "plus": {"aggregation": "mean", "weighting": "shrunk", "prior_strength": 100.0},
-}
-
-
 def _cmd_build_store(args: argparse.Namespace) -> int:
     from tagrouter_fast.router import build_bundle
 
     models = args.models.split(",") if args.models else None
-    opts = dict(VARIANTS[args.variant])
-    for key in ("aggregation", "weighting", "prior_strength", "theta"):
-        if getattr(args, key) is not None:
-            opts[key] = getattr(args, key)
-    if opts.get("weighting") != "shrunk" and opts.get("prior_strength"):
-        raise ValueError("--prior-strength only applies to --weighting shrunk")
     out = build_bundle(
         args.data,
         pool=args.pool,
         out=args.out,
         models=models,
         llm=args.llm,
-        **opts,
+        variant=args.variant,
+        aggregation=args.aggregation,
+        weighting=args.weighting,
+        prior_strength=args.prior_strength,
+        theta=args.theta if args.theta is not None else 0.0,
     )
     print(f"router bundle written to {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tagrouter_fast.router import DEFAULT_VARIANT, VARIANTS
+
     p = argparse.ArgumentParser(prog="tagrouter", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -115,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--variant",
         choices=list(VARIANTS),
-        default="paper",
-        help="scorer preset: 'paper' (TagRouter exactly, default) or 'plus' (ours: per-tag "
-        "rates shrunk towards each model's global rate, pseudo-count 100, averaged over tags); "
-        "the flags below override it",
+        default=DEFAULT_VARIANT,
+        help=f"scorer preset: 'plus' (ours: per-tag rates shrunk towards each model's global "
+        f"rate, pseudo-count 100, averaged over tags) or 'paper' (TagRouter exactly); default "
+        f"{DEFAULT_VARIANT}; the flags below override it",
     )
     b.add_argument(
         "--aggregation",
@@ -134,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--prior-strength", type=float, help="pseudo-count of the shrunk weighting (queries)"
     )
     b.add_argument("--theta", type=float, help="cost-awareness threshold saved in the bundle")
-    b.add_argument("--out", metavar="DIR", help="bundle dir (default: <cache>/routers/default)")
+    b.add_argument(
+        "--out",
+        metavar="DIR",
+        help="bundle dir (default: <cache>/routers/default-<variant>; route() and `tagrouter "
+        f"route` without --router use default-{DEFAULT_VARIANT})",
+    )
     b.set_defaults(func=_cmd_build_store)
 
     try:
