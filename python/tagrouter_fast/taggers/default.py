@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DefaultTagger", "Vocabulary", "load_vocabulary", "shape_tags"]
+__all__ = ["DefaultTagger", "Vocabulary", "instruction_head", "load_vocabulary", "shape_tags"]
 
 # Categories whose best tag is always considered for the first slot: every query has an intent.
 TASK_CATEGORY = "task"
@@ -166,6 +166,33 @@ def shape_tags(query: str) -> list[str]:
     return out
 
 
+_HEAD_END = re.compile(r"[:\n]|[.?!](?=\s|$)")
+
+
+def instruction_head(query: str, max_words: int = 24, min_rest: int = 6) -> str | None:
+    """The instruction of a query that carries its own input ("Summarize this abstract: ..."),
+    or ``None`` when the query has no separate instruction.
+
+    The head is the text before the first colon, newline or sentence end, if it has at most
+    ``max_words`` words and at least ``min_rest`` words follow it. A mean-pooled embedding of the
+    whole query is dominated by the input's topic words; the head alone says what to do.
+
+    >>> instruction_head("Summarize this abstract: Deep networks need a lot of labelled data.")
+    'Summarize this abstract'
+    >>> instruction_head("Write a haiku about autumn leaves") is None
+    True
+    """
+    s = query.strip()
+    m = _HEAD_END.search(s)
+    if m is None:
+        return None
+    head = s[: m.start() if m.group() in ":\n" else m.end()].strip()
+    n_head = len(head.split())
+    if not head or n_head > max_words or len(s.split()) - n_head < min_rest:
+        return None
+    return head
+
+
 class DefaultTagger:
     """Offline tagger: embedding similarity to a shipped tag vocabulary, top-k with MMR.
 
@@ -183,6 +210,10 @@ class DefaultTagger:
         max_tokens: Query tokens embedded (the start of a query carries its intent; shorter
             inputs keep latency low on long prompts).
         vocab: A vocabulary file path or a :class:`Vocabulary`; default the shipped one.
+        instruction_head: Score task tags on the query's instruction alone too
+            (:func:`instruction_head`), keeping the better score: the task of "Summarize this
+            abstract: <200 words about networks>" is then Summarization, not a network topic.
+            One more short text per such query in the same encoder call.
         shape_tags: Also emit tags for the query's surface shape (:func:`shape_tags`:
             "Multi-line Input", "Long Input", "Short Instruction", "Question"), after the
             vocabulary tags. Off by default: on AlpacaEval 2.0 they help two pools and hurt two
@@ -208,6 +239,7 @@ class DefaultTagger:
         max_tokens: int = 128,
         cue_bonus: float = 0.15,
         vocab: str | Path | Vocabulary | None = None,
+        instruction_head: bool = True,
         shape_tags: bool = False,
     ) -> None:
         if encoder is None:
@@ -225,6 +257,7 @@ class DefaultTagger:
         self.max_tokens = int(max_tokens)
         self.cue_bonus = float(cue_bonus)
         self.shape_tags = bool(shape_tags)
+        self.instruction_head = bool(instruction_head)
 
         v = self.vocab
         self._proto_emb = self._embed_vocab()
@@ -241,7 +274,9 @@ class DefaultTagger:
         self._cues = [(re.compile(p, re.IGNORECASE), index[t]) for p, t in _CUES if t in index]
         params = (
             f"{k}|{floor}|{mmr_lambda}|{task_floor}|{relative}|{candidates}|{max_tokens}|"
-            f"{cue_bonus}" + ("|shape" if self.shape_tags else "")
+            f"{cue_bonus}"
+            + ("|shape" if self.shape_tags else "")
+            + ("|head" if self.instruction_head else "")
         )
         h = hashlib.sha256(f"{encoder.fingerprint}|{v.sha256}|{params}".encode())
         self.fingerprint: str = "default-" + h.hexdigest()[:16]
@@ -290,11 +325,13 @@ class DefaultTagger:
             s[hits] += self.cue_bonus
         return s
 
-    def _select(self, s: np.ndarray) -> list[str]:
+    def _select(self, s: np.ndarray, top: float | None = None) -> list[str]:
         k = self.k
         if k <= 0:
             return []
-        top = float(s.max())
+        # The relative floor follows the whole query's best match (``top``), not a task score
+        # raised by the instruction head, which would crowd out every topic tag.
+        top = float(s.max()) if top is None else top
         floor = max(self.floor, top - self.relative)
         n_cand = min(self.candidates, len(s))
         cand = np.argpartition(-s, n_cand - 1)[:n_cand]
@@ -330,8 +367,7 @@ class DefaultTagger:
         Returns:
             Up to ``k`` vocabulary tags, most relevant first.
         """
-        e = self._encode([query])[0]
-        return self._with_shape(query, self._select(self._apply_cues(query, self.scores(e))))
+        return self.tag_batch([query])[0]
 
     def _with_shape(self, query: str, tags: list[str]) -> list[str]:
         if not self.shape_tags:
@@ -350,16 +386,38 @@ class DefaultTagger:
         qs = list(queries)
         if not qs:
             return []
-        e = self._encode(qs)
-        proto = e @ self._proto_emb.T  # (n, P)
-        per_tag = np.maximum.reduceat(proto, self._starts, axis=1)
+        rows, tops = self._score_rows(qs)
         return [
-            self._with_shape(q, self._select(self._apply_cues(q, row)))
-            for q, row in zip(qs, per_tag, strict=True)
+            self._with_shape(q, self._select(row, top))
+            for q, row, top in zip(qs, rows, tops, strict=True)
         ]
+
+    def _score_rows(self, qs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-tag scores of each query (cues and the instruction head applied), and each
+        query's best score before the instruction head."""
+        heads = [instruction_head(q) if self.instruction_head else None for q in qs]
+        extra = [h for h in heads if h is not None]
+        e = self._encode(qs + extra)
+        proto = e @ self._proto_emb.T  # (n + heads, P)
+        per_tag = np.maximum.reduceat(proto, self._starts, axis=1)
+        full = per_tag[: len(qs)]
+        rows = full.copy()
+        k = len(qs)
+        for i, h in enumerate(heads):
+            if h is not None:
+                rows[i, self._is_task] = np.maximum(
+                    rows[i, self._is_task], per_tag[k, self._is_task]
+                )
+                k += 1
+        # Cues go on last, so an explicit "pretend to be" still beats a head that reads like a
+        # scenario; the relative floor comes from the whole query's scores.
+        tops = np.asarray([self._apply_cues(q, f).max() for q, f in zip(qs, full, strict=True)])
+        rows = np.stack([self._apply_cues(q, r) for q, r in zip(qs, rows, strict=True)])
+        return rows, tops
 
     def tag_scored(self, query: str) -> list[tuple[str, float]]:
         """Like :meth:`tag`, with each tag's similarity (for inspection and tuning)."""
-        s = self._apply_cues(query, self.scores(self._encode([query])[0]))
+        rows, tops = self._score_rows([query])
+        s = rows[0]
         index = {t: i for i, t in enumerate(self.vocab.tags)}
-        return [(t, float(s[index[t]])) for t in self._select(s)]
+        return [(t, float(s[index[t]])) for t in self._select(s, float(tops[0]))]
