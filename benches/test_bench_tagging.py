@@ -111,8 +111,14 @@ def test_alignment_lookup_hit(benchmark, aligner):
     assert canon
 
 
-def test_default_tagger_end_to_end(benchmark, tagger):
+@pytest.mark.parametrize("head", [True, False], ids=["instruction-head", "no-head"])
+def test_default_tagger_end_to_end(benchmark, tagger, head):
+    from tagrouter_fast.taggers import DefaultTagger
+
     benchmark.group = "default tagger end to end"
+    if not head:
+        # The same tagger without the instruction-head pass, measured beside it.
+        tagger = DefaultTagger(tagger.encoder, instruction_head=False)
     qs = _queries()
     it = iter(range(10**9))
 

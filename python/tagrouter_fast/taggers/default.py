@@ -213,7 +213,7 @@ class DefaultTagger:
         instruction_head: Score task tags on the query's instruction alone too
             (:func:`instruction_head`), keeping the better score: the task of "Summarize this
             abstract: <200 words about networks>" is then Summarization, not a network topic.
-            One more short text per such query in the same encoder call.
+            One more short encoder call for the heads of a batch.
         shape_tags: Also emit tags for the query's surface shape (:func:`shape_tags`:
             "Multi-line Input", "Long Input", "Short Instruction", "Question"), after the
             vocabulary tags. Off by default: on AlpacaEval 2.0 they help two pools and hurt two
@@ -397,7 +397,11 @@ class DefaultTagger:
         query's best score before the instruction head."""
         heads = [instruction_head(q) if self.instruction_head else None for q in qs]
         extra = [h for h in heads if h is not None]
-        e = self._encode(qs + extra)
+        # Heads are a few tokens: encoded in their own call, they are not padded to the length
+        # of the queries they came from (a shared batch would double the encoder's work).
+        e = self._encode(qs)
+        if extra:
+            e = np.concatenate([e, self._encode(extra)])
         proto = e @ self._proto_emb.T  # (n + heads, P)
         per_tag = np.maximum.reduceat(proto, self._starts, axis=1)
         full = per_tag[: len(qs)]
