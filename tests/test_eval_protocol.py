@@ -279,6 +279,7 @@ def test_default_registry_names():
         "prior",
         "random",
         "TagRouter+D",
+        "TagRouter+MF",
         "KNN+D (control)",
     ):
         assert n in names
