@@ -215,7 +215,7 @@ def test_cli_build_store_variants(
     assert main(args) == 0
     r = TagRouter.load(bundle)
     assert r.decider.aggregation == "mean"
-    assert r.decider.scorer.weighting == "shrunk" and r.decider.scorer.prior_strength == 100.0
+    assert r.decider.scorer.weighting == "shrunk" and r.decider.scorer.prior_strength == 300.0
     # Explicit flags override the preset.
     assert main([*args, "--prior-strength", "7", "--theta", "0.25"]) == 0
     r = TagRouter.load(bundle)

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(VARIANTS),
         default=DEFAULT_VARIANT,
         help=f"scorer preset: 'plus' (ours: per-tag rates shrunk towards each model's global "
-        f"rate, pseudo-count 100, averaged over tags) or 'paper' (TagRouter exactly); default "
+        f"rate, pseudo-count 300, averaged over tags) or 'paper' (TagRouter exactly); default "
         f"{DEFAULT_VARIANT}; the flags below override it",
     )
     b.add_argument(

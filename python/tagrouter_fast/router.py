@@ -32,13 +32,13 @@ META_FILE = "router.json"
 DEFAULT_POOL = "five-api"
 #: Scorer presets of bundles (`tagrouter build-store --variant`): the paper's TagRouter exactly,
 #: and TagRouter+ (ours: per-tag rates shrunk towards each model's global rate with a
-#: pseudo-count of 100 queries, the value the evaluation's inner cross-validation picks most
+#: pseudo-count of 300 queries, the value the evaluation's inner cross-validation picks most
 #: often, and averaged over a query's tags). TagRouter+ has the higher AUC in paired
 #: comparisons on three of the four AlpacaEval pools (docs/eval-results.md), so it is the
 #: default; the paper's stays one flag away.
 VARIANTS: dict[str, dict[str, Any]] = {
     "paper": {"aggregation": "sum", "weighting": "paper", "prior_strength": 0.0},
-    "plus": {"aggregation": "mean", "weighting": "shrunk", "prior_strength": 100.0},
+    "plus": {"aggregation": "mean", "weighting": "shrunk", "prior_strength": 300.0},
 }
 DEFAULT_VARIANT = "plus"
 
