@@ -190,7 +190,7 @@ def test_cli_build_and_route_with_default_tagger(
     assert d["model"] == "small", d
     assert main(["route", "--router", str(bundle), "Solve the equation 3x + 4 = 6"]) == 0
     assert capsys.readouterr().out.strip() == "big"
-    assert json.loads((bundle / "router.json").read_text())["aggregation"] == "mean"
+    assert json.loads((bundle / "router.json").read_text())["aggregation"] == "sum"
 
 
 def test_cli_build_store_aggregation(
@@ -211,16 +211,16 @@ def test_cli_build_store_variants(
 ) -> None:
     bundle = tmp_path / "bundle"
     args = ["build-store", "--data", str(table_dir), "--models", "big,small", "--out", str(bundle)]
-    # The default is TagRouter+ (the variant the evaluation measured better than the paper's).
-    assert main(args) == 0
+    assert main([*args, "--variant", "plus"]) == 0
     r = TagRouter.load(bundle)
     assert r.decider.aggregation == "mean"
     assert r.decider.scorer.weighting == "shrunk" and r.decider.scorer.prior_strength == 300.0
     # Explicit flags override the preset.
-    assert main([*args, "--prior-strength", "7", "--theta", "0.25"]) == 0
+    assert main([*args, "--variant", "plus", "--prior-strength", "7", "--theta", "0.25"]) == 0
     r = TagRouter.load(bundle)
     assert r.decider.scorer.prior_strength == 7.0 and r.decider.theta == 0.25
-    assert main([*args, "--variant", "paper"]) == 0
+    # The default is the paper's TagRouter.
+    assert main(args) == 0
     r = TagRouter.load(bundle)
     assert r.decider.aggregation == "sum" and r.decider.scorer.weighting == "paper"
     capsys.readouterr()
@@ -236,9 +236,9 @@ def test_default_bundle_dirs_name_their_variant(
 
     monkeypatch.setenv("TAGROUTER_CACHE", str(tmp_path / "cache"))
     assert default_bundle_dir().name == f"default-{DEFAULT_VARIANT}"
-    out = build_bundle(table_dir, models=["big", "small"], variant="paper", show_progress=False)
-    assert out == default_bundle_dir("paper") != default_bundle_dir()
-    assert TagRouter.load(out).decider.scorer.weighting == "paper"
+    out = build_bundle(table_dir, models=["big", "small"], variant="plus", show_progress=False)
+    assert out == default_bundle_dir("plus") != default_bundle_dir()
+    assert TagRouter.load(out).decider.scorer.weighting == "shrunk"
     with pytest.raises(ValueError, match="unknown variant"):
         build_bundle(table_dir, models=["big", "small"], variant="best", show_progress=False)
 

@@ -108,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant",
         choices=list(VARIANTS),
         default=DEFAULT_VARIANT,
-        help=f"scorer preset: 'plus' (ours: per-tag rates shrunk towards each model's global "
-        f"rate, pseudo-count 300, averaged over tags) or 'paper' (TagRouter exactly); default "
-        f"{DEFAULT_VARIANT}; the flags below override it",
+        help=f"scorer preset: 'paper' (TagRouter exactly) or 'plus' (ours: per-tag rates shrunk "
+        f"towards each model's global rate, pseudo-count 300, averaged over tags; give it a "
+        f"--theta, its theta = 0 sends nearly everything to M_LLM); default {DEFAULT_VARIANT}; "
+        f"the flags below override it",
     )
     b.add_argument(
         "--aggregation",
