@@ -229,6 +229,27 @@ def test_cli_build_store_variants(
     assert "prior_strength only applies" in capsys.readouterr().err
 
 
+def test_cli_build_store_llm_share(
+    table_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "bundle"
+    args = ["build-store", "--data", str(table_dir), "--models", "big,small", "--out", str(bundle)]
+    table = load_table(table_dir)
+    for share in (0.0, 0.5, 1.0):
+        assert main([*args, "--variant", "plus", "--llm-share", str(share)]) == 0
+        r = TagRouter.load(bundle)
+        routed = r.route_batch(table.texts)
+        # At most the budgeted share of the table goes to M_LLM.
+        assert sum(m == "big" for m in routed) <= share * len(routed) + 1e-9
+    assert sum(m == "big" for m in routed) == len(routed)  # share 1.0: everything may
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # --theta and --llm-share exclude each other
+        main([*args, "--theta", "0.1", "--llm-share", "0.5"])
+    capsys.readouterr()
+    assert main([*args, "--llm-share", "1.5"]) == 2
+    assert "llm_share must be in [0, 1]" in capsys.readouterr().err
+
+
 def test_default_bundle_dirs_name_their_variant(
     table_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -67,6 +67,7 @@ def _cmd_build_store(args: argparse.Namespace) -> int:
         weighting=args.weighting,
         prior_strength=args.prior_strength,
         theta=args.theta if args.theta is not None else 0.0,
+        llm_share=args.llm_share,
     )
     print(f"router bundle written to {out}")
     return 0
@@ -126,7 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--prior-strength", type=float, help="pseudo-count of the shrunk weighting (queries)"
     )
-    b.add_argument("--theta", type=float, help="cost-awareness threshold saved in the bundle")
+    th = b.add_mutually_exclusive_group()
+    th.add_argument("--theta", type=float, help="cost-awareness threshold saved in the bundle")
+    th.add_argument(
+        "--llm-share",
+        type=float,
+        metavar="S",
+        help="instead of --theta: the theta sending at most this share (0-1) of the table's "
+        "queries to M_LLM (a budget; what --variant plus needs)",
+    )
     b.add_argument(
         "--out",
         metavar="DIR",

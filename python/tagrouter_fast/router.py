@@ -387,13 +387,19 @@ def build_bundle(
     weighting: str | None = None,
     prior_strength: float | None = None,
     theta: float = 0.0,
+    llm_share: float | None = None,
     show_progress: bool = True,
 ) -> Path:
     """Convert judgments in the routing-table format into a router bundle (one command:
     `tagrouter build-store`). With no arguments: the public AlpacaEval table, pool `five-api`,
     the default variant, written to the cache (outside the repository) where `route()` finds
     it. `variant` names a :data:`VARIANTS` preset; `aggregation`, `weighting` and
-    `prior_strength` (:meth:`TagRouter.build`'s) override single settings of it."""
+    `prior_strength` (:meth:`TagRouter.build`'s) override single settings of it.
+
+    `llm_share` replaces `theta` by a budget: the theta that sends at most that share of the
+    table's queries to M_LLM (:meth:`TagDecider.theta_for_llm_share` on their routing tags). It
+    reads no outcome, so it cannot overfit them; it is how to give TagRouter+ (whose theta = 0
+    sends nearly everything to M_LLM) an operating point."""
     from tagrouter_fast.data import load_table, resolve_pool
 
     src = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -414,6 +420,11 @@ def build_bundle(
             opts[key] = value
     if opts["weighting"] != "shrunk" and opts["prior_strength"]:
         raise ValueError("prior_strength only applies to the shrunk weighting")
+    if llm_share is not None:
+        if not 0.0 <= llm_share <= 1.0:
+            raise ValueError(f"llm_share must be in [0, 1], got {llm_share}")
+        if theta != 0.0:
+            raise ValueError("give theta or llm_share, not both")
     table = load_table(src)
     if pool is None and models is None:
         pool = DEFAULT_POOL
@@ -433,6 +444,17 @@ def build_bundle(
         show_progress=show_progress,
         **opts,
     )
+    if llm_share is not None:
+        tags = router.tags_batch(table.texts)
+        router.decider = router.decider.with_theta(
+            router.decider.theta_for_llm_share(tags, llm_share)
+        )
+        if show_progress:
+            print(
+                f"tagrouter: theta = {router.decider.theta:.6g} sends at most "
+                f"{100 * llm_share:.0f}% of the table's queries to {llm}",
+                file=sys.stderr,
+            )
     return router.save(dest)
 
 
