@@ -18,7 +18,8 @@ from tagrouter_fast.eval.methods import (
     _QuantileBlend,
     fit_selected,
 )
-from tagrouter_fast.eval.protocol import PoolData, _rank_corr
+from tagrouter_fast.eval.metrics import rank_corr
+from tagrouter_fast.eval.protocol import PoolData
 from tagrouter_fast.eval.signal import cv_r2, headroom, power_curve, run_signal, text_features
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
@@ -90,9 +91,9 @@ def test_power_grows_with_correlation(tmp_path):
 
 def test_rank_corr_is_rank_based_and_handles_inf():
     g = np.array([1.0, 0.0, -1.0, 0.0])
-    assert _rank_corr(np.array([3.0, 2.0, 1.0, 2.0]), g) == pytest.approx(1.0)
-    assert _rank_corr(np.array([np.inf, 2.0, -np.inf, 2.0]), g) == pytest.approx(1.0)
-    assert _rank_corr(np.zeros(4), g) == 0.0
+    assert rank_corr(np.array([3.0, 2.0, 1.0, 2.0]), g) == pytest.approx(1.0)
+    assert rank_corr(np.array([np.inf, 2.0, -np.inf, 2.0]), g) == pytest.approx(1.0)
+    assert rank_corr(np.zeros(4), g) == 0.0
 
 
 class _Fixed(Fitted):
@@ -137,7 +138,7 @@ def test_quantile_blend_routes_each_query_on_its_own(tmp_path):
     # Equal weights on identical parts give back that part's training quantiles
     same = _QuantileBlend([parts[0], parts[0]], train, [1.0, 1.0]).route(x)[0]
     # (a step function of it: test values between the same two training values tie)
-    assert _rank_corr(same, parts[0].route(x)[0]) > 0.99
+    assert rank_corr(same, parts[0].route(x)[0]) > 0.99
 
 
 def test_run_signal_and_cli(tmp_path, capsys):

@@ -66,7 +66,7 @@ def _cmd_build_store(args: argparse.Namespace) -> int:
         aggregation=args.aggregation,
         weighting=args.weighting,
         prior_strength=args.prior_strength,
-        theta=args.theta if args.theta is not None else 0.0,
+        theta=args.theta,
         llm_share=args.llm_share,
     )
     print(f"router bundle written to {out}")
@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prior-strength", type=float, help="pseudo-count of the shrunk weighting (queries)"
     )
     th = b.add_mutually_exclusive_group()
-    th.add_argument("--theta", type=float, help="cost-awareness threshold saved in the bundle")
+    th.add_argument(
+        "--theta", type=float, default=0.0, help="cost-awareness threshold saved in the bundle"
+    )
     th.add_argument(
         "--llm-share",
         type=float,

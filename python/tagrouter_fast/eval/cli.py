@@ -40,7 +40,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     return e
 
 
-def _add_signal_args(e: argparse.ArgumentParser) -> None:
+def _add_pool_args(e: argparse.ArgumentParser) -> None:
+    """The table, pool and fold arguments shared by ``eval`` and ``eval-signal``."""
     e.add_argument(
         "--data", required=True, metavar="DIR", help="routing-table dir (queries.csv, outcomes.csv)"
     )
@@ -49,6 +50,14 @@ def _add_signal_args(e: argparse.ArgumentParser) -> None:
     g.add_argument("--models", help="comma-separated model names")
     e.add_argument("--llm", help="M_LLM (default: the pool's, else the most expensive model)")
     e.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+
+
+def _pool_models(args: argparse.Namespace) -> list[str] | None:
+    return [m.strip() for m in args.models.split(",")] if args.models else None
+
+
+def _add_signal_args(e: argparse.ArgumentParser) -> None:
+    _add_pool_args(e)
     e.add_argument("--seed", type=int, default=0, help="split and simulation seed (default 0)")
     e.add_argument(
         "--reps", type=int, default=100, help="simulated routers per correlation (default 100)"
@@ -70,7 +79,7 @@ def run_signal_cmd(args: argparse.Namespace) -> int:
         raise ValueError(f"--rho-rival must be in [0, 1), got {args.rho_rival}")
     if args.reps < 1:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
-    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    models = _pool_models(args)
     res = run_signal(
         args.data,
         pool=args.pool,
@@ -88,14 +97,7 @@ def run_signal_cmd(args: argparse.Namespace) -> int:
 
 
 def _add_args(e: argparse.ArgumentParser) -> None:
-    e.add_argument(
-        "--data", required=True, metavar="DIR", help="routing-table dir (queries.csv, outcomes.csv)"
-    )
-    g = e.add_mutually_exclusive_group(required=True)
-    g.add_argument("--pool", help="named pool (see tagrouter_fast.data.POOLS)")
-    g.add_argument("--models", help="comma-separated model names")
-    e.add_argument("--llm", help="M_LLM (default: the pool's, else the most expensive model)")
-    e.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    _add_pool_args(e)
     e.add_argument("--seeds", default="0", help="comma-separated split seeds (default 0)")
     e.add_argument("--inner-folds", type=int, default=3, help="inner CV folds for operating points")
     e.add_argument("--methods", help="comma-separated method names (default: all)")
@@ -217,7 +219,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from tagrouter_fast.eval.report import markdown_table, plot_curves
 
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    models = _pool_models(args)
     methods = _methods(args.methods, args.ablation)
     result = build_result(
         args.data,

@@ -33,6 +33,7 @@ __all__ = [
     "fit_knn_difficulty",
     "fit_plus",
     "fit_selected",
+    "out_of_fold",
     "fit_tag_difficulty",
     "scoring_impl",
 ]
@@ -639,6 +640,30 @@ def fit_knn_difficulty(train: TrainSet, seed: int, k: int = 25) -> Fitted:
 # ==== Selection on the training folds ====
 
 
+def out_of_fold(
+    fit: Callable[[TrainSet, int], Fitted], train: TrainSet, seed: int, folds: int, salt: int
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Route every query of ``train`` with a router fitted on the other inner folds.
+
+    The inner split is stratified by subset with seed ``seed + salt`` (each caller its own salt,
+    so different selections do not reuse one split).
+
+    Returns:
+        ``(splits, pref, slm)``: the inner test folds and the out-of-fold routes of all rows.
+    """
+    from tagrouter_fast.eval.protocol import stratified_folds
+
+    n = len(train.query_ids)
+    pref = np.zeros(n)
+    slm = np.zeros(n, dtype=np.int64)
+    splits = stratified_folds(train.subsets, folds, seed + salt)
+    for test in splits:
+        tr = np.setdiff1d(np.arange(n), test)
+        p, s = fit(train.subset_rows(tr), seed).route(train.features(test))
+        pref[test], slm[test] = p, s
+    return splits, pref, slm
+
+
 def fit_selected(
     train: TrainSet,
     seed: int,
@@ -654,22 +679,18 @@ def fit_selected(
     ``train`` and reports its name in ``info["chosen"]``.
     """
     from tagrouter_fast.eval import metrics as M
-    from tagrouter_fast.eval.protocol import stratified_folds
 
     if not candidates:
         raise ValueError("no candidates to select from")
-    n = len(train.query_ids)
-    splits = stratified_folds(train.subsets, inner_folds, seed + 15485863)
     llm = train.llm
     best_name, best_fit, best_auc = candidates[0][0], candidates[0][1], -np.inf
     scores = {}
     for name, fit in candidates:
+        splits, pref, slm = out_of_fold(fit, train, seed, inner_folds, 15485863)
         aucs = []
         for test in splits:
-            tr = np.setdiff1d(np.arange(n), test)
-            pref, slm = fit(train.subset_rows(tr), seed).route(train.features(test))
-            a_slm = train.acc[test, np.asarray(slm)].astype(np.float64)
-            c = M.sweep(np.asarray(pref, float), train.acc[test, llm], a_slm)
+            a_slm = train.acc[test, slm[test]].astype(np.float64)
+            c = M.sweep(pref[test], train.acc[test, llm], a_slm)
             aucs.append(M.auc(c.ratio, c.ar))
         scores[name] = float(np.mean(aucs))
         if scores[name] > best_auc:

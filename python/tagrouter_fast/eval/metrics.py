@@ -27,6 +27,7 @@ __all__ = [
     "cpt",
     "operating_point",
     "pauc",
+    "rank_corr",
     "sweep",
 ]
 
@@ -262,6 +263,24 @@ def batch_auc_pauc(
     y = ar - ar_llm[:, None]
     parea = np.sum(_positive_area(dx, y[:, :-1], y[:, 1:]), axis=1)
     return area, parea
+
+
+def rank_corr(pref: np.ndarray, gain: np.ndarray) -> float:
+    """Spearman correlation of a router's preference with the realized gain of M_LLM over its
+    small model: what AUC rewards (its excess over the random line is about Cov(gain, rank)),
+    and the x-axis of ``tagrouter eval-signal``'s power curve. 0 for a constant preference;
+    ``+-inf`` preferences rank first / last.
+
+    >>> rank_corr(np.array([3.0, np.inf, 1.0]), np.array([0.0, 1.0, -1.0]))
+    1.0
+    """
+    from scipy.stats import rankdata
+
+    rp = rankdata(np.maximum(np.asarray(pref, dtype=np.float64), -1e300))
+    rg = rankdata(gain)
+    if rp.std() == 0 or rg.std() == 0:
+        return 0.0
+    return float(np.corrcoef(rp, rg)[0, 1])
 
 
 def operating_point(

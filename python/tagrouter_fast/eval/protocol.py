@@ -19,7 +19,7 @@ import numpy as np
 from tagrouter_fast.data import RoutingTable
 from tagrouter_fast.eval import metrics as M
 from tagrouter_fast.eval.features import Features
-from tagrouter_fast.eval.methods import Fitted, Method, TrainSet
+from tagrouter_fast.eval.methods import Fitted, Method, TrainSet, out_of_fold
 
 __all__ = [
     "FoldResult",
@@ -129,14 +129,7 @@ def _acc_cost(train: TrainSet, slm: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def _choose_threshold(method: Method, train: TrainSet, seed: int, inner_folds: int) -> float:
     """Max-AR threshold on inner out-of-fold predictions (ties: the cheaper point)."""
-    n = len(train.query_ids)
-    pref = np.zeros(n)
-    slm = np.zeros(n, dtype=np.int64)
-    for test in stratified_folds(train.subsets, inner_folds, seed + 7919):
-        tr = np.setdiff1d(np.arange(n), test)
-        fitted = method.fit(train.subset_rows(tr), seed)
-        p, s = fitted.route(train.features(test))
-        pref[test], slm[test] = p, s
+    _, pref, slm = out_of_fold(method.fit, train, seed, inner_folds, 7919)
     a_slm, c_slm = _acc_cost(train, slm)
     llm = train.llm
     c = M.sweep(pref, train.acc[:, llm], a_slm, train.cost[:, llm], c_slm)
@@ -164,22 +157,9 @@ def _score_fold(
         apgr=M.apgr(area, ref["ar_weak"], ref["ar_llm"]),
         cpt50=M.cpt(curve.ratio, curve.ar, ref["ar_weak"], ref["ar_llm"], 0.5),
         aiq=M.aiq(curve.cost, curve.ar, ref["c_lo"], ref["c_hi"]),
-        gain_corr=_rank_corr(pref, a_llm - a_slm),
+        gain_corr=M.rank_corr(pref, a_llm - a_slm),
     )
     return out, curve
-
-
-def _rank_corr(pref: np.ndarray, gain: np.ndarray) -> float:
-    """Spearman correlation of a router's preference with the realized gain of M_LLM over its
-    small model: what AUC rewards (its excess over the random line is about Cov(gain, rank)),
-    and the x-axis of ``tagrouter eval-signal``'s power curve. 0 for a constant preference."""
-    from scipy.stats import rankdata
-
-    rp = rankdata(np.maximum(np.asarray(pref, dtype=np.float64), -1e300))
-    rg = rankdata(gain)
-    if rp.std() == 0 or rg.std() == 0:
-        return 0.0
-    return float(np.corrcoef(rp, rg)[0, 1])
 
 
 def _point_metrics(op: dict[str, float], ref: dict[str, float]) -> dict[str, float]:
@@ -253,7 +233,7 @@ def evaluate(
                         np.asarray(pref, float),
                         _acc_cost(test, slm)[0],
                         fit_s,
-                        extra=dict(getattr(fitted, "info", {}) or {}),
+                        extra=dict(fitted.info),
                     )
                 )
                 if progress:
@@ -385,7 +365,13 @@ def summarize(
                 rng.multinomial(nf, np.full(nf, 1.0 / nf), size=n_boot).astype(np.float64)
             )
 
+    boots: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
     def boot(name: str) -> tuple[np.ndarray, np.ndarray]:
+        # Each method's resampled AUCs serve every comparison it is in (vs the best baseline,
+        # vs the paper): computed once.
+        if name in boots:
+            return boots[name]
         aucs, paucs = [], []
         for f, r, w in zip(folds, results[name], weights, strict=True):
             a_llm = f.extra["acc_llm"]
@@ -393,14 +379,16 @@ def summarize(
             a, p = M.batch_auc_pauc(r.pref, a_llm, r.acc_slm, w, ar_llm)
             aucs.append(a)
             paucs.append(p)
-        return np.mean(aucs, axis=0), np.mean(paucs, axis=0)
+        boots[name] = (np.mean(aucs, axis=0), np.mean(paucs, axis=0))
+        return boots[name]
 
-    def paired(name: str, ref: str, ref_boot: tuple[np.ndarray, np.ndarray], suffix: str) -> None:
+    def paired(name: str, ref: str, suffix: str) -> None:
         rs = results[name]
         a, p = boot(name)
+        ref_a, ref_p = boot(ref)
         for key, mine, theirs, metric in (
-            (f"delta_auc_{suffix}", a, ref_boot[0], "auc"),
-            (f"delta_pauc_{suffix}", p, ref_boot[1], "pauc"),
+            (f"delta_auc_{suffix}", a, ref_a, "auc"),
+            (f"delta_pauc_{suffix}", p, ref_p, "pauc"),
         ):
             per_fold = np.asarray([r.metrics[metric] for r in rs]) - np.asarray(
                 [r.metrics[metric] for r in results[ref]]
@@ -414,16 +402,14 @@ def summarize(
                 "p_le_0": float(np.mean(d <= 0)),
             }
 
-    base = boot(best)
     for name, rs in results.items():
         if name == "__fold__" or rs[0].curve is None:
             continue
-        paired(name, best, base, "vs_best_baseline")
+        paired(name, best, "vs_best_baseline")
     # Our variants against the paper's TagRouter, on the same resamples: "better than the
     # paper" is a paired claim too.
     if PAPER in results and results[PAPER][0].curve is not None:
-        paper = boot(PAPER)
         for name in results:
             if kinds.get(name) == "tagrouter" and name != PAPER:
-                paired(name, PAPER, paper, "vs_paper")
+                paired(name, PAPER, "vs_paper")
     return out, best

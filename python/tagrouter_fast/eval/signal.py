@@ -181,15 +181,6 @@ def headroom(pool: Any, folds: int = 5, seed: int = 0) -> dict[str, float]:
     }
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy.stats import rankdata
-
-    rx, ry = rankdata(x), rankdata(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return 0.0
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
 def power_curve(
     pool: Any,
     rhos: Sequence[float] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6),
@@ -240,7 +231,7 @@ def power_curve(
         for _ in range(reps):
             pref = rho * z + np.sqrt(max(1 - rho**2, 0.0)) * rng.standard_normal(n)
             rival = rho_rival * z + np.sqrt(max(1 - rho_rival**2, 0.0)) * rng.standard_normal(n)
-            corr.append(np.mean([_spearman(pref[f], g[f]) for f in fs]))
+            corr.append(np.mean([M.rank_corr(pref[f], g[f]) for f in fs]))
             mine = _fold_auc(pref, a_llm, a_slm, fs)
             d_prior.append(mine - prior_auc)
             d_rival.append(mine - _fold_auc(rival, a_llm, a_slm, fs))

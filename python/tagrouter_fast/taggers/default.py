@@ -315,15 +315,14 @@ class DefaultTagger:
         proto = self._proto_emb @ query_embedding
         return np.maximum.reduceat(proto, self._starts)
 
-    def _apply_cues(self, query: str, s: np.ndarray) -> np.ndarray:
-        if not self.cue_bonus or not self._cues:
-            return s
-        head = query[:300]
-        hits = [i for rx, i in self._cues if rx.search(head)]
-        if hits:
-            s = s.copy()
-            s[hits] += self.cue_bonus
-        return s
+    def _cue_bonus(self, queries: list[str], n_tags: int) -> np.ndarray:
+        """``(n, n_tags)`` score bonus of each query's matching cue tags (zero elsewhere)."""
+        bonus = np.zeros((len(queries), n_tags), dtype=np.float32)
+        if self.cue_bonus and self._cues:
+            for row, query in zip(bonus, queries, strict=True):
+                head = query[:300]
+                row[[i for rx, i in self._cues if rx.search(head)]] = self.cue_bonus
+        return bonus
 
     def _select(self, s: np.ndarray, top: float | None = None) -> list[str]:
         k = self.k
@@ -415,9 +414,8 @@ class DefaultTagger:
                 k += 1
         # Cues go on last, so an explicit "pretend to be" still beats a head that reads like a
         # scenario; the relative floor comes from the whole query's scores.
-        tops = np.asarray([self._apply_cues(q, f).max() for q, f in zip(qs, full, strict=True)])
-        rows = np.stack([self._apply_cues(q, r) for q, r in zip(qs, rows, strict=True)])
-        return rows, tops
+        bonus = self._cue_bonus(qs, full.shape[1])
+        return rows + bonus, (full + bonus).max(axis=1)
 
     def tag_scored(self, query: str) -> list[tuple[str, float]]:
         """Like :meth:`tag`, with each tag's similarity (for inspection and tuning)."""
