@@ -240,35 +240,48 @@ def main(argv: list[str] | None = None) -> int:
     results["prefix_tokens"] = len(probe._prefix_ids)
     del probe
 
-    # ---- onnxruntime ----
-    for path, prefix in (("ort", True), ("ort-noprefix", False)):
-        if path in skip:
-            continue
+    def time_tagger(path: str, make: Callable[[int], Any], tokens_key: str, **extra: Any) -> None:
+        """Time one onnxruntime path at every batch size; ``make(batch)`` builds its tagger."""
         try:
             for b in batches:
-                tagger = gen.TagGeneratorTagger(
-                    onnx_dir,
-                    max_new_tokens=args.new_tokens,
-                    batch_size=b,
-                    providers=providers,
-                    prefix_cache=prefix,
-                )
+                tagger = make(b)
                 tagger.eos_ids = frozenset()  # exactly new_tokens tokens, like the torch paths
                 qs = qs_all[:b]
-                got = tagger.generate_ids(qs)
+                got = tagger.generate_ids(qs)  # also captures a CUDA-graph tagger's graph
                 assert all(len(g) == args.new_tokens for g in got)
                 stats = _timeit(
                     lambda t=tagger, q=qs: t.generate_ids(q), args.reps, args.warmup, sync
                 )
                 record(
-                    path, b, stats, device=tagger.device, prefix_hits=tagger.stats["prefix_hits"]
+                    path,
+                    b,
+                    stats,
+                    device=tagger.device,
+                    prefix_hits=tagger.stats["prefix_hits"],
+                    **extra,
                 )
                 if b == 1:
-                    results.setdefault("ort_tokens_b1", got[0])
+                    results.setdefault(tokens_key, got[0])
                 del tagger
         except Exception as e:
             results["errors"][path] = traceback.format_exc()
             print(f"{path} failed: {e!r}", flush=True)
+
+    # ---- onnxruntime ----
+    for path, prefix in (("ort", True), ("ort-noprefix", False)):
+        if path in skip:
+            continue
+        time_tagger(
+            path,
+            lambda b, prefix=prefix: gen.TagGeneratorTagger(
+                onnx_dir,
+                max_new_tokens=args.new_tokens,
+                batch_size=b,
+                providers=providers,
+                prefix_cache=prefix,
+            ),
+            "ort_tokens_b1",
+        )
 
     # ---- onnxruntime, static KV cache (GroupQueryAttention) ----
     # Buffers just long enough for these prompts: a CUDA graph passes the buffer length as GQA's
@@ -284,38 +297,20 @@ def main(argv: list[str] | None = None) -> int:
         if graph and not cuda:
             results.setdefault("skipped", {})[path] = "CUDA graphs need --device cuda"
             continue
-        try:
-            for b in batches:
-                tagger = gen.TagGeneratorTagger(
-                    gqa_dir,
-                    max_new_tokens=args.new_tokens,
-                    batch_size=b,
-                    providers=providers,
-                    prefix_cache=prefix,
-                    kv_len=kv_len,
-                    cuda_graph=graph,
-                )
-                tagger.eos_ids = frozenset()
-                qs = qs_all[:b]
-                got = tagger.generate_ids(qs)  # also captures the batch size's CUDA graph
-                assert all(len(g) == args.new_tokens for g in got)
-                stats = _timeit(
-                    lambda t=tagger, q=qs: t.generate_ids(q), args.reps, args.warmup, sync
-                )
-                record(
-                    path,
-                    b,
-                    stats,
-                    device=tagger.device,
-                    prefix_hits=tagger.stats["prefix_hits"],
-                    kv_len=kv_len,
-                )
-                if b == 1:
-                    results.setdefault(f"{path}_tokens_b1", got[0])
-                del tagger
-        except Exception as e:
-            results["errors"][path] = traceback.format_exc()
-            print(f"{path} failed: {e!r}", flush=True)
+        time_tagger(
+            path,
+            lambda b, prefix=prefix, graph=graph: gen.TagGeneratorTagger(
+                gqa_dir,
+                max_new_tokens=args.new_tokens,
+                batch_size=b,
+                providers=providers,
+                prefix_cache=prefix,
+                kv_len=kv_len,
+                cuda_graph=graph,
+            ),
+            f"{path}_tokens_b1",
+            kv_len=kv_len,
+        )
 
     # ---- torch ----
     tdtype = torch.float16 if cuda else torch.float32
