@@ -1,10 +1,11 @@
-"""Queries and the transformers greedy oracle shared by the generator export tests."""
+"""Queries, the transformers greedy oracle and the decoding-loop checks shared by the generator
+export tests (the optimum export and the static-KV GQA export must behave the same)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tagrouter_fast.taggers.generator import build_messages
+from tagrouter_fast.taggers.generator import TagGeneratorTagger, build_messages
 
 QUERIES = [
     "Rewrite the sentence so that it's in the present tense: She had worked at the company "
@@ -44,3 +45,26 @@ def hf_greedy(hf: Any, queries: list[str], max_new: int = MAX_NEW, eos: Any = No
         cut = next((i for i, t in enumerate(row) if t in set(stops)), len(row))
         res.append(row[:cut])
     return res
+
+
+def check_eos_stops_rows_independently(onnx_dir: Any, hf: Any) -> None:
+    """Rows of one batch stop at their own EOS, with and without the prefix cache."""
+    free = TagGeneratorTagger(onnx_dir, max_new_tokens=MAX_NEW).generate_ids(QUERIES)
+    # Declare tokens the model emits mid-sequence as EOS so rows stop at different steps.
+    eos = {free[0][3], free[1][6]}
+    want = hf_greedy(hf, QUERIES, eos=eos)
+    assert len(want[0]) == 3 and len(want[1]) <= 6  # the test does what it says
+    for prefix_cache in (True, False):
+        tagger = TagGeneratorTagger(
+            onnx_dir, max_new_tokens=MAX_NEW, batch_size=4, prefix_cache=prefix_cache
+        )
+        tagger.eos_ids = frozenset(eos)
+        assert tagger.generate_ids(QUERIES) == want
+
+
+def check_prefix_fallback_when_tokens_differ(onnx_dir: Any, hf: Any) -> None:
+    """A cached prefix that no prompt starts with: every query takes the full-prefill path."""
+    tagger = TagGeneratorTagger(onnx_dir, max_new_tokens=MAX_NEW, batch_size=4)
+    tagger._prefix_ids = tagger._prefix_ids[:-1] + [(tagger._prefix_ids[-1] + 1) % 300]
+    assert tagger.generate_ids(QUERIES[:4]) == hf_greedy(hf, QUERIES[:4])
+    assert tagger.stats["prefix_hits"] == 0

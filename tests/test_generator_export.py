@@ -33,7 +33,13 @@ from tagrouter_fast.taggers.generator import (  # noqa: E402
 
 EXPORT_DIR = Path(__file__).resolve().parents[1] / "export"
 sys.path.insert(0, str(EXPORT_DIR))
-from generation_cases import MAX_NEW, QUERIES, hf_greedy  # noqa: E402
+from generation_cases import (  # noqa: E402
+    MAX_NEW,
+    QUERIES,
+    check_eos_stops_rows_independently,
+    check_prefix_fallback_when_tokens_differ,
+    hf_greedy,
+)
 from tiny_qwen2 import cached_export  # noqa: E402
 
 
@@ -118,25 +124,11 @@ def test_parity_io_binding_path(tiny, hf, prefix_cache: bool) -> None:  # type: 
 
 
 def test_eos_stops_rows_independently(tiny, hf) -> None:  # type: ignore[no-untyped-def]
-    free = TagGeneratorTagger(tiny[1], max_new_tokens=MAX_NEW).generate_ids(QUERIES)
-    # Declare tokens the model emits mid-sequence as EOS so rows stop at different steps.
-    eos = {free[0][3], free[1][6]}
-    want = hf_greedy(hf, QUERIES, eos=eos)
-    assert len(want[0]) == 3 and len(want[1]) <= 6  # the test does what it says
-    for prefix_cache in (True, False):
-        tagger = TagGeneratorTagger(
-            tiny[1], max_new_tokens=MAX_NEW, batch_size=4, prefix_cache=prefix_cache
-        )
-        tagger.eos_ids = frozenset(eos)
-        assert tagger.generate_ids(QUERIES) == want
+    check_eos_stops_rows_independently(tiny[1], hf)
 
 
 def test_prefix_fallback_when_tokens_differ(tiny, hf) -> None:  # type: ignore[no-untyped-def]
-    tagger = TagGeneratorTagger(tiny[1], max_new_tokens=MAX_NEW, batch_size=4)
-    # A cached prefix that no prompt starts with: every query must take the full-prefill path.
-    tagger._prefix_ids = tagger._prefix_ids[:-1] + [(tagger._prefix_ids[-1] + 1) % 300]
-    assert tagger.generate_ids(QUERIES[:4]) == hf_greedy(hf, QUERIES[:4])
-    assert tagger.stats["prefix_hits"] == 0
+    check_prefix_fallback_when_tokens_differ(tiny[1], hf)
 
 
 def test_max_new_tokens_and_text_api(tiny) -> None:  # type: ignore[no-untyped-def]

@@ -28,7 +28,13 @@ from tagrouter_fast.taggers.generator import TagGeneratorTagger  # noqa: E402
 
 EXPORT_DIR = Path(__file__).resolve().parents[1] / "export"
 sys.path.insert(0, str(EXPORT_DIR))
-from generation_cases import MAX_NEW, QUERIES, hf_greedy  # noqa: E402
+from generation_cases import (  # noqa: E402
+    MAX_NEW,
+    QUERIES,
+    check_eos_stops_rows_independently,
+    check_prefix_fallback_when_tokens_differ,
+    hf_greedy,
+)
 from tiny_qwen2 import cached_gqa_export  # noqa: E402
 
 ROOT = cache_dir() / "test-models"
@@ -118,23 +124,11 @@ def test_parity_with_one_off_buffers(gqa, want) -> None:  # type: ignore[no-unty
 
 
 def test_eos_stops_rows_independently(gqa, hf) -> None:  # type: ignore[no-untyped-def]
-    free = TagGeneratorTagger(gqa[1], max_new_tokens=MAX_NEW).generate_ids(QUERIES)
-    eos = {free[0][3], free[1][6]}
-    expected = hf_greedy(hf, QUERIES, eos=eos)
-    assert len(expected[0]) == 3 and len(expected[1]) <= 6  # the test does what it says
-    for prefix_cache in (True, False):
-        tagger = TagGeneratorTagger(
-            gqa[1], max_new_tokens=MAX_NEW, batch_size=4, prefix_cache=prefix_cache
-        )
-        tagger.eos_ids = frozenset(eos)
-        assert tagger.generate_ids(QUERIES) == expected
+    check_eos_stops_rows_independently(gqa[1], hf)
 
 
 def test_prefix_fallback_when_tokens_differ(gqa, hf) -> None:  # type: ignore[no-untyped-def]
-    tagger = TagGeneratorTagger(gqa[1], max_new_tokens=MAX_NEW, batch_size=4)
-    tagger._prefix_ids = tagger._prefix_ids[:-1] + [(tagger._prefix_ids[-1] + 1) % 300]
-    assert tagger.generate_ids(QUERIES[:4]) == hf_greedy(hf, QUERIES[:4])
-    assert tagger.stats["prefix_hits"] == 0
+    check_prefix_fallback_when_tokens_differ(gqa[1], hf)
 
 
 def test_max_new_tokens_and_text_api(gqa) -> None:  # type: ignore[no-untyped-def]
