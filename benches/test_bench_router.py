@@ -7,14 +7,17 @@ table (pool five-api); the benchmark skips when that table is absent.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
 from tagrouter_fast import TagRouter
-from tagrouter_fast.data import load_table, resolve_pool
-from tagrouter_fast.router import default_data_dir
+from tagrouter_fast.build.table import load_table
+from tagrouter_fast.eval.pools import resolve_pool
 
-DATA = default_data_dir()
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
+if not (DATA / "outcomes.csv").is_file():
+    DATA = None
 pytestmark = [
     pytest.mark.needs_release,
     pytest.mark.skipif(DATA is None, reason="AlpacaEval table (../shared/data/alpacaeval2) absent"),

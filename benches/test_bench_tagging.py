@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tagrouter_fast import encoder as encmod
+from tagrouter_fast.tagging import encoder as encmod
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2" / "queries.csv"
 
@@ -51,14 +51,14 @@ def enc():
 
 @pytest.fixture(scope="module")
 def tagger(enc):
-    from tagrouter_fast.taggers import DefaultTagger
+    from tagrouter_fast.tagging.taggers import DefaultTagger
 
     return DefaultTagger(enc)
 
 
 @pytest.fixture(scope="module")
 def aligner(enc, tagger):
-    from tagrouter_fast.align import TagAligner
+    from tagrouter_fast.tagging.align import TagAligner
 
     return TagAligner(tagger.vocab.tags, enc, floor=0.5)
 
@@ -113,7 +113,7 @@ def test_alignment_lookup_hit(benchmark, aligner):
 
 @pytest.mark.parametrize("head", [True, False], ids=["instruction-head", "no-head"])
 def test_default_tagger_end_to_end(benchmark, tagger, head):
-    from tagrouter_fast.taggers import DefaultTagger
+    from tagrouter_fast.tagging.taggers import DefaultTagger
 
     benchmark.group = "default tagger end to end"
     if not head:

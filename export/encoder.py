@@ -8,7 +8,7 @@ Usage::
 
 The output directory holds ``model.onnx`` (inputs ``input_ids``/``attention_mask``, output
 ``sentence_embedding``: mean pooled and L2-normalised, float32), ``tokenizer.json`` and a
-``manifest.json`` that :class:`tagrouter_fast.encoder.OnnxEncoder` verifies on load.
+``manifest.json`` that :class:`tagrouter_fast.tagging.encoder.OnnxEncoder` verifies on load.
 
 * sentence-transformers layout (``modules.json``): exported through optimum's
   ``library_name="sentence_transformers"`` path, which traces Transformer -> Pooling -> Normalize.
@@ -194,7 +194,7 @@ def export_encoder(
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     import onnx
 
-    from tagrouter_fast.manifest import write_manifest
+    from tagrouter_fast.tagging.manifest import write_manifest
 
     if dtype not in DTYPES:
         raise SystemExit(f"--dtype must be one of {DTYPES}")

@@ -26,7 +26,8 @@ What ends up in ``DIR``:
 * ``--dtype int8``: onnxruntime dynamic quantisation of the MatMul weights (int8 per-channel
   weights, activations quantised per call), for CPU. ``fp16`` converts weights and the KV cache
   to half precision, for CUDA.
-* The tokenizer files and ``manifest.json`` (:mod:`tagrouter_fast.manifest`): source, sha256 of
+* The tokenizer files and ``manifest.json`` (:mod:`tagrouter_fast.tagging.manifest`): source,
+  sha256 of
   every file, opset, dims (layers, heads, kv heads, head dim, hidden, vocab), EOS and pad ids, the
   chat template and whether the runtime's built-in ChatML renderer reproduces it, dtype.
 
@@ -233,7 +234,7 @@ def _check_chat_template(model_dir: Path) -> bool:
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-    from tagrouter_fast.taggers.generator import build_messages, render_chatml
+    from tagrouter_fast.tagging.taggers.generator import build_messages, render_chatml
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.chat_template is None:
@@ -370,7 +371,7 @@ def write_generator_dir(
         ValueError: The model directory has no ``tokenizer.json`` or no EOS id.
     """
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-    from tagrouter_fast.manifest import write_manifest
+    from tagrouter_fast.tagging.manifest import write_manifest
 
     copied = []
     for name in TOKENIZER_FILES:

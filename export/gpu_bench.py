@@ -80,20 +80,20 @@ def _import_runtime() -> Any:
     needs neither, so fall back to loading its modules from the source tree directly.
     """
     try:
-        from tagrouter_fast.taggers import generator
+        from tagrouter_fast.tagging.taggers import generator
 
         return generator
     except Exception:
         for name in list(sys.modules):
             if name == "tagrouter_fast" or name.startswith("tagrouter_fast."):
                 del sys.modules[name]
-        for pkg, sub in (("tagrouter_fast", ""), ("tagrouter_fast.taggers", "taggers")):
+        for pkg, sub in (("tagrouter_fast", ""), ("tagrouter_fast.tagging.taggers", "taggers")):
             mod = types.ModuleType(pkg)
             mod.__path__ = [str(ROOT / "python" / "tagrouter_fast" / sub)]  # type: ignore[attr-defined]
             sys.modules[pkg] = mod
         import importlib
 
-        return importlib.import_module("tagrouter_fast.taggers.generator")
+        return importlib.import_module("tagrouter_fast.tagging.taggers.generator")
 
 
 def _timeit(fn: Callable[[], Any], reps: int, warmup: int, sync: Callable[[], None]) -> dict:

@@ -241,7 +241,7 @@ def cached_export(
     directory and renamed into place, so an interrupted run never leaves a half-written one.
 
     Args:
-        root: Cache root (e.g. ``tagrouter_fast.cache.cache_dir() / "test-models"``).
+        root: Cache root (e.g. ``tagrouter_fast.tagging.cache.cache_dir() / "test-models"``).
         name: A label for the directory name.
         dtype: Export dtype (``fp32``, ``fp16``, ``int8``).
         seed: Weight seed.

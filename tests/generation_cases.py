@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tagrouter_fast.taggers.generator import TagGeneratorTagger, build_messages
+from tagrouter_fast.tagging.taggers.generator import TagGeneratorTagger, build_messages
 
 QUERIES = [
     "Rewrite the sentence so that it's in the present tense: She had worked at the company "

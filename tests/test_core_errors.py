@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tagrouter_fast.scoring import (
+from tagrouter_fast.core import (
     InconsistentRecordsError,
     TagDecider,
     TagRouterError,

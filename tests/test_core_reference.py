@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tagrouter_fast import _reference as ref
-from tagrouter_fast.scoring import TagDecider, TagScorer
+from tagrouter_fast.core import TagDecider, TagScorer
 
 MODELS = ["alpha", "beta", "gamma", "delta", "eps"]
 # Few tags per store, so that queries share tags, scores tie and counts grow past 1.

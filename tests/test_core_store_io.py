@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tagrouter_fast import _core
-from tagrouter_fast.scoring import StoreFormatError, TagDecider, TagRouterError, TagScorer
+from tagrouter_fast.core import StoreFormatError, TagDecider, TagRouterError, TagScorer
 
 RECORDS = [
     ("q1", ["Poem", "Humor"], "big", "win"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tagrouter_fast.scoring import TagScorer
+from tagrouter_fast.core import TagScorer
 
 QUERIES = "query_id,query_text,subset\nq1,Write a poem,a\nq2,Solve 2+2,b\nq3,Rewrite this,a\n"
 # q3 has no row for "small": missing data, which must give no record (not a loss).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tagrouter_fast.scoring import TagDecider, TagScorer
+from tagrouter_fast.core import TagDecider, TagScorer
 
 
 @pytest.fixture

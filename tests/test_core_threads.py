@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tagrouter_fast.scoring import TagDecider, TagScorer
+from tagrouter_fast.core import TagDecider, TagScorer
 
 N_THREADS = 4
 # Queries per call. The detached part of a call (the lookups) must outlast the few milliseconds

@@ -10,8 +10,8 @@ import pytest
 MODULES = [
     "tagrouter_fast",
     "tagrouter_fast.router",
-    "tagrouter_fast.scoring",
-    "tagrouter_fast.taggers.default",
+    "tagrouter_fast.core",
+    "tagrouter_fast.tagging.taggers.default",
 ]
 
 

@@ -23,9 +23,9 @@ torch = pytest.importorskip("torch", reason="export tests need torch (pip instal
 transformers = pytest.importorskip("transformers", reason="export tests need transformers")
 pytest.importorskip("optimum.exporters.onnx", reason="export tests need optimum-onnx")
 
-from tagrouter_fast.cache import cache_dir  # noqa: E402
-from tagrouter_fast.manifest import ManifestError, load_manifest, write_manifest  # noqa: E402
-from tagrouter_fast.taggers.generator import (  # noqa: E402
+from tagrouter_fast.tagging.cache import cache_dir  # noqa: E402
+from tagrouter_fast.tagging.manifest import ManifestError, load_manifest, write_manifest  # noqa: E402
+from tagrouter_fast.tagging.taggers.generator import (  # noqa: E402
     TagGeneratorTagger,
     build_messages,
     render_chatml,
@@ -153,7 +153,7 @@ def test_fingerprint_stable_and_sensitive(tiny) -> None:  # type: ignore[no-unty
 def test_runtime_does_not_import_torch(tiny) -> None:  # type: ignore[no-untyped-def]
     code = (
         "import sys\n"
-        "from tagrouter_fast.taggers.generator import TagGeneratorTagger\n"
+        "from tagrouter_fast.tagging.taggers.generator import TagGeneratorTagger\n"
         f"t = TagGeneratorTagger({str(tiny[1])!r}, max_new_tokens=3)\n"
         "assert len(t.generate_ids(['hello'])[0]) == 3\n"
         "heavy = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]\n"

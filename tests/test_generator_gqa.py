@@ -22,9 +22,9 @@ torch = pytest.importorskip("torch", reason="export tests need torch (pip instal
 transformers = pytest.importorskip("transformers", reason="export tests need transformers")
 onnx = pytest.importorskip("onnx", reason="export tests need onnx")
 
-from tagrouter_fast.cache import cache_dir  # noqa: E402
-from tagrouter_fast.manifest import load_manifest  # noqa: E402
-from tagrouter_fast.taggers.generator import TagGeneratorTagger  # noqa: E402
+from tagrouter_fast.tagging.cache import cache_dir  # noqa: E402
+from tagrouter_fast.tagging.manifest import load_manifest  # noqa: E402
+from tagrouter_fast.tagging.taggers.generator import TagGeneratorTagger  # noqa: E402
 
 EXPORT_DIR = Path(__file__).resolve().parents[1] / "export"
 sys.path.insert(0, str(EXPORT_DIR))

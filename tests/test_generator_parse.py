@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tagrouter_fast.taggers.parse import MAX_TAG_CHARS, ParsedTags, clean_tag, parse_tags
+from tagrouter_fast.tagging.taggers.parse import MAX_TAG_CHARS, ParsedTags, clean_tag, parse_tags
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tagrouter_fast import TagRouter
+from tagrouter_fast.build.table import load_table
 from tagrouter_fast.cli import main
-from tagrouter_fast.data import load_table
 from tagrouter_fast.router import BundleError
 
 # Two query kinds with opposite winners: the small model wins poems, the big one wins maths.
@@ -253,7 +253,8 @@ def test_cli_build_store_llm_share(
 def test_default_bundle_dirs_name_their_variant(
     table_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tagrouter_fast.router import DEFAULT_VARIANT, build_bundle, default_bundle_dir
+    from tagrouter_fast.build.bundle import build_bundle
+    from tagrouter_fast.router import DEFAULT_VARIANT, default_bundle_dir
 
     monkeypatch.setenv("TAGROUTER_CACHE", str(tmp_path / "cache"))
     assert default_bundle_dir().name == f"default-{DEFAULT_VARIANT}"

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from tagrouter_fast.align import AlignResult, TagAligner
+from tagrouter_fast.tagging.align import AlignResult, TagAligner
 
 
 class HashEncoder:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tagrouter_fast import cache
+from tagrouter_fast.tagging import cache
 
 
 class CountingEncoder:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tagrouter_fast import encoder as encmod
-from tagrouter_fast.taggers.default import (
+from tagrouter_fast.tagging import encoder as encmod
+from tagrouter_fast.tagging.taggers.default import (
     DefaultTagger,
     instruction_head,
     load_vocabulary,
@@ -199,7 +199,7 @@ def test_shape_tagger_appends_shape_tags(tagger):
 
 
 def test_taggers_package_lazy_generator():
-    import tagrouter_fast.taggers as taggers
+    import tagrouter_fast.tagging.taggers as taggers
 
     assert taggers.DefaultTagger is DefaultTagger
     try:

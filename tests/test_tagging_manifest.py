@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tagrouter_fast.manifest import (
+from tagrouter_fast.tagging.manifest import (
     MANIFEST_NAME,
     ManifestError,
     file_sha256,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tagrouter_fast.normalize import (
+from tagrouter_fast.tagging.normalize import (
     TagNormalization,
     dbscan,
     frequency_filter,

@@ -9,7 +9,7 @@ from itertools import permutations
 import numpy as np
 import pytest
 
-from tagrouter_fast.sampling import hybrid_sample, hybrid_tag_weights, point_weights
+from tagrouter_fast.eval.sampling import hybrid_sample, hybrid_tag_weights, point_weights
 
 
 def test_tag_weights_formula():

@@ -8,8 +8,7 @@
 """
 
 from tagrouter_fast._core import __version__
-from tagrouter_fast.router import TagRouter, default_router, route
-from tagrouter_fast.scoring import (
+from tagrouter_fast.core import (
     Decision,
     InconsistentRecordsError,
     StoreFormatError,
@@ -21,6 +20,7 @@ from tagrouter_fast.scoring import (
     UnknownTagError,
     split_tags,
 )
+from tagrouter_fast.router import TagRouter, default_router, route
 
 __all__ = [
     "Decision",

@@ -20,10 +20,10 @@ def _load_router(args: argparse.Namespace):  # noqa: ANN202 - TagRouter, importe
 
 
 def _cmd_tag(args: argparse.Namespace) -> int:
-    from tagrouter_fast.taggers import DefaultTagger
+    from tagrouter_fast.tagging.taggers import DefaultTagger
 
     if args.generator:
-        from tagrouter_fast.taggers import TagGeneratorTagger
+        from tagrouter_fast.tagging.taggers import TagGeneratorTagger
 
         tagger = TagGeneratorTagger(args.generator)
     else:
@@ -53,7 +53,7 @@ def _cmd_route(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_store(args: argparse.Namespace) -> int:
-    from tagrouter_fast.router import build_bundle
+    from tagrouter_fast.build.bundle import build_bundle
 
     models = args.models.split(",") if args.models else None
     out = build_bundle(
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--data",
         metavar="DIR",
-        help="routing-table dir (default: $TAGROUTER_DATA or ../shared/data/alpacaeval2)",
+        help="routing-table dir (default: $TAGROUTER_DATA)",
     )
     g = b.add_mutually_exclusive_group()
     g.add_argument("--pool", help="candidate pool name from the data README (default: five-api)")

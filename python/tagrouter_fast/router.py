@@ -10,26 +10,23 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from tagrouter_fast.normalize import TagNormalization
-from tagrouter_fast.scoring import AGGREGATIONS, Decision, TagDecider, TagScorer
+from tagrouter_fast.core import AGGREGATIONS, Decision, TagDecider, TagScorer
+from tagrouter_fast.tagging.normalize import TagNormalization
 
 if TYPE_CHECKING:
-    from tagrouter_fast.data import RoutingTable
+    from tagrouter_fast.build.table import RoutingTable
+    from tagrouter_fast.protocols import Aligner, Tagger
 
 BUNDLE_FORMAT = "tagrouter-bundle"
 BUNDLE_VERSION = 1
 STORE_FILE = "store.trs"
 NORMALIZATION_FILE = "normalization.json"
 META_FILE = "router.json"
-DEFAULT_POOL = "five-api"
 #: Scorer presets of bundles (`tagrouter build-store --variant`): the paper's TagRouter exactly,
 #: and TagRouter+ (ours: per-tag rates shrunk towards each model's global rate with a
 #: pseudo-count of 300 queries, the value the evaluation's inner cross-validation picks most
@@ -52,8 +49,8 @@ class BundleError(ValueError):
 # A bundle records which tagger made its tags as a small spec, so loading it rebuilds that tagger.
 
 
-def _tagger_spec(tagger: Any) -> dict[str, Any]:
-    from tagrouter_fast.taggers import DefaultTagger
+def _tagger_spec(tagger: Tagger) -> dict[str, Any]:
+    from tagrouter_fast.tagging.taggers import DefaultTagger
 
     if isinstance(tagger, DefaultTagger):
         return {"kind": "default", "fingerprint": tagger.fingerprint}
@@ -67,14 +64,14 @@ def _tagger_spec(tagger: Any) -> dict[str, Any]:
     return {"kind": "custom", "fingerprint": getattr(tagger, "fingerprint", type(tagger).__name__)}
 
 
-def _tagger_from_spec(spec: Mapping[str, Any]) -> Any:
+def _tagger_from_spec(spec: Mapping[str, Any]) -> Tagger:
     kind = spec.get("kind")
     if kind == "default":
-        from tagrouter_fast.taggers import DefaultTagger
+        from tagrouter_fast.tagging.taggers import DefaultTagger
 
         return DefaultTagger()
     if kind == "generator":
-        from tagrouter_fast.taggers import TagGeneratorTagger
+        from tagrouter_fast.tagging.taggers import TagGeneratorTagger
 
         return TagGeneratorTagger(spec["onnx_dir"])
     raise BundleError(
@@ -109,7 +106,7 @@ class TagRouter:
     def __init__(
         self,
         decider: TagDecider,
-        tagger: Any = None,
+        tagger: Tagger | None = None,
         *,
         align: bool = True,
         align_floor: float = 0.5,
@@ -120,7 +117,7 @@ class TagRouter:
         self.normalization = normalization
         self._align = align
         self._align_floor = align_floor
-        self._aligner: Any = None
+        self._aligner: Aligner | None = None
         self._aligner_lock = threading.Lock()
 
     @property
@@ -174,14 +171,14 @@ class TagRouter:
         """Explained decision for a raw query (tags, per-model scores, Delta_q, reason)."""
         return self.decider.decide(self.tags(query))
 
-    def _get_aligner(self) -> Any:
+    def _get_aligner(self) -> Aligner | None:
         if not self._align:
             return None
         # Built lazily: it encodes every store tag once, which only route()/decide() need.
         with self._aligner_lock:
             if self._aligner is None:
-                from tagrouter_fast.align import TagAligner
-                from tagrouter_fast.encoder import default_encoder
+                from tagrouter_fast.tagging.align import TagAligner
+                from tagrouter_fast.tagging.encoder import default_encoder
 
                 self._aligner = TagAligner(
                     list(self.scorer.tags), default_encoder(), floor=self._align_floor
@@ -197,7 +194,7 @@ class TagRouter:
         models: Sequence[str],
         *,
         llm: str | None = None,
-        tagger: Any = None,
+        tagger: Tagger | None = None,
         query_ids: Iterable[str] | None = None,
         theta: float = 0.0,
         aggregation: str = "sum",
@@ -224,54 +221,14 @@ class TagRouter:
         `aggregation` is the decider's: "sum" (the paper) or "mean" of the tag scores (see
         `TagDecider`); it is saved with the bundle.
         """
-        from tagrouter_fast.cache import tag_cached
+        from tagrouter_fast.build.bundle import build_router
 
-        if tagger is None:
-            from tagrouter_fast.taggers import DefaultTagger
-
-            tagger = DefaultTagger()
-        models = list(models)
-        if not models:
-            raise ValueError("empty model set")
-        table.model_index(models)  # raises, naming close matches, on an unknown model
-        rows = (
-            table.query_index(list(query_ids))
-            if query_ids is not None
-            else np.arange(table.n_queries)
+        return build_router(
+            cls, table, models, llm=llm, tagger=tagger, query_ids=query_ids, theta=theta,
+            aggregation=aggregation, s_win=s_win, s_tie=s_tie, s_loss=s_loss,
+            weighting=weighting, prior_strength=prior_strength, normalize=normalize,
+            min_count=min_count, show_progress=show_progress,
         )
-        # Tag only the training queries; records() indexes tags by table row.
-        texts = [table.texts[i] for i in rows]
-        row_tags = tag_cached(tagger, texts, show_progress=show_progress)
-        normalization = None
-        if normalize is None:
-            from tagrouter_fast.taggers import DefaultTagger
-
-            normalize = not isinstance(tagger, DefaultTagger)
-        if normalize:
-            from tagrouter_fast.encoder import default_encoder
-            from tagrouter_fast.normalize import normalize_tags
-
-            normalization, row_tags = normalize_tags(
-                row_tags, default_encoder(), min_count=min_count
-            )
-        tags: list[list[str]] = [[] for _ in range(table.n_queries)]
-        for i, t in zip(rows, row_tags, strict=True):
-            tags[i] = list(t)
-        records = table.records(rows, models, tags)
-        # Mean cost over the training queries: the decider only needs the models' cost order
-        # and the per-query average for cost reports.
-        cost = table.cost_matrix(models)[rows]
-        costs = {m: float(cost[:, j].mean()) for j, m in enumerate(models)}
-        scorer = TagScorer.from_records(
-            records,
-            s_win=s_win,
-            s_tie=s_tie,
-            s_loss=s_loss,
-            weighting=weighting,
-            prior_strength=prior_strength,
-        )
-        decider = TagDecider(scorer, costs=costs, llm=llm, theta=theta, aggregation=aggregation)
-        return cls(decider, tagger, normalization=normalization)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the bundle directory (store + router.json); each file is replaced atomically."""
@@ -304,7 +261,7 @@ class TagRouter:
         cls,
         path: str | os.PathLike[str],
         *,
-        tagger: Any = None,
+        tagger: Tagger | None = None,
         theta: float | None = None,
         align: bool | None = None,
     ) -> TagRouter:
@@ -349,117 +306,20 @@ class TagRouter:
         )
 
 
-# ==== Default bundle and the drop-in route() ====
+# ==== The drop-in route() ====
 
 
-def default_data_dir() -> Path | None:
-    """Where the public AlpacaEval table is, if anywhere: $TAGROUTER_DATA, or ../shared/data next
-    to the current directory or to this checkout."""
-    env = os.environ.get("TAGROUTER_DATA")
-    candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve()
-    candidates += [Path.cwd().parent / "shared/data/alpacaeval2"]
-    candidates += [p.parent / "shared/data/alpacaeval2" for p in here.parents]
-    for c in candidates:
-        if (c / "queries.csv").is_file() and (c / "outcomes.csv").is_file():
-            return c
-    return None
+_default_router: TagRouter | None = None
+_default_lock = threading.Lock()
 
 
 def default_bundle_dir(variant: str = DEFAULT_VARIANT) -> Path:
     """Where the default bundle of ``variant`` is cached; ``route()`` uses
     :data:`DEFAULT_VARIANT`'s. The variant is in the name, so a bundle cached under another
     default is never mistaken for this one."""
-    from tagrouter_fast.cache import cache_dir
+    from tagrouter_fast.tagging.cache import cache_dir
 
     return cache_dir() / "routers" / f"default-{variant}"
-
-
-def build_bundle(
-    data_dir: str | os.PathLike[str] | None = None,
-    pool: str | None = None,
-    out: str | os.PathLike[str] | None = None,
-    *,
-    models: Sequence[str] | None = None,
-    llm: str | None = None,
-    variant: str = DEFAULT_VARIANT,
-    aggregation: str | None = None,
-    weighting: str | None = None,
-    prior_strength: float | None = None,
-    theta: float = 0.0,
-    llm_share: float | None = None,
-    show_progress: bool = True,
-) -> Path:
-    """Convert judgments in the routing-table format into a router bundle (one command:
-    `tagrouter build-store`). With no arguments: the public AlpacaEval table, pool `five-api`,
-    the default variant, written to the cache (outside the repository) where `route()` finds
-    it. `variant` names a :data:`VARIANTS` preset; `aggregation`, `weighting` and
-    `prior_strength` (:meth:`TagRouter.build`'s) override single settings of it.
-
-    `llm_share` replaces `theta` by a budget: the theta that sends at most that share of the
-    table's queries to M_LLM (:meth:`TagDecider.theta_for_llm_share` on their routing tags). It
-    reads no outcome, so it cannot overfit them; it is how to give TagRouter+ (whose theta = 0
-    sends nearly everything to M_LLM) an operating point."""
-    from tagrouter_fast.data import load_table, resolve_pool
-
-    src = Path(data_dir) if data_dir is not None else default_data_dir()
-    if src is None:
-        raise BundleError(
-            "no judgments to build a store from: pass --data DIR (routing-table format: "
-            "queries.csv + outcomes.csv) or set TAGROUTER_DATA"
-        )
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
-    opts = dict(VARIANTS[variant])
-    for key, value in (
-        ("aggregation", aggregation),
-        ("weighting", weighting),
-        ("prior_strength", prior_strength),
-    ):
-        if value is not None:
-            opts[key] = value
-    if opts["weighting"] != "shrunk" and opts["prior_strength"]:
-        raise ValueError("prior_strength only applies to the shrunk weighting")
-    if llm_share is not None:
-        if not 0.0 <= llm_share <= 1.0:
-            raise ValueError(f"llm_share must be in [0, 1], got {llm_share}")
-        if theta != 0.0:
-            raise ValueError("give theta or llm_share, not both")
-    table = load_table(src)
-    if pool is None and models is None:
-        pool = DEFAULT_POOL
-    models, llm = resolve_pool(table, pool=pool, models=models, llm=llm)
-    dest = Path(out) if out is not None else default_bundle_dir(variant)
-    if show_progress:
-        print(
-            f"tagrouter: building a {variant!r} router from {src} ({len(models)} models, "
-            f"M_LLM {llm}) into {dest}",
-            file=sys.stderr,
-        )
-    router = TagRouter.build(
-        table,
-        models,
-        llm=llm,
-        theta=theta,
-        show_progress=show_progress,
-        **opts,
-    )
-    if llm_share is not None:
-        tags = router.tags_batch(table.texts)
-        router.decider = router.decider.with_theta(
-            router.decider.theta_for_llm_share(tags, llm_share)
-        )
-        if show_progress:
-            print(
-                f"tagrouter: theta = {router.decider.theta:.6g} sends at most "
-                f"{100 * llm_share:.0f}% of the table's queries to {llm}",
-                file=sys.stderr,
-            )
-    return router.save(dest)
-
-
-_default_router: TagRouter | None = None
-_default_lock = threading.Lock()
 
 
 def default_router() -> TagRouter:
@@ -471,6 +331,10 @@ def default_router() -> TagRouter:
             if _default_router is None:
                 path = Path(os.environ.get("TAGROUTER_ROUTER", default_bundle_dir()))
                 if not (path / META_FILE).is_file():
+                    # The one place the runtime reaches build code: the first route() of a
+                    # fresh install converts $TAGROUTER_DATA into the default bundle.
+                    from tagrouter_fast.build.bundle import build_bundle
+
                     build_bundle(out=path)
                 _default_router = TagRouter.load(path)
     return _default_router

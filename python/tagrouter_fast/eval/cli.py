@@ -46,7 +46,7 @@ def _add_pool_args(e: argparse.ArgumentParser) -> None:
         "--data", required=True, metavar="DIR", help="routing-table dir (queries.csv, outcomes.csv)"
     )
     g = e.add_mutually_exclusive_group(required=True)
-    g.add_argument("--pool", help="named pool (see tagrouter_fast.data.POOLS)")
+    g.add_argument("--pool", help="named pool (see tagrouter_fast.eval.pools.POOLS)")
     g.add_argument("--models", help="comma-separated model names")
     e.add_argument("--llm", help="M_LLM (default: the pool's, else the most expensive model)")
     e.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
@@ -151,9 +151,10 @@ def build_result(
 ) -> dict[str, Any]:
     """Load, featurise, cross-validate and summarise; return the result dictionary (JSON schema
     of ``docs/eval.md``). ``tagger`` names a :data:`TAGGERS` entry."""
-    from tagrouter_fast.data import load_table, resolve_pool
+    from tagrouter_fast.build.table import load_table
     from tagrouter_fast.eval.features import compute_features
     from tagrouter_fast.eval.methods import default_methods, scoring_impl
+    from tagrouter_fast.eval.pools import resolve_pool
     from tagrouter_fast.eval.protocol import PoolData, evaluate, summarize
 
     t0 = time.perf_counter()
@@ -164,7 +165,7 @@ def build_result(
     if features is None:
         tg = None
         if TAGGERS[tagger]:
-            from tagrouter_fast.taggers import DefaultTagger
+            from tagrouter_fast.tagging.taggers import DefaultTagger
 
             tg = DefaultTagger(**TAGGERS[tagger])
         features = compute_features(table.texts, tagger=tg)

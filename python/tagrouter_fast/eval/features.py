@@ -1,7 +1,8 @@
 """Label-free features of every query: sentence embeddings, tags and tag-text embeddings.
 
 Both are pure functions of (model files, texts) and are cached on disk by
-:mod:`tagrouter_fast.cache`; tags come from the package's embedded ``DefaultTagger`` unless a
+:mod:`tagrouter_fast.tagging.cache`; tags come from the package's embedded ``DefaultTagger``
+unless a
 tagger or precomputed tags are given, and the result records which tagger produced them.
 """
 
@@ -50,23 +51,23 @@ def compute_features(
 
     Args:
         texts: Query texts.
-        encoder: Defaults to :func:`tagrouter_fast.encoder.default_encoder`.
+        encoder: Defaults to :func:`tagrouter_fast.tagging.encoder.default_encoder`.
         tagger: Defaults to the embedded ``DefaultTagger``.
         tags: Precomputed tags (skips the tagger).
 
     Returns:
         The features.
     """
-    from tagrouter_fast.cache import embed_cached, tag_cached
+    from tagrouter_fast.tagging.cache import embed_cached, tag_cached
 
     if encoder is None:
-        from tagrouter_fast.encoder import default_encoder
+        from tagrouter_fast.tagging.encoder import default_encoder
 
         encoder = default_encoder()
     emb = embed_cached(encoder, list(texts))
     if tags is None:
         if tagger is None:
-            from tagrouter_fast.taggers import DefaultTagger
+            from tagrouter_fast.tagging.taggers import DefaultTagger
 
             tagger = DefaultTagger()
         tags = tag_cached(tagger, list(texts))

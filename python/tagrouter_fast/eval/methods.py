@@ -344,9 +344,9 @@ def fit_random(train: TrainSet, seed: int) -> Fitted:
 def scoring_impl() -> tuple[Any, Any, str]:
     """``(TagScorer, TagDecider, name)``: the product's classes, so the evaluated TagRouter is the
     code path users run."""
-    from tagrouter_fast.scoring import TagDecider, TagScorer
+    from tagrouter_fast.core import TagDecider, TagScorer
 
-    return TagScorer, TagDecider, "tagrouter_fast.scoring"
+    return TagScorer, TagDecider, "tagrouter_fast.core"
 
 
 @dataclass
@@ -435,8 +435,8 @@ def _aligner_for(tags: Sequence[str], floor: float | None) -> Any:
     """Aligner onto ``tags``; tag embeddings are memoised across folds (each fold's tag set
     differs, so the disk cache keyed by the whole list would miss every time)."""
     try:
-        from tagrouter_fast.align import TagAligner
-        from tagrouter_fast.cache import embed_cached
+        from tagrouter_fast.tagging.align import TagAligner
+        from tagrouter_fast.tagging.cache import embed_cached
     except ImportError:
         return None
     enc = _shared_encoder(_default_encoder)
@@ -452,7 +452,7 @@ _ENCODER: list[Any] = []
 
 
 def _default_encoder() -> Any:
-    from tagrouter_fast.encoder import default_encoder
+    from tagrouter_fast.tagging.encoder import default_encoder
 
     return default_encoder()
 
@@ -471,7 +471,7 @@ def fit_tagrouter(train: TrainSet, seed: int, cfg: TagConfig | None = None) -> F
     norm = None
     train_tags = train.tags
     if cfg.normalize:
-        from tagrouter_fast.normalize import normalize_tags
+        from tagrouter_fast.tagging.normalize import normalize_tags
 
         norm, train_tags = normalize_tags(
             train.tags, _shared_encoder(_default_encoder), min_count=cfg.min_count

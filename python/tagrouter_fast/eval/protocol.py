@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tagrouter_fast.data import RoutingTable
+from tagrouter_fast.build.table import RoutingTable
 from tagrouter_fast.eval import metrics as M
 from tagrouter_fast.eval.features import Features
 from tagrouter_fast.eval.methods import Fitted, Method, TrainSet, out_of_fold

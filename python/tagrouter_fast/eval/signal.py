@@ -269,8 +269,9 @@ def run_signal(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Every measurement of this module on one pool, as a JSON-ready dictionary."""
-    from tagrouter_fast.data import load_table, resolve_pool
+    from tagrouter_fast.build.table import load_table
     from tagrouter_fast.eval.features import compute_features
+    from tagrouter_fast.eval.pools import resolve_pool
     from tagrouter_fast.eval.protocol import PoolData
 
     table = table if table is not None else load_table(data)

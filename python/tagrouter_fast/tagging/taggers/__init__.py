@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tagrouter_fast.taggers.default import DefaultTagger
+from tagrouter_fast.tagging.taggers.default import DefaultTagger
 
 __all__ = ["DefaultTagger", "TagGeneratorTagger"]
 
@@ -19,10 +19,11 @@ def __getattr__(name: str) -> Any:
     # keep this package importable while it is absent.
     if name == "TagGeneratorTagger":
         try:
-            from tagrouter_fast.taggers.generator import TagGeneratorTagger
+            from tagrouter_fast.tagging.taggers.generator import TagGeneratorTagger
         except ImportError as e:
             raise AttributeError(
-                f"TagGeneratorTagger is unavailable: tagrouter_fast.taggers.generator failed to "
+                f"TagGeneratorTagger is unavailable: tagrouter_fast.tagging.taggers.generator "
+                f"failed to "
                 f"import ({e})"
             ) from e
         return TagGeneratorTagger

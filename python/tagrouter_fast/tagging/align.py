@@ -2,7 +2,8 @@
 
 A generated tag is matched, in order of cost, by (1) a per-aligner cache keyed by the raw string,
 (2) exact membership in the canonical set, (3) equality after rule normalisation
-(:func:`tagrouter_fast.normalize.rule_normalize`, case-folded), (4) nearest canonical tag by cosine
+(:func:`tagrouter_fast.tagging.normalize.rule_normalize`, case-folded), (4) nearest canonical
+tag by cosine
 similarity of encoder embeddings through an hnswlib index. Matches below ``floor`` are dropped and
 reported. Generated tags repeat heavily across queries, so after warm-up almost every lookup is a
 dict hit (about a microsecond); a miss costs one encoder call, shared by all misses of a batch.
@@ -21,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tagrouter_fast.normalize import rule_key
+from tagrouter_fast.tagging.normalize import rule_key
 
 __all__ = ["AlignResult", "TagAligner"]
 
@@ -61,7 +62,7 @@ class TagAligner:
         ef_construction: hnswlib build breadth.
         cache_size: Maximum cached raw tags; the oldest half is evicted when full.
 
-    >>> from tagrouter_fast.encoder import default_encoder  # doctest: +SKIP
+    >>> from tagrouter_fast.tagging.encoder import default_encoder  # doctest: +SKIP
     >>> al = TagAligner(["Text Rewriting", "Geometry"], default_encoder())  # doctest: +SKIP
     >>> al.align(["text-rewriting", "triangle geometry", "zzzz"]).tags  # doctest: +SKIP
     ['Text Rewriting', 'Geometry']
@@ -91,7 +92,7 @@ class TagAligner:
         if embeddings is None:
             if encoder is None:
                 raise ValueError("give an encoder or precomputed embeddings")
-            from tagrouter_fast.cache import embed_cached
+            from tagrouter_fast.tagging.cache import embed_cached
 
             embeddings = embed_cached(encoder, tags)
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)

@@ -1,6 +1,6 @@
 """Greedy decoding over a static-KV-cache export (``kv_layout: "gqa-static"``, onnxruntime GQA).
 
-Used by :class:`tagrouter_fast.taggers.generator.TagGeneratorTagger`, which owns the prompt,
+Used by :class:`tagrouter_fast.tagging.taggers.generator.TagGeneratorTagger`, which owns the prompt,
 stopping rules and batching; this module owns the KV buffers and the onnxruntime calls.
 
 The graph (``export/generator_gqa.py``) reads and writes each layer's KV cache in one preallocated

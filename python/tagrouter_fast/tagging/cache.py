@@ -15,9 +15,12 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tagrouter_fast.protocols import Encoder, Tagger
 
 __all__ = [
     "cache_dir",
@@ -28,18 +31,6 @@ __all__ = [
     "load_array",
     "save_array",
 ]
-
-
-class _Encoder(Protocol):
-    fingerprint: str
-
-    def encode(self, texts: list[str]) -> np.ndarray: ...
-
-
-class _Tagger(Protocol):
-    fingerprint: str
-
-    def tag_batch(self, queries: list[str]) -> list[list[str]]: ...
 
 
 def cache_dir() -> Path:
@@ -125,7 +116,7 @@ def load_array(path: Path) -> np.ndarray | None:
         return None
 
 
-def embed_cached(encoder: _Encoder, texts: Sequence[str]) -> np.ndarray:
+def embed_cached(encoder: Encoder, texts: Sequence[str]) -> np.ndarray:
     """Encode ``texts`` with ``encoder``, reusing an on-disk result for the same model and texts.
 
     Args:
@@ -157,7 +148,7 @@ def embed_cached(encoder: _Encoder, texts: Sequence[str]) -> np.ndarray:
 
 
 def tag_cached(
-    tagger: _Tagger,
+    tagger: Tagger,
     texts: Sequence[str],
     *,
     progress: Callable[[int, int], Any] | None = None,

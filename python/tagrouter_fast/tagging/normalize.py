@@ -299,7 +299,7 @@ class TagNormalization:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as JSON (atomically)."""
-        from tagrouter_fast.cache import atomic_write_bytes
+        from tagrouter_fast.tagging.cache import atomic_write_bytes
 
         data = json.dumps(self.to_json(), ensure_ascii=False, indent=1, sort_keys=True)
         atomic_write_bytes(Path(path), data.encode("utf-8"))
@@ -377,7 +377,7 @@ def normalize_tags(
         if embeddings is None:
             if encoder is None:
                 raise ValueError("semantic aggregation needs an encoder or embeddings")
-            from tagrouter_fast.cache import embed_cached
+            from tagrouter_fast.tagging.cache import embed_cached
 
             names = sorted(freq)
             vecs = _unit(embed_cached(encoder, names))

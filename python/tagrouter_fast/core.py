@@ -137,7 +137,7 @@ class TagScorer:
     ) -> TagScorer:
         """Builds a store from a routing table (queries.csv + outcomes.csv) and a tags file.
 
-        The routing-table format is read and validated by `tagrouter_fast.data.load_table`; a
+        The routing-table format is read and validated by `tagrouter_fast.build.table.load_table`; a
         (query, model) pair with no outcome row gives no record (missing data, not a loss).
 
         Args:
@@ -159,7 +159,7 @@ class TagScorer:
             ValueError: queries without tags (``missing="error"``), tags for unknown queries
                 (``unknown="error"``), a malformed tags file or entry, no query left, or a bad
                 ``missing``/``unknown``/score parameter. The message names the query ids.
-            tagrouter_fast.data.DataError: a malformed routing table (a ValueError too).
+            tagrouter_fast.build.table.DataError: a malformed routing table (a ValueError too).
             KeyError: a model in ``models`` that the table lacks.
             OSError: a file cannot be read.
 
@@ -170,7 +170,7 @@ class TagScorer:
         >>> TagScorer.from_table(d, {"q1": ["Poem"]}).counts("a", "Poem")
         (1, 0, 0)
         """
-        from tagrouter_fast.data import load_table
+        from tagrouter_fast.build.table import load_table
 
         if missing not in ("error", "skip"):
             raise ValueError(f"missing must be 'error' or 'skip', got {missing!r}")

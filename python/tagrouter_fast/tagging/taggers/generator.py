@@ -38,7 +38,8 @@ longer per step, so onnxruntime CUDA graphs, which need fixed input addresses an
 capture it. ``export/generator_gqa.py`` writes the same model around onnxruntime's
 GroupQueryAttention with a preallocated KV buffer updated in place (manifest
 ``kv_layout: "gqa-static"``); the tagger detects it and decodes through
-:mod:`tagrouter_fast.taggers._static_kv`, with ``cuda_graph=True`` replaying each decode step as a
+:mod:`tagrouter_fast.tagging.taggers._static_kv`, with ``cuda_graph=True`` replaying each
+decode step as a
 CUDA graph. Tokens, stops and batching are the same on both layouts.
 """
 
@@ -52,9 +53,9 @@ from typing import Any
 
 import numpy as np
 
-from tagrouter_fast.manifest import Manifest, load_manifest
-from tagrouter_fast.taggers._static_kv import StaticKVDecoder, cuda_graph_providers
-from tagrouter_fast.taggers.parse import ParsedTags, parse_tags
+from tagrouter_fast.tagging.manifest import Manifest, load_manifest
+from tagrouter_fast.tagging.taggers._static_kv import StaticKVDecoder, cuda_graph_providers
+from tagrouter_fast.tagging.taggers.parse import ParsedTags, parse_tags
 
 __all__ = [
     "SYSTEM_PROMPT",
@@ -176,7 +177,8 @@ class TagGeneratorTagger:
             onnxruntime CUDA graph (one per batch size; sets the CUDA EP's ``enable_cuda_graph``).
 
     Raises:
-        tagrouter_fast.manifest.ManifestError: The directory is not a verified generator export.
+        tagrouter_fast.tagging.manifest.ManifestError: The directory is not a verified generator
+            export.
         ValueError: ``cuda_graph`` or ``kv_len`` with an export that is not ``gqa-static``, or
             ``cuda_graph`` with one that is not fp16.
         RuntimeError: ``cuda_graph=True`` without onnxruntime's CUDA execution provider.

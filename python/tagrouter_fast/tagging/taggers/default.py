@@ -93,7 +93,8 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
         ValueError: A tag appears twice or the file has no tags.
     """
     if path is None:
-        text = resources.files("tagrouter_fast.taggers").joinpath("vocab.txt").read_text("utf-8")
+        files = resources.files("tagrouter_fast.tagging.taggers")
+        text = files.joinpath("vocab.txt").read_text("utf-8")
     else:
         text = Path(path).read_text(encoding="utf-8")
     tags: list[str] = []
@@ -197,7 +198,7 @@ class DefaultTagger:
     """Offline tagger: embedding similarity to a shipped tag vocabulary, top-k with MMR.
 
     Args:
-        encoder: Sentence encoder (default: :func:`tagrouter_fast.encoder.default_encoder`).
+        encoder: Sentence encoder (default: :func:`tagrouter_fast.tagging.encoder.default_encoder`).
         k: Maximum tags per query.
         floor: Minimum similarity for a tag (the task slot uses ``task_floor``).
         mmr_lambda: MMR trade-off: 1.0 pure relevance, lower favours diversity.
@@ -243,7 +244,7 @@ class DefaultTagger:
         shape_tags: bool = False,
     ) -> None:
         if encoder is None:
-            from tagrouter_fast.encoder import default_encoder
+            from tagrouter_fast.tagging.encoder import default_encoder
 
             encoder = default_encoder()
         self.encoder = encoder
@@ -285,7 +286,7 @@ class DefaultTagger:
         return f"DefaultTagger(k={self.k}, floor={self.floor}, tags={len(self.vocab.tags)})"
 
     def _embed_vocab(self) -> np.ndarray:
-        from tagrouter_fast.cache import cache_dir, load_array, save_array
+        from tagrouter_fast.tagging.cache import cache_dir, load_array, save_array
 
         v = self.vocab
         path = cache_dir() / "tagger" / f"{self.encoder.fingerprint}-{v.sha256[:16]}.npy"
