@@ -51,6 +51,7 @@ lint: setup
 	cargo fmt --all --check
 	PYO3_PYTHON=$(abspath $(PY)) cargo clippy --all-targets --features python -- -D warnings
 	$(VENV)/bin/ruff check python tests benches export
+	$(PY) -m mypy python/tagrouter_fast
 	$(PY) -m mypy.stubtest tagrouter_fast._core
 
 bench: setup

@@ -124,7 +124,7 @@ class RoutingTable:
 
     def complete_rows(self, models: Sequence[str]) -> np.ndarray:
         """Bool mask of queries that have an outcome for every model in ``models``."""
-        return (self.outcomes(models) >= 0).all(axis=1)
+        return np.asarray((self.outcomes(models) >= 0).all(axis=1))
 
     def mean_cost(self, models: Sequence[str]) -> dict[str, float]:
         """Mean cost per call of each model (over its imputed cost column)."""
@@ -283,7 +283,7 @@ def load_table(
         if np.isnan(means).all():
             means[:] = 1.0
         fallback = float(np.nanmean(means))
-        for j in np.flatnonzero(np.isnan(means)):
+        for j in np.flatnonzero(np.isnan(means)).tolist():
             imputed.append(models[j])
             means[j] = fallback
         costs = np.where(present, raw, means[None, :])

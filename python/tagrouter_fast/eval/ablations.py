@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tagrouter_fast.eval.methods import (
+    Fitted,
     Method,
     TagConfig,
     TrainSet,
@@ -24,7 +25,10 @@ __all__ = ["methods_for", "subsample"]
 
 
 def _tr(name: str, cfg: TagConfig) -> Method:
-    return Method(name, "tagrouter", lambda t, s, c=cfg: fit_tagrouter(t, s, c))
+    def fit(train: TrainSet, seed: int) -> Fitted:
+        return fit_tagrouter(train, seed, cfg)
+
+    return Method(name, "tagrouter", fit)
 
 
 def subsample(train: TrainSet, size: int, seed: int) -> TrainSet:

@@ -75,7 +75,7 @@ def resolve_pool(
     if pool is not None:
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}; known: {sorted(POOLS)}")
-        models = list(POOLS[pool]["models"])  # type: ignore[arg-type]
+        models = list(POOLS[pool]["models"])  # type: ignore[call-overload]
         llm = llm or POOLS[pool]["llm"]  # type: ignore[assignment]
     models = list(dict.fromkeys(models or []))
     if len(models) < 2:

@@ -376,6 +376,7 @@ def summarize(
         for f, r, w in zip(folds, results[name], weights, strict=True):
             a_llm = f.extra["acc_llm"]
             ar_llm = (w * a_llm).sum(axis=1) / w.sum(axis=1)
+            assert r.pref is not None and r.acc_slm is not None, name
             a, p = M.batch_auc_pauc(r.pref, a_llm, r.acc_slm, w, ar_llm)
             aucs.append(a)
             paucs.append(p)
