@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tagrouter_fast.tagging.normalize import rule_key
+from tagrouter_fast.tagging.vectors import l2_normalize
 
 __all__ = ["AlignResult", "TagAligner"]
 
@@ -98,8 +99,7 @@ class TagAligner:
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         if emb.shape[0] != len(tags) or emb.ndim != 2:
             raise ValueError(f"embeddings shape {emb.shape} does not match {len(tags)} tags")
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        self.embeddings = emb / np.maximum(norms, 1e-12)
+        self.embeddings = l2_normalize(emb)
         self.dim = int(emb.shape[1])
 
         self._rule: dict[str, str] = {}
@@ -142,7 +142,7 @@ class TagAligner:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         use_exact = self.exact if exact is None else exact
         if use_exact:
-            qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+            qn = l2_normalize(q)
             sims = qn @ self.embeddings.T
             idx = sims.argmax(axis=1)
             return idx.astype(np.int64), sims[np.arange(len(q)), idx].astype(np.float32)

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from tagrouter_fast.tagging.vectors import l2_normalize
+
 __all__ = [
     "TagNormalization",
     "dbscan",
@@ -95,9 +97,7 @@ def frequency_filter(counts: Mapping[str, int], min_count: int = 5) -> set[str]:
 # ==== DBSCAN (cosine) ====
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+_unit = l2_normalize
 
 
 def dbscan(
