@@ -76,7 +76,7 @@ def test_unknown_model_and_tag(scorer):
     with pytest.raises(UnknownTagError, match="zzz"):
         scorer.score("big", "zzz")
     with pytest.raises(UnknownModelError):
-        scorer.remove_model("nope")
+        scorer.without_model("nope")
     assert issubclass(UnknownModelError, TagRouterError)
 
 
@@ -156,16 +156,16 @@ def test_mismatched_lengths_in_theta_search(scorer):
 
 def test_update_errors(scorer):
     with pytest.raises(InconsistentRecordsError, match="already in the store"):
-        scorer.add_model([("q2", ["a"], "big", "win")])
+        scorer.with_model([("q2", ["a"], "big", "win")])
     with pytest.raises(InconsistentRecordsError, match="one model"):
-        scorer.add_model([("q2", ["a"], "n1", "win"), ("q3", ["a"], "n2", "win")])
+        scorer.with_model([("q2", ["a"], "n1", "win"), ("q3", ["a"], "n2", "win")])
     with pytest.raises(ValueError, match="at least one record"):
-        scorer.add_model([])
+        scorer.with_model([])
     only = TagScorer.from_records([("q", ["a"], "m", "win")])
     with pytest.raises(ValueError, match="only model"):
-        only.remove_model("m")
+        only.without_model("m")
     # A failed update leaves the store as it was.
     before = scorer.to_bytes()
     with pytest.raises(ValueError):
-        scorer.add_records([("q5", ["a"], "big", "win"), ("q6", ["a"], "big", "meh")])
+        scorer.with_records([("q5", ["a"], "big", "win"), ("q6", ["a"], "big", "meh")])
     assert scorer.to_bytes() == before

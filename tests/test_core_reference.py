@@ -186,6 +186,98 @@ def test_raw_generator_string_equals_split_list(records, costs, raw, agg):
     ]
 
 
+# Pieces a generator's output is made of: tags, separators, and whitespace of every kind Python
+# knows (str.isspace), including U+001C..U+001F that Rust's char::is_whitespace does not.
+_SPLIT_PIECES = st.sampled_from(
+    [
+        "Poem",
+        "Q&A",
+        "Ünïcode",
+        ",",
+        ", ",
+        " ",
+        "\t",
+        "\n",
+        "\x1c",
+        "\x1f",
+        "\x85",
+        "\u3000",
+        "\u200b",
+        "\xa0",
+        "\u2028",
+        "x y",
+    ]
+)
+
+
+@PROFILE
+@given(s=st.one_of(st.text(), st.lists(_SPLIT_PIECES, max_size=12).map("".join)))
+def test_split_tags_is_pythons_strip_and_split(s):
+    from tagrouter_fast.core import split_tags
+
+    assert split_tags(s) == [t.strip() for t in s.split(",") if t.strip()]
+    assert split_tags(s) == ref.split_tags(s)
+
+
+def test_split_tags_is_the_core_function_and_trims_like_python():
+    from tagrouter_fast import _core, split_tags
+
+    assert split_tags is _core.split_tags
+    assert split_tags("Poem, \x1c") == ["Poem"]
+    assert split_tags("\x1dMath\x1e,\x1f") == ["Math"]
+    with pytest.raises(TypeError):
+        split_tags(["Poem"])  # type: ignore[arg-type]
+
+
+def test_split_tags_whitespace_is_str_isspace_for_every_code_point():
+    import sys
+
+    from tagrouter_fast import split_tags
+
+    differ = [
+        hex(i)
+        for i in range(sys.maxunicode + 1)
+        if not 0xD800 <= i < 0xE000
+        and i != ord(",")
+        and split_tags(f"{chr(i)}a{chr(i)}") != [f"{chr(i)}a{chr(i)}".strip()]
+    ]
+    assert differ == []
+
+
+@PROFILE
+@given(
+    records=record_sets(),
+    p=params,
+    costs=st.lists(cost_values, min_size=1, max_size=5),
+    llm_pick=st.one_of(st.none(), st.integers(0, 4)),
+    theta=thetas,
+    batch=st.lists(query_tags, max_size=8),
+    agg=aggregations,
+)
+def test_decide_batch_equals_decide_per_query(records, p, costs, llm_pick, theta, batch, agg):
+    _, decider, _, _ = build_pair(records, p, costs, llm_pick, theta, None, agg)
+    cols = decider.decide_batch(batch)
+    assert len(cols) == len(batch)
+    for arr, dtype in [
+        (cols.model, np.int64),
+        (cols.delta, np.float64),
+        (cols.slm, np.int64),
+        (cols.top, np.int64),
+        (cols.n_known, np.int64),
+    ]:
+        assert arr.dtype == dtype and arr.shape == (len(batch),)
+    index = {m: i for i, m in enumerate(decider.models)}
+    for q, tags in enumerate(batch):
+        d = decider.decide(tags)
+        assert cols.model[q] == index[d.model]
+        assert same_float(float(cols.delta[q]), d.delta)
+        assert cols.slm[q] == (-1 if d.slm is None else index[d.slm])
+        assert cols.top[q] == index[d.argmax]
+        assert cols.n_known[q] == len(d.known_tags)
+    np.testing.assert_array_equal(cols.delta, decider.deltas_batch(batch))
+    np.testing.assert_array_equal(cols.model, decider.route_indices_batch(batch))
+
+
 def test_ties_break_towards_cheaper_then_by_name():
     records = [("q", ["t"], m, "win") for m in ("c", "b", "a")]
     s = TagScorer.from_records(records)
@@ -271,9 +363,12 @@ def test_candidates_can_be_a_subset_of_the_store():
 def test_decider_is_a_snapshot_of_the_scorer():
     s = TagScorer.from_records([("q1", ["t"], "a", "win"), ("q1", ["t"], "b", "loss")])
     d = TagDecider(s, {"a": 2.0, "b": 1.0})
-    s.add_records([(f"n{i}", ["t"], "b", "win") for i in range(5)] + [("n9", ["t"], "a", "loss")])
+    s = s.with_records(
+        [(f"n{i}", ["t"], "b", "win") for i in range(5)] + [("n9", ["t"], "a", "loss")]
+    )
     assert d.route_tags(["t"]) == "a"
     assert TagDecider(s, {"a": 2.0, "b": 1.0}).route_tags(["t"]) == "b"
+    assert d.with_store(s).route_tags(["t"]) == "b"
     assert d.scorer.n_queries == 1
 
 
@@ -286,24 +381,22 @@ def score_table(s: TagScorer) -> dict[tuple[str, str], float]:
 
 @PROFILE
 @given(a=record_sets(), b=record_sets())
-def test_add_records_equals_rebuild(a, b):
+def test_with_records_equals_rebuild(a, b):
     # Distinct query ids between the halves unless they share a tag set is not guaranteed:
     # rename b's queries so both halves are consistent.
     b = [(f"b{q}", t, m, o) for q, t, m, o in b]
-    s = TagScorer.from_records(a)
-    s.add_records(b)
+    s = TagScorer.from_records(a).with_records(b)
     assert s.to_bytes() == TagScorer.from_records(a + b).to_bytes()
 
 
 @PROFILE
 @given(a=record_sets(models=MODELS[:3]), new=st.data())
-def test_add_model_equals_rebuild_and_keeps_others(a, new):
+def test_with_model_equals_rebuild_and_keeps_others(a, new):
     base = TagScorer.from_records(a)
     qtags = {q: t for q, t, _, _ in a}
     qs = new.draw(st.lists(st.sampled_from(sorted(qtags)), min_size=1, unique=True))
     added = [(q, qtags[q], "newcomer", new.draw(st.sampled_from(OUTCOMES))) for q in qs]
-    s = TagScorer.from_records(a)
-    s.add_model(added)
+    s = TagScorer.from_records(a).with_model(added)
     assert s.to_bytes() == TagScorer.from_records(a + added).to_bytes()
     # Judgments on known queries leave count_t, hence every other model's score, unchanged.
     before = score_table(base)
@@ -313,12 +406,12 @@ def test_add_model_equals_rebuild_and_keeps_others(a, new):
 
 @PROFILE
 @given(records=record_sets(min_queries=2), p=params, pick=st.integers(0, 4))
-def test_remove_model_equals_rebuild(records, p, pick):
+def test_without_model_equals_rebuild(records, p, pick):
     s = TagScorer.from_records(records, **p)
     if len(s.models) < 2:
         return
     gone = s.models[pick % len(s.models)]
-    s.remove_model(gone)
+    s = s.without_model(gone)
     rebuilt = TagScorer.from_records([r for r in records if r[2] != gone], **p)
     assert s.models == rebuilt.models
     assert sorted(s.tags) == sorted(rebuilt.tags)
@@ -335,8 +428,7 @@ def test_merge_equals_rebuild(a, b, shared):
         # Same query ids must carry the same tag sets across stores.
         qtags = {q: t for q, t, _, _ in a}
         b = [(q, qtags.get(q, t), m, o) for q, t, m, o in b]
-    s = TagScorer.from_records(a)
-    s.merge(TagScorer.from_records(b))
+    s = TagScorer.from_records(a).merged(TagScorer.from_records(b))
     assert s.to_bytes() == TagScorer.from_records(a + b).to_bytes()
 
 

@@ -41,8 +41,8 @@ def test_round_trip_keeps_counts_params_and_scores(scorer, tmp_path):
         back.reweighted(weighting="paper").to_bytes()
         == TagScorer.from_records(RECORDS, s_tie=0.2, prior_strength=1.5).to_bytes()
     )
-    back.merge(TagScorer.from_records([("q9", ["Math"], "big", "win")]))
-    assert back.tag_count("Math") == 3
+    merged = back.merged(TagScorer.from_records([("q9", ["Math"], "big", "win")]))
+    assert merged.tag_count("Math") == 3
     costs = {"big": 3.0, "mid": 2.0, "small": 1.0}
     queries = [["Poem"], ["Math", "x"], []]
     assert TagDecider(TagScorer.load(path), costs).route_tags_batch(queries) == TagDecider(
@@ -153,3 +153,57 @@ def test_save_replaces_an_old_file_whole(scorer, tmp_path):
     path.write_bytes(b"x" * 100_000)
     scorer.save(path)
     assert TagScorer.load(path).to_bytes() == scorer.to_bytes()
+
+
+# ==== Only regular files, never more than they hold ====
+
+
+def _load_in_thread(path: Path, timeout: float = 10.0) -> BaseException | None:
+    """Loads ``path`` in a daemon thread, so that a load that blocks fails the test instead of
+    hanging it; returns the exception raised (None if it loaded)."""
+    import threading
+
+    out: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            TagScorer.load(path)
+            out.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert out, f"TagScorer.load({path}) did not return within {timeout} s"
+    return out[0]
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_dev_zero_is_refused_without_reading_it():
+    e = _load_in_thread(Path("/dev/zero"))
+    assert isinstance(e, StoreFormatError)
+    assert "/dev/zero" in str(e) and "not a regular file" in str(e)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_fifo_is_refused_promptly(tmp_path):
+    fifo = tmp_path / "store.fifo"
+    os.mkfifo(fifo)
+    e = _load_in_thread(fifo)
+    assert isinstance(e, StoreFormatError)
+    assert str(fifo) in str(e) and "not a regular file" in str(e)
+
+
+def test_directory_is_refused(tmp_path):
+    with pytest.raises(StoreFormatError, match="not a regular file"):
+        TagScorer.load(tmp_path)
+
+
+def test_header_announcing_more_than_the_file_is_refused(scorer, tmp_path):
+    data = bytearray(scorer.to_bytes())
+    data[16:24] = struct.pack("<Q", 2**62)
+    path = tmp_path / "liar.trs"
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreFormatError, match="truncated"):
+        TagScorer.load(path)

@@ -20,6 +20,7 @@ __all__ = [
     "UnknownTagError",
     "InconsistentRecordsError",
     "StoreFormatError",
+    "split_tags",
 ]
 
 __version__: str
@@ -33,6 +34,8 @@ class InconsistentRecordsError(TagRouterError): ...
 class StoreFormatError(TagRouterError): ...
 
 _Record = tuple[Any, Sequence[str], str, str]
+
+def split_tags(raw: str) -> list[str]: ...
 _StrPath = str | os.PathLike[str]
 
 @final
@@ -153,6 +156,15 @@ class Decider:
     ) -> npt.NDArray[np.int64]: ...
     def scores_batch(self, list_of_tags: Sequence[Sequence[str]]) -> npt.NDArray[np.float64]: ...
     def deltas_batch(self, list_of_tags: Sequence[Sequence[str]]) -> npt.NDArray[np.float64]: ...
+    def decide_batch(
+        self, list_of_tags: Sequence[Sequence[str]]
+    ) -> tuple[
+        npt.NDArray[np.int64],
+        npt.NDArray[np.float64],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int64],
+        npt.NDArray[np.int64],
+    ]: ...
     def decide(self, tags: Sequence[str]) -> Decision: ...
     def decide_tag_string(self, raw: str) -> Decision: ...
     def sweep_theta(

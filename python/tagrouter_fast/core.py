@@ -13,6 +13,12 @@ cost-aware threshold theta.
 >>> decider = TagDecider(TagScorer.from_records(records), costs={"big": 10.0, "small": 1.0})
 >>> decider.route_tags(["Math"])
 'small'
+
+Tag generators answer ``"a, b, c"``; `split_tags` (the Rust splitter every raw-string path uses)
+turns that into tags, trimming what Python's ``str.strip()`` trims:
+
+>>> split_tags(" Poem, , Text Rewriting ")
+['Poem', 'Text Rewriting']
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ from tagrouter_fast._core import (
     UnknownModelError,
     UnknownTagError,
 )
+from tagrouter_fast._core import Store as _Store
 
 __all__ = [
     "Decision",
+    "DecisionArrays",
     "InconsistentRecordsError",
     "Record",
     "StoreFormatError",
@@ -63,9 +71,11 @@ AGGREGATIONS = ("sum", "mean")
 class TagScorer:
     """The key-value store of tag capabilities: counts, tag frequencies and scores.
 
-    Build one with `from_records` or `load`. Updates (`add_records`, `add_model`, `remove_model`,
-    `merge`) change this object; deciders built earlier keep routing with the scores they were
-    built with (they hold an immutable snapshot), so build a new `TagDecider` after updating.
+    Build one with `from_records` or `load`. A scorer is an immutable value: the updates
+    (`with_records`, `with_model`, `without_model`, `merged`, `reweighted`) return a new scorer
+    and leave this one as it was, so deciders and routers holding it are never changed under
+    them. Route with an updated store through `TagDecider.with_store`, or swap it into a running
+    router with `TagRouter.swap_store` / `TagRouter.update_store`.
 
     Weightings: "paper" (the paper's ``w_t = (1 - exp(-count_t)) / sum_t' count_t'``), "none"
     (``w_t = 1``, the w_t ablation), "shrunk" (per-tag mean outcome score shrunk towards the
@@ -79,12 +89,19 @@ class TagScorer:
     """
 
     __slots__ = ("_core",)
+    _core: _Store
 
-    def __init__(self, core: _core.Store) -> None:
+    def __init__(self, core: _Store) -> None:
         """Wraps a core store; use `from_records` or `load` instead."""
         if not isinstance(core, _core.Store):
             raise TypeError("use TagScorer.from_records(...) or TagScorer.load(path)")
-        self._core = core
+        object.__setattr__(self, "_core", core)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(
+            f"TagScorer is immutable (cannot set {name!r}); with_records(), with_model(), "
+            "without_model(), merged() and reweighted() return a new scorer"
+        )
 
     @classmethod
     def from_records(
@@ -307,39 +324,45 @@ class TagScorer:
             f"weighting={self.weighting!r})"
         )
 
-    # ---- updates without retraining ----
+    # ---- updates without retraining: each returns a new scorer ----
 
-    def add_records(self, records: Iterable[Record]) -> None:
-        """Adds outcome records (for models already in the store or new ones).
+    def with_records(self, records: Iterable[Record]) -> TagScorer:
+        """A new store with these outcome records added (for models already in the store or new
+        ones); this one is unchanged.
 
         New query ids raise ``count_t`` of their tags, which changes ``w_t`` and so every
         model's score on those tags, exactly as the formula says.
-        """
-        self._core = self._core.with_records(records)
 
-    def add_model(self, records: Iterable[Record]) -> None:
-        """Adds a new model from (a small set of) its judgments.
+        >>> a = TagScorer.from_records([("q1", ["Poem"], "m", "win")])
+        >>> b = a.with_records([("q2", ["Poem"], "m", "loss")])
+        >>> a.n_queries, b.n_queries
+        (1, 2)
+        """
+        return TagScorer(self._core.with_records(records))
+
+    def with_model(self, records: Iterable[Record]) -> TagScorer:
+        """A new store with a new model added from (a small set of) its judgments.
 
         Raises:
             InconsistentRecordsError: the model is already in the store, or the records are
                 about more than one model.
             ValueError: no records.
         """
-        self._core = self._core.with_model(records)
+        return TagScorer(self._core.with_model(records))
 
-    def remove_model(self, model: str) -> None:
-        """Removes a model, and the queries and tags only it was judged on.
+    def without_model(self, model: str) -> TagScorer:
+        """A new store without ``model``, and without the queries and tags only it was judged on.
 
         Raises:
             UnknownModelError: ``model`` is not in the store.
             ValueError: it is the only model.
         """
-        self._core = self._core.without_model(model)
+        return TagScorer(self._core.without_model(model))
 
-    def merge(self, other: TagScorer) -> None:
-        """Adds the counts of ``other`` to this store (as if built from both record sets). This
-        store's scoring parameters are kept."""
-        self._core = self._core.merged(other._core)
+    def merged(self, other: TagScorer) -> TagScorer:
+        """A new store holding the counts of this one and ``other`` (as if built from both
+        record sets), with this store's scoring parameters."""
+        return TagScorer(self._core.merged(other._core))
 
     def reweighted(
         self,
@@ -363,6 +386,31 @@ class TagScorer:
 
 
 # ==== Decider ====
+
+
+@dataclass(frozen=True)
+class DecisionArrays:
+    """Result of `TagDecider.decide_batch`: the batch's decisions as columns (one entry per
+    query), for evaluation sweeps. Indices are into `TagDecider.models`.
+
+    Attributes:
+        model: int64, the routed model.
+        delta: float64, ``Delta_q = S(M_SLM) - S(M_LLM)``; NaN when no tag is known (or there is
+            no small model).
+        slm: int64, ``M_SLM``, the best model other than M_LLM; -1 when no tag is known (or
+            there is no small model).
+        top: int64, ``M* = argmax S`` (the fallback model when no tag is known).
+        n_known: int64, the number of distinct tags the store knows.
+    """
+
+    model: np.ndarray
+    delta: np.ndarray
+    slm: np.ndarray
+    top: np.ndarray
+    n_known: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.model)
 
 
 @dataclass(frozen=True)
@@ -507,6 +555,44 @@ class TagDecider:
         """The same decider with another theta (and the same aggregation)."""
         return TagDecider._from_core(self._core.with_theta(float(theta)))
 
+    def with_store(self, scorer: TagScorer, costs: Mapping[str, float] | None = None) -> TagDecider:
+        """The same decider (costs, llm, theta, fallback, aggregation) over another store, e.g.
+        an updated one (`TagScorer.with_records`); this decider is unchanged.
+
+        The candidates stay this decider's: a model that is new in ``scorer`` is not routed to
+        unless ``costs`` gives its cost. ``costs`` extends (and may override) the current
+        costs; M_LLM and the fallback stay as they are.
+
+        Raises:
+            UnknownModelError: a candidate (or M_LLM, the fallback) is not in ``scorer``, e.g.
+                after `TagScorer.without_model`: build a new `TagDecider` then.
+            ValueError, TypeError: a bad cost in ``costs``.
+
+        >>> recs = [("q", ["Poem"], "big", "win"), ("q", ["Poem"], "small", "loss")]
+        >>> d = TagDecider(TagScorer.from_records(recs), {"big": 2.0, "small": 1.0})
+        >>> more = d.scorer.with_records([("q2", ["Math"], "small", "win"),
+        ...                               ("q2", ["Math"], "big", "loss")])
+        >>> d.with_store(more).route_tags(["Math"]), d.route_tags(["Math"])
+        ('small', 'big')
+        """
+        if not isinstance(scorer, TagScorer):
+            raise TypeError(f"scorer must be a TagScorer, got {type(scorer).__name__}")
+        merged = self.costs
+        if costs is not None:
+            if not isinstance(costs, Mapping):
+                raise TypeError(
+                    f"costs must be a mapping of model name to cost, got {type(costs).__name__}"
+                )
+            merged.update(costs)
+        return TagDecider(
+            scorer,
+            costs=merged,
+            llm=self.llm,
+            theta=self.theta,
+            fallback=self.fallback,
+            aggregation=self.aggregation,
+        )
+
     def __repr__(self) -> str:
         return (
             f"TagDecider(models={self.models!r}, llm={self.llm!r}, theta={self.theta!r}, "
@@ -557,6 +643,19 @@ class TagDecider:
     def deltas_batch(self, list_of_tags: Sequence[Sequence[str]]) -> np.ndarray:
         """``Delta_q = S(M_SLM) - S(M_LLM)`` per query; NaN when no tag is known."""
         return self._core.deltas_batch(list_of_tags)
+
+    def decide_batch(self, list_of_tags: Sequence[Sequence[str]]) -> DecisionArrays:
+        """`decide` for many queries, as arrays (`DecisionArrays`: model, delta, slm, top,
+        n_known), computed by the Rust decider in one pass without the GIL.
+
+        >>> recs = [("q", ["Poem"], "big", "win"), ("q", ["Poem"], "small", "loss")]
+        >>> d = TagDecider(TagScorer.from_records(recs), {"big": 2.0, "small": 1.0})
+        >>> b = d.decide_batch([["Poem", "Poem"], ["Haiku"]])
+        >>> b.model.tolist(), b.slm.tolist(), b.top.tolist(), b.n_known.tolist()
+        ([0, 0], [1, -1], [0, 0], [1, 0])
+        """
+        model, delta, slm, top, n_known = self._core.decide_batch(list_of_tags)
+        return DecisionArrays(model=model, delta=delta, slm=slm, top=top, n_known=n_known)
 
     # ---- theta (paper G.2) ----
 
@@ -693,10 +792,6 @@ def _some(ids: Sequence[str], shown: int = 10) -> str:
     return head + (f", ... ({len(ids)} in all)" if len(ids) > shown else "")
 
 
-def split_tags(raw: str) -> list[str]:
-    """A tag generator's raw ``"a, b, c"`` output as a list of trimmed, non-empty tags.
-
-    >>> split_tags(" Poem, , Text Rewriting ")
-    ['Poem', 'Text Rewriting']
-    """
-    return [t.strip() for t in raw.split(",") if t.strip()]
+split_tags = _core.split_tags
+"""A tag generator's raw ``"a, b, c"`` output as a list of trimmed, non-empty tags (Rust):
+``[t.strip() for t in raw.split(",") if t.strip()]``, whitespace being ``str.isspace()``'s."""

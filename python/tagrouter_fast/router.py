@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tagrouter_fast.core import AGGREGATIONS, Decision, TagDecider, TagScorer
+from tagrouter_fast.core import AGGREGATIONS, Decision, Record, TagDecider, TagScorer
 from tagrouter_fast.tagging.normalize import TagNormalization
 
 if TYPE_CHECKING:
@@ -119,10 +119,68 @@ class TagRouter:
         self._align_floor = align_floor
         self._aligner: Aligner | None = None
         self._aligner_lock = threading.Lock()
+        # Taken only by store writers (swap_store / update_store), never by routing.
+        self._store_lock = threading.Lock()
 
     @property
     def scorer(self) -> TagScorer:
         return self.decider.scorer
+
+    # ---- store updates: readers never block, writers never lose ----
+    # `self.decider` is one reference to an immutable decider over an immutable store. Readers
+    # (route, route_tags, decide, ...) read it once per call and take no lock; writers build a
+    # new decider and swap the reference, serialised by a lock only writers take, so no update
+    # is lost and no reader waits.
+
+    def _swap_locked(self, scorer: TagScorer) -> None:
+        old = self.decider
+        new = old.with_store(scorer)
+        self.decider = new  # the atomic swap readers see
+        if self._aligner is not None and list(old.scorer.tags) != list(scorer.tags):
+            # The aligner indexes the store's tags; rebuild it lazily over the new tag set.
+            with self._aligner_lock:
+                self._aligner = None
+
+    def swap_store(self, scorer: TagScorer) -> None:
+        """Route with ``scorer`` from now on: atomically replaces the decider by one over the
+        new store with the same costs, M_LLM, theta, fallback and aggregation (see
+        `TagDecider.with_store`: models new in the store are not candidates). Calls routing
+        at the same time finish on the store they started with.
+
+        Raises:
+            UnknownModelError: a candidate model is not in ``scorer``; the router is unchanged.
+        """
+        if not isinstance(scorer, TagScorer):
+            raise TypeError(f"scorer must be a TagScorer, got {type(scorer).__name__}")
+        with self._store_lock:
+            self._swap_locked(scorer)
+
+    def update_store(self, fn: Callable[[TagScorer], TagScorer]) -> TagScorer:
+        """Replaces the store by ``fn(current store)`` and returns the new store.
+
+        Writers are serialised (``fn`` runs under a lock only writers take), so concurrent
+        updates are never lost; routing never waits for them. If ``fn`` raises, the router is
+        unchanged.
+
+        >>> recs = [("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss")]
+        >>> r = TagRouter(TagDecider(TagScorer.from_records(recs), {"big": 2.0, "small": 1.0}))
+        >>> r.update_store(lambda s: s.with_records([("q2", ["Math"], "big", "win")])).n_queries
+        2
+        """
+        with self._store_lock:
+            new = fn(self.decider.scorer)
+            if not isinstance(new, TagScorer):
+                raise TypeError(
+                    f"update_store: fn must return a TagScorer, got {type(new).__name__}"
+                )
+            self._swap_locked(new)
+            return new
+
+    def add_records(self, records: Iterable[Record]) -> TagScorer:
+        """Adds outcome records to the router's store (`TagScorer.with_records` through
+        `update_store`) and returns the new store."""
+        batch = list(records)
+        return self.update_store(lambda s: s.with_records(batch))
 
     # ---- tags -> model (no tagger needed) ----
 

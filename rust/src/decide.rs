@@ -97,6 +97,52 @@ pub struct Explained {
     pub unknown: Vec<usize>,
 }
 
+/// Routes of a batch as columns (see `Decider::route_columns_flat`); indices in `models()`
+/// order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteColumns {
+    /// The routed model.
+    pub model: Vec<i64>,
+    /// `Delta_q = S(M_SLM) - S(M_LLM)`; NaN when no tag is known or there is no small model.
+    pub delta: Vec<f64>,
+    /// `M_SLM`; -1 when no tag is known or there is no small model.
+    pub slm: Vec<i64>,
+    /// `M*`, the argmax (the fallback model when no tag is known).
+    pub argmax: Vec<i64>,
+    /// Distinct known tags of the query.
+    pub n_known: Vec<i64>,
+}
+
+impl RouteColumns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            model: Vec::with_capacity(n),
+            delta: Vec::with_capacity(n),
+            slm: Vec::with_capacity(n),
+            argmax: Vec::with_capacity(n),
+            n_known: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, r: Route, distinct: usize) {
+        let i = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.model.push(i(r.model));
+        self.delta.push(r.delta);
+        self.slm.push(r.slm.map_or(-1, i));
+        self.argmax.push(i(r.argmax));
+        self.n_known.push(i(distinct));
+    }
+
+    /// Number of queries.
+    pub fn len(&self) -> usize {
+        self.model.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.model.is_empty()
+    }
+}
+
 /// Above this many candidates the per-query sums go to the heap instead of the stack.
 const STACK_MODELS: usize = 32;
 /// Queries with more tags than this are deduplicated with a hash set instead of a linear scan.
@@ -374,6 +420,32 @@ impl Decider {
             .collect()
     }
 
+    /// The routes of many queries as columns, in one pass over the batch: what an evaluation
+    /// sweep needs (`Delta_q`, `M_SLM`, `M*`, the number of known tags) without a `Decision`
+    /// object per query. `tags[offsets[i]..offsets[i + 1]]` is query i; indices are in
+    /// `models()` order.
+    pub fn route_columns_flat<S: AsRef<str>>(&self, tags: &[S], offsets: &[usize]) -> RouteColumns {
+        let n = offsets.len().saturating_sub(1);
+        let mut out = RouteColumns::with_capacity(n);
+        let mut ids: Vec<u32> = Vec::with_capacity(LINEAR_DEDUP_MAX);
+        for w in offsets.windows(2) {
+            ids.clear();
+            ids.extend(
+                tags[w[0]..w[1]]
+                    .iter()
+                    .filter_map(|t| self.tag_id(t.as_ref())),
+            );
+            let (route, distinct) = self.with_sums_counted(&ids, |sums, distinct| {
+                (
+                    self.to_out_route(self.decide_sums(sums, distinct > 0)),
+                    distinct,
+                )
+            });
+            out.push(route, distinct);
+        }
+        out
+    }
+
     /// A decision with its explanation.
     pub fn explain<S: AsRef<str>>(&self, tags: &[S]) -> Explained {
         let mut known: Vec<u32> = Vec::with_capacity(tags.len());
@@ -429,6 +501,13 @@ impl Decider {
     /// whether any tag was known.
     #[inline]
     fn with_sums<R>(&self, ids: &[u32], f: impl FnOnce(&[f64], bool) -> R) -> R {
+        self.with_sums_counted(ids, |sums, distinct| f(sums, distinct > 0))
+    }
+
+    /// `with_sums`, handing `f` the number of distinct known tags instead of whether there was
+    /// one.
+    #[inline]
+    fn with_sums_counted<R>(&self, ids: &[u32], f: impl FnOnce(&[f64], usize) -> R) -> R {
         let mut stack = [0.0_f64; STACK_MODELS];
         let mut heap;
         let sums: &mut [f64] = if self.n <= STACK_MODELS {
@@ -456,7 +535,7 @@ impl Decider {
             }
         }
         self.aggregate(sums, distinct);
-        f(sums, !ids.is_empty())
+        f(sums, distinct)
     }
 
     /// Turns the sums over `distinct` tags into `S`. Every `S(M)` is divided, rather than only
@@ -536,11 +615,6 @@ fn argmax(v: &[f64], skip: usize) -> usize {
         }
     }
     best
-}
-
-/// Splits a tag generator's raw output `"a, b, c"` into trimmed, non-empty tags.
-pub fn split_tags(raw: &str) -> impl Iterator<Item = &str> {
-    raw.split(',').map(str::trim).filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -693,6 +767,31 @@ mod tests {
     }
 
     #[test]
+    fn route_columns_agree_with_routes() {
+        for agg in [Aggregation::Sum, Aggregation::Mean] {
+            let d = Decider::new(margin_store(), &costs(), None, 0.5, None)
+                .unwrap()
+                .with_aggregation(agg);
+            let tags = [
+                "math", "code", "math", "nope", "poem", "nope", "code", "poem",
+            ];
+            let offsets = [0, 3, 4, 5, 5, 8];
+            let cols = d.route_columns_flat(&tags, &offsets);
+            let routes = d.routes_flat(&tags, &offsets);
+            assert_eq!(cols.len(), routes.len());
+            assert_eq!(cols.n_known, [2, 0, 1, 0, 2]);
+            for (q, r) in routes.iter().enumerate() {
+                assert_eq!(cols.model[q], i64::try_from(r.model).unwrap());
+                assert_eq!(cols.argmax[q], i64::try_from(r.argmax).unwrap());
+                assert_eq!(cols.slm[q], r.slm.map_or(-1, |s| i64::try_from(s).unwrap()));
+                assert!(cols.delta[q] == r.delta || (cols.delta[q].is_nan() && r.delta.is_nan()));
+            }
+        }
+        let d = Decider::new(margin_store(), &costs(), None, 0.0, None).unwrap();
+        assert!(d.route_columns_flat::<&str>(&[], &[0]).is_empty());
+    }
+
+    #[test]
     fn mean_changes_what_theta_means() {
         // math + code: Delta is 4 summed, 2 averaged; theta = 3 lies between.
         let sum = Decider::new(margin_store(), &costs(), None, 3.0, None).unwrap();
@@ -739,11 +838,5 @@ mod tests {
         assert_eq!(e.known.len(), 40);
         assert_eq!(d.scores_flat(&q, &[0, q.len()]), e.sums);
         assert_eq!(d.route(&q), e.route);
-    }
-
-    #[test]
-    fn split_generator_output() {
-        let v: Vec<&str> = split_tags(" Poem ,, Text Rewriting,").collect();
-        assert_eq!(v, ["Poem", "Text Rewriting"]);
     }
 }

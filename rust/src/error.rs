@@ -19,7 +19,7 @@ pub enum RouterError {
     UnknownTag(String),
 
     /// Records or stores that contradict each other (one query with two tag sets, a model
-    /// that `add_model` would add twice, ...).
+    /// that `with_model` would add twice, ...).
     #[error("{0}")]
     Inconsistent(String),
 

@@ -9,11 +9,13 @@ pub mod decide;
 pub mod error;
 pub mod store_io;
 pub mod table;
+pub mod tags;
 pub mod theta;
 
 #[cfg(feature = "python")]
 mod py;
 
-pub use decide::{split_tags, Aggregation, Decider, Explained, Reason, Route};
+pub use decide::{Aggregation, Decider, Explained, Reason, Route, RouteColumns};
 pub use error::{Result, RouterError};
 pub use table::{Outcome, Params, Record, Store, Weighting};
+pub use tags::split_tags;

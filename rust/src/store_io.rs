@@ -5,7 +5,7 @@
 //! be merged, updated and re-weighted exactly. Scores are recomputed on load.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -139,16 +139,74 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 // ==== Reading ====
 
+/// The largest store file `load` reads. Every count in the format is a u32, so a real store is
+/// far below this; a larger file is refused before any of it is read.
+pub const MAX_FILE_LEN: u64 = 1 << 32;
+
 /// Loads a store written by `save`.
+///
+/// Only a regular file is read (not a device such as /dev/zero, a FIFO, a socket or a
+/// directory), at most as many bytes as its metadata announces and never more than
+/// `MAX_FILE_LEN`; the header's body length must match the file's length before the body is
+/// read.
 pub fn load(path: &Path) -> Result<Store> {
-    let bytes = fs::read(path).map_err(|source| RouterError::Io {
+    let io = |source| RouterError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    from_bytes(&bytes).map_err(|reason| RouterError::StoreFormat {
+    };
+    let format = |reason: String| RouterError::StoreFormat {
         path: path.to_path_buf(),
         reason,
-    })
+    };
+    // stat before open: opening a FIFO for reading blocks until a writer appears.
+    let meta = fs::metadata(path).map_err(io)?;
+    check_regular(&meta).map_err(format)?;
+    let mut f = File::open(path).map_err(io)?;
+    // fstat of what was opened: the path may have been replaced in between.
+    let meta = f.metadata().map_err(io)?;
+    check_regular(&meta).map_err(format)?;
+    let len = meta.len();
+    let mut header = [0_u8; HEADER_LEN];
+    let head_len = usize::try_from(len.min(HEADER_LEN as u64)).unwrap_or(HEADER_LEN);
+    f.read_exact(&mut header[..head_len]).map_err(io)?;
+    if head_len == HEADER_LEN && &header[..MAGIC.len()] == MAGIC {
+        let body_len = u64::from_le_bytes(header[16..24].try_into().unwrap_or_default());
+        let want = body_len.saturating_add((HEADER_LEN + TRAILER_LEN) as u64);
+        let version = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
+        if version == FORMAT_VERSION && want > len {
+            return Err(format(format!(
+                "truncated: the header announces {want} bytes, the file has {len}"
+            )));
+        }
+    }
+    let total = usize::try_from(len).map_err(|_| format(too_large(len)))?;
+    let mut bytes = Vec::with_capacity(total);
+    bytes.extend_from_slice(&header[..head_len]);
+    // `take`: a file that grows while it is read is read only up to the length checked above.
+    (&mut f)
+        .take(len - head_len as u64)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    from_bytes(&bytes).map_err(format)
+}
+
+fn check_regular(meta: &fs::Metadata) -> std::result::Result<(), String> {
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "a device, FIFO or socket"
+        };
+        return Err(format!("not a regular file ({kind})"));
+    }
+    if meta.len() > MAX_FILE_LEN {
+        return Err(too_large(meta.len()));
+    }
+    Ok(())
+}
+
+fn too_large(len: u64) -> String {
+    format!("{len} bytes, larger than the {MAX_FILE_LEN}-byte limit of a store file")
 }
 
 /// Parses a store from bytes; the error is a human-readable reason.
@@ -441,6 +499,38 @@ mod tests {
             let e = from_bytes(&reseal(b)).unwrap_err();
             assert!(e.contains(what), "{e}");
         }
+    }
+
+    fn tmp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tagrouter-{name}-{}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn load_reads_regular_files_only() {
+        let d = tmp_dir("load-kinds");
+        let e = load(&d).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        #[cfg(unix)]
+        {
+            let e = load(Path::new("/dev/zero")).unwrap_err();
+            assert!(matches!(e, RouterError::StoreFormat { .. }), "{e}");
+            assert!(
+                e.to_string().contains("/dev/zero: not a regular file"),
+                "{e}"
+            );
+        }
+        let p = d.join("s.trs");
+        save(&store(), &p).unwrap();
+        assert_eq!(load(&p).unwrap().models(), store().models());
+        // A header announcing more than the file holds is refused before the body is read.
+        let mut b = to_bytes(&store());
+        b[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        fs::write(&p, &b).unwrap();
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -13,8 +13,9 @@ use pyo3::types::{PyDict, PyList, PyString};
 use super::errors::run;
 use super::input::{for_each_tag, tag_str, Flat, Ids};
 use super::scorer::PyStore;
-use crate::decide::{split_tags, Aggregation, Decider, Route};
+use crate::decide::{Aggregation, Decider, Route};
 use crate::error::pyrepr;
+use crate::tags::split_tags;
 use crate::theta;
 
 /// Cost-aware decider over a snapshot of a store (paper 3.4).
@@ -258,6 +259,33 @@ impl PyDecider {
             .into_pyarray(py))
     }
 
+    /// The routes of a batch as columns, computed in one pass without the GIL: the routed
+    /// model, `Delta_q`, `M_SLM` (-1 if none) and `M*` (indices into `models`), and the number
+    /// of distinct known tags; see `TagDecider.decide_batch`.
+    #[allow(clippy::type_complexity)]
+    fn decide_batch<'py>(
+        &self,
+        py: Python<'py>,
+        list_of_tags: &Bound<'py, PyAny>,
+    ) -> PyResult<(
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<f64>>,
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<i64>>,
+    )> {
+        let flat = Flat::from_tag_lists(list_of_tags)?;
+        let (core, strs, offs) = (&self.core, &flat.strs, &flat.offsets);
+        let c = py.detach(|| core.route_columns_flat(strs, offs));
+        Ok((
+            c.model.into_pyarray(py),
+            c.delta.into_pyarray(py),
+            c.slm.into_pyarray(py),
+            c.argmax.into_pyarray(py),
+            c.n_known.into_pyarray(py),
+        ))
+    }
+
     /// The decision for one query, with its explanation.
     fn decide(&self, py: Python<'_>, tags: &Bound<'_, PyAny>) -> PyResult<PyDecision> {
         let mut ids: Vec<u32> = Vec::new();
@@ -396,6 +424,18 @@ impl PyDecider {
             pyrepr(self.core.aggregation().as_str())
         )
     }
+}
+
+/// A tag generator's raw `"a, b, c"` output as a list of trimmed, non-empty tags: Python's
+/// `[t.strip() for t in raw.split(",") if t.strip()]`, with `str.isspace()` whitespace.
+///
+/// >>> split_tags(" Poem, , Text Rewriting ")
+/// ['Poem', 'Text Rewriting']
+#[allow(clippy::doc_link_with_quotes)] // a Python doctest, not a Rust intra-doc link
+#[pyfunction]
+#[pyo3(name = "split_tags")]
+pub fn py_split_tags(raw: &str) -> Vec<&str> {
+    split_tags(raw).collect()
 }
 
 fn to_i64(i: usize) -> i64 {

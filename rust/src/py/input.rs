@@ -4,7 +4,7 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString, PyTuple};
 
-use crate::decide::split_tags;
+use crate::tags::split_tags;
 
 /// Calls `f` with each item of a tags argument: a list or tuple of str (fast paths) or any
 /// iterable of str. A bare str is refused: iterating it would route on its characters.

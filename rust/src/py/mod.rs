@@ -17,7 +17,7 @@ mod py_module {
     use pyo3::prelude::*;
 
     #[pymodule_export]
-    use super::decider::{PyDecider, PyDecision};
+    use super::decider::{py_split_tags, PyDecider, PyDecision};
     #[pymodule_export]
     use super::scorer::PyStore;
 

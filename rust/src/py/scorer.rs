@@ -177,7 +177,7 @@ impl PyStore {
             None => {
                 if self.inner.model_id(model).is_some() {
                     return Err(RouterError::inconsistent(format!(
-                        "model {} is already in the store; add_records adds judgments to it",
+                        "model {} is already in the store; with_records adds judgments to it",
                         pyrepr(model)
                     ))
                     .into());
@@ -187,14 +187,16 @@ impl PyStore {
             }
             Some(m) if m == model => Ok(()),
             Some(m) => Err(RouterError::inconsistent(format!(
-                "add_model takes the records of one model; record {i} is for {}, not {}",
+                "with_model takes the records of one model; record {i} is for {}, not {}",
                 pyrepr(model),
                 pyrepr(m)
             ))
             .into()),
         })?;
         if n == 0 {
-            return Err(PyValueError::new_err("add_model needs at least one record"));
+            return Err(PyValueError::new_err(
+                "with_model needs at least one record",
+            ));
         }
         Ok(wrap(store))
     }
