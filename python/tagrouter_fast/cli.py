@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _load_router(args: argparse.Namespace):  # noqa: ANN202 - TagRouter, imported lazily
@@ -17,6 +19,17 @@ def _load_router(args: argparse.Namespace):  # noqa: ANN202 - TagRouter, importe
     if args.theta is not None:
         router.decider = router.decider.with_theta(args.theta)
     return router
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/Infinity: non-finite floats (e.g. Delta_q of a fallback) become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _cmd_tag(args: argparse.Namespace) -> int:
@@ -44,7 +57,7 @@ def _cmd_route(args: argparse.Namespace) -> int:
         if args.explain or args.json:
             d = router.decide(q)
             if args.json:
-                print(json.dumps({"query": q, **d.to_dict()}))
+                print(json.dumps(_finite({"query": q, **d.to_dict()}), allow_nan=False))
             else:
                 print(d.explain())
         else:

@@ -80,6 +80,27 @@ def _tagger_from_spec(spec: Mapping[str, Any]) -> Tagger:
     )
 
 
+def _check_query(query: object) -> str:
+    if not isinstance(query, str):
+        raise TypeError(f"query must be str, got {type(query).__name__}")
+    return query
+
+
+def _check_queries(queries: object) -> list[str]:
+    if isinstance(queries, (str, bytes)):
+        raise TypeError(
+            f"queries must be a sequence of str, not a {type(queries).__name__} "
+            "(use route() for one query)"
+        )
+    if not isinstance(queries, Sequence):
+        raise TypeError(f"queries must be a sequence of str, got {type(queries).__name__}")
+    out = list(queries)
+    for i, q in enumerate(out):
+        if not isinstance(q, str):
+            raise TypeError(f"queries[{i}] must be str, got {type(q).__name__}")
+    return out
+
+
 # ==== The facade ====
 
 
@@ -203,9 +224,22 @@ class TagRouter:
         return self.tags_batch([query])[0]
 
     def tags_batch(self, queries: Sequence[str]) -> list[list[str]]:
+        """`tags` for many queries. An empty or whitespace-only query gets no tags (so the
+        decider sends it to the fallback model, reason ``"fallback"``) and never reaches the
+        tagger.
+
+        Raises:
+            TypeError: ``queries`` is a str (not a sequence of them) or holds a non-str.
+        """
+        queries = _check_queries(queries)
         if self.tagger is None:
             raise ValueError("this TagRouter has no tagger; use route_tags() or pass tagger=")
-        raw = self.tagger.tag_batch(list(queries))
+        live = [i for i, q in enumerate(queries) if q.strip()]
+        raw: list[list[str]] = [[] for _ in queries]
+        if live:
+            tagged = self.tagger.tag_batch([queries[i] for i in live])
+            for i, tags in zip(live, tagged, strict=True):
+                raw[i] = list(tags)
         if self.normalization is not None:
             norm = self.normalization
             raw = [[norm.map_tag(t) or t for t in tags] for tags in raw]
@@ -220,14 +254,14 @@ class TagRouter:
         >>> router.route("Rewrite this sentence in the present tense: ...")  # doctest: +SKIP
         'gpt-3.5-turbo-1106'
         """
-        return self.decider.route_tags(self.tags(query))
+        return self.decider.route_tags(self.tags(_check_query(query)))
 
     def route_batch(self, queries: Sequence[str]) -> list[str]:
         return self.decider.route_tags_batch(self.tags_batch(queries))
 
     def decide(self, query: str) -> Decision:
         """Explained decision for a raw query (tags, per-model scores, Delta_q, reason)."""
-        return self.decider.decide(self.tags(query))
+        return self.decider.decide(self.tags(_check_query(query)))
 
     def _get_aligner(self) -> Aligner | None:
         if not self._align:

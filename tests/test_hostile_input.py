@@ -1,0 +1,71 @@
+"""Hostile input at the router's edge: wrong types fail with a message naming the problem, blank
+queries go to the fallback model without reaching the tagger, and JSON output is valid JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tagrouter_fast import TagDecider, TagRouter, TagScorer
+from tagrouter_fast.cli import _finite
+
+
+class CountingTagger:
+    fingerprint = "counting-tagger-v1"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def tag(self, query: str) -> list[str]:
+        return self.tag_batch([query])[0]
+
+    def tag_batch(self, queries: list[str]) -> list[list[str]]:
+        self.seen.extend(queries)
+        return [["Poem"] if "poem" in q else ["Math"] for q in queries]
+
+
+@pytest.fixture
+def router() -> TagRouter:
+    recs = [
+        ("q1", ["Poem"], "big", "loss"),
+        ("q1", ["Poem"], "small", "win"),
+        ("q2", ["Math"], "big", "win"),
+        ("q2", ["Math"], "small", "loss"),
+    ]
+    decider = TagDecider(TagScorer.from_records(recs), costs={"big": 10.0, "small": 1.0})
+    return TagRouter(decider, CountingTagger(), align=False)
+
+
+@pytest.mark.parametrize("bad", [None, b"x", ["a"], 3])
+def test_route_rejects_non_str(router: TagRouter, bad: object) -> None:
+    with pytest.raises(TypeError, match="query must be str"):
+        router.route(bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="query must be str"):
+        router.decide(bad)  # type: ignore[arg-type]
+
+
+def test_route_batch_rejects_a_bare_string(router: TagRouter) -> None:
+    with pytest.raises(TypeError, match="sequence of str, not a str"):
+        router.route_batch("write a poem")
+    with pytest.raises(TypeError, match=r"queries\[1\] must be str, got bytes"):
+        router.route_batch(["write a poem", b"x"])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\n\t "])
+def test_blank_query_goes_to_fallback_without_tagging(router: TagRouter, blank: str) -> None:
+    tagger = router.tagger
+    assert isinstance(tagger, CountingTagger)
+    d = router.decide(blank)
+    assert d.reason == "fallback"
+    assert d.model == router.decider.fallback
+    assert router.route_batch([blank, "write a poem"]) == [router.decider.fallback, "small"]
+    assert tagger.seen == ["write a poem"]
+
+
+def test_decision_json_is_valid_json(router: TagRouter) -> None:
+    d = router.decide("")  # fallback: Delta_q is NaN
+    assert "NaN" in json.dumps(d.to_dict())  # what `route --json` used to print
+    text = json.dumps(_finite({"query": "", **d.to_dict()}), allow_nan=False)
+    assert "NaN" not in text
+    assert json.loads(text)["reason"] == "fallback"
