@@ -61,11 +61,36 @@ def test_without_cost_column_costs_are_calls_or_given(tmp_path):
     assert t.cost_matrix(["a", "b"]).tolist()[0] == [5.0, 0.5]
 
 
-def test_model_without_any_cost_gets_mean_of_others(tmp_path):
+def test_model_without_any_cost_is_an_error_unless_priced(tmp_path):
     rows = "q1,a,win,,,,0.01\nq1,b,loss,,,,0.03\nq1,c,loss,,,,\n"
-    t = load_table(_write(tmp_path, OUTCOMES_HEAD + rows))
+    d = _write(tmp_path, OUTCOMES_HEAD + rows)
+    t = load_table(d)
+    assert t.cost_matrix(["a", "b"]).shape[1] == 2
+    with pytest.raises(DataError, match=r"outcomes\.csv: model\(s\) \['c'\] have no cost_usd"):
+        t.cost_matrix(["a", "c"])
+    t = load_table(d, model_costs={"c": 0.5})
     assert t.cost_imputed_models == ["c"]
-    assert t.cost_matrix(["c"])[0, 0] == pytest.approx(0.02)
+    assert t.cost_matrix(["c"])[0, 0] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad", ["-0.01", "nan", "inf"])
+def test_negative_or_non_finite_cost_names_file_and_line(tmp_path, bad):
+    rows = f"q1,a,win,,,,0.01\nq1,b,loss,,,,{bad}\n"
+    with pytest.raises(DataError, match=r"outcomes\.csv:3: cost_usd must be a finite number"):
+        load_table(_write(tmp_path, OUTCOMES_HEAD + rows))
+
+
+def test_score_is_opaque_bom_accepted_non_utf8_named(tmp_path):
+    rows = "q1,a,win,great,,,0.01\nq1,b,loss,0.5,,,0.03\n"
+    d = _write(tmp_path, OUTCOMES_HEAD + rows)
+    t = load_table(d)
+    assert np.isnan(t.scores[0, 0]) and t.scores[0, 1] == 0.5
+    q = d / "queries.csv"
+    q.write_bytes(b"\xef\xbb\xbf" + q.read_bytes())
+    assert load_table(d).query_ids == t.query_ids
+    q.write_bytes(q.read_bytes() + b"q9,caf\xe9,x\n")
+    with pytest.raises(DataError, match=r"queries\.csv:\d+: not UTF-8"):
+        load_table(d)
 
 
 @pytest.mark.parametrize(

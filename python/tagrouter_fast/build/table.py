@@ -12,16 +12,20 @@ Missing data is explicit: a (query, model) pair with no row is *missing*, never 
 Dense views use outcome code ``-1`` for it and :meth:`RoutingTable.complete_rows` tells which
 queries have an outcome for every model of a pool.
 
-Costs: ``cost_usd`` is the cost of that model answering that query. When a cell is empty the
-model's mean cost over its other rows is used; a model with no cost at all gets the mean of the
-other models' mean costs (and is listed in :attr:`RoutingTable.cost_imputed_models`); a table
-without a ``cost_usd`` column gets cost 1.0 per call (cost = number of calls), unless
-``model_costs`` gives a per-call cost per model.
+Costs: ``cost_usd`` is the cost of that model answering that query (a finite number >= 0, else
+an error naming file and line). When a cell is empty the model's mean cost over its other rows is
+used; a model with no cost on any row is an error naming it (when its costs are asked for),
+unless ``model_costs`` prices it
+(then it is listed in :attr:`RoutingTable.cost_imputed_models`); a table without a ``cost_usd``
+column gets cost 1.0 per call (cost = number of calls), unless ``model_costs`` gives a per-call
+cost per model. Files may start with a UTF-8 byte-order mark; other non-UTF-8 bytes are an error
+naming file and line.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,7 +66,8 @@ class RoutingTable:
         raw_costs: Like ``costs`` but NaN where the file had no cost.
         scores: ``(n_queries, n_models)`` float64 opaque ``score`` column, NaN when absent.
         source: Where the table was read from.
-        cost_imputed_models: Models with no cost at all (priced by the fallback).
+        cost_imputed_models: Models with no cost_usd on any row, priced by ``model_costs``.
+        unpriced_models: Models with no cost at all; asking for their costs is an error.
     """
 
     query_ids: list[str]
@@ -75,6 +80,7 @@ class RoutingTable:
     scores: np.ndarray
     source: str = ""
     cost_imputed_models: list[str] = field(default_factory=list)
+    unpriced_models: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._qindex = {q: i for i, q in enumerate(self.query_ids)}
@@ -119,7 +125,17 @@ class RoutingTable:
         return (o == WIN) | (o == TIE)
 
     def cost_matrix(self, models: Sequence[str]) -> np.ndarray:
-        """``(n_queries, len(models))`` cost per call, missing cells mean-imputed per model."""
+        """``(n_queries, len(models))`` cost per call, missing cells mean-imputed per model.
+
+        Raises:
+            DataError: a model has no cost on any row (a guessed cost could make it M_LLM).
+        """
+        unpriced = [m for m in models if m in self.unpriced_models]
+        if unpriced:
+            raise DataError(
+                f"{self.source}/outcomes.csv: model(s) {unpriced} have no cost_usd on any row; "
+                "give them costs (or load_table(..., model_costs={model: cost_per_call}))"
+            )
         return self.costs[:, self.model_index(models)]
 
     def complete_rows(self, models: Sequence[str]) -> np.ndarray:
@@ -158,18 +174,41 @@ def _read_csv(path: Path, required: Sequence[str]) -> tuple[list[str], list[tupl
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with path.open(newline="", encoding="utf-8") as f:
+    # utf-8-sig: a leading byte-order mark (spreadsheet exports) is not part of the header.
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise DataError(f"{path}:1: missing column(s) {missing}; header is {header}")
-        reader.fieldnames = header
         rows = []
-        for row in reader:
-            # line_num is the physical line after the record; quoted texts span lines.
-            rows.append((reader.line_num, row))
+        try:
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DataError(f"{path}:1: missing column(s) {missing}; header is {header}")
+            reader.fieldnames = header
+            for row in reader:
+                # line_num is the physical line after the record; quoted texts span lines.
+                rows.append((reader.line_num, row))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{_line_of_bad_byte(path)}: not UTF-8 ({e.reason})") from None
     return header, rows
+
+
+def _line_of_bad_byte(path: Path) -> int:
+    """1-based line of the first byte sequence that is not UTF-8 (read in chunks: tables may be
+    large, and this runs only on the error path)."""
+    line, tail = 1, b""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            data = tail + chunk
+            try:
+                data.decode("utf-8")
+                good = len(data)
+            except UnicodeDecodeError as e:
+                if e.end < len(data) or len(chunk) < (1 << 20):
+                    return line + data.count(b"\n", 0, e.start)
+                good = e.start  # a multi-byte sequence cut by the chunk boundary
+            line += data.count(b"\n", 0, good)
+            tail = data[good:]
+    return line
 
 
 def _parse_float(value: str | None, path: Path, line: int, column: str) -> float:
@@ -179,6 +218,29 @@ def _parse_float(value: str | None, path: Path, line: int, column: str) -> float
         return float(value)
     except ValueError:
         raise DataError(f"{path}:{line}: column {column!r} is not a number: {value!r}") from None
+
+
+def _parse_cost(value: str | None, path: Path, line: int) -> float:
+    cost = _parse_float(value, path, line, "cost_usd")
+    blank = value is None or not value.strip()
+    if not blank and not (math.isfinite(cost) and cost >= 0.0):
+        raise DataError(f"{path}:{line}: cost_usd must be a finite number >= 0, got {value!r}")
+    return cost
+
+
+def _opaque_score(value: str | None) -> float:
+    """``score`` is opaque: kept as a number where it is one, NaN otherwise (never an error)."""
+    try:
+        return float(value) if value is not None and value.strip() else float("nan")
+    except ValueError:
+        return float("nan")
+
+
+def _check_model_cost(model: str, cost: float) -> float:
+    c = float(cost)
+    if not (math.isfinite(c) and c >= 0.0):
+        raise DataError(f"model_costs[{model!r}] must be a finite number >= 0, got {cost!r}")
+    return c
 
 
 def load_table(
@@ -255,8 +317,8 @@ def load_table(
                 f"(first at line {first_line[key]})"
             )
         first_line[key] = line
-        cost = _parse_float(row.get("cost_usd"), opath, line, "cost_usd") if has_cost else np.nan
-        score = _parse_float(row.get("score"), opath, line, "score")
+        cost = _parse_cost(row.get("cost_usd"), opath, line) if has_cost else np.nan
+        score = _opaque_score(row.get("score"))
         cells.append((key[0], j, labels[label], cost, score))
 
     models = list(mindex)
@@ -272,20 +334,25 @@ def load_table(
         scores[ii, jj] = arr[:, 4]
 
     imputed: list[str] = []
+    unpriced: list[str] = []
     if not has_cost:
-        per_call = np.asarray([float((model_costs or {}).get(m, 1.0)) for m in models])
+        per_call = np.asarray(
+            [_check_model_cost(m, (model_costs or {}).get(m, 1.0)) for m in models]
+        )
         costs = np.broadcast_to(per_call, (nq, nm)).copy()
     else:
         present = ~np.isnan(raw)
         counts = present.sum(axis=0)
         sums = np.where(present, raw, 0.0).sum(axis=0)
         means = np.divide(sums, counts, out=np.full(nm, np.nan), where=counts > 0)
-        if np.isnan(means).all():
-            means[:] = 1.0
-        fallback = float(np.nanmean(means))
         for j in np.flatnonzero(np.isnan(means)).tolist():
+            # A guessed cost could make a model M_LLM (or the cheap choice): refuse, unless
+            # the caller prices it.
+            if model_costs is None or models[j] not in model_costs:
+                unpriced.append(models[j])  # an error when a caller asks for its costs
+                continue
             imputed.append(models[j])
-            means[j] = fallback
+            means[j] = _check_model_cost(models[j], model_costs[models[j]])
         costs = np.where(present, raw, means[None, :])
     return RoutingTable(
         query_ids=query_ids,
@@ -298,4 +365,5 @@ def load_table(
         scores=scores,
         source=str(d),
         cost_imputed_models=imputed,
+        unpriced_models=unpriced,
     )
