@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
 BUNDLE_FORMAT = "tagrouter-bundle"
 BUNDLE_VERSION = 1
-STORE_FILE = "store.trs"
-NORMALIZATION_FILE = "normalization.json"
 META_FILE = "router.json"
 #: Scorer presets of bundles (`tagrouter build-store --variant`): the paper's TagRouter exactly,
 #: and TagRouter+ (ours: per-tag rates shrunk towards each model's global rate with a
@@ -99,6 +97,51 @@ def _check_queries(queries: object) -> list[str]:
         if not isinstance(q, str):
             raise TypeError(f"queries[{i}] must be str, got {type(q).__name__}")
     return out
+
+
+# ==== Bundle files ====
+
+#: Files of earlier saves that a reader which opened the old router.json may still be about to
+#: read are kept this long before a later save removes them.
+_STALE_AFTER_S = 60.0
+
+
+def _write_content_named(out: Path, stem: str, suffix: str, data: bytes) -> str:
+    import hashlib
+
+    from tagrouter_fast.tagging.cache import atomic_write_bytes
+
+    name = f"{stem}-{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+    if not (out / name).is_file():
+        atomic_write_bytes(out / name, data, durable=True)
+    return name
+
+
+def _prune_unreferenced(out: Path, keep: set[str | None]) -> None:
+    import time
+
+    now = time.time()
+    for pattern in ("store-*.trs", "normalization-*.json"):
+        for f in out.glob(pattern):
+            try:
+                if f.name not in keep and now - f.stat().st_mtime > _STALE_AFTER_S:
+                    f.unlink()
+            except OSError:
+                pass  # another writer pruned it first
+
+
+def _bundle_member(root: Path, meta_path: Path, name: object) -> Path:
+    """A file named by router.json: a plain file name inside the bundle, nothing else."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or Path(name).name != name
+    ):
+        raise BundleError(f"{meta_path}: {name!r} is not a file name inside the bundle")
+    return root / name
 
 
 # ==== The facade ====
@@ -323,16 +366,30 @@ class TagRouter:
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the bundle directory (store + router.json); each file is replaced atomically."""
+        """Write the bundle directory, all-or-nothing for readers and concurrent writers.
+
+        The store (and normalization) go to content-named files (``store-<sha256>.trs``) first;
+        then ``router.json``, which names them, is replaced atomically (unique temp file, fsync,
+        rename). A reader opens ``router.json`` once and then the files it names, so it sees the
+        old bundle or the new one whole; of two concurrent writers, the last rename wins whole.
+        """
+        from tagrouter_fast.tagging.cache import atomic_write_bytes
+
         out = Path(path)
+        if out.exists() and not out.is_dir():
+            raise BundleError(f"{out}: exists and is not a directory")
         out.mkdir(parents=True, exist_ok=True)
-        self.scorer.save(out / STORE_FILE)
+        store_file = _write_content_named(out, "store", ".trs", self.scorer.to_bytes())
+        norm_file = None
         if self.normalization is not None:
-            self.normalization.save(out / NORMALIZATION_FILE)
+            data = json.dumps(
+                self.normalization.to_json(), ensure_ascii=False, indent=1, sort_keys=True
+            ).encode("utf-8")
+            norm_file = _write_content_named(out, "normalization", ".json", data)
         meta = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
-            "store": STORE_FILE,
+            "store": store_file,
             "costs": self.decider.costs,
             "llm": self.decider.llm,
             "theta": self.decider.theta,
@@ -341,11 +398,11 @@ class TagRouter:
             "tagger": _tagger_spec(self.tagger) if self.tagger is not None else None,
             "align": self._align,
             "align_floor": self._align_floor,
-            "normalization": NORMALIZATION_FILE if self.normalization is not None else None,
+            "normalization": norm_file,
         }
-        tmp = out / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(tmp, out / META_FILE)
+        data = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
+        atomic_write_bytes(out / META_FILE, data, durable=True)
+        _prune_unreferenced(out, {store_file, norm_file})
         return out
 
     @classmethod
@@ -377,7 +434,7 @@ class TagRouter:
             raise BundleError(
                 f"{meta_path}: unknown aggregation {aggregation!r}; expected 'sum' or 'mean'"
             )
-        scorer = TagScorer.load(root / meta["store"])
+        scorer = TagScorer.load(_bundle_member(root, meta_path, meta.get("store")))
         decider = TagDecider(
             scorer,
             costs=meta["costs"],
@@ -394,7 +451,11 @@ class TagRouter:
             tagger,
             align=meta.get("align", True) if align is None else align,
             align_floor=meta.get("align_floor", 0.5),
-            normalization=TagNormalization.load(root / norm_file) if norm_file else None,
+            normalization=(
+                TagNormalization.load(_bundle_member(root, meta_path, norm_file))
+                if norm_file
+                else None
+            ),
         )
 
 

@@ -79,20 +79,32 @@ def texts_key(fingerprint: str, texts: Sequence[str], *, salt: str = "") -> str:
     return h.hexdigest()[:32]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a same-directory temp file and ``os.replace``.
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` via a unique same-directory temp file and ``os.replace``, so
+    readers see the old or the new file whole, and concurrent writers never share a temp file.
 
     Args:
         path: Destination; its parent is created.
         data: The bytes.
+        durable: fsync the file before the rename and the directory after it (bundles: the
+            rename must not reach the disk before the data).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache entries may be shared
         os.replace(tmp, path)
+        if durable:
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -1,0 +1,87 @@
+"""Bundles under concurrent saves and hand-edited router.json: all-or-nothing, never outside."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from tagrouter_fast import TagDecider, TagRouter, TagScorer
+from tagrouter_fast.router import META_FILE, BundleError
+
+
+def _router(n_queries: int, theta: float = 0.0) -> TagRouter:
+    recs = []
+    for i in range(n_queries):
+        tag = f"Tag {i % 7}"
+        recs += [(f"q{i}", [tag], "big", "win"), (f"q{i}", [tag], "small", "loss")]
+    decider = TagDecider(TagScorer.from_records(recs), {"big": 2.0, "small": 1.0}, theta=theta)
+    return TagRouter(decider, align=False)
+
+
+def test_loads_during_resaves_never_fail(tmp_path: Path) -> None:
+    a, b = _router(10), _router(40)
+    a.save(tmp_path)
+    errors: list[BaseException] = []
+    seen: set[int] = set()
+    start = threading.Barrier(2)
+
+    def writer() -> None:
+        start.wait()
+        for k in range(50):
+            (a if k % 2 else b).save(tmp_path)
+
+    def reader() -> None:
+        start.wait()
+        for _ in range(50):
+            try:
+                seen.add(TagRouter.load(tmp_path).scorer.n_queries)
+            except BaseException as e:  # noqa: BLE001 - every failure is the finding
+                errors.append(e)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    assert seen <= {10, 40} and seen
+
+
+def test_concurrent_writers_leave_one_whole_bundle(tmp_path: Path) -> None:
+    routers = [_router(10, theta=0.0), _router(40, theta=0.5)]
+    start = threading.Barrier(2)
+
+    def write(r: TagRouter) -> None:
+        start.wait()
+        for _ in range(20):
+            r.save(tmp_path)
+
+    threads = [threading.Thread(target=write, args=(r,)) for r in routers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    got = TagRouter.load(tmp_path)
+    # Store and settings come from the same writer: never one's store with the other's theta.
+    assert (got.scorer.n_queries, got.decider.theta) in {(10, 0.0), (40, 0.5)}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("name", ["../store.trs", "/etc/passwd", "sub/store.trs", "..", 7])
+def test_store_path_outside_the_bundle_is_refused(tmp_path: Path, name: object) -> None:
+    _router(5).save(tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    meta["store"] = name
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="not a file name inside the bundle"):
+        TagRouter.load(tmp_path)
+
+
+def test_save_onto_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(BundleError, match="not a directory"):
+        _router(5).save(target)
