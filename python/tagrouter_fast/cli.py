@@ -41,7 +41,7 @@ def _cmd_tag(args: argparse.Namespace) -> int:
         tagger = TagGeneratorTagger(args.generator)
     else:
         tagger = DefaultTagger()
-    queries = args.query or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    queries = args.query or _stdin_queries()
     for q, tags in zip(queries, tagger.tag_batch(queries), strict=True):
         if args.json:
             print(json.dumps({"query": q, "tags": tags}))
@@ -52,7 +52,7 @@ def _cmd_tag(args: argparse.Namespace) -> int:
 
 def _cmd_route(args: argparse.Namespace) -> int:
     router = _load_router(args)
-    queries = args.query or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    queries = args.query or _stdin_queries()
     for q in queries:
         if args.explain or args.json:
             d = router.decide(q)
@@ -168,12 +168,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stdin_queries() -> list[str]:
+    """One query per non-blank stdin line, decoded as UTF-8 with an error naming the line."""
+    out = []
+    for n, raw in enumerate(sys.stdin.buffer, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"stdin line {n}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        if line.strip():
+            out.append(line.rstrip("\r\n"))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI. Every expected failure (bad input, bad file, bad bundle or store) is one
+    line ``tagrouter: error: ...`` on stderr and exit code 2, never a traceback."""
+    from tagrouter_fast.core import TagRouterError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"tagrouter: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except (TagRouterError, ValueError, TypeError, KeyError, OSError) as e:
+        msg = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
+        print(f"tagrouter: error: {' '.join(msg.split()) or type(e).__name__}", file=sys.stderr)
         return 2
 
 

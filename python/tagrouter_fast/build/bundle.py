@@ -177,6 +177,9 @@ def build_bundle(
         pool = DEFAULT_POOL
     models, llm = resolve_pool(table, pool=pool, models=models, llm=llm)
     dest = Path(out) if out is not None else default_bundle_dir(variant)
+    if dest.exists() and not dest.is_dir():
+        # Checked before tagging the table: minutes of work must not end in this error.
+        raise BundleError(f"--out {dest}: exists and is not a directory")
     if show_progress:
         print(
             f"tagrouter: building a {variant!r} router from {src} ({len(models)} models, "
