@@ -85,3 +85,67 @@ def test_save_onto_a_file_is_a_clear_error(tmp_path: Path) -> None:
     target.write_text("x")
     with pytest.raises(BundleError, match="not a directory"):
         _router(5).save(target)
+
+
+class _Tagger:
+    def __init__(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+
+    def tag(self, query: str) -> list[str]:
+        return ["Tag 1"]
+
+    def tag_batch(self, queries: list[str]) -> list[list[str]]:
+        return [["Tag 1"] for _ in queries]
+
+
+def test_tagger_fingerprint_is_checked_at_load(tmp_path: Path) -> None:
+    r = _router(5)
+    r.tagger = _Tagger("tagger-a")
+    r.save(tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    assert meta["tagger"]["fingerprint"] == "tagger-a"
+    assert TagRouter.load(tmp_path, tagger=_Tagger("tagger-a")).route("x") == "big"
+    with pytest.raises(BundleError, match="built with tagger 'tagger-a'.*'tagger-b'"):
+        TagRouter.load(tmp_path, tagger=_Tagger("tagger-b"))
+    assert TagRouter.load(tmp_path, tagger=_Tagger("tagger-b"), check_tagger=False).route("x")
+
+
+def _table(d: Path, winner: str) -> Path:
+    d.mkdir()
+    (d / "queries.csv").write_text("query_id,query_text\nq1,write a poem\nq2,solve 2+2\n")
+    loser = "small" if winner == "big" else "big"
+    rows = "".join(f"{q},{winner},win,1\n{q},{loser},loss,1\n" for q in ("q1", "q2"))
+    (d / "outcomes.csv").write_text(
+        "query_id,model,outcome,cost_usd\n"
+        + rows.replace("big,win,1", "big,win,2").replace("big,loss,1", "big,loss,2")
+    )
+    return d
+
+
+def test_default_bundle_remembers_its_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tagrouter_fast.build.bundle import build_bundle, data_source
+    from tagrouter_fast.router import default_bundle_dir, default_router
+
+    monkeypatch.setenv("TAGROUTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TAGROUTER_ROUTER", raising=False)
+    monkeypatch.setattr("tagrouter_fast.router._default_router", None)
+    first = _table(tmp_path / "first", "big")
+    out = build_bundle(first, models=["big", "small"], show_progress=False)
+    assert out == default_bundle_dir()
+    assert TagRouter.load(out).source == data_source(first)
+    monkeypatch.setenv("TAGROUTER_DATA", str(first))
+    assert default_router().source == data_source(first)  # same data: the cache is used
+    # Other judgments now: the cached bundle is not used; rebuilding the default pool from a
+    # table without its models is an error naming them, not a silent route on old data.
+    monkeypatch.setattr("tagrouter_fast.router._default_router", None)
+    monkeypatch.setenv("TAGROUTER_DATA", str(_table(tmp_path / "second", "small")))
+    with pytest.raises(KeyError, match="claude-2"):
+        default_router()
+
+
+def test_tagrouter_data_that_is_not_a_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tagrouter_fast.build.bundle import data_dir_from_env
+
+    monkeypatch.setenv("TAGROUTER_DATA", "/nonexistent")
+    with pytest.raises(BundleError, match="TAGROUTER_DATA=/nonexistent: not a routing table"):
+        data_dir_from_env()

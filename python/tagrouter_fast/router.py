@@ -183,6 +183,9 @@ class TagRouter:
         self._align_floor = align_floor
         self._aligner: Aligner | None = None
         self._aligner_lock = threading.Lock()
+        #: Where the store's judgments came from ({"path", "fingerprint"}), if known: lets the
+        #: default router notice that $TAGROUTER_DATA now names other data.
+        self.source: dict[str, str] | None = None
         # Taken only by store writers (swap_store / update_store), never by routing.
         self._store_lock = threading.Lock()
 
@@ -399,6 +402,7 @@ class TagRouter:
             "align": self._align,
             "align_floor": self._align_floor,
             "normalization": norm_file,
+            "source": self.source,
         }
         data = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
         atomic_write_bytes(out / META_FILE, data, durable=True)
@@ -413,6 +417,7 @@ class TagRouter:
         tagger: Tagger | None = None,
         theta: float | None = None,
         align: bool | None = None,
+        check_tagger: bool = True,
     ) -> TagRouter:
         """Load a bundle written by `save` (or `tagrouter build-store`)."""
         root = Path(path)
@@ -443,10 +448,19 @@ class TagRouter:
             fallback=meta.get("fallback"),
             aggregation=aggregation,
         )
-        if tagger is None and meta.get("tagger") is not None:
-            tagger = _tagger_from_spec(meta["tagger"])
+        spec = meta.get("tagger")
+        if tagger is None and spec is not None:
+            tagger = _tagger_from_spec(spec)
+        want = spec.get("fingerprint") if isinstance(spec, dict) else None
+        got = getattr(tagger, "fingerprint", None)
+        if check_tagger and want is not None and tagger is not None and got != want:
+            # Tags of another tagger (or another vocabulary/encoder) do not mean the store's.
+            raise BundleError(
+                f"{meta_path}: the store was built with tagger {want!r}, this tagger is "
+                f"{got!r}; rebuild the bundle or pass check_tagger=False"
+            )
         norm_file = meta.get("normalization")
-        return cls(
+        router = cls(
             decider,
             tagger,
             align=meta.get("align", True) if align is None else align,
@@ -457,6 +471,9 @@ class TagRouter:
                 else None
             ),
         )
+        src = meta.get("source")
+        router.source = src if isinstance(src, dict) else None
+        return router
 
 
 # ==== The drop-in route() ====
@@ -483,7 +500,21 @@ def default_router() -> TagRouter:
         with _default_lock:
             if _default_router is None:
                 path = Path(os.environ.get("TAGROUTER_ROUTER", default_bundle_dir()))
-                if not (path / META_FILE).is_file():
+                explicit = "TAGROUTER_ROUTER" in os.environ
+                stale = not (path / META_FILE).is_file()
+                if not stale and not explicit and os.environ.get("TAGROUTER_DATA"):
+                    from tagrouter_fast.build.bundle import data_source
+
+                    # A cached default built from other judgments than $TAGROUTER_DATA names
+                    # now is rebuilt, never silently used.
+                    try:
+                        built_from = json.loads((path / META_FILE).read_text()).get("source")
+                    except (OSError, ValueError, AttributeError):
+                        built_from = None  # unreadable: rebuilt below
+                    stale = built_from != data_source()
+                if stale:
+                    if explicit:
+                        raise BundleError(f"TAGROUTER_ROUTER={path}: not a router bundle")
                     # The one place the runtime reaches build code: the first route() of a
                     # fresh install converts $TAGROUTER_DATA into the default bundle.
                     from tagrouter_fast.build.bundle import build_bundle

@@ -30,7 +30,7 @@ from tagrouter_fast.router import (
 if TYPE_CHECKING:
     from tagrouter_fast.protocols import Tagger
 
-__all__ = ["DATA_ENV", "build_bundle", "build_router", "data_dir_from_env"]
+__all__ = ["DATA_ENV", "build_bundle", "build_router", "data_dir_from_env", "data_source"]
 
 #: The environment variable naming the judgments the default bundle is built from.
 DATA_ENV = "TAGROUTER_DATA"
@@ -56,6 +56,18 @@ def data_dir_from_env() -> Path:
         raise BundleError(f"{DATA_ENV}={env}: not a routing table (no {', '.join(missing)})")
     return src
 
+
+
+def data_source(src: Path | None = None) -> dict[str, str]:
+    """Identity of a routing table (default: ``$TAGROUTER_DATA``'s): its resolved path and a
+    fingerprint of its two files (size and modification time, cheap enough to check on every
+    start), recorded in the bundles built from it."""
+    src = data_dir_from_env() if src is None else src
+    parts = []
+    for f in ("queries.csv", "outcomes.csv"):
+        st = (src / f).stat()
+        parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
+    return {"path": str(src.resolve()), "fingerprint": ";".join(parts)}
 
 
 def build_router(
@@ -205,6 +217,7 @@ def build_bundle(
                 f"{100 * llm_share:.0f}% of the table's queries to {llm}",
                 file=sys.stderr,
             )
+    router.source = data_source(src)
     return router.save(dest)
 
 
