@@ -119,3 +119,36 @@ def test_concurrent_writers_leave_a_valid_file():
     assert got is not None and got.shape == (200, 64)
     assert len(np.unique(got)) == 1  # one writer's complete content, never a mix
     assert not list(path.parent.glob(".*.tmp"))
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x01  # still parseable: a digit of a float or a letter of a tag changes
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_but_readable_embedding_is_recomputed():
+    enc = CountingEncoder()
+    want = cache.embed_cached(enc, ["alpha", "beta"])
+    (entry,) = (cache.cache_dir() / "embeddings" / enc.fingerprint).glob("*.npy")
+    _flip_last_byte(entry)
+    with pytest.warns(UserWarning, match="checksum"):
+        got = cache.embed_cached(enc, ["alpha", "beta"])
+    assert enc.calls == 2
+    np.testing.assert_array_equal(got, want)
+    assert cache.embed_cached(enc, ["alpha", "beta"]) is not None and enc.calls == 2  # rewritten
+
+
+def test_corrupted_but_readable_tags_are_recomputed():
+    tagger = CountingTagger()
+    texts = ["query one", "query two"]
+    want = cache.tag_cached(tagger, texts)
+    (entry,) = (cache.cache_dir() / "tags" / tagger.fingerprint).glob("*.json")
+    data = bytearray(entry.read_bytes())
+    i = data.rindex(b"Len ") + 4
+    data[i] = ord("9") if data[i] != ord("9") else ord("8")  # valid JSON, other tags
+    entry.write_bytes(bytes(data))
+    tagger.seen.clear()
+    with pytest.warns(UserWarning, match="checksum"):
+        assert cache.tag_cached(tagger, texts) == want
+    assert tagger.seen == texts

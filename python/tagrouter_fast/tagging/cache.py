@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,9 @@ __all__ = [
     "texts_key",
     "atomic_write_bytes",
     "load_array",
+    "read_checked",
     "save_array",
+    "write_checked",
 ]
 
 
@@ -110,19 +113,52 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = False) -> Non
         raise
 
 
+# Every cache entry is MAGIC + sha256(payload) + payload: a corrupted but still parseable file
+# (a flipped byte in a float or a tag) would otherwise change routes silently.
+_MAGIC = b"TRCACHE1"
+_DIGEST = 32
+
+
+def write_checked(path: Path, payload: bytes) -> None:
+    """Write a cache entry with its checksum, atomically."""
+    atomic_write_bytes(path, _MAGIC + hashlib.sha256(payload).digest() + payload)
+
+
+def read_checked(path: Path) -> bytes | None:
+    """The payload of a cache entry written by :func:`write_checked`; ``None`` when absent,
+    of an older layout, or failing its checksum (a miss: the caller recomputes and rewrites)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    head = len(_MAGIC) + _DIGEST
+    if len(data) < head or not data.startswith(_MAGIC):
+        return None
+    payload = data[head:]
+    if hashlib.sha256(payload).digest() != data[len(_MAGIC) : head]:
+        warnings.warn(f"{path}: cache entry fails its checksum; recomputing", stacklevel=3)
+        return None
+    return payload
+
+
 def save_array(path: Path, array: np.ndarray) -> None:
-    """Save one array as ``.npy`` atomically."""
+    """Save one array as a checksummed ``.npy`` cache entry, atomically."""
     import io
 
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    write_checked(path, buf.getvalue())
 
 
 def load_array(path: Path) -> np.ndarray | None:
-    """Load an ``.npy`` written by :func:`save_array`; ``None`` if absent or unreadable."""
+    """Load an array written by :func:`save_array`; ``None`` if absent, unreadable or corrupt."""
+    import io
+
+    payload = read_checked(path)
+    if payload is None:
+        return None
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(io.BytesIO(payload), allow_pickle=False)
     except (OSError, ValueError, EOFError):
         # A corrupt entry is treated as a miss and overwritten, never raised to the user.
         return None
@@ -194,15 +230,16 @@ def tag_cached(
         part = texts[start : start + chunk]
         path = root / f"{texts_key(tagger.fingerprint, part)}.json"
         got: list[list[str]] | None = None
+        payload = read_checked(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(payload.decode("utf-8")) if payload is not None else None
             if isinstance(data, list) and len(data) == len(part):
                 got = [list(map(str, tags)) for tags in data]
-        except (OSError, ValueError):
+        except ValueError:
             got = None
         if got is None:
             got = [list(tags) for tags in tagger.tag_batch(part)]
-            atomic_write_bytes(path, json.dumps(got, ensure_ascii=False).encode("utf-8"))
+            write_checked(path, json.dumps(got, ensure_ascii=False).encode("utf-8"))
         out.extend(got)
         if bar is not None:
             bar.update(len(got))
