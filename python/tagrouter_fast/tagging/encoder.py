@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tagrouter_fast.tagging.manifest import Manifest, ManifestError, load_manifest, write_manifest
+from tagrouter_fast.tagging.vectors import l2_normalize  # noqa: F401 - re-exported
 
 __all__ = [
     "EncoderNotAvailableError",
@@ -41,23 +42,6 @@ INSTALL_HINT = (
 
 class EncoderNotAvailableError(RuntimeError):
     """No usable encoder is installed or configured."""
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation in float32; zero rows stay zero.
-
-    Args:
-        x: ``(n, d)`` array.
-
-    Returns:
-        ``(n, d)`` float32 array with unit rows.
-
-    >>> l2_normalize(np.array([[3.0, 4.0]])).tolist()
-    [[0.6000000238418579, 0.800000011920929]]
-    """
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.float32(1e-12))
 
 
 def mean_pool(token_embeddings: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
