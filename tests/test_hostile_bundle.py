@@ -149,3 +149,34 @@ def test_tagrouter_data_that_is_not_a_table(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("TAGROUTER_DATA", "/nonexistent")
     with pytest.raises(BundleError, match="TAGROUTER_DATA=/nonexistent: not a routing table"):
         data_dir_from_env()
+
+
+def test_default_router_with_missing_data_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tagrouter_fast.router import default_bundle_dir, default_router
+
+    monkeypatch.setenv("TAGROUTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TAGROUTER_ROUTER", raising=False)
+    monkeypatch.setattr("tagrouter_fast.router._default_router", None)
+    _router(5).save(default_bundle_dir())  # a cached default exists ...
+    monkeypatch.setenv("TAGROUTER_DATA", "/nonexistent")  # ... but the data it names does not
+    with pytest.raises(BundleError, match="TAGROUTER_DATA=/nonexistent"):
+        default_router()
+
+
+def test_files_of_earlier_saves_are_pruned_only_when_old(tmp_path: Path) -> None:
+    import os
+    import time
+
+    _router(10).save(tmp_path)
+    (old,) = tmp_path.glob("store-*.trs")
+    _router(40).save(tmp_path)
+    assert old.exists()  # a reader that opened the old router.json may still read it
+    past = time.time() - 3600
+    os.utime(old, (past, past))
+    _router(40).save(tmp_path)
+    assert not old.exists()
+    (kept,) = tmp_path.glob("store-*.trs")
+    assert json.loads((tmp_path / META_FILE).read_text())["store"] == kept.name
+    assert TagRouter.load(tmp_path).scorer.n_queries == 40

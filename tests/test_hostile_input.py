@@ -69,3 +69,19 @@ def test_decision_json_is_valid_json(router: TagRouter) -> None:
     text = json.dumps(_finite({"query": "", **d.to_dict()}), allow_nan=False)
     assert "NaN" not in text
     assert json.loads(text)["reason"] == "fallback"
+
+
+def test_tags_rejects_non_str(router: TagRouter) -> None:
+    with pytest.raises(TypeError, match="query must be str, got bytes"):
+        router.tags(b"x")  # type: ignore[arg-type]
+
+
+def test_blank_query_needs_no_tagger_nor_encoder() -> None:
+    recs = [("q1", ["Poem"], "big", "loss"), ("q1", ["Poem"], "small", "win")]
+    decider = TagDecider(TagScorer.from_records(recs), costs={"big": 10.0, "small": 1.0})
+    bare = TagRouter(decider)  # align=True: an aligner would load the encoder
+    assert bare.decide("  ").reason == "fallback"
+    assert bare.route_batch(["", "\n"]) == [decider.fallback] * 2
+    assert bare._aligner is None
+    with pytest.raises(ValueError, match="no tagger"):
+        bare.route("write a poem")

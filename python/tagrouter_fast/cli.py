@@ -191,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (TagRouterError, ValueError, TypeError, KeyError, OSError) as e:
+    # BundleError, DataError and UnicodeDecodeError are ValueErrors; KeyError is an unknown
+    # model or pool. Anything else (TypeError, AttributeError, ...) is a bug: it propagates.
+    except (TagRouterError, ValueError, KeyError, OSError) as e:
         msg = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
         print(f"tagrouter: error: {' '.join(msg.split()) or type(e).__name__}", file=sys.stderr)
         return 2

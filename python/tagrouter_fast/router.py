@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tagrouter_fast.core import AGGREGATIONS, Decision, Record, TagDecider, TagScorer
+from tagrouter_fast.core import (
+    AGGREGATIONS,
+    Decision,
+    Record,
+    TagDecider,
+    TagScorer,
+    UnknownModelError,
+)
 from tagrouter_fast.tagging.normalize import TagNormalization
 
 if TYPE_CHECKING:
@@ -267,7 +274,7 @@ class TagRouter:
 
     def tags(self, query: str) -> list[str]:
         """The store tags a query maps to: tagger output, aligned to the store's tag set."""
-        return self.tags_batch([query])[0]
+        return self.tags_batch([_check_query(query)])[0]
 
     def tags_batch(self, queries: Sequence[str]) -> list[list[str]]:
         """`tags` for many queries. An empty or whitespace-only query gets no tags (so the
@@ -278,14 +285,15 @@ class TagRouter:
             TypeError: ``queries`` is a str (not a sequence of them) or holds a non-str.
         """
         queries = _check_queries(queries)
-        if self.tagger is None:
-            raise ValueError("this TagRouter has no tagger; use route_tags() or pass tagger=")
         live = [i for i, q in enumerate(queries) if q.strip()]
         raw: list[list[str]] = [[] for _ in queries]
-        if live:
-            tagged = self.tagger.tag_batch([queries[i] for i in live])
-            for i, tags in zip(live, tagged, strict=True):
-                raw[i] = list(tags)
+        if not live:
+            return raw  # nothing to tag, normalize or align (no encoder is loaded for this)
+        if self.tagger is None:
+            raise ValueError("this TagRouter has no tagger; use route_tags() or pass tagger=")
+        tagged = self.tagger.tag_batch([queries[i] for i in live])
+        for i, tags in zip(live, tagged, strict=True):
+            raw[i] = list(tags)
         if self.normalization is not None:
             norm = self.normalization
             raw = [[norm.map_tag(t) or t for t in tags] for tags in raw]
@@ -425,9 +433,11 @@ class TagRouter:
         if not meta_path.is_file():
             raise BundleError(f"{root} is not a router bundle (no {META_FILE})")
         try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
+            meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{meta_path}: not valid JSON ({e})") from e
+        if not isinstance(meta, dict):
+            raise BundleError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
         if meta.get("format") != BUNDLE_FORMAT or meta.get("version") != BUNDLE_VERSION:
             raise BundleError(
                 f"{meta_path}: bundle format {meta.get('format')!r} v{meta.get('version')!r}, "
@@ -439,16 +449,29 @@ class TagRouter:
             raise BundleError(
                 f"{meta_path}: unknown aggregation {aggregation!r}; expected 'sum' or 'mean'"
             )
+        missing = [k for k in ("store", "costs", "llm", "theta") if k not in meta]
+        if missing:
+            raise BundleError(f"{meta_path}: missing key(s) {missing}")
         scorer = TagScorer.load(_bundle_member(root, meta_path, meta.get("store")))
-        decider = TagDecider(
-            scorer,
-            costs=meta["costs"],
-            llm=meta["llm"],
-            theta=meta["theta"] if theta is None else theta,
-            fallback=meta.get("fallback"),
-            aggregation=aggregation,
-        )
+        try:
+            decider = TagDecider(
+                scorer,
+                costs=meta["costs"],
+                llm=meta["llm"],
+                theta=meta["theta"] if theta is None else theta,
+                fallback=meta.get("fallback"),
+                aggregation=aggregation,
+            )
+        except (TypeError, ValueError, KeyError, UnknownModelError) as e:
+            # A hand-edited router.json: name the file, not just the bad value.
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise BundleError(f"{meta_path}: {msg}") from e
         spec = meta.get("tagger")
+        if spec is not None and not isinstance(spec, dict):
+            raise BundleError(f"{meta_path}: 'tagger' must be an object or null, got {spec!r}")
+        floor = meta.get("align_floor", 0.5)
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)):
+            raise BundleError(f"{meta_path}: 'align_floor' must be a number, got {floor!r}")
         if tagger is None and spec is not None:
             tagger = _tagger_from_spec(spec)
         want = spec.get("fingerprint") if isinstance(spec, dict) else None
@@ -464,7 +487,7 @@ class TagRouter:
             decider,
             tagger,
             align=meta.get("align", True) if align is None else align,
-            align_floor=meta.get("align_floor", 0.5),
+            align_floor=float(floor),
             normalization=(
                 TagNormalization.load(_bundle_member(root, meta_path, norm_file))
                 if norm_file

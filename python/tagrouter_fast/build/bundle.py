@@ -57,7 +57,6 @@ def data_dir_from_env() -> Path:
     return src
 
 
-
 def data_source(src: Path | None = None) -> dict[str, str]:
     """Identity of a routing table (default: ``$TAGROUTER_DATA``'s): its resolved path and a
     fingerprint of its two files (size and modification time, cheap enough to check on every
@@ -68,6 +67,21 @@ def data_source(src: Path | None = None) -> dict[str, str]:
         st = (src / f).stat()
         parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
     return {"path": str(src.resolve()), "fingerprint": ";".join(parts)}
+
+
+def _check_writable_dir(dest: Path) -> None:
+    """Create ``dest`` and probe it with a temp file; BundleError naming it when that fails."""
+    import tempfile
+
+    if dest.exists() and not dest.is_dir():
+        raise BundleError(f"--out {dest}: exists and is not a directory")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=dest)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BundleError(f"--out {dest}: not a writable directory ({e.strerror or e})") from e
 
 
 def build_router(
@@ -105,6 +119,11 @@ def build_router(
         if query_ids is not None
         else np.arange(table.n_queries)
     )
+    # Mean cost over the training queries: the decider only needs the models' cost order
+    # and the per-query average for cost reports. Asked before tagging, so an unpriced model
+    # fails in a second, not after tagging the table.
+    cost = table.cost_matrix(models)[rows]
+    costs = {m: float(cost[:, j].mean()) for j, m in enumerate(models)}
     # Tag only the training queries; records() indexes tags by table row.
     texts = [table.texts[i] for i in rows]
     row_tags = tag_cached(tagger, texts, show_progress=show_progress)
@@ -124,10 +143,6 @@ def build_router(
     for i, t in zip(rows, row_tags, strict=True):
         tags[i] = list(t)
     records = table.records(rows, models, tags)
-    # Mean cost over the training queries: the decider only needs the models' cost order
-    # and the per-query average for cost reports.
-    cost = table.cost_matrix(models)[rows]
-    costs = {m: float(cost[:, j].mean()) for j, m in enumerate(models)}
     scorer = TagScorer.from_records(
         records,
         s_win=s_win,
@@ -189,9 +204,8 @@ def build_bundle(
         pool = DEFAULT_POOL
     models, llm = resolve_pool(table, pool=pool, models=models, llm=llm)
     dest = Path(out) if out is not None else default_bundle_dir(variant)
-    if dest.exists() and not dest.is_dir():
-        # Checked before tagging the table: minutes of work must not end in this error.
-        raise BundleError(f"--out {dest}: exists and is not a directory")
+    # Checked before tagging the table: minutes of work must not end in these errors.
+    _check_writable_dir(dest)
     if show_progress:
         print(
             f"tagrouter: building a {variant!r} router from {src} ({len(models)} models, "

