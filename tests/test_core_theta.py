@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tagrouter_fast.core import TagDecider, TagScorer
+from tagrouter_fast.core import (
+    DecisionArrays,
+    TagDecider,
+    TagScorer,
+    sweep_theta,
+    theta_for_llm_share,
+)
 
 
 @pytest.fixture
@@ -102,3 +108,79 @@ def test_mean_aggregation_puts_theta_on_the_per_tag_scale(decider):
     assert found.accept_rate == 1.0 and found.theta == pytest.approx(0.7875)
     theta = mean.theta_for_llm_share(pairs, 1 / 3)
     assert mean.with_theta(theta).route_tags_batch(pairs) == ["big", "small", "small"]
+
+
+# ==== over decision columns (several deciders, one sweep) ====
+
+
+def test_sweep_theta_over_columns_equals_select_theta(decider):
+    accepted = np.array([[True, False], [False, True], [False, True], [True, False]])
+    cost = np.array([[10.0, 1.0], [9.0, 2.0], [10.0, 1.0], [8.0, 3.0]])
+    via_decider = decider.select_theta(QUERIES, accepted, cost)
+    cols = decider.decide_batch(QUERIES)
+    llm = decider.models.index(decider.llm)
+    found = sweep_theta(cols, accepted, cost, llm)
+    assert (found.theta, found.accept_rate, found.mean_cost, found.llm_share) == (
+        via_decider.theta,
+        via_decider.accept_rate,
+        via_decider.mean_cost,
+        via_decider.llm_share,
+    )
+    np.testing.assert_array_equal(found.mean_costs, via_decider.mean_costs)
+    assert theta_for_llm_share(cols, llm, 0.5) == decider.theta_for_llm_share(QUERIES, 0.5)
+
+
+def test_sweep_theta_over_columns_of_two_deciders(decider):
+    # Out-of-fold style: each half routed by its own decider, the columns put together.
+    other = TagDecider(
+        TagScorer.from_records([("q", ["t1"], "big", "loss"), ("q", ["t1"], "small", "win")]),
+        decider.costs,
+    )
+    a, b = decider.decide_batch(QUERIES[:2]), other.decide_batch([["t1"], ["zzz"]])
+    cols = DecisionArrays(
+        *(
+            np.concatenate([x, y])
+            for x, y in zip(
+                (a.model, a.delta, a.slm, a.top, a.n_known),
+                (b.model, b.delta, b.slm, b.top, b.n_known),
+                strict=True,
+            )
+        )
+    )
+    assert np.isnan(cols.delta[3]) and cols.slm[3] == -1  # no known tag: stays on its model
+    accepted = np.array([[True, False], [False, True], [False, True], [True, True]])
+    found = sweep_theta(cols, accepted, np.array([10.0, 1.0]), 0)
+    # Deltas -2, -1.15 (first decider), +2 (other's t1): theta between -2 and -1.15 routes
+    # q0 to big and q1, q2 to small; q3 falls back to big.
+    assert found.accept_rate == 1.0 and found.theta == pytest.approx(-1.575)
+    assert found.llm_share == 0.5 and found.mean_cost == pytest.approx((10 + 1 + 1 + 10) / 4)
+
+
+def test_sweep_theta_checks_the_columns(decider):
+    cols = decider.decide_batch(QUERIES)
+    ok = np.ones((4, 2), dtype=bool)
+    c = np.array([10.0, 1.0])
+
+    def with_(**kw):
+        return DecisionArrays(**{**cols.__dict__, **kw})
+
+    with pytest.raises(ValueError, match=r"model\[0\] = 2 is not a model column in 0..2"):
+        sweep_theta(with_(model=np.array([2, 0, 1, 1])), ok, c, 0)
+    with pytest.raises(ValueError, match="slm is -1 exactly when delta is NaN"):
+        sweep_theta(with_(slm=np.array([-1, 1, 1, 1])), ok, c, 0)
+    with pytest.raises(ValueError, match="slm is -1 exactly when delta is NaN"):
+        sweep_theta(with_(delta=np.array([np.nan, 1.0, 1.0, 1.0])), ok, c, 0)
+    with pytest.raises(ValueError, match=r"slm\[0\] = 1 is llm"):
+        sweep_theta(cols, ok, c, 1)
+    with pytest.raises(ValueError, match="mismatched lengths"):
+        sweep_theta(with_(slm=np.array([1, 1, 1])), ok, c, 0)
+    with pytest.raises(ValueError, match="mismatched lengths"):
+        sweep_theta(cols, ok[:3], c, 0)
+    with pytest.raises(ValueError, match="mismatched lengths: cost"):
+        sweep_theta(cols, ok, np.ones(3), 0)
+    with pytest.raises(ValueError, match="llm = 2 is not a model column"):
+        sweep_theta(cols, ok, c, 2)
+    with pytest.raises(TypeError, match="llm must be a column index"):
+        sweep_theta(cols, ok, c, "big")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="share must be in"):
+        theta_for_llm_share(cols, 0, float("nan"))

@@ -16,14 +16,13 @@ from tagrouter_fast.eval.methods import (
     Fitted,
     Method,
     QueryFeatures,
-    TagConfig,
     default_methods,
     fit_knn,
     fit_knn_difficulty,
     fit_prior,
     fit_random,
     fit_tag_difficulty,
-    fit_tagrouter,
+    fit_variant,
 )
 from tagrouter_fast.eval.protocol import METRIC_KEYS, PoolData, evaluate, stratified_folds
 
@@ -79,22 +78,16 @@ def _synthetic(tmp_path: Path, n: int = 300, seed: int = 0) -> tuple[Path, Featu
 
 
 def _light_methods():
-    cfg = TagConfig(normalize=False, align=False)
+    # The product's variants, without alignment (the synthetic tags are all in the store).
     return [
         Method("random", "reference", fit_random),
         Method("prior", "baseline", fit_prior),
         Method("RouterBench-KNN", "baseline", fit_knn),
-        Method("TagRouter", "tagrouter", lambda t, s: fit_tagrouter(t, s, cfg)),
+        Method("TagRouter", "tagrouter", lambda t, s: fit_variant(t, s, "paper", align=False)),
         Method(
             "TagRouter+",
             "tagrouter",
-            lambda t, s: fit_tagrouter(
-                t,
-                s,
-                TagConfig(
-                    normalize=False, align=False, weighting="shrunk", prior_strength=2.0, theta=None
-                ),
-            ),
+            lambda t, s: fit_variant(t, s, "plus", align=False, prior_strengths=(2.0, 20.0)),
         ),
     ]
 
@@ -246,7 +239,7 @@ def test_difficulty_variants_learn_on_synthetic(tmp_path):
     _with_bystanders(d)
     methods = [
         Method("prior", "baseline", fit_prior),
-        Method("TagRouter+D", "tagrouter", lambda t, s: fit_tag_difficulty(t, s, k=5.0)),
+        Method("TagDifficulty", "research", lambda t, s: fit_tag_difficulty(t, s, k=5.0)),
         Method("KNN+D (control)", "baseline", fit_knn_difficulty),
     ]
     res = build_result(
@@ -260,9 +253,9 @@ def test_difficulty_variants_learn_on_synthetic(tmp_path):
     )
     m = res["methods"]
     # Tags and embeddings both say which model to use: both clearly beat no information.
-    assert m["TagRouter+D"]["auc"] > m["prior"]["auc"] + 0.05
+    assert m["TagDifficulty"]["auc"] > m["prior"]["auc"] + 0.05
     assert m["KNN+D (control)"]["auc"] > m["prior"]["auc"] + 0.05
-    assert m["TagRouter+D"]["auc"] <= m["oracle"]["auc"]
+    assert m["TagDifficulty"]["auc"] <= m["oracle"]["auc"]
 
 
 def test_default_registry_names():
@@ -278,8 +271,8 @@ def test_default_registry_names():
         "RouteLLM-MF w/ tags",
         "prior",
         "random",
-        "TagRouter+D",
-        "TagRouter+MF",
+        "TagDifficulty",
+        "Blend(TagRouter+, MF)",
         "KNN+D (control)",
     ):
         assert n in names
@@ -290,12 +283,12 @@ def test_default_registry_names():
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data absent at {DATA}")
 def test_real_pool_end_to_end():
-    want = {"prior", "RouterBench-KNN", "TagRouter", "TagRouter+", "TagRouter+D"}
+    want = {"prior", "RouterBench-KNN", "TagRouter", "TagRouter+", "TagDifficulty"}
     methods = [m for m in default_methods() if m.name in want]
     res = build_result(DATA, pool="pair-api", folds=2, methods=methods, n_boot=50, progress=False)
     m = res["methods"]
     assert res["models"] == ["claude-2", "gpt-3.5-turbo-1106"] and res["llm"] == "claude-2"
-    assert res["scorer_impl"] == "tagrouter_fast.core"
+    assert res["scorer_impl"] == "tagrouter_fast.build.bundle.build_router"
     json.dumps(res["methods"]["TagRouter"]["delta_auc_vs_best_baseline"])
     assert res["n_queries"] == 805
     assert abs(m["claude-2"]["ar"] - 0.183) < 0.01

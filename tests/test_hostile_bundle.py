@@ -112,9 +112,15 @@ def test_tagger_fingerprint_is_checked_at_load(tmp_path: Path) -> None:
 
 def _table(d: Path, winner: str) -> Path:
     d.mkdir()
-    (d / "queries.csv").write_text("query_id,query_text\nq1,write a poem\nq2,solve 2+2\n")
+    # Eight queries: enough for the default variant's out-of-fold tuning (3 inner folds).
+    texts = ["write a poem", "solve 2+2", "sum a list", "a haiku", "plan a trip", "fix my code"]
+    texts += ["translate this", "name a cat"]
+    qs = [f"q{i}" for i in range(1, len(texts) + 1)]
+    (d / "queries.csv").write_text(
+        "query_id,query_text\n" + "".join(f"{q},{t}\n" for q, t in zip(qs, texts, strict=True))
+    )
     loser = "small" if winner == "big" else "big"
-    rows = "".join(f"{q},{winner},win,1\n{q},{loser},loss,1\n" for q in ("q1", "q2"))
+    rows = "".join(f"{q},{winner},win,1\n{q},{loser},loss,1\n" for q in qs)
     (d / "outcomes.csv").write_text(
         "query_id,model,outcome,cost_usd\n"
         + rows.replace("big,win,1", "big,win,2").replace("big,loss,1", "big,loss,2")

@@ -190,7 +190,8 @@ def test_cli_build_and_route_with_default_tagger(
     assert d["model"] == "small", d
     assert main(["route", "--router", str(bundle), "Solve the equation 3x + 4 = 6"]) == 0
     assert capsys.readouterr().out.strip() == "big"
-    assert json.loads((bundle / "router.json").read_text())["aggregation"] == "sum"
+    # The default recipe is TagRouter+ (mean of shrunk scores, tuned on the judgments).
+    assert json.loads((bundle / "router.json").read_text())["aggregation"] == "mean"
 
 
 def test_cli_build_store_aggregation(
@@ -214,15 +215,21 @@ def test_cli_build_store_variants(
     assert main([*args, "--variant", "plus"]) == 0
     r = TagRouter.load(bundle)
     assert r.decider.aggregation == "mean"
-    assert r.decider.scorer.weighting == "shrunk" and r.decider.scorer.prior_strength == 300.0
-    # Explicit flags override the preset.
+    # The pseudo-count and theta* are tuned on the judgments, out-of-fold, and recorded.
+    tuned = r.build_info["tuned"]
+    assert r.decider.scorer.weighting == "shrunk"
+    assert r.decider.scorer.prior_strength == tuned["prior_strength"] in (30.0, 100.0, 300.0)
+    assert r.decider.theta == tuned["theta"] and set(tuned["inner_auc"]) == {"30", "100", "300"}
+    # Explicit flags override the preset (and are not tuned).
     assert main([*args, "--variant", "plus", "--prior-strength", "7", "--theta", "0.25"]) == 0
     r = TagRouter.load(bundle)
     assert r.decider.scorer.prior_strength == 7.0 and r.decider.theta == 0.25
-    # The default is the paper's TagRouter.
-    assert main(args) == 0
+    assert "tuned" not in r.build_info
+    # The paper's TagRouter, exactly.
+    assert main([*args, "--variant", "paper"]) == 0
     r = TagRouter.load(bundle)
     assert r.decider.aggregation == "sum" and r.decider.scorer.weighting == "paper"
+    assert r.decider.theta == 0.0
     capsys.readouterr()
     # A pseudo-count without the shrunk weighting would be silently ignored: refuse it.
     assert main([*args, "--variant", "paper", "--prior-strength", "5"]) == 2
@@ -258,9 +265,9 @@ def test_default_bundle_dirs_name_their_variant(
 
     monkeypatch.setenv("TAGROUTER_CACHE", str(tmp_path / "cache"))
     assert default_bundle_dir().name == f"default-{DEFAULT_VARIANT}"
-    out = build_bundle(table_dir, models=["big", "small"], variant="plus", show_progress=False)
-    assert out == default_bundle_dir("plus") != default_bundle_dir()
-    assert TagRouter.load(out).decider.scorer.weighting == "shrunk"
+    out = build_bundle(table_dir, models=["big", "small"], variant="paper", show_progress=False)
+    assert out == default_bundle_dir("paper") != default_bundle_dir()
+    assert TagRouter.load(out).decider.scorer.weighting == "paper"
     with pytest.raises(ValueError, match="unknown variant"):
         build_bundle(table_dir, models=["big", "small"], variant="best", show_progress=False)
 

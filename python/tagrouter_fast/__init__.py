@@ -19,6 +19,8 @@ from tagrouter_fast.core import (
     UnknownModelError,
     UnknownTagError,
     split_tags,
+    sweep_curve,
+    sweep_theta,
 )
 from tagrouter_fast.router import TagRouter, default_router, route
 
@@ -37,4 +39,6 @@ __all__ = [
     "default_router",
     "route",
     "split_tags",
+    "sweep_curve",
+    "sweep_theta",
 ]

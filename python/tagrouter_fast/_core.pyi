@@ -21,6 +21,9 @@ __all__ = [
     "InconsistentRecordsError",
     "StoreFormatError",
     "split_tags",
+    "sweep_curve",
+    "sweep_routes",
+    "theta_for_share_routes",
 ]
 
 __version__: str
@@ -36,6 +39,41 @@ class StoreFormatError(TagRouterError): ...
 _Record = tuple[Any, Sequence[str], str, str]
 
 def split_tags(raw: str) -> list[str]: ...
+def sweep_curve(
+    pref: npt.NDArray[np.float64],
+    acc_llm: npt.NDArray[np.float64],
+    acc_slm: npt.NDArray[np.float64],
+    cost_llm: npt.NDArray[np.float64] | None = None,
+    cost_slm: npt.NDArray[np.float64] | None = None,
+) -> tuple[
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+]: ...
+def sweep_routes(
+    model: npt.NDArray[np.int64],
+    delta: npt.NDArray[np.float64],
+    slm: npt.NDArray[np.int64],
+    accept: npt.NDArray[np.bool_],
+    cost: npt.NDArray[np.float64],
+    llm: int,
+    grid: npt.NDArray[np.float64] | None = None,
+) -> tuple[
+    int,
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+]: ...
+def theta_for_share_routes(
+    model: npt.NDArray[np.int64],
+    delta: npt.NDArray[np.float64],
+    slm: npt.NDArray[np.int64],
+    llm: int,
+    share: float,
+) -> float: ...
+
 _StrPath = str | os.PathLike[str]
 
 @final
@@ -167,17 +205,3 @@ class Decider:
     ]: ...
     def decide(self, tags: Sequence[str]) -> Decision: ...
     def decide_tag_string(self, raw: str) -> Decision: ...
-    def sweep_theta(
-        self,
-        list_of_tags: Sequence[Sequence[str]],
-        accept: npt.NDArray[np.bool_],
-        cost: npt.NDArray[np.float64] | None = None,
-        grid: npt.NDArray[np.float64] | None = None,
-    ) -> tuple[
-        int,
-        npt.NDArray[np.float64],
-        npt.NDArray[np.float64],
-        npt.NDArray[np.float64],
-        npt.NDArray[np.float64],
-    ]: ...
-    def theta_for_llm_share(self, list_of_tags: Sequence[Sequence[str]], share: float) -> float: ...

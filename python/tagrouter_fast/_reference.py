@@ -339,3 +339,56 @@ def select_theta(
             best = (theta, ar, c, 0.0)
     assert best is not None
     return best[0], best[1], best[2]
+
+
+# ==== Curves ====
+
+
+def sweep_curve(
+    pref: np.ndarray,
+    acc_llm: np.ndarray,
+    acc_slm: np.ndarray,
+    cost_llm: np.ndarray | None = None,
+    cost_slm: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(ratio, ar, cost, thresholds)`` of a threshold sweep (``pref > t`` goes to M_LLM), in
+    numpy: the oracle of `tagrouter_fast.core.sweep_curve` (`eval.metrics.sweep`).
+
+    Queries with equal ``pref`` switch together; the first point is all-small (threshold
+    ``+inf``), the last all-M_LLM (``-inf``), the others sit midway between consecutive distinct
+    preferences.
+
+    >>> ratio, ar, _, t = sweep_curve(np.array([2.0, 1.0]), np.array([1, 0]), np.array([0, 1]))
+    >>> ratio.tolist(), ar.tolist(), t.tolist()
+    ([0.0, 0.5, 1.0], [0.5, 1.0, 0.5], [inf, 1.5, -inf])
+    """
+    # -inf would never pass any threshold; clamp it so "all to M_LLM" stays reachable.
+    pref = np.maximum(np.asarray(pref, dtype=np.float64), -1e300)
+    n = pref.shape[0]
+    if n == 0:
+        raise ValueError("empty test set")
+    acc_llm = np.asarray(acc_llm, dtype=np.float64)
+    acc_slm = np.asarray(acc_slm, dtype=np.float64)
+    cost_llm = np.zeros(n) if cost_llm is None else np.asarray(cost_llm, dtype=np.float64)
+    cost_slm = np.zeros(n) if cost_slm is None else np.asarray(cost_slm, dtype=np.float64)
+    # Order by pref descending; a group ends where the next pref differs.
+    order = np.argsort(-pref, kind="stable")
+    p = pref[order]
+    ends = np.flatnonzero(np.r_[p[1:] != p[:-1], True]) + 1
+    gain = np.cumsum((acc_llm - acc_slm)[order])
+    dcost = np.cumsum((cost_llm - cost_slm)[order])
+    ratio = np.r_[0.0, ends / n]
+    ar = acc_slm.mean() + np.r_[0.0, gain[ends - 1]] / n
+    cost = cost_slm.mean() + np.r_[0.0, dcost[ends - 1]] / n
+    # Point k routes the first k groups, i.e. pref > threshold: a threshold between group k and
+    # group k+1 (their midpoint, so it transfers to unseen queries without favouring either).
+    cur = p[ends - 1]
+    nxt = np.r_[p[ends[:-1]], -np.inf]
+    # Unless the midpoint does not separate them: rounded onto cur (adjacent floats) or
+    # overflowed (cur = +inf, or near the largest float); nxt then does.
+    with np.errstate(over="ignore", invalid="ignore"):
+        mid = (cur + nxt) / 2
+    mid = np.where(mid < cur, mid, nxt)
+    mid[-1] = -np.inf
+    thresholds = np.r_[np.inf, mid]
+    return ratio, ar, cost, thresholds

@@ -81,13 +81,14 @@ def _cmd_build_store(args: argparse.Namespace) -> int:
         prior_strength=args.prior_strength,
         theta=args.theta,
         llm_share=args.llm_share,
+        seed=args.seed,
     )
     print(f"router bundle written to {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tagrouter_fast.router import DEFAULT_VARIANT, VARIANTS
+    from tagrouter_fast.build.variants import DEFAULT_VARIANT, VARIANTS
 
     p = argparse.ArgumentParser(prog="tagrouter", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -122,10 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant",
         choices=list(VARIANTS),
         default=DEFAULT_VARIANT,
-        help=f"scorer preset: 'paper' (TagRouter exactly) or 'plus' (ours: per-tag rates shrunk "
-        f"towards each model's global rate, pseudo-count 300, averaged over tags; give it a "
-        f"--theta, its theta = 0 sends nearly everything to M_LLM); default {DEFAULT_VARIANT}; "
-        f"the flags below override it",
+        help="router recipe: 'paper' (TagRouter exactly, theta = 0), 'paper-theta' (theta* by "
+        "the paper's G.2 grid search on these judgments, out-of-fold) or 'plus' (ours: per-tag "
+        "rates shrunk towards each model's global rate, pseudo-count and theta* tuned "
+        f"out-of-fold on these judgments); default {DEFAULT_VARIANT}; the flags below "
+        "override single settings",
     )
     b.add_argument(
         "--aggregation",
@@ -142,15 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     th = b.add_mutually_exclusive_group()
     th.add_argument(
-        "--theta", type=float, default=0.0, help="cost-awareness threshold saved in the bundle"
+        "--theta",
+        type=float,
+        default=None,
+        help="cost-awareness threshold saved in the bundle (default: the variant's: 0, or "
+        "theta* tuned on the judgments)",
     )
     th.add_argument(
         "--llm-share",
         type=float,
         metavar="S",
         help="instead of --theta: the theta sending at most this share (0-1) of the table's "
-        "queries to M_LLM (a budget; what --variant plus needs)",
+        "queries to M_LLM (a budget)",
     )
+    b.add_argument("--seed", type=int, default=0, help="seed of the tuning's inner folds")
     b.add_argument(
         "--out",
         metavar="DIR",
@@ -158,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"route` without --router use default-{DEFAULT_VARIANT})",
     )
     b.set_defaults(func=_cmd_build_store)
+
 
     try:
         from tagrouter_fast.eval.cli import add_eval_parser

@@ -27,23 +27,17 @@ from tagrouter_fast.tagging.normalize import TagNormalization
 
 if TYPE_CHECKING:
     from tagrouter_fast.build.table import RoutingTable
-    from tagrouter_fast.protocols import Aligner, Tagger
+    from tagrouter_fast.core import DecisionArrays
+    from tagrouter_fast.protocols import Aligner, Encoder, Tagger
 
 BUNDLE_FORMAT = "tagrouter-bundle"
 BUNDLE_VERSION = 1
 META_FILE = "router.json"
-#: Scorer presets of bundles (`tagrouter build-store --variant`): the paper's TagRouter exactly,
-#: and TagRouter+ (ours: per-tag rates shrunk towards each model's global rate with a
-#: pseudo-count of 300 queries, the value the evaluation's inner cross-validation picks most
-#: often, and averaged over a query's tags). TagRouter+ has the higher AUC in paired
-#: comparisons on three of the four AlpacaEval pools (docs/eval-results.md), but its theta = 0
-#: point sends nearly every query to M_LLM (averaged, shrunk scores differ little between
-#: models), so it needs a tuned theta; the default stays the paper's, whose theta = 0 routes.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "paper": {"aggregation": "sum", "weighting": "paper", "prior_strength": 0.0},
-    "plus": {"aggregation": "mean", "weighting": "shrunk", "prior_strength": 300.0},
-}
-DEFAULT_VARIANT = "paper"
+#: The recipe (`tagrouter_fast.build.variants.VARIANTS`) of the default bundle that `route()`
+#: builds and caches, and `tagrouter build-store`'s default: TagRouter+, whose AUC is above the
+#: paper's TagRouter in paired comparisons on all four AlpacaEval pools (docs/eval-results.md).
+#: `TagRouter.build` defaults to the paper's recipe.
+DEFAULT_VARIANT = "plus"
 
 
 class BundleError(ValueError):
@@ -163,9 +157,13 @@ class TagRouter:
             `tag(query) -> list[str]` and `tag_batch(queries)`); needed only by `route`/`decide`.
         align: map generated tags that the store does not know to their nearest store tag
             (paper 3.3 "Tag Alignment"), using the default phrase encoder and an HNSW index.
-        align_floor: cosine similarity below which a generated tag is dropped instead of aligned.
+        align_floor: cosine similarity below which a generated tag is dropped instead of aligned
+            (``None``: every nearest match is kept, as in the paper).
         normalization: the raw -> canonical tag mapping of paper 3.2 that the store was built
             with; generated tags go through it before alignment.
+        encoder: the phrase encoder alignment uses. By default the default encoder, with the
+            store tags' embeddings cached on disk; an encoder given here is called directly
+            (the builder passes one that memoises per tag, for its many inner-fold stores).
 
     >>> recs = [("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss")]
     >>> scorer = TagScorer.from_records(recs)
@@ -180,19 +178,23 @@ class TagRouter:
         tagger: Tagger | None = None,
         *,
         align: bool = True,
-        align_floor: float = 0.5,
+        align_floor: float | None = 0.5,
         normalization: TagNormalization | None = None,
+        encoder: Encoder | None = None,
     ) -> None:
         self.decider = decider
         self.tagger = tagger
         self.normalization = normalization
         self._align = align
         self._align_floor = align_floor
+        self._encoder = encoder
         self._aligner: Aligner | None = None
         self._aligner_lock = threading.Lock()
         #: Where the store's judgments came from ({"path", "fingerprint"}), if known: lets the
         #: default router notice that $TAGROUTER_DATA now names other data.
         self.source: dict[str, str] | None = None
+        #: How the builder made this router (variant settings, what tuning chose), if known.
+        self.build_info: dict[str, Any] | None = None
         # Taken only by store writers (swap_store / update_store), never by routing.
         self._store_lock = threading.Lock()
 
@@ -294,12 +296,21 @@ class TagRouter:
         tagged = self.tagger.tag_batch([queries[i] for i in live])
         for i, tags in zip(live, tagged, strict=True):
             raw[i] = list(tags)
+        return self.align_tags(raw)
+
+    def align_tags(self, list_of_tags: Sequence[Sequence[str]]) -> list[list[str]]:
+        """The store tags that tagger outputs map to: the second half of `tags_batch`
+        (normalization, then alignment onto the store's tag set), for tags computed earlier
+        (e.g. cached by the evaluation). ``tags_batch(qs) == align_tags(tagger.tag_batch(qs))``."""
+        raw = [list(t) for t in list_of_tags]
         if self.normalization is not None:
             norm = self.normalization
             raw = [[norm.map_tag(t) or t for t in tags] for tags in raw]
+        if not any(raw):
+            return raw
         aligner = self._get_aligner()
         if aligner is None:
-            return [list(t) for t in raw]
+            return raw
         return [list(r.tags) for r in aligner.align_batch(raw)]
 
     def route(self, query: str) -> str:
@@ -311,7 +322,13 @@ class TagRouter:
         return self.decider.route_tags(self.tags(_check_query(query)))
 
     def route_batch(self, queries: Sequence[str]) -> list[str]:
+        """`route` for many queries (one tagger batch, one decider pass without the GIL)."""
         return self.decider.route_tags_batch(self.tags_batch(queries))
+
+    def decide_batch(self, queries: Sequence[str]) -> DecisionArrays:
+        """What a theta sweep needs for many queries, as arrays (`TagDecider.decide_batch`:
+        routed model, Delta_q, M_SLM, argmax, known-tag count), computed by the Rust decider."""
+        return self.decider.decide_batch(self.tags_batch(queries))
 
     def decide(self, query: str) -> Decision:
         """Explained decision for a raw query (tags, per-model scores, Delta_q, reason)."""
@@ -324,11 +341,16 @@ class TagRouter:
         with self._aligner_lock:
             if self._aligner is None:
                 from tagrouter_fast.tagging.align import TagAligner
-                from tagrouter_fast.tagging.encoder import default_encoder
 
-                self._aligner = TagAligner(
-                    list(self.scorer.tags), default_encoder(), floor=self._align_floor
-                )
+                tags = list(self.scorer.tags)
+                if self._encoder is None:
+                    from tagrouter_fast.tagging.encoder import default_encoder
+
+                    self._aligner = TagAligner(tags, default_encoder(), floor=self._align_floor)
+                else:
+                    enc = self._encoder
+                    emb = enc.encode(tags)
+                    self._aligner = TagAligner(tags, enc, floor=self._align_floor, embeddings=emb)
             return self._aligner
 
     # ---- building and persistence ----
@@ -339,41 +361,33 @@ class TagRouter:
         table: RoutingTable,
         models: Sequence[str],
         *,
+        variant: str | Any = "paper",
         llm: str | None = None,
         tagger: Tagger | None = None,
         query_ids: Iterable[str] | None = None,
-        theta: float = 0.0,
-        aggregation: str = "sum",
-        s_win: float = 1.0,
-        s_tie: float = 0.15,
-        s_loss: float = -1.0,
-        weighting: str = "paper",
-        prior_strength: float = 0.0,
-        normalize: bool | None = None,
-        min_count: int = 5,
         show_progress: bool = False,
+        **options: Any,
     ) -> TagRouter:
-        """Build a router from judgments in the routing-table format.
+        """Build a router from judgments in the routing-table format: the builder that
+        `tagrouter build-store` and every TagRouter of `tagrouter eval` use
+        (`tagrouter_fast.build.bundle.build_router`; its docstring says what each argument does).
 
-        Every training query is tagged (cached on disk by tagger fingerprint and text hash), and its
-        win/tie/loss outcome per candidate model becomes a store record. Per-model cost is the mean
-        `cost_usd` of that model over the training queries.
-
-        `normalize` runs the paper's tag normalization (3.2: rule aggregation, frequency filter
-        with `min_count`, DBSCAN semantic merge) on the training tags first and keeps the
-        mapping in the router. The default (`None`) normalizes open-vocabulary taggers and not
-        the embedded `DefaultTagger`, whose tags already come from a fixed, clean vocabulary.
-
-        `aggregation` is the decider's: "sum" (the paper) or "mean" of the tag scores (see
-        `TagDecider`); it is saved with the bundle.
+        `variant` names a recipe (`"paper"`, `"paper-theta"`, `"plus"`; see
+        `tagrouter_fast.build.variants`); `options` replace single settings of it (`theta`,
+        `aggregation`, `weighting`, `prior_strength`, `s_tie`, `normalize`, `align_floor`, ...).
         """
         from tagrouter_fast.build.bundle import build_router
 
         return build_router(
-            cls, table, models, llm=llm, tagger=tagger, query_ids=query_ids, theta=theta,
-            aggregation=aggregation, s_win=s_win, s_tie=s_tie, s_loss=s_loss,
-            weighting=weighting, prior_strength=prior_strength, normalize=normalize,
-            min_count=min_count, show_progress=show_progress,
+            table,
+            models,
+            variant=variant,
+            llm=llm,
+            tagger=tagger,
+            query_ids=query_ids,
+            show_progress=show_progress,
+            router_cls=cls,
+            **options,
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -411,6 +425,7 @@ class TagRouter:
             "align_floor": self._align_floor,
             "normalization": norm_file,
             "source": self.source,
+            "build": self.build_info,
         }
         data = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
         atomic_write_bytes(out / META_FILE, data, durable=True)
@@ -470,8 +485,10 @@ class TagRouter:
         if spec is not None and not isinstance(spec, dict):
             raise BundleError(f"{meta_path}: 'tagger' must be an object or null, got {spec!r}")
         floor = meta.get("align_floor", 0.5)
-        if isinstance(floor, bool) or not isinstance(floor, (int, float)):
-            raise BundleError(f"{meta_path}: 'align_floor' must be a number, got {floor!r}")
+        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float))):
+            raise BundleError(
+                f"{meta_path}: 'align_floor' must be a number or null, got {floor!r}"
+            )
         if tagger is None and spec is not None:
             tagger = _tagger_from_spec(spec)
         want = spec.get("fingerprint") if isinstance(spec, dict) else None
@@ -487,7 +504,7 @@ class TagRouter:
             decider,
             tagger,
             align=meta.get("align", True) if align is None else align,
-            align_floor=float(floor),
+            align_floor=None if floor is None else float(floor),
             normalization=(
                 TagNormalization.load(_bundle_member(root, meta_path, norm_file))
                 if norm_file
@@ -496,6 +513,8 @@ class TagRouter:
         )
         src = meta.get("source")
         router.source = src if isinstance(src, dict) else None
+        info = meta.get("build")
+        router.build_info = info if isinstance(info, dict) else None
         return router
 
 

@@ -5,6 +5,7 @@
 // reading more than it helps.
 #![allow(clippy::doc_markdown)]
 
+pub mod curve;
 pub mod decide;
 pub mod error;
 pub mod store_io;

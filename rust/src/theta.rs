@@ -3,11 +3,14 @@
 //! Each query either has a threshold-free decision (no known tag, or a single candidate), or goes
 //! to `M_SLM` when `Delta_q >= theta` and to `M_LLM` otherwise. So over a labelled set every
 //! figure (accept rate, cost, share routed to `M_LLM`) is a step function of theta that changes
-//! only at the queries' deltas; sorting the deltas once evaluates any grid in O((n + g) log n).
+//! only at the queries' deltas. `sweep` is the curve of `curve.rs` (preference `-Delta_q` for
+//! `M_LLM`) over the thresholded queries plus the threshold-free ones' fixed part, read at each
+//! grid theta: sorting once evaluates any grid in O((n + g) log n).
 
 use std::cmp::Ordering;
 
-use crate::decide::Route;
+use crate::curve::Steps;
+use crate::decide::{Reason, Route};
 use crate::error::{Result, RouterError};
 
 /// What routing a labelled set at one theta gives.
@@ -59,6 +62,77 @@ impl Labelled<'_> {
     }
 }
 
+/// Rebuilds routes from decision columns (`RouteColumns`, `TagDecider.decide_batch`), e.g. the
+/// out-of-fold decisions of several deciders put together, checking them on the way in.
+///
+/// `slm` is -1 exactly when `delta` is NaN (no known tag, or no small model). With `n_models`
+/// given, every index must be a column below it (and `llm` too); without it only signs are
+/// checked. The columns carry neither the reason nor `M*`, which no theta computation reads:
+/// the routes say `Argmax` with `M*` = the routed model.
+pub fn routes_from_columns(
+    model: &[i64],
+    delta: &[f64],
+    slm: &[i64],
+    llm: i64,
+    n_models: Option<usize>,
+) -> Result<Vec<Route>> {
+    if model.len() != delta.len() || model.len() != slm.len() {
+        return Err(RouterError::invalid(format!(
+            "mismatched lengths: model has {}, delta {} and slm {} entries",
+            model.len(),
+            delta.len(),
+            slm.len()
+        )));
+    }
+    let bound = n_models.unwrap_or(usize::MAX);
+    let index = |what: &str, q: Option<usize>, v: i64| -> Result<usize> {
+        match usize::try_from(v) {
+            Ok(i) if i < bound => Ok(i),
+            _ => Err(bad_index(what, q, v, n_models)),
+        }
+    };
+    let llm = index("llm", None, llm)?;
+    let mut routes = Vec::with_capacity(model.len());
+    for (q, ((&m, &d), &s)) in model.iter().zip(delta).zip(slm).enumerate() {
+        let model = index("model", Some(q), m)?;
+        let slm = if s == -1 {
+            None
+        } else {
+            let s = index("slm", Some(q), s)?;
+            if s == llm {
+                return Err(RouterError::invalid(format!(
+                    "slm[{q}] = {s} is llm: M_SLM is the best model other than M_LLM"
+                )));
+            }
+            Some(s)
+        };
+        if slm.is_some() == d.is_nan() {
+            return Err(RouterError::invalid(format!(
+                "slm[{q}] = {s} but delta[{q}] = {d}: slm is -1 exactly when delta is NaN"
+            )));
+        }
+        routes.push(Route {
+            model,
+            reason: Reason::Argmax,
+            delta: d,
+            argmax: model,
+            slm,
+        });
+    }
+    Ok(routes)
+}
+
+#[cold]
+#[inline(never)]
+fn bad_index(what: &str, q: Option<usize>, v: i64, n_models: Option<usize>) -> RouterError {
+    let at = q.map_or_else(|| what.to_owned(), |q| format!("{what}[{q}]"));
+    let min = if what == "slm" { "-1 or " } else { "" };
+    RouterError::invalid(match n_models {
+        Some(n) => format!("{at} = {v} is not {min}a model column in 0..{n}"),
+        None => format!("{at} = {v} is not {min}a model column (>= 0)"),
+    })
+}
+
 fn thresholded(r: &Route) -> Option<(f64, usize)> {
     match r.slm {
         Some(s) if !r.delta.is_nan() => Some((r.delta, s)),
@@ -79,49 +153,57 @@ pub fn sweep(set: &Labelled<'_>, grid: &[f64]) -> Result<Vec<ThetaPoint>> {
     }
     let nm = set.n_models;
     let n = set.routes.len();
-    // Fixed part, and the thresholded queries sorted by delta.
-    let (mut fix_acc, mut fix_cost, mut fix_llm) = (0_u64, 0.0_f64, 0_u64);
-    let mut moving: Vec<(f64, usize, usize)> = Vec::new();
+    let at = |q: usize, m: usize| {
+        (
+            f64::from(u8::from(set.accept[q * nm + m])),
+            set.cost[q * nm + m],
+        )
+    };
+    // The threshold-free queries' fixed part, and the thresholded ones as a curve: preference
+    // -delta for M_LLM, so `pref > -theta` is `delta < theta`, the queries theta keeps on M_LLM.
+    let (mut fix_acc, mut fix_cost, mut fix_llm) = (0.0_f64, 0.0_f64, 0_usize);
+    let mut moving: Vec<(usize, usize)> = Vec::new();
+    let mut pref: Vec<f64> = Vec::new();
     for (q, r) in set.routes.iter().enumerate() {
         if let Some((delta, slm)) = thresholded(r) {
-            moving.push((delta, slm, q));
+            moving.push((q, slm));
+            pref.push(-delta);
         } else {
-            fix_acc += u64::from(set.accept[q * nm + r.model]);
-            fix_cost += set.cost[q * nm + r.model];
-            fix_llm += u64::from(r.model == set.llm);
+            let (a, c) = at(q, r.model);
+            fix_acc += a;
+            fix_cost += c;
+            fix_llm += usize::from(r.model == set.llm);
         }
     }
-    moving.sort_by(|a, b| a.0.total_cmp(&b.0));
-    // With the first p (smallest-delta) queries on M_LLM and the rest on M_SLM:
-    // prefix sums for the LLM side, suffix sums for the SLM side.
-    let k = moving.len();
-    let mut pre_acc = vec![0_u64; k + 1];
-    let mut pre_cost = vec![0.0_f64; k + 1];
-    for (i, &(_, _, q)) in moving.iter().enumerate() {
-        pre_acc[i + 1] = pre_acc[i] + u64::from(set.accept[q * nm + set.llm]);
-        pre_cost[i + 1] = pre_cost[i] + set.cost[q * nm + set.llm];
-    }
-    let mut suf_acc = vec![0_u64; k + 1];
-    let mut suf_cost = vec![0.0_f64; k + 1];
-    for (i, &(_, slm, q)) in moving.iter().enumerate().rev() {
-        suf_acc[i] = suf_acc[i + 1] + u64::from(set.accept[q * nm + slm]);
-        suf_cost[i] = suf_cost[i + 1] + set.cost[q * nm + slm];
+    let steps = Steps::new(&pref, |i| {
+        let (q, slm) = moving[i];
+        let ((al, cl), (as_, cs)) = (at(q, set.llm), at(q, slm));
+        (al - as_, cl - cs)
+    });
+    // Everything thresholded on M_SLM is the curve's start; each point adds its gains.
+    let (mut base_acc, mut base_cost) = (fix_acc, fix_cost);
+    for &(q, slm) in &moving {
+        let (a, c) = at(q, slm);
+        base_acc += a;
+        base_cost += c;
     }
     let nf = n as f64;
-    Ok(grid
-        .iter()
+    grid.iter()
         .map(|&theta| {
-            // Queries with delta < theta stay on M_LLM.
-            let p = moving.partition_point(|m| m.0 < theta);
-            let acc = fix_acc + pre_acc[p] + suf_acc[p];
-            ThetaPoint {
+            // Queries with delta < theta stay on M_LLM; equal deltas fall on one side, so their
+            // count is a group boundary of the curve.
+            let p = steps.sorted.partition_point(|&pr| -pr < theta);
+            let k = steps.point_at(p).ok_or_else(|| {
+                RouterError::invalid(format!("theta {theta} splits a group of equal deltas"))
+            })?;
+            Ok(ThetaPoint {
                 theta,
-                accept_rate: acc as f64 / nf,
-                mean_cost: (fix_cost + pre_cost[p] + suf_cost[p]) / nf,
-                llm_share: (fix_llm + p as u64) as f64 / nf,
-            }
+                accept_rate: (base_acc + steps.gain[k]) / nf,
+                mean_cost: (base_cost + steps.dcost[k]) / nf,
+                llm_share: (fix_llm + p) as f64 / nf,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// The grid used when none is given: one theta per distinct outcome of the rule, placed between

@@ -10,25 +10,20 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tagrouter_fast.build.table import RoutingTable, load_table
+from tagrouter_fast.build.variants import DEFAULT_VARIANT, Variant, resolve_variant
 from tagrouter_fast.core import TagDecider, TagScorer
 from tagrouter_fast.eval.pools import DEFAULT_POOL, resolve_pool
-from tagrouter_fast.router import (
-    DEFAULT_VARIANT,
-    VARIANTS,
-    BundleError,
-    TagRouter,
-    default_bundle_dir,
-)
+from tagrouter_fast.router import BundleError, TagRouter, default_bundle_dir
 
 if TYPE_CHECKING:
-    from tagrouter_fast.protocols import Tagger
+    from tagrouter_fast.protocols import Encoder, Tagger
 
 __all__ = ["DATA_ENV", "build_bundle", "build_router", "data_dir_from_env", "data_source"]
 
@@ -85,28 +80,59 @@ def _check_writable_dir(dest: Path) -> None:
 
 
 def build_router(
-    router_cls: type[TagRouter],
     table: RoutingTable,
     models: Sequence[str],
     *,
+    variant: str | Variant | Mapping[str, Any] = "paper",
     llm: str | None = None,
     tagger: Tagger | None = None,
     query_ids: Iterable[str] | None = None,
-    theta: float = 0.0,
-    aggregation: str = "sum",
-    s_win: float = 1.0,
-    s_tie: float = 0.15,
-    s_loss: float = -1.0,
-    weighting: str = "paper",
-    prior_strength: float = 0.0,
-    normalize: bool | None = None,
-    min_count: int = 5,
+    tags: Sequence[Sequence[str]] | None = None,
+    encoder: Encoder | None = None,
+    seed: int = 0,
+    router_cls: type[TagRouter] = TagRouter,
     show_progress: bool = False,
+    **options: Any,
 ) -> TagRouter:
-    """`TagRouter.build` (its docstring says what each argument does)."""
+    """Judgments -> router: the one builder behind `TagRouter.build`, `tagrouter build-store`
+    and every TagRouter variant of `tagrouter eval`.
+
+    Every training query is tagged (cached on disk by tagger fingerprint and text hash), its
+    win/tie/loss outcome per candidate model becomes a store record (`RoutingTable.records`), the
+    store is built by the Rust core, and per-model cost is the mean `cost_usd` over the training
+    queries. A variant that tunes (`Variant.tunes`) then routes every training query with a router
+    built from the other inner folds (stratified by subset, seeded by ``seed``) through the same
+    public path (`TagRouter.align_tags` -> `TagDecider.decide_batch`), picks its pseudo-count by
+    the out-of-fold AR-vs-ratio AUC and theta* by the paper's G.2 grid search on the out-of-fold
+    routes (`tagrouter_fast.core.sweep_theta`), and builds the final router on all of them.
+
+    Args:
+        table: judgments in the routing-table format.
+        models: candidate models.
+        variant: a recipe name (`tagrouter_fast.build.variants.VARIANTS`), a `Variant`, or a
+            mapping of its settings; ``options`` replace single settings (``theta``,
+            ``aggregation``, ``weighting``, ``prior_strength``, ``s_tie``, ``normalize``,
+            ``align``, ``align_floor``, ``min_count``, ...).
+        llm: M_LLM (default: the most expensive candidate).
+        tagger: default: the embedded `DefaultTagger` (none when ``tags`` are given: the
+            router then routes pre-tagged queries only).
+        query_ids: the training queries (default: every query of the table).
+        tags: the tagger's output for each training query, in ``query_ids`` order, when it is
+            already known (the evaluation's cached features); the tagger is not called.
+        encoder: phrase encoder for alignment and normalization (default: the default encoder).
+        seed: seed of the inner folds of tuning.
+        router_cls: the class built (a `TagRouter` subclass).
+        show_progress: progress bars on stderr.
+
+    Raises:
+        KeyError: an unknown model; ValueError: bad settings or too few queries to tune on;
+        DataError: a candidate without costs.
+    """
+    from tagrouter_fast.build.tune import tune
     from tagrouter_fast.tagging.cache import tag_cached
 
-    if tagger is None:
+    v = resolve_variant(variant).with_options(**options)
+    if tagger is None and tags is None:
         from tagrouter_fast.tagging.taggers import DefaultTagger
 
         tagger = DefaultTagger()
@@ -119,40 +145,91 @@ def build_router(
         if query_ids is not None
         else np.arange(table.n_queries)
     )
+    if len(rows) == 0:
+        raise ValueError("no training queries")
     # Mean cost over the training queries: the decider only needs the models' cost order
     # and the per-query average for cost reports. Asked before tagging, so an unpriced model
     # fails in a second, not after tagging the table.
     cost = table.cost_matrix(models)[rows]
     costs = {m: float(cost[:, j].mean()) for j, m in enumerate(models)}
-    # Tag only the training queries; records() indexes tags by table row.
-    texts = [table.texts[i] for i in rows]
-    row_tags = tag_cached(tagger, texts, show_progress=show_progress)
+    if tags is not None:
+        raw_tags = [list(t) for t in tags]
+        if len(raw_tags) != len(rows):
+            raise ValueError(f"tags has {len(raw_tags)} entries for {len(rows)} training queries")
+    else:
+        assert tagger is not None
+        raw_tags = tag_cached(tagger, [table.texts[i] for i in rows], show_progress=show_progress)
     normalization = None
+    normalize = v.normalize
     if normalize is None:
         from tagrouter_fast.tagging.taggers import DefaultTagger
 
-        normalize = not isinstance(tagger, DefaultTagger)
+        # Given tags without a tagger (routing pre-tagged queries only): used as they are.
+        normalize = tagger is not None and not isinstance(tagger, DefaultTagger)
+    store_tags = raw_tags
     if normalize:
-        from tagrouter_fast.tagging.encoder import default_encoder
         from tagrouter_fast.tagging.normalize import normalize_tags
 
-        normalization, row_tags = normalize_tags(
-            row_tags, default_encoder(), min_count=min_count
+        normalization, store_tags = normalize_tags(
+            raw_tags, encoder if encoder is not None else _default_encoder(), min_count=v.min_count
         )
-    tags: list[list[str]] = [[] for _ in range(table.n_queries)]
-    for i, t in zip(rows, row_tags, strict=True):
-        tags[i] = list(t)
-    records = table.records(rows, models, tags)
-    scorer = TagScorer.from_records(
-        records,
-        s_win=s_win,
-        s_tie=s_tie,
-        s_loss=s_loss,
-        weighting=weighting,
-        prior_strength=prior_strength,
-    )
-    decider = TagDecider(scorer, costs=costs, llm=llm, theta=theta, aggregation=aggregation)
-    return router_cls(decider, tagger, normalization=normalization)
+    by_row: list[list[str]] = [[] for _ in range(table.n_queries)]
+    for i, t in zip(rows, store_tags, strict=True):
+        by_row[i] = list(t)
+
+    def make(sub: np.ndarray, prior_strength: float, theta: float) -> TagRouter:
+        """A router from the training queries at positions ``sub`` of ``rows``."""
+        scorer = TagScorer.from_records(
+            table.records(rows[sub], models, by_row),
+            s_win=v.s_win,
+            s_tie=v.s_tie,
+            s_loss=v.s_loss,
+            weighting=v.weighting,
+            prior_strength=prior_strength,
+        )
+        decider = TagDecider(
+            scorer, costs=costs, llm=llm, theta=theta, aggregation=v.aggregation
+        )
+        return router_cls(
+            decider,
+            tagger,
+            align=v.align,
+            align_floor=v.align_floor,
+            normalization=normalization,
+            encoder=encoder,
+        )
+
+    if v.tunes and v.align and encoder is None:
+        from tagrouter_fast.tagging.cache import MemoEncoder
+
+        # Each inner-fold store has its own tag set: encode every tag once, in memory, instead
+        # of one disk-cache entry per tag list.
+        encoder = MemoEncoder(_default_encoder())
+    info: dict[str, Any] = {"variant": v.to_json(), "n_train": len(rows)}
+    k, theta = v.prior_strength, (v.theta if v.theta is not None else 0.0)
+    if v.tunes:
+        chosen = tune(
+            make,
+            v,
+            raw_tags=raw_tags,
+            strata=[table.subsets[i] for i in rows],
+            accept=table.accept(models)[rows],
+            cost=cost,
+            models=models,
+            seed=seed,
+            show_progress=show_progress,
+        )
+        k, theta = chosen.prior_strength, chosen.theta
+        info["tuned"] = chosen.to_json()
+    router = make(np.arange(len(rows)), k, theta)
+    router.build_info = info
+    return router
+
+
+def _default_encoder() -> Encoder:
+    from tagrouter_fast.tagging.encoder import default_encoder
+
+    return default_encoder()
 
 
 def build_bundle(
@@ -166,39 +243,35 @@ def build_bundle(
     aggregation: str | None = None,
     weighting: str | None = None,
     prior_strength: float | None = None,
-    theta: float = 0.0,
+    theta: float | None = None,
     llm_share: float | None = None,
+    seed: int = 0,
     show_progress: bool = True,
 ) -> Path:
     """Convert judgments in the routing-table format into a router bundle (one command:
     `tagrouter build-store`). With no arguments: the public AlpacaEval table, pool `five-api`,
     the default variant, written to the cache (outside the repository) where `route()` finds
-    it. `variant` names a :data:`VARIANTS` preset; `aggregation`, `weighting` and
-    `prior_strength` (:meth:`TagRouter.build`'s) override single settings of it.
+    it. `variant` names a :data:`~tagrouter_fast.build.variants.VARIANTS` recipe; `aggregation`,
+    `weighting`, `prior_strength` and `theta` override single settings of it (an explicit
+    `prior_strength` or `theta` is used as given, not tuned). What the variant tunes (TagRouter+:
+    pseudo-count and theta*) is tuned on these judgments, out-of-fold (`build_router`).
 
-    `llm_share` replaces `theta` by a budget: the theta that sends at most that share of the
+    `llm_share` replaces theta by a budget: the theta that sends at most that share of the
     table's queries to M_LLM (:meth:`TagDecider.theta_for_llm_share` on their routing tags). It
-    reads no outcome, so it cannot overfit them; it is how to give TagRouter+ (whose theta = 0
-    sends nearly everything to M_LLM) an operating point."""
+    reads no outcome, so it cannot overfit them."""
 
     src = Path(data_dir) if data_dir is not None else data_dir_from_env()
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
-    opts = dict(VARIANTS[variant])
-    for key, value in (
-        ("aggregation", aggregation),
-        ("weighting", weighting),
-        ("prior_strength", prior_strength),
-    ):
-        if value is not None:
-            opts[key] = value
-    if opts["weighting"] != "shrunk" and opts["prior_strength"]:
-        raise ValueError("prior_strength only applies to the shrunk weighting")
+    v = resolve_variant(variant).with_options(
+        aggregation=aggregation, weighting=weighting, prior_strength=prior_strength
+    )
     if llm_share is not None:
         if not 0.0 <= llm_share <= 1.0:
             raise ValueError(f"llm_share must be in [0, 1], got {llm_share}")
-        if theta != 0.0:
+        if theta is not None:
             raise ValueError("give theta or llm_share, not both")
+        v = v.with_options(theta=0.0)  # replaced by the budget's theta below
+    elif theta is not None:
+        v = v.with_options(theta=theta)
     table = load_table(src)
     if pool is None and models is None:
         pool = DEFAULT_POOL
@@ -212,16 +285,22 @@ def build_bundle(
             f"M_LLM {llm}) into {dest}",
             file=sys.stderr,
         )
-    router = TagRouter.build(
-        table,
-        models,
-        llm=llm,
-        theta=theta,
-        show_progress=show_progress,
-        **opts,
+    router = build_router(
+        table, models, variant=v, llm=llm, seed=seed, show_progress=show_progress
     )
+    tuned = (router.build_info or {}).get("tuned")
+    if show_progress and tuned:
+        print(
+            f"tagrouter: tuned on the judgments (out-of-fold): prior_strength = "
+            f"{tuned['prior_strength']:g}, theta = {tuned['theta']:.6g} (accept rate "
+            f"{tuned['oof_accept_rate']:.3f}, {100 * tuned['oof_llm_share']:.0f}% to {llm})",
+            file=sys.stderr,
+        )
     if llm_share is not None:
-        tags = router.tags_batch(table.texts)
+        from tagrouter_fast.tagging.cache import tag_cached
+
+        assert router.tagger is not None
+        tags = router.align_tags(tag_cached(router.tagger, table.texts))
         router.decider = router.decider.with_theta(
             router.decider.theta_for_llm_share(tags, llm_share)
         )
@@ -233,5 +312,3 @@ def build_bundle(
             )
     router.source = data_source(src)
     return router.save(dest)
-
-

@@ -7,26 +7,28 @@ Each ablation is a list of methods evaluated by the same protocol; ``prior`` and
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from tagrouter_fast.build.folds import stratified_folds
 from tagrouter_fast.eval.methods import (
     Fitted,
     Method,
-    TagConfig,
     TrainSet,
     fit_knn,
     fit_prior,
-    fit_tagrouter,
+    fit_variant,
 )
-from tagrouter_fast.eval.protocol import stratified_folds
 
 __all__ = ["methods_for", "subsample"]
 
 
-def _tr(name: str, cfg: TagConfig) -> Method:
+def _tr(name: str, **options: Any) -> Method:
+    """The product's paper variant with single settings changed."""
+
     def fit(train: TrainSet, seed: int) -> Fitted:
-        return fit_tagrouter(train, seed, cfg)
+        return fit_variant(train, seed, "paper", **options)
 
     return Method(name, "tagrouter", fit)
 
@@ -49,29 +51,29 @@ def methods_for(ablation: str, train_sizes: Sequence[int] = (100, 300, 1000)) ->
     base = [Method("prior", "baseline", fit_prior), Method("RouterBench-KNN", "baseline", fit_knn)]
     if ablation == "stie":
         return base + [
-            _tr(f"TagRouter s_tie={v:g}", TagConfig(s_tie=v)) for v in (0.0, 0.15, 0.5, 1.0)
+            _tr(f"TagRouter s_tie={v:g}", s_tie=v) for v in (0.0, 0.15, 0.5, 1.0)
         ]
     if ablation == "wt":
         return base + [
-            _tr("TagRouter w_t=paper", TagConfig(weighting="paper")),
-            _tr("TagRouter w_t=1", TagConfig(weighting="none")),
+            _tr("TagRouter w_t=paper", weighting="paper"),
+            _tr("TagRouter w_t=1", weighting="none"),
         ]
     if ablation == "align":
         return base + [
-            _tr("TagRouter align=on", TagConfig(align=True)),
-            _tr("TagRouter align=off", TagConfig(align=False)),
+            _tr("TagRouter align=on", align=True),
+            _tr("TagRouter align=off", align=False),
         ]
     if ablation == "norm":
         return base + [
-            _tr("TagRouter norm=on", TagConfig(normalize=True)),
-            _tr("TagRouter norm=off", TagConfig(normalize=False)),
+            _tr("TagRouter norm=on", normalize=True),
+            _tr("TagRouter norm=off", normalize=False),
         ]
     if ablation == "trainsize":
         out = list(base)
         for size in list(train_sizes) + [0]:
             label = "all" if size == 0 else str(size)
             for nm, fit in (
-                ("TagRouter", lambda t, s: fit_tagrouter(t, s, TagConfig())),
+                ("TagRouter", lambda t, s: fit_variant(t, s, "paper")),
                 ("RouterBench-KNN", fit_knn),
             ):
 

@@ -153,7 +153,7 @@ def build_result(
     of ``docs/eval.md``). ``tagger`` names a :data:`TAGGERS` entry."""
     from tagrouter_fast.build.table import load_table
     from tagrouter_fast.eval.features import compute_features
-    from tagrouter_fast.eval.methods import default_methods, scoring_impl
+    from tagrouter_fast.eval.methods import default_methods
     from tagrouter_fast.eval.pools import resolve_pool
     from tagrouter_fast.eval.protocol import PoolData, evaluate, summarize
 
@@ -162,16 +162,15 @@ def build_result(
     models, llm = resolve_pool(table, pool, models, llm)
     if tagger not in TAGGERS:
         raise ValueError(f"unknown tagger {tagger!r}; known: {list(TAGGERS)}")
+    tg = None
     if features is None:
-        tg = None
-        if TAGGERS[tagger]:
-            from tagrouter_fast.tagging.taggers import DefaultTagger
+        from tagrouter_fast.tagging.taggers import DefaultTagger
 
-            tg = DefaultTagger(**TAGGERS[tagger])
+        tg = DefaultTagger(**TAGGERS[tagger])
         features = compute_features(table.texts, tagger=tg)
     feats = features
     t_feat = time.perf_counter() - t0
-    pd = PoolData.build(table, models, llm, feats)
+    pd = PoolData.build(table, models, llm, feats, tagger=tg)
     methods = list(methods) if methods is not None else default_methods()
     n_steps = folds * len(seeds) * len(methods)
     bar = None
@@ -208,7 +207,7 @@ def build_result(
         "encoder": feats.encoder,
         "tagger": feats.tagger,
         "tagger_option": tagger,
-        "scorer_impl": scoring_impl()[2],
+        "scorer_impl": "tagrouter_fast.build.bundle.build_router",
         "best_baseline": best,
         "seconds": {"features": t_feat, "total": time.perf_counter() - t0},
         "methods": ordered,

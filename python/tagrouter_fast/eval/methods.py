@@ -9,19 +9,30 @@ routes: test labels cannot reach a method by construction. A fitted router retur
   ``pref > t``; see :mod:`tagrouter_fast.eval.metrics`).
 
 Utility routers (MF, KNN, MLP, FORC-style) predict each model's accept probability ``u``;
-``slm = argmax`` of ``u`` over the small models and ``pref = u_LLM - u_slm``. TagRouter uses the
-decider's summed tag scores: ``slm`` is the best-scoring small model and ``pref = -Delta_q``,
-so the threshold ``t`` is ``-theta`` (paper 3.4: M_LLM iff ``Delta_q < theta``).
+``slm = argmax`` of ``u`` over the small models and ``pref = u_LLM - u_slm``.
+
+Every TagRouter variant is the product: a `TagRouter` built from the training fold by
+`tagrouter_fast.build.bundle.build_router` (the builder behind `tagrouter build-store`, which
+also does the variant's tuning), routing test queries through `TagRouter.align_tags` and the
+Rust `TagDecider.decide_batch`: ``slm`` is the decider's M_SLM and ``pref = -Delta_q``, so the
+threshold ``t`` is ``-theta`` (paper 3.4: M_LLM iff ``Delta_q < theta``). The methods marked
+``research`` (tag difficulty, the blend) are ours and use tags but are not TagRouters.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tagrouter_fast.build.table import RoutingTable
+    from tagrouter_fast.build.variants import Variant
+    from tagrouter_fast.protocols import Encoder
+    from tagrouter_fast.router import TagRouter
 
 __all__ = [
     "Fitted",
@@ -31,11 +42,10 @@ __all__ = [
     "default_methods",
     "fit_hybrid",
     "fit_knn_difficulty",
-    "fit_plus",
     "fit_selected",
-    "out_of_fold",
     "fit_tag_difficulty",
-    "scoring_impl",
+    "fit_variant",
+    "out_of_fold",
 ]
 
 
@@ -50,13 +60,15 @@ class QueryFeatures:
         query_ids: Query ids.
         emb: ``(n, d)`` query embeddings.
         tag_emb: ``(n, d)`` embeddings of the joined tags.
-        tags: Tags of each query.
+        tags: Tags of each query (raw tagger output).
+        texts: Query texts.
     """
 
     query_ids: list[str]
     emb: np.ndarray
     tag_emb: np.ndarray
     tags: list[list[str]]
+    texts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +85,8 @@ class TrainSet(QueryFeatures):
         all_codes: ``(n, n_all)`` outcome codes of every model of the table (-1 missing), for
             methods that learn query difficulty from models outside the pool.
         all_index: Column of each pool model in ``all_codes``.
+        tagger: The tagger that produced ``tags`` (``None``: tags given, not generated); the
+            routers built from this set carry it.
     """
 
     models: list[str] = field(default_factory=list)
@@ -83,6 +97,7 @@ class TrainSet(QueryFeatures):
     subsets: list[str] = field(default_factory=list)
     all_codes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int8))
     all_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    tagger: Any = None
 
     @property
     def slms(self) -> list[int]:
@@ -96,6 +111,7 @@ class TrainSet(QueryFeatures):
             emb=self.emb[rows],
             tag_emb=self.tag_emb[rows],
             tags=[self.tags[i] for i in rows],
+            texts=[self.texts[i] for i in rows] if self.texts else [],
             models=self.models,
             llm=self.llm,
             acc=self.acc[rows],
@@ -104,6 +120,7 @@ class TrainSet(QueryFeatures):
             subsets=[self.subsets[i] for i in rows],
             all_codes=self.all_codes[rows],
             all_index=self.all_index,
+            tagger=self.tagger,
         )
 
     def features(self, rows: np.ndarray | None = None) -> QueryFeatures:
@@ -114,6 +131,25 @@ class TrainSet(QueryFeatures):
             emb=self.emb[rows],
             tag_emb=self.tag_emb[rows],
             tags=[self.tags[i] for i in rows],
+            texts=[self.texts[i] for i in rows] if self.texts else [],
+        )
+
+    def as_table(self) -> RoutingTable:
+        """These queries' judgments of the pool models as a routing table: what the product's
+        builder reads (texts, subsets, outcomes, costs)."""
+        from tagrouter_fast.build.table import RoutingTable
+
+        n = len(self.query_ids)
+        return RoutingTable(
+            query_ids=list(self.query_ids),
+            texts=list(self.texts) if self.texts else [""] * n,
+            subsets=list(self.subsets),
+            models=list(self.models),
+            outcome_codes=np.asarray(self.codes, dtype=np.int8),
+            costs=np.asarray(self.cost, dtype=np.float64),
+            raw_costs=np.asarray(self.cost, dtype=np.float64),
+            scores=np.full(self.codes.shape, np.nan),
+            source="training fold",
         )
 
 
@@ -338,164 +374,75 @@ def fit_random(train: TrainSet, seed: int) -> Fitted:
     return _Constant(-1, train.slms, seed)
 
 
-# ==== TagRouter ====
+# ==== TagRouter: the product, built by the product's builder ====
 
 
-def scoring_impl() -> tuple[Any, Any, str]:
-    """``(TagScorer, TagDecider, name)``: the product's classes, so the evaluated TagRouter is the
-    code path users run."""
-    from tagrouter_fast.core import TagDecider, TagScorer
+class _RouterFitted(Fitted):
+    """A `TagRouter` from `build_router`, routing through its public batch path."""
 
-    return TagScorer, TagDecider, "tagrouter_fast.core"
-
-
-@dataclass
-class TagConfig:
-    """How a TagRouter variant builds its scorer.
-
-    Attributes:
-        s_tie: Score of a tie (paper: 0.15).
-        weighting: ``"paper"``, ``"none"`` or ``"shrunk"``.
-        prior_strength: Pseudo-count of ``"shrunk"``.
-        theta: Fixed threshold (``None``: choose theta* on training folds).
-        align: Map test tags onto the training tag set (paper 3.3 alignment).
-        align_floor: Minimum cosine similarity of an alignment match.
-        aggregation: How the decider combines a query's tag scores: ``"sum"`` (paper) or
-            ``"mean"`` (the product's ``TagDecider(aggregation="mean")``).
-        normalize: Paper 3.2 normalization of the training tags (rule, frequency >= 5, DBSCAN);
-            test tags are mapped through it, the rest aligned (if ``align``) or dropped.
-        min_count: Frequency filter of the normalization.
-    """
-
-    s_tie: float = 0.15
-    weighting: str = "paper"
-    prior_strength: float = 0.0
-    theta: float | None = 0.0
-    align: bool = True
-    align_floor: float | None = None
-    aggregation: str = "sum"
-    normalize: bool = True
-    min_count: int = 5
-
-
-class _TagRouterFitted(Fitted):
-    def __init__(
-        self, decider: Any, scorer: Any, train: TrainSet, cfg: TagConfig, aligner: Any, norm: Any
-    ):
-        self.norm = norm
-        self.decider = decider
-        self.scorer = scorer
-        self.train = train
-        self.cfg = cfg
-        self.aligner = aligner
-        self.fixed_threshold = None if cfg.theta is None else -float(cfg.theta)
-        # scores_batch columns follow the decider's model order (the store's for the stand-in).
-        order = list(getattr(decider, "models", None) or scorer.models)
-        pos = {m: k for k, m in enumerate(order)}
-        self.cols = np.asarray([pos.get(m, -1) for m in train.models])
-        self.known = set(scorer.tags)
-
-    def _tags(self, x: QueryFeatures) -> list[list[str]]:
-        out = []
-        rest: list[list[str]] = []
-        for tags in x.tags:
-            mapped = []
-            miss = []
-            for t in tags:
-                c = self.norm.map_tag(t) if self.norm is not None else t
-                if c is not None and c in self.known:
-                    mapped.append(c)
-                else:
-                    miss.append(t)
-            out.append(mapped)
-            rest.append(miss)
-        if self.aligner is not None and any(rest):
-            for mapped, r in zip(out, self.aligner.align_batch(rest), strict=True):
-                mapped.extend(r.tags)
-        return [list(dict.fromkeys(t)) for t in out]
+    def __init__(self, router: TagRouter, train: TrainSet) -> None:
+        self.router = router
+        self.models = list(train.models)
+        self.llm = train.llm
+        mean_cost = train.cost.mean(axis=0)
+        slms = train.slms
+        self.fallback_slm = min(slms, key=lambda j: mean_cost[j]) if slms else train.llm
+        self.fixed_threshold = -float(router.decider.theta)
+        tuned = (router.build_info or {}).get("tuned")
+        self.info = (
+            {"chosen": f"prior_strength={tuned['prior_strength']:g}"}
+            if tuned and tuned["inner_auc"]
+            else {}
+        )
 
     def route(self, x: QueryFeatures) -> tuple[np.ndarray, np.ndarray]:
-        tags = self._tags(x)
-        s = np.asarray(self.decider.scores_batch(tags), dtype=np.float64)
-        n = len(tags)
-        S = np.zeros((n, len(self.train.models)))
-        ok = self.cols >= 0
-        S[:, ok] = s[:, self.cols[ok]]
-        pref, slm = _slm_choice(S, self.train)
-        # No known tag: the decider falls back to M_LLM, so such queries go to M_LLM first.
-        unknown = np.asarray([len(t) == 0 for t in tags])
-        pref = np.where(unknown, np.inf, pref)
-        return pref, slm
+        from tagrouter_fast.build.tune import decisions_in_pool_order, preferences
+
+        r = self.router
+        d = r.decider.decide_batch(r.align_tags(x.tags))
+        d = decisions_in_pool_order(d, r.decider.models, self.models)
+        return preferences(d, self.llm, self.fallback_slm)
 
 
-_TAG_VECS: dict[str, np.ndarray] = {}
+_ENCODER: list[Encoder] = []
 
 
-def _aligner_for(tags: Sequence[str], floor: float | None) -> Any:
-    """Aligner onto ``tags``; tag embeddings are memoised across folds (each fold's tag set
-    differs, so the disk cache keyed by the whole list would miss every time)."""
-    try:
-        from tagrouter_fast.tagging.align import TagAligner
-        from tagrouter_fast.tagging.cache import embed_cached
-    except ImportError:
-        return None
-    enc = _shared_encoder(_default_encoder)
-    missing = sorted({t for t in tags if t not in _TAG_VECS})
-    if missing:
-        for t, v in zip(missing, embed_cached(enc, missing), strict=True):
-            _TAG_VECS[t] = v
-    emb = np.stack([_TAG_VECS[t] for t in tags])
-    return TagAligner(tags, enc, floor=floor, exact=True, embeddings=emb)
-
-
-_ENCODER: list[Any] = []
-
-
-def _default_encoder() -> Any:
-    from tagrouter_fast.tagging.encoder import default_encoder
-
-    return default_encoder()
-
-
-def _shared_encoder(factory: Callable[[], Any]) -> Any:
+def _shared_encoder() -> Encoder:
+    """One memoising encoder for every fold's aligner: each tag is encoded once per run."""
     if not _ENCODER:
-        _ENCODER.append(factory())
+        from tagrouter_fast.tagging.cache import MemoEncoder
+        from tagrouter_fast.tagging.encoder import default_encoder
+
+        _ENCODER.append(MemoEncoder(default_encoder()))
     return _ENCODER[0]
 
 
-def fit_tagrouter(train: TrainSet, seed: int, cfg: TagConfig | None = None) -> Fitted:
-    """TagRouter (paper section 3) fitted on the training fold's tags and judgments."""
-    cfg = cfg or TagConfig()
-    TagScorer, TagDecider, _ = scoring_impl()
-    models = train.models
-    norm = None
-    train_tags = train.tags
-    if cfg.normalize:
-        from tagrouter_fast.tagging.normalize import normalize_tags
+def fit_variant(
+    train: TrainSet, seed: int, variant: str | Variant = "paper", **options: Any
+) -> Fitted:
+    """The product's router of ``variant`` (``build-store --variant``; ``options`` override
+    single settings, see `tagrouter_fast.build.variants.Variant`), built from the training fold
+    by `build_router` with the fold's cached tags; what it tunes is tuned on the training fold.
+    """
+    from tagrouter_fast.build.bundle import build_router
+    from tagrouter_fast.build.variants import resolve_variant
 
-        norm, train_tags = normalize_tags(
-            train.tags, _shared_encoder(_default_encoder), min_count=cfg.min_count
-        )
-    records = []
-    for i, qid in enumerate(train.query_ids):
-        tags = list(dict.fromkeys(train_tags[i]))
-        for j, m in enumerate(models):
-            c = int(train.codes[i, j])
-            if c >= 0:
-                records.append((qid, tags, m, ("win", "tie", "loss")[c]))
-    kwargs: dict[str, Any] = {"s_tie": cfg.s_tie, "weighting": cfg.weighting}
-    if cfg.weighting == "shrunk":
-        kwargs["prior_strength"] = cfg.prior_strength
-    scorer = TagScorer.from_records(records, **kwargs)
-    costs = {m: float(c) for m, c in zip(models, train.cost.mean(axis=0), strict=True)}
-    decider = TagDecider(
-        scorer, costs, llm=models[train.llm], theta=cfg.theta or 0.0, aggregation=cfg.aggregation
+    v = resolve_variant(variant).with_options(**options)
+    needs_encoder = v.align or bool(v.normalize)
+    router = build_router(
+        train.as_table(),
+        train.models,
+        variant=v,
+        llm=train.models[train.llm],
+        tagger=train.tagger,
+        tags=train.tags,
+        encoder=_shared_encoder() if needs_encoder else None,
+        seed=seed,
     )
-    aligner = _aligner_for(list(scorer.tags), cfg.align_floor) if cfg.align else None
-    return _TagRouterFitted(decider, scorer, train, cfg, aligner, norm)
+    return _RouterFitted(router, train)
 
 
-# ==== Difficulty-aware TagRouter (ours) ====
+# ==== Tag difficulty (ours, research: uses tags, not a TagRouter) ====
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -511,7 +458,8 @@ def _tag_accept_tables(
     Both come from the product scorer with ``weighting="none"`` (``w_t = 1``): scores
     ``s = (1, 1, 0)`` sum accepts, ``s = (1, 1, 1)`` sum judgments.
     """
-    TagScorer, _, _ = scoring_impl()
+    from tagrouter_fast.core import TagScorer
+
     codes = train.all_codes
     recs = []
     for i, qid in enumerate(train.query_ids):
@@ -651,7 +599,7 @@ def out_of_fold(
     Returns:
         ``(splits, pref, slm)``: the inner test folds and the out-of-fold routes of all rows.
     """
-    from tagrouter_fast.eval.protocol import stratified_folds
+    from tagrouter_fast.build.folds import stratified_folds
 
     n = len(train.query_ids)
     pref = np.zeros(n)
@@ -734,50 +682,16 @@ def fit_hybrid(train: TrainSet, seed: int) -> Fitted:
     """``TagRouter+MF`` (ours): TagRouter+ and RouteLLM-MF preferences, each mapped to its
     training quantile, averaged with equal weights; the small model is TagRouter+'s. Tests
     whether the tag scores and the embedding router carry different pieces of the signal."""
-    return _QuantileBlend([fit_plus(train, seed), fit_mf(train, seed)], train, [0.5, 0.5])
+    return _QuantileBlend(
+        [fit_variant(train, seed, "plus"), fit_mf(train, seed)], train, [0.5, 0.5]
+    )
 
 
 # ==== Registry ====
 
-#: TagRouter+ (ours, docs/eval.md): per-tag accept scores shrunk towards the model's global
-#: mean with a pseudo-count (100 here; ``TagRouter+`` itself picks it from ``PLUS_STRENGTHS`` on
-#: the training folds), averaged (not summed) over the query's known tags, theta* chosen on the
-#: training folds, raw tagger tags (the frequency filter of the normalization drops most tags of
-#: a 1k-query table).
-PLUS = TagConfig(
-    weighting="shrunk",
-    prior_strength=100.0,
-    aggregation="mean",
-    theta=None,
-    normalize=False,
-    align=False,
-)
-
-
-#: Pseudo-counts ``TagRouter+`` chooses from by inner cross-validation on the training folds.
-PLUS_STRENGTHS = (30.0, 100.0, 300.0)
-
-
-def fit_plus(train: TrainSet, seed: int, base: TagConfig | None = None) -> Fitted:
-    """``TagRouter+``: :data:`PLUS` with its pseudo-count chosen on the training folds."""
-    base = base or PLUS
-    cands = [
-        (
-            f"prior_strength={k:g}",
-            lambda t, s, k=k: fit_tagrouter(t, s, replace(base, prior_strength=k)),
-        )
-        for k in PLUS_STRENGTHS
-    ]
-    return fit_selected(train, seed, cands)
-
-
-def default_methods(plus: TagConfig | None = None) -> list[Method]:
-    """Every method of the Table-2 comparison, in display order.
-
-    Args:
-        plus: Base configuration of ``TagRouter+`` (default :data:`PLUS`; its pseudo-count is
-            chosen from :data:`PLUS_STRENGTHS` on the training folds).
-    """
+def default_methods() -> list[Method]:
+    """Every method of the Table-2 comparison, in display order. The three TagRouters are the
+    product's variants (``build-store --variant paper | paper-theta | plus``)."""
     out = [
         Method("random", "reference", fit_random),
         Method("prior", "baseline", fit_prior),
@@ -789,15 +703,11 @@ def default_methods(plus: TagConfig | None = None) -> list[Method]:
         Method("RouterBench-KNN w/ tags", "baseline", lambda t, s: fit_knn(t, s, use_tags=True)),
         Method("RouterBench-MLP w/ tags", "baseline", lambda t, s: fit_mlp(t, s, use_tags=True)),
         Method("FORC-style w/ tags", "baseline", lambda t, s: fit_forc(t, s, use_tags=True)),
-        Method("TagRouter", "tagrouter", lambda t, s: fit_tagrouter(t, s, TagConfig())),
-        Method(
-            "TagRouter-theta*",
-            "tagrouter",
-            lambda t, s: fit_tagrouter(t, s, TagConfig(theta=None)),
-        ),
-        Method("TagRouter+", "tagrouter", lambda t, s: fit_plus(t, s, plus)),
-        Method("TagRouter+D", "tagrouter", lambda t, s: fit_tag_difficulty(t, s, k=50.0)),
-        Method("TagRouter+MF", "tagrouter", fit_hybrid),
+        Method("TagRouter", "tagrouter", lambda t, s: fit_variant(t, s, "paper")),
+        Method("TagRouter-theta*", "tagrouter", lambda t, s: fit_variant(t, s, "paper-theta")),
+        Method("TagRouter+", "tagrouter", lambda t, s: fit_variant(t, s, "plus")),
+        Method("TagDifficulty", "research", lambda t, s: fit_tag_difficulty(t, s, k=50.0)),
+        Method("Blend(TagRouter+, MF)", "research", fit_hybrid),
         # Same extra labels (every model's judgments) without tags: tells whether +D's gain, if
         # any, comes from the tags or only from the extra labels.
         Method("KNN+D (control)", "baseline", fit_knn_difficulty),

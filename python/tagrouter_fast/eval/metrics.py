@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tagrouter_fast.core import sweep_curve
+
 __all__ = [
     "Curve",
     "aiq",
@@ -80,29 +82,8 @@ def sweep(
     >>> c.ratio.tolist(), c.ar.tolist()
     ([0.0, 0.5, 1.0], [0.5, 1.0, 0.5])
     """
-    # -inf would never pass any threshold; clamp it so "all to M_LLM" stays reachable.
-    pref = np.maximum(np.asarray(pref, dtype=np.float64), -1e300)
-    n = pref.shape[0]
-    if n == 0:
-        raise ValueError("empty test set")
-    acc_llm = np.asarray(acc_llm, dtype=np.float64)
-    acc_slm = np.asarray(acc_slm, dtype=np.float64)
-    cost_llm = np.zeros(n) if cost_llm is None else np.asarray(cost_llm, dtype=np.float64)
-    cost_slm = np.zeros(n) if cost_slm is None else np.asarray(cost_slm, dtype=np.float64)
-    order, ends = _groups(pref)
-    gain = np.cumsum((acc_llm - acc_slm)[order])
-    dcost = np.cumsum((cost_llm - cost_slm)[order])
-    ratio = np.r_[0.0, ends / n]
-    ar = acc_slm.mean() + np.r_[0.0, gain[ends - 1]] / n
-    cost = cost_slm.mean() + np.r_[0.0, dcost[ends - 1]] / n
-    p = pref[order]
-    # Point k routes the first k groups, i.e. pref > threshold: a threshold between group k and
-    # group k+1 (their midpoint, so it transfers to unseen queries without favouring either).
-    cur = p[ends - 1]
-    nxt = np.r_[p[ends[:-1]], -np.inf]
-    mid = np.where(np.isfinite(cur), (cur + nxt) / 2, nxt)
-    mid[-1] = -np.inf
-    thresholds = np.r_[np.inf, mid]
+    # One sweep, in Rust (shared with the theta search); _reference.sweep_curve is its oracle.
+    ratio, ar, cost, thresholds = sweep_curve(pref, acc_llm, acc_slm, cost_llm, cost_slm)
     return Curve(ratio=ratio, ar=ar, cost=cost, thresholds=thresholds)
 
 

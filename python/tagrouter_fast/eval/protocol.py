@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tagrouter_fast.build.folds import stratified_folds
 from tagrouter_fast.build.table import RoutingTable
 from tagrouter_fast.eval import metrics as M
 from tagrouter_fast.eval.features import Features
@@ -44,33 +45,6 @@ METRIC_KEYS = (
 )
 
 
-def stratified_folds(strata: Sequence[str], k: int, seed: int) -> list[np.ndarray]:
-    """Split row indices into ``k`` test folds, each stratum spread evenly.
-
-    Every stratum is shuffled with ``seed`` and dealt round-robin, starting where the previous
-    stratum stopped, so fold sizes differ by at most one and every stratum's share per fold
-    differs by at most one query.
-
-    >>> [f.tolist() for f in stratified_folds(["a", "a", "b", "b"], 2, 0)]  # doctest: +SKIP
-    """
-    if k < 2:
-        raise ValueError("need at least 2 folds")
-    n = len(strata)
-    if n < k:
-        raise ValueError(f"{n} queries cannot make {k} folds")
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(strata, dtype=object)
-    folds: list[list[int]] = [[] for _ in range(k)]
-    start = 0
-    for s in sorted(set(strata)):
-        idx = np.flatnonzero(labels == s)
-        rng.shuffle(idx)
-        for r, i in enumerate(idx):
-            folds[(start + r) % k].append(int(i))
-        start = (start + len(idx)) % k
-    return [np.sort(np.asarray(f, dtype=np.int64)) for f in folds]
-
-
 @dataclass
 class PoolData:
     """The pool's evaluation rows: complete queries with labels and features.
@@ -86,9 +60,15 @@ class PoolData:
 
     @classmethod
     def build(
-        cls, table: RoutingTable, models: Sequence[str], llm: str, feats: Features
+        cls,
+        table: RoutingTable,
+        models: Sequence[str],
+        llm: str,
+        feats: Features,
+        tagger: Any = None,
     ) -> PoolData:
-        """Select the pool's complete rows and assemble their arrays."""
+        """Select the pool's complete rows and assemble their arrays. ``tagger`` is the one
+        that produced ``feats.tags`` (carried by the routers built from them)."""
         models = list(models)
         keep = np.flatnonzero(table.complete_rows(models))
         dropped = [table.query_ids[i] for i in np.flatnonzero(~table.complete_rows(models))]
@@ -98,6 +78,7 @@ class PoolData:
             emb=feats.emb[keep],
             tag_emb=feats.tag_emb[keep],
             tags=[feats.tags[i] for i in keep],
+            texts=[table.texts[i] for i in keep],
             models=models,
             llm=models.index(llm),
             acc=(codes == 0) | (codes == 1),
@@ -106,6 +87,7 @@ class PoolData:
             subsets=[table.subsets[i] for i in keep],
             all_codes=table.outcome_codes[keep],
             all_index=table.model_index(models),
+            tagger=tagger,
         )
         return cls(ts, dropped)
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from tagrouter_fast.build.folds import stratified_folds
 from tagrouter_fast.eval import metrics as M
-from tagrouter_fast.eval.protocol import stratified_folds
 
 __all__ = [
     "cv_r2",

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from tagrouter_fast.protocols import Encoder, Tagger
 
 __all__ = [
+    "MemoEncoder",
     "cache_dir",
     "embed_cached",
     "tag_cached",
@@ -248,3 +249,44 @@ def tag_cached(
     if bar is not None:
         bar.close()
     return out
+
+
+class MemoEncoder:
+    """An encoder that remembers each text's embedding in memory (bounded), so building many
+    stores over overlapping tag sets (the builder's inner folds, the evaluation's folds) encodes
+    each tag once. Same ``fingerprint`` as the wrapped encoder: the vectors are the same.
+
+    >>> class E:
+    ...     fingerprint = "doctest"
+    ...     calls = 0
+    ...     def encode(self, texts):
+    ...         E.calls += len(texts)
+    ...         return np.ones((len(texts), 2), np.float32)
+    >>> m = MemoEncoder(E())
+    >>> _ = m.encode(["a", "b"]); _ = m.encode(["b", "c"]); E.calls
+    3
+    """
+
+    def __init__(self, encoder: Encoder, max_items: int = 500_000) -> None:
+        self.encoder = encoder
+        self.max_items = int(max_items)
+        self._memo: dict[str, np.ndarray] = {}
+
+    @property
+    def fingerprint(self) -> str:
+        return self.encoder.fingerprint
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if missing:
+            vecs = np.asarray(self.encoder.encode(missing), dtype=np.float32)
+            if len(self._memo) + len(missing) > self.max_items:
+                self._memo.clear()  # bounded: a rare full reset beats per-item LRU bookkeeping
+            for t, v in zip(missing, vecs, strict=True):
+                self._memo[t] = v
+            if any(t not in self._memo for t in texts):  # only after a reset in this call
+                return np.asarray(self.encoder.encode(texts), dtype=np.float32)
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack([self._memo[t] for t in texts])

@@ -1,11 +1,14 @@
 //! `_core.Decider` and `_core.Decision`: the cost-aware decider behind `tagrouter_fast.TagDecider`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
@@ -13,6 +16,7 @@ use pyo3::types::{PyDict, PyList, PyString};
 use super::errors::run;
 use super::input::{for_each_tag, tag_str, Flat, Ids};
 use super::scorer::PyStore;
+use crate::curve;
 use crate::decide::{Aggregation, Decider, Route};
 use crate::error::pyrepr;
 use crate::tags::split_tags;
@@ -334,87 +338,6 @@ impl PyDecider {
         self.decision(py, &ids, known, unknown)
     }
 
-    // ==== Theta ====
-
-    /// Evaluates theta values on a labelled set; see `TagDecider.select_theta`.
-    #[pyo3(signature = (list_of_tags, accept, cost=None, grid=None))]
-    #[allow(clippy::type_complexity)]
-    fn sweep_theta<'py>(
-        &self,
-        py: Python<'py>,
-        list_of_tags: &Bound<'py, PyAny>,
-        accept: PyReadonlyArray2<'py, bool>,
-        cost: Option<PyReadonlyArray2<'py, f64>>,
-        grid: Option<PyReadonlyArray1<'py, f64>>,
-    ) -> PyResult<(
-        usize,
-        Bound<'py, PyArray1<f64>>,
-        Bound<'py, PyArray1<f64>>,
-        Bound<'py, PyArray1<f64>>,
-        Bound<'py, PyArray1<f64>>,
-    )> {
-        let routes = self.flat_routes(py, list_of_tags)?;
-        let nm = self.core.n_models();
-        let shape_ok = |s: &[usize]| s == [routes.len(), nm];
-        let acc = accept.as_array();
-        if !shape_ok(acc.shape()) {
-            return Err(mismatch("accept", acc.shape(), routes.len(), nm));
-        }
-        let acc: Vec<bool> = acc.iter().copied().collect();
-        let cost: Vec<f64> = match &cost {
-            Some(c) => {
-                let c = c.as_array();
-                if !shape_ok(c.shape()) {
-                    return Err(mismatch("cost", c.shape(), routes.len(), nm));
-                }
-                c.iter().copied().collect()
-            }
-            None => (0..routes.len())
-                .flat_map(|_| (0..nm).map(|m| self.core.cost(m)))
-                .collect(),
-        };
-        let grid: Vec<f64> = match &grid {
-            Some(g) => g.as_array().iter().copied().collect(),
-            None => theta::default_grid(&routes),
-        };
-        let llm = self.core.llm();
-        let pts = run(py, || {
-            let set = theta::Labelled {
-                routes: &routes,
-                accept: &acc,
-                cost: &cost,
-                n_models: nm,
-                llm,
-            };
-            theta::sweep(&set, &grid)
-        })?;
-        let col = |f: fn(&theta::ThetaPoint) -> f64| {
-            pts.iter().map(f).collect::<Vec<_>>().into_pyarray(py)
-        };
-        // Index of the best point (accept rate, then cost, then |theta|): `theta::best` on the grid.
-        let best = theta::best(&pts)
-            .and_then(|b| pts.iter().position(|p| *p == b))
-            .unwrap_or(0);
-        Ok((
-            best,
-            col(|p| p.theta),
-            col(|p| p.accept_rate),
-            col(|p| p.mean_cost),
-            col(|p| p.llm_share),
-        ))
-    }
-
-    /// A theta routing the largest share of these queries to `M_LLM` that does not exceed `share`.
-    fn theta_for_llm_share(
-        &self,
-        py: Python<'_>,
-        list_of_tags: &Bound<'_, PyAny>,
-        share: f64,
-    ) -> PyResult<f64> {
-        let routes = self.flat_routes(py, list_of_tags)?;
-        Ok(theta::theta_for_llm_share(&routes, self.core.llm(), share)?)
-    }
-
     fn __repr__(&self) -> String {
         format!(
             "<Decider: {} models, llm={}, theta={}, aggregation={}>",
@@ -424,6 +347,168 @@ impl PyDecider {
             pyrepr(self.core.aggregation().as_str())
         )
     }
+}
+
+// ==== Theta (paper G.2) over decision columns ====
+
+/// `(index of the best point, thetas, accept rates, mean costs, LLM shares)`.
+type Sweep<'py> = (
+    usize,
+    Bound<'py, PyArray1<f64>>,
+    Bound<'py, PyArray1<f64>>,
+    Bound<'py, PyArray1<f64>>,
+    Bound<'py, PyArray1<f64>>,
+);
+
+/// Evaluates theta values on labelled decision columns (`Decider.decide_batch`'s model, delta
+/// and slm, possibly from several deciders); see `tagrouter_fast.core.sweep_theta`.
+///
+/// `accept` is `(n, m)`; `cost` is `(n, m)` per query or `(m,)` per model; `llm` is a column.
+#[pyfunction]
+#[pyo3(signature = (model, delta, slm, accept, cost, llm, grid=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn sweep_routes<'py>(
+    py: Python<'py>,
+    model: PyReadonlyArray1<'py, i64>,
+    delta: PyReadonlyArray1<'py, f64>,
+    slm: PyReadonlyArray1<'py, i64>,
+    accept: PyReadonlyArray2<'py, bool>,
+    cost: PyReadonlyArrayDyn<'py, f64>,
+    llm: i64,
+    grid: Option<PyReadonlyArray1<'py, f64>>,
+) -> PyResult<Sweep<'py>> {
+    let (model, delta, slm) = (model.as_array(), delta.as_array(), slm.as_array());
+    let n = model.len();
+    let acc = accept.as_array();
+    let nm = acc.shape()[1];
+    if acc.shape()[0] != n {
+        return Err(mismatch("accept", acc.shape(), n, nm));
+    }
+    let cost = cost.as_array();
+    let per_query = match cost.shape() {
+        [m] if *m == nm => false,
+        [q, m] if *q == n && *m == nm => true,
+        s => {
+            return Err(PyValueError::new_err(format!(
+                "mismatched lengths: cost has shape {s:?}, expected ({n}, {nm}) = (queries, \
+                 models) or ({nm},) = (models,)"
+            )))
+        }
+    };
+    let grid = grid.as_ref().map(numpy::PyReadonlyArray::as_array);
+    let pts = run(py, || {
+        let routes = theta::routes_from_columns(
+            &model.to_vec(),
+            &delta.to_vec(),
+            &slm.to_vec(),
+            llm,
+            Some(nm),
+        )?;
+        let accept: Vec<bool> = acc.iter().copied().collect();
+        let cost: Vec<f64> = if per_query {
+            cost.iter().copied().collect()
+        } else {
+            (0..n).flat_map(|_| cost.iter().copied()).collect()
+        };
+        let grid = grid.map_or_else(|| theta::default_grid(&routes), |g| g.to_vec());
+        let set = theta::Labelled {
+            routes: &routes,
+            accept: &accept,
+            cost: &cost,
+            n_models: nm,
+            llm: routes_llm(llm),
+        };
+        theta::sweep(&set, &grid)
+    })?;
+    let col =
+        |f: fn(&theta::ThetaPoint) -> f64| pts.iter().map(f).collect::<Vec<_>>().into_pyarray(py);
+    // Index of the best point (accept rate, then cost, then |theta|): `theta::best` on the grid.
+    let best = theta::best(&pts)
+        .and_then(|b| pts.iter().position(|p| *p == b))
+        .unwrap_or(0);
+    Ok((
+        best,
+        col(|p| p.theta),
+        col(|p| p.accept_rate),
+        col(|p| p.mean_cost),
+        col(|p| p.llm_share),
+    ))
+}
+
+/// A theta routing the largest share of these decision columns' queries to column `llm` that
+/// does not exceed `share`; see `tagrouter_fast.core.theta_for_llm_share`.
+#[pyfunction]
+pub fn theta_for_share_routes(
+    py: Python<'_>,
+    model: PyReadonlyArray1<'_, i64>,
+    delta: PyReadonlyArray1<'_, f64>,
+    slm: PyReadonlyArray1<'_, i64>,
+    llm: i64,
+    share: f64,
+) -> PyResult<f64> {
+    let (model, delta, slm) = (model.as_array(), delta.as_array(), slm.as_array());
+    run(py, || {
+        let routes =
+            theta::routes_from_columns(&model.to_vec(), &delta.to_vec(), &slm.to_vec(), llm, None)?;
+        theta::theta_for_llm_share(&routes, routes_llm(llm), share)
+    })
+}
+
+// ==== Curves ====
+
+/// `(ratio, ar, cost, thresholds)` of a threshold sweep.
+type CurveOut<'py> = (
+    Bound<'py, PyArray1<f64>>,
+    Bound<'py, PyArray1<f64>>,
+    Bound<'py, PyArray1<f64>>,
+    Bound<'py, PyArray1<f64>>,
+);
+
+/// The AR / cost curve of a router's threshold sweep (`curve::sweep`); see
+/// `tagrouter_fast.eval.metrics.sweep`. Omitted costs are zeros.
+#[pyfunction]
+#[pyo3(signature = (pref, acc_llm, acc_slm, cost_llm=None, cost_slm=None))]
+#[allow(clippy::similar_names)] // the Python API's names: llm vs slm is the point
+pub fn sweep_curve<'py>(
+    py: Python<'py>,
+    pref: PyReadonlyArray1<'py, f64>,
+    acc_llm: PyReadonlyArray1<'py, f64>,
+    acc_slm: PyReadonlyArray1<'py, f64>,
+    cost_llm: Option<PyReadonlyArray1<'py, f64>>,
+    cost_slm: Option<PyReadonlyArray1<'py, f64>>,
+) -> PyResult<CurveOut<'py>> {
+    let views = [
+        Some(pref.as_array()),
+        Some(acc_llm.as_array()),
+        Some(acc_slm.as_array()),
+        cost_llm.as_ref().map(numpy::PyReadonlyArray::as_array),
+        cost_slm.as_ref().map(numpy::PyReadonlyArray::as_array),
+    ];
+    let zeros = vec![0.0; pref.as_array().len()];
+    let c = run(py, || {
+        // Borrowed when contiguous (what the facade passes), copied once otherwise.
+        let cols: Vec<Cow<'_, [f64]>> = views
+            .iter()
+            .map(|v| match v {
+                Some(v) => v
+                    .as_slice()
+                    .map_or_else(|| Cow::Owned(v.to_vec()), Cow::Borrowed),
+                None => Cow::Borrowed(zeros.as_slice()),
+            })
+            .collect();
+        curve::sweep(&cols[0], &cols[1], &cols[2], &cols[3], &cols[4])
+    })?;
+    Ok((
+        c.ratio.into_pyarray(py),
+        c.ar.into_pyarray(py),
+        c.cost.into_pyarray(py),
+        c.thresholds.into_pyarray(py),
+    ))
+}
+
+/// `llm` once `routes_from_columns` has accepted it (so it is a non-negative column).
+fn routes_llm(llm: i64) -> usize {
+    usize::try_from(llm).unwrap_or(usize::MAX)
 }
 
 /// A tag generator's raw `"a, b, c"` output as a list of trimmed, non-empty tags: Python's

@@ -17,7 +17,9 @@ mod py_module {
     use pyo3::prelude::*;
 
     #[pymodule_export]
-    use super::decider::{py_split_tags, PyDecider, PyDecision};
+    use super::decider::{
+        py_split_tags, sweep_curve, sweep_routes, theta_for_share_routes, PyDecider, PyDecision,
+    };
     #[pymodule_export]
     use super::scorer::PyStore;
 
