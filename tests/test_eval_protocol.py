@@ -208,6 +208,31 @@ def test_cli_writes_json_and_plot(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
 
+def test_eval_summary_table_from_json(tmp_path, monkeypatch, capsys):
+    (tmp_path / "x").mkdir()
+    d, feats = _synthetic(tmp_path / "x")
+    import tagrouter_fast.eval.cli as cli
+    from tagrouter_fast.cli import main as tagrouter
+
+    monkeypatch.setattr(cli, "_methods", lambda names, ablation: _light_methods())
+    monkeypatch.setattr("tagrouter_fast.eval.features.compute_features", lambda texts, **kw: feats)
+    out = tmp_path / "r.json"
+    args = ["--data", str(d), "--models", "big,small", "--folds", "3", "--json", str(out)]
+    assert main([*args, "--no-progress", "--bootstrap", "50"]) == 0
+    r = json.loads(out.read_text())
+    capsys.readouterr()
+    assert tagrouter(["eval-summary", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 3 and table[0].startswith("| pool")
+    row = table[2]
+    d_plus = r["methods"]["TagRouter+"]["delta_auc_vs_paper"]
+    assert f"{100 * d_plus['mean']:+.2f}" in row and r["best_baseline"] in row
+    # Not an eval result: one-line error.
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert tagrouter(["eval-summary", str(tmp_path / "bad.json")]) == 2
+    assert "not a tagrouter eval JSON result" in capsys.readouterr().err
+
+
 def _with_bystanders(d: Path, n_others: int = 6, seed: int = 1) -> None:
     """Add models outside the pool whose judgments follow each query's kind, like the 56
     models of AlpacaEval that judge every query but are not pool members."""

@@ -1,4 +1,4 @@
-"""`tagrouter` command line: tag, route, build-store, eval."""
+"""`tagrouter` command line: tag, route, build-store, judge, eval."""
 
 from __future__ import annotations
 
@@ -87,6 +87,126 @@ def _cmd_build_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_judge(args: argparse.Namespace) -> int:
+    import os
+
+    from tagrouter_fast.build.judge import JudgeConfig, JudgeError, judge_files
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(
+                f"--api-key-env {args.api_key_env}: that environment variable is unset"
+            )
+    try:
+        config = JudgeConfig(
+            url=args.judge_url,
+            model=args.judge_model,
+            api_key=api_key,
+            concurrency=args.concurrency,
+            timeout_s=args.timeout,
+            retries=args.retries,
+            max_chars=args.max_chars,
+        )
+        summary = judge_files(
+            queries=args.queries,
+            answers=args.answers,
+            reference=args.reference,
+            model=args.model,
+            out=args.out,
+            config=config,
+            show_progress=not args.no_progress,
+        )
+    except JudgeError as e:
+        print(f"tagrouter: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {summary.line()}")
+    for why in summary.failures:
+        print(f"tagrouter: judge call failed: {why}", file=sys.stderr)
+    return 1 if summary.failed else 0  # 1: rerun to retry the failed queries
+
+
+def _add_judge_parser(sub: Any) -> None:
+    j = sub.add_parser(
+        "judge",
+        help="judge a model's answers against the reference (pairwise, both orders) into an "
+        "outcomes.csv",
+        description="Label a model's answers against the reference answers with the paper's "
+        "pairwise judge prompt (Appendix H), asked in both orders to cancel position bias, "
+        "through any OpenAI-compatible chat-completions endpoint. Resumable.",
+    )
+    j.add_argument("--queries", required=True, metavar="FILE", help="queries.csv")
+    j.add_argument(
+        "--answers", required=True, metavar="FILE", help="the model's answers (CSV or .jsonl)"
+    )
+    j.add_argument("--reference", required=True, metavar="FILE", help="the reference answers")
+    j.add_argument("--model", required=True, help="model name written to the outcomes")
+    j.add_argument("--judge-url", required=True, metavar="URL", help="e.g. http://host:8000/v1")
+    j.add_argument("--judge-model", required=True, metavar="ID", help="judge model id")
+    j.add_argument("--api-key-env", metavar="VAR", help="environment variable with the API key")
+    j.add_argument("--out", required=True, metavar="FILE", help="outcomes.csv to write or extend")
+    j.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    j.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    j.add_argument("--retries", type=int, default=4, help="retries per request (backoff)")
+    j.add_argument(
+        "--max-chars", type=int, default=16_000, help="cut question and answers to this length"
+    )
+    j.add_argument("--no-progress", action="store_true", help="no progress bar")
+    j.set_defaults(func=_cmd_judge)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tagrouter_fast.serve.app import serve
+    from tagrouter_fast.serve.config import load_config
+
+    if args.demo:
+        from tagrouter_fast.serve.fake_backend import start_demo
+
+        with start_demo(tagger=args.demo_tagger, bundle=args.router,
+                        state_dir=args.state_dir) as (config, router):
+            print(f"tagrouter demo: fake backends {[b.name for b in config.backends]} on "
+                  "loopback; try\n  curl -s localhost:"
+                  f"{args.port or config.server.port}/v1/chat/completions -H "
+                  "'content-type: application/json' -d '{\"model\": \"tagrouter\", "
+                  "\"messages\": [{\"role\": \"user\", \"content\": \"Write a poem\"}]}'",
+                  file=sys.stderr, flush=True)
+            serve(config, router=router, host=args.host, port=args.port)
+        return 0
+    if not args.config:
+        raise ValueError("serve: give --config FILE (or --demo)")
+    serve(load_config(args.config), host=args.host, port=args.port)
+    return 0
+
+
+def _add_serve_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "serve", help="run the OpenAI-compatible routing gateway (docs/serving.md)"
+    )
+    s.add_argument("--config", metavar="FILE", help="gateway config (TOML)")
+    s.add_argument("--host", help="listen address (default: the config's, 127.0.0.1)")
+    s.add_argument("--port", type=int, help="listen port (default: the config's, 8000)")
+    s.add_argument(
+        "--demo",
+        action="store_true",
+        help="start fake backends on loopback and a demo router (no config needed)",
+    )
+    s.add_argument(
+        "--demo-tagger",
+        choices=["default", "keyword"],
+        default="default",
+        help="the demo router's tagger: the embedded default tagger, or a keyword stand-in",
+    )
+    s.add_argument(
+        "--router", metavar="DIR", help="with --demo: route with this bundle (one fake backend "
+        "per model)"
+    )
+    s.add_argument(
+        "--state-dir", metavar="DIR", help="with --demo: keep feedback here (default: temporary)"
+    )
+    s.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tagrouter_fast.build.variants import DEFAULT_VARIANT, VARIANTS
 
@@ -166,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=_cmd_build_store)
 
+    _add_judge_parser(sub)
+    _add_serve_parser(sub)
 
     try:
         from tagrouter_fast.eval.cli import add_eval_parser

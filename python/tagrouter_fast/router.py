@@ -252,6 +252,29 @@ class TagRouter:
             self._swap_locked(new)
             return new
 
+    def update_decider(self, fn: Callable[[TagDecider], TagDecider]) -> TagDecider:
+        """Replaces the decider by ``fn(current decider)`` (a new theta, costs or candidates)
+        and returns it, serialised with store writers (so it never undoes a concurrent
+        `update_store`); routing never waits. If ``fn`` raises, the router is unchanged.
+
+        >>> recs = [("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss")]
+        >>> r = TagRouter(TagDecider(TagScorer.from_records(recs), {"big": 2.0, "small": 1.0}))
+        >>> r.update_decider(lambda d: d.with_theta(0.5)).theta
+        0.5
+        """
+        with self._store_lock:
+            new = fn(self.decider)
+            if not isinstance(new, TagDecider):
+                raise TypeError(
+                    f"update_decider: fn must return a TagDecider, got {type(new).__name__}"
+                )
+            old = self.decider
+            self.decider = new
+            if self._aligner is not None and list(old.scorer.tags) != list(new.scorer.tags):
+                with self._aligner_lock:
+                    self._aligner = None
+            return new
+
     def add_records(self, records: Iterable[Record]) -> TagScorer:
         """Adds outcome records to the router's store (`TagScorer.with_records` through
         `update_store`) and returns the new store."""

@@ -37,7 +37,28 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     _add_signal_args(sg)
     sg.set_defaults(func=run_signal_cmd)
+    sm = subparsers.add_parser(
+        "eval-summary", help="one table across pools from `tagrouter eval --json` files"
+    )
+    sm.add_argument("json", nargs="+", metavar="RESULT.json", help="results of tagrouter eval")
+    sm.set_defaults(func=run_summary_cmd)
     return e
+
+
+def run_summary_cmd(args: argparse.Namespace) -> int:
+    """Entry point of ``tagrouter eval-summary``: the README's cross-pool table."""
+    from tagrouter_fast.eval.report import summary_table
+
+    results = []
+    for path in args.json:
+        try:
+            results.append(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a tagrouter eval JSON result ({e})") from e
+        if not isinstance(results[-1], dict) or "methods" not in results[-1]:
+            raise ValueError(f"{path}: not a tagrouter eval JSON result (no 'methods')")
+    print(summary_table(results))
+    return 0
 
 
 def _add_pool_args(e: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_table", "plot_curves"]
+__all__ = ["markdown_table", "plot_curves", "summary_table"]
 
 
 def _f(x: Any, scale: float = 1.0, nd: int = 2) -> str:
@@ -85,6 +85,45 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{result.get('n_queries')} queries; "
         f"best baseline (by mean AUC): {best}."
     )
+    return "\n".join(lines)
+
+
+def _ci(d: dict[str, Any] | None, bold: bool = True) -> str:
+    if not d:
+        return "-"
+    cell = f"{100 * d['mean']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
+    return f"**{cell}**" if bold and d["ci95"][0] > 0 else cell
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """One row per pool (the README's table): AUC differences, paired against the pool's best
+    baseline and against the paper's TagRouter, with 95% bootstrap intervals (bold: above 0),
+    then each TagRouter's operating point (AR %, relative cost) at its own theta."""
+    tr = ["TagRouter", "TagRouter+", "Blend(TagRouter+, MF)"]
+    head = (
+        "| pool (best baseline, its AUC %) | TagRouter (paper) vs best | TagRouter+ vs best "
+        "| Blend(TagRouter+, MF) vs best | TagRouter+ vs paper | oracle vs best "
+        "| AR % / rel. cost: M_LLM, TagRouter, TagRouter-theta*, TagRouter+ |"
+    )
+    lines = [head, "|" + " --- |" * 7]
+    for r in results:
+        m = r["methods"]
+        best = r.get("best_baseline")
+        b_auc = m[best]["auc"] if best in m else None
+        cells = [_ci(m.get(n, {}).get("delta_auc_vs_best_baseline")) for n in tr]
+        plus_vs = m.get("TagRouter+", {}).get("delta_auc_vs_paper")
+        orc = m.get("oracle", {}).get("delta_auc_vs_best_baseline")
+        ops = []
+        for n in (r["llm"], "TagRouter", "TagRouter-theta*", "TagRouter+"):
+            e = m.get(n)
+            ops.append(f"{_f(e.get('ar'), 100)} / {_f(e.get('relative_cost'), 1, 2)}" if e else "-")
+        lines.append(
+            f"| {r.get('pool') or ','.join(r['models'])} ({best}, {_f(b_auc, 100)}) | "
+            + " | ".join(cells)
+            + f" | {_ci(plus_vs)} | {_f(orc['mean'], 100, 2) if orc else '-'} | "
+            + "; ".join(ops)
+            + " |"
+        )
     return "\n".join(lines)
 
 

@@ -1,0 +1,332 @@
+"""Gateway overhead: (through the gateway) - (straight to the backend), measured side by side in
+one run, against a minimal fake backend, with LiteLLM's proxy beside it when it is installed.
+
+Run with ``make bench`` or ``pytest benches/test_bench_gateway.py --benchmark-enable -s``
+(``-s`` shows the summary lines). Every process is separate: the fake backends, the gateway
+(``tagrouter serve`` on the demo router) and LiteLLM's proxy each run in their own process, the
+client in this one; requests to the baseline and to the gateway are interleaved, so a load
+change on the machine hits both alike.
+
+Scenarios: tagging excluded (a keyword tagger: microseconds) and included (the default tagger:
+one encoder pass per request), streaming and not, one client (latency) and 64 concurrent
+(throughput). Targets (issue 9, this 2-core machine): overhead without tagging p50 <= 1 ms
+(streaming <= 2 ms), throughput without tagging >= 10x LiteLLM's proxy (one worker: ~84 req/s
+measured here), zero errors at 64 concurrent; with the default tagger, overhead <= one encoder
+pass + 1 ms.
+
+LiteLLM is the optional ``peers`` extra (``pip install -e '.[peers]'``); set
+``TAGROUTER_LITELLM`` to a ``litellm`` executable of another environment to use that one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from tagrouter_fast.serve.fake_backend import BackendProcess  # noqa: E402
+
+N_SEQUENTIAL = 400
+N_CONCURRENT = 2000
+CONCURRENCY = 64
+
+QUERIES = [f"Write a short poem about the {w} at dawn, take {i}" for i, w in
+           enumerate(["sea", "moon", "rain", "forest", "city", "snow"] * 20)] + [
+           f"Solve the equation {a}x + {a + 1} = {2 * a} step by step" for a in range(1, 100)]
+
+_GATEWAY = """
+import sys
+from tagrouter_fast.serve.app import serve
+from tagrouter_fast.serve.config import load_config
+from tagrouter_fast.serve.fake_backend import demo_router
+serve(load_config(sys.argv[1]), router=demo_router(sys.argv[2]), port=int(sys.argv[3]))
+"""
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return int(port)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready in {timeout_s} s")
+
+
+@dataclass
+class Target:
+    name: str
+    url: str  # base URL ending in /v1
+    model: str
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[BackendProcess]:
+    with BackendProcess("small") as small, BackendProcess("big") as big:
+        small.big = big  # type: ignore[attr-defined]
+        yield small
+
+
+def _gateway(backend: BackendProcess, tagger: str, tmp: Path) -> Iterator[Target]:
+    big: BackendProcess = backend.big  # type: ignore[attr-defined]
+    cfg = tmp / f"gateway-{tagger}.toml"
+    cfg.write_text(
+        "[server]\naccess_log = false\n[limits]\nmax_concurrency = 4096\n"
+        f'[[backends]]\nname = "small"\nbase_url = "{backend.url}/v1"\nmodel = "small-model"\n'
+        f'[[backends]]\nname = "big"\nbase_url = "{big.url}/v1"\nmodel = "big-model"\n'
+    )
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _GATEWAY, str(cfg), tagger, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+        yield Target(f"tagrouter ({tagger} tagger)", f"http://127.0.0.1:{port}/v1", "tagrouter")
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def gateway_fast(backend: BackendProcess, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Target]:
+    yield from _gateway(backend, "keyword", tmp_path_factory.mktemp("gw"))
+
+
+@pytest.fixture(scope="module")
+def gateway_tagged(backend: BackendProcess, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[Target]:
+    yield from _gateway(backend, "default", tmp_path_factory.mktemp("gw"))
+
+
+@pytest.fixture(scope="module")
+def litellm(backend: BackendProcess) -> Iterator[Target]:
+    exe = os.environ.get("TAGROUTER_LITELLM") or shutil.which("litellm")
+    if not exe:
+        pytest.skip("LiteLLM's proxy is not installed (the optional `peers` extra, or set "
+                    "TAGROUTER_LITELLM to a litellm executable)")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as d:
+        cfg = Path(d) / "litellm.yaml"
+        # JSON is YAML: no YAML writer needed.
+        cfg.write_text(json.dumps({
+            "model_list": [{"model_name": "small", "litellm_params": {
+                "model": "openai/small-model", "api_base": backend.url + "/v1",
+                "api_key": "unused"}}],
+            "litellm_settings": {"drop_params": True, "telemetry": False},
+        }))
+        env = {**os.environ, "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR"}
+        proc = subprocess.Popen(
+            [exe, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+             "--num_workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        )
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}/health/readiness", proc, timeout_s=180)
+            yield Target("litellm proxy", f"http://127.0.0.1:{port}/v1", "small")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+# ==== Measuring ====
+
+
+def _body(model: str, query: str, stream: bool) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": query}], "stream": stream}
+
+
+def _one(client: Any, t: Target, query: str, stream: bool) -> float:
+    t0 = time.perf_counter()
+    if stream:
+        with client.stream("POST", t.url + "/chat/completions",
+                           json=_body(t.model, query, True)) as r:
+            data = r.read()
+        assert r.status_code == 200 and data.endswith(b"data: [DONE]\n\n"), data[-200:]
+    else:
+        r = client.post(t.url + "/chat/completions", json=_body(t.model, query, False))
+        assert r.status_code == 200, r.text
+    return time.perf_counter() - t0
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))] * 1e3
+
+
+def sequential(targets: list[Target], stream: bool, n: int = N_SEQUENTIAL) -> dict[str, Any]:
+    """p50/p99 latency (ms) of each target, one request at a time, interleaved."""
+    direct = Target("direct", targets[0].url, "small-model")
+    times: dict[str, list[float]] = {t.name: [] for t in [direct, *targets]}
+    queries = itertools.cycle(QUERIES)
+    with httpx.Client(timeout=30) as client:
+        for t in [direct, *targets]:  # warm connections and caches
+            for _ in range(20):
+                _one(client, t, next(queries), stream)
+        for _ in range(n):
+            q = next(queries)
+            for t in [direct, *targets]:
+                times[t.name].append(_one(client, t, q, stream))
+    out: dict[str, Any] = {}
+    for name, xs in times.items():
+        out[f"{name} p50 ms"] = round(_pct(xs, 0.5), 3)
+        out[f"{name} p99 ms"] = round(_pct(xs, 0.99), 3)
+    for t in targets:
+        for p in ("p50", "p99"):
+            out[f"{t.name} overhead {p} ms"] = round(
+                out[f"{t.name} {p} ms"] - out[f"direct {p} ms"], 3)
+    return out
+
+
+def concurrent(t: Target, stream: bool, n: int = N_CONCURRENT,
+               concurrency: int = CONCURRENCY) -> dict[str, Any]:
+    """Requests/s, p50/p99 and errors of ``n`` requests at ``concurrency`` in flight."""
+
+    async def run() -> tuple[float, list[float], int]:
+        counter = iter(range(n))
+        lat: list[float] = []
+        errors = 0
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+
+            async def worker() -> None:
+                nonlocal errors
+                for i in counter:
+                    body = _body(t.model, QUERIES[i % len(QUERIES)], stream)
+                    t0 = time.perf_counter()
+                    try:
+                        if stream:
+                            async with client.stream("POST", t.url + "/chat/completions",
+                                                     json=body) as r:
+                                data = await r.aread()
+                            ok = r.status_code == 200 and data.endswith(b"[DONE]\n\n")
+                        else:
+                            r = await client.post(t.url + "/chat/completions", json=body)
+                            ok = r.status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    lat.append(time.perf_counter() - t0)
+                    errors += not ok
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return time.perf_counter() - t0, lat, errors
+
+    elapsed, lat, errors = asyncio.run(run())
+    return {"requests/s": round(n / elapsed, 1), "p50 ms": round(_pct(lat, 0.5), 3),
+            "p99 ms": round(_pct(lat, 0.99), 3), "errors": errors}
+
+
+def _report(benchmark: Any, title: str, info: dict[str, Any]) -> None:
+    benchmark.extra_info.update(info)
+    print(f"\n{title}: " + json.dumps(info))
+
+
+def _timed_call(t: Target, stream: bool) -> Callable[[], float]:
+    client = httpx.Client(timeout=30)
+    queries = itertools.cycle(QUERIES)
+    return lambda: _one(client, t, next(queries), stream)
+
+
+def _peer(request: pytest.FixtureRequest) -> list[Target]:
+    try:
+        return [request.getfixturevalue("litellm")]
+    except pytest.skip.Exception as e:
+        print(f"\n(LiteLLM not measured: {e})")
+        return []
+
+
+# ==== Scenarios ====
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_overhead_one_client_tagging_excluded(
+    benchmark: Any, request: pytest.FixtureRequest, gateway_fast: Target, stream: bool
+) -> None:
+    peers = _peer(request)
+    info = sequential([gateway_fast, *peers], stream)
+    ours = info[f"{gateway_fast.name} overhead p50 ms"]
+    for p in peers:
+        info[f"{p.name} / tagrouter overhead p50"] = round(
+            info[f"{p.name} overhead p50 ms"] / max(ours, 1e-3), 1)
+    benchmark.group = f"gateway, 1 client, {'stream' if stream else 'json'}, no tagging"
+    _report(benchmark, benchmark.group, info)
+    benchmark(_timed_call(gateway_fast, stream))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_overhead_one_client_default_tagger(
+    benchmark: Any, gateway_tagged: Target, stream: bool
+) -> None:
+    from tagrouter_fast.tagging.taggers import DefaultTagger
+
+    tagger = DefaultTagger()
+    for q in QUERIES[:10]:
+        tagger.tag(q)
+    passes = []
+    for q in QUERIES[:100]:
+        t0 = time.perf_counter()
+        tagger.tag(q)
+        passes.append(time.perf_counter() - t0)
+    info = sequential([gateway_tagged], stream, n=N_SEQUENTIAL // 2)
+    info["default tagger, one pass in-process, p50 ms"] = round(_pct(passes, 0.5), 3)
+    info["overhead minus one tagger pass, p50 ms"] = round(
+        info[f"{gateway_tagged.name} overhead p50 ms"] - _pct(passes, 0.5), 3)
+    benchmark.group = f"gateway, 1 client, {'stream' if stream else 'json'}, default tagger"
+    _report(benchmark, benchmark.group, info)
+    benchmark(_timed_call(gateway_tagged, stream))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_throughput_64_concurrent(
+    benchmark: Any, request: pytest.FixtureRequest, backend: BackendProcess,
+    gateway_fast: Target, gateway_tagged: Target, stream: bool,
+) -> None:
+    direct = Target("direct", gateway_fast.url, "small-model")
+    direct.url = backend.url + "/v1"
+    targets = [direct, gateway_fast, gateway_tagged, *_peer(request)]
+    info: dict[str, Any] = {}
+
+    def run_all() -> None:
+        for t in targets:
+            # An encoder pass per request: fewer requests keep the run's length bounded.
+            n = N_CONCURRENT // 4 if t is gateway_tagged else N_CONCURRENT
+            for k, v in concurrent(t, stream, n=n).items():
+                info[f"{t.name} {k}"] = v
+
+    benchmark.group = f"gateway, {CONCURRENCY} concurrent, {'stream' if stream else 'json'}"
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
+    if len(targets) > 3:
+        info["tagrouter / litellm requests/s"] = round(
+            info[f"{gateway_fast.name} requests/s"] / info["litellm proxy requests/s"], 1)
+    _report(benchmark, benchmark.group, info)
+    for t in targets[1:3]:
+        assert info[f"{t.name} errors"] == 0, info

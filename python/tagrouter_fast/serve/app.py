@@ -1,0 +1,1038 @@
+"""The gateway: an OpenAI-compatible ASGI app (starlette) that routes each request with the
+router and forwards it to the chosen backend, learning from feedback.
+
+Endpoints (see docs/serving.md): ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``POST /v1/route``, ``POST /v1/feedback``, ``GET /v1/models``, ``/admin/*`` (bearer token),
+``GET /metrics``, ``GET /healthz``, ``GET /readyz``.
+
+Per request the event loop does: read the body (bounded), check it, tag the latest user turn
+(in a worker thread when tagging is slow enough to be worth the hop), decide on the current
+store snapshot (no lock), forward through the pooled client, and pass the answer back as it
+came. Feedback is written to the durable journal in a worker thread, so routing never waits on
+a disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tagrouter_fast.core import Decision, TagDecider
+from tagrouter_fast.serve.backends import (
+    AllBackendsFailed,
+    Answer,
+    Backend,
+    Forwarder,
+    OpenStream,
+    make_client,
+)
+from tagrouter_fast.serve.config import (
+    BackendConfig,
+    Config,
+    ConfigError,
+    backend_from_dict,
+)
+from tagrouter_fast.serve.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from tagrouter_fast.serve.sessions import SessionTable, in_tool_loop, keep_or_switch
+
+if TYPE_CHECKING:
+    from tagrouter_fast.router import TagRouter
+
+__all__ = ["ApiError", "Gateway", "create_app"]
+
+access_log = logging.getLogger("tagrouter.access")
+log = logging.getLogger("tagrouter.serve")
+
+#: Recent routed tag lists kept for ``/admin/theta {"llm_share": s}``: the budget is set on
+#: the traffic actually seen.
+RECENT_TAGS = 10_000
+#: Tagging slower than this (median of the warm-up) moves to a worker thread.
+THREAD_TAGGING_ABOVE_S = 200e-6
+_WARMUP_QUERY = "Write a short poem about the sea"
+
+
+# ==== Errors ====
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's ``{"error": {...}}`` with an HTTP status."""
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None,
+        kind: str = "invalid_request_error", code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.kind = kind
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def response(self) -> JSONResponse:
+        body = {
+            "error": {
+                "message": self.message, "type": self.kind, "param": self.param, "code": self.code
+            }
+        }
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _bad(param: str, problem: str) -> ApiError:
+    return ApiError(400, f"{param}: {problem}", param=param)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: a Delta_q with no known tag becomes null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _explanation(d: Decision, tags: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = _finite(d.to_dict())
+    out["tags"] = list(tags)
+    return out
+
+
+# ==== Request bodies ====
+
+
+async def read_json(request: Request, limit: int, *, allow_empty: bool = False) -> dict[str, Any]:
+    """The request's JSON object, read with the size limit enforced twice: on the declared
+    Content-Length (cheap, before reading) and while reading (a client may lie or stream)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise ApiError(400, "content-length: not an integer", param="content-length") from None
+        if n > limit:
+            raise ApiError(413, f"request body of {n} bytes is over the {limit}-byte limit",
+                           kind="request_too_large")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is over the {limit}-byte limit",
+                           kind="request_too_large")
+        parts.append(chunk)
+    raw = b"".join(parts)
+    if allow_empty and not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"body: not valid JSON ({e})", param="body") from None
+    if not isinstance(body, dict):
+        raise _bad("body", f"must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _content_text(content: Any, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise _bad(f"{where}[{i}]", "must be an object")
+            if part.get("type") == "text":
+                t = part.get("text")
+                if not isinstance(t, str):
+                    raise _bad(f"{where}[{i}].text", "must be a string")
+                texts.append(t)
+        return "\n".join(texts)
+    raise _bad(where, f"must be a string, a list of content parts or null, got "
+               f"{type(content).__name__}")
+
+
+def chat_turn(body: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """The latest user turn's text and the checked messages."""
+    msgs = body.get("messages")
+    if msgs is None:
+        raise _bad("messages", "missing")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("messages", "must be a non-empty array")
+    text: str | None = None
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}]", "must be an object")
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise _bad(f"messages[{i}].role", "missing" if role is None else "must be a string")
+        t = _content_text(m.get("content"), f"messages[{i}].content")
+        if role == "user":
+            text = t
+    return text or "", msgs
+
+
+def prompt_text(body: Mapping[str, Any]) -> str:
+    """The text a completions request is routed on (token-id prompts have none)."""
+    if "prompt" not in body:
+        raise _bad("prompt", "missing")
+    p = body["prompt"]
+    if isinstance(p, str):
+        return p
+    if isinstance(p, list):
+        if all(isinstance(x, str) for x in p):
+            return "\n".join(p)
+        if all(isinstance(x, int) for x in p) or all(isinstance(x, list) for x in p):
+            return ""  # token ids: nothing to tag, the decider's fallback takes it
+    raise _bad("prompt", "must be a string, an array of strings or token ids")
+
+
+def _theta_option(body: dict[str, Any], request: Request) -> float | None:
+    opts = body.pop("tagrouter", None)  # ours: never sent upstream
+    theta: Any = None
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise _bad("tagrouter", "must be an object")
+        extra = sorted(set(opts) - {"theta"})
+        if extra:
+            raise _bad(f"tagrouter.{extra[0]}", "unknown option (known: theta)")
+        theta = opts.get("theta")
+    header = request.headers.get("x-tagrouter-theta")
+    if header is not None:
+        try:
+            theta = float(header)
+        except ValueError:
+            raise _bad("x-tagrouter-theta", f"not a number: {header!r}") from None
+    if theta is None:
+        return None
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta):
+        raise _bad("tagrouter.theta", f"must be a finite number, got {theta!r}")
+    return float(theta)
+
+
+# ==== The gateway ====
+
+
+@dataclass
+class Routed:
+    """How one request is sent: the backends to try, and why the first."""
+
+    chain: list[Backend]
+    reason: str
+    tags: list[str] = field(default_factory=list)
+    decision: Decision | None = None
+    session: str | None = None
+
+
+class Gateway:
+    """The state of one gateway app: router, backends, sessions, outcome store, metrics.
+
+    Readers take no lock: ``router`` and ``backends`` are references replaced whole by the
+    admin endpoints (a request reads each once), as the router swaps its store.
+    """
+
+    def __init__(self, config: Config, router: TagRouter) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.sessions = SessionTable(config.sessions.max_sessions, config.sessions.ttl_s)
+        self.metrics.track_sessions(lambda: len(self.sessions))
+        self.recent_tags: deque[list[str]] = deque(maxlen=RECENT_TAGS)
+        self.backends: dict[str, Backend] = {}
+        for i, b in enumerate(config.backends):
+            self.backends[b.name] = Backend.from_config(b, f"backends[{i}]")
+        self.aliases = frozenset(config.router.aliases)
+        self.router = self._prepare_router(router)
+        self.forwarder: Forwarder | None = None
+        self.outcomes: Any = None  # OutcomeStore, opened at start-up
+        self.ready = False
+        self.tag_in_thread = config.router.tag_in_thread is not False
+        self.inflight = 0
+        self._admin_lock = threading.Lock()  # admin writers, one at a time
+        self.admin_token: bytes | None = None
+        env = config.admin.token_env
+        if env:
+            token = os.environ.get(env)
+            if not token:
+                raise ConfigError("admin.token_env", f"environment variable {env} is not set")
+            self.admin_token = token.encode()
+
+    def _apply_costs(self, router: TagRouter) -> None:
+        """A backend's configured cost overrides the bundle's, and makes a store model that the
+        bundle did not route to (e.g. one added through the admin API before a restart) a
+        candidate. Called again once the outcome store has loaded its snapshot."""
+        in_store = set(router.scorer.models)
+        costs = {
+            b.name: b.cost for b in self.config.backends
+            if b.cost is not None and b.name in in_store
+        }
+        if costs:
+            router.update_decider(lambda d: d.with_store(d.scorer, costs=costs))
+
+    def _prepare_router(self, router: TagRouter) -> TagRouter:
+        cfg = self.config
+        self._apply_costs(router)
+        if cfg.router.theta is not None:
+            router.decider = router.decider.with_theta(cfg.router.theta)
+        missing = [m for m in router.decider.models if m not in self.backends]
+        if missing:
+            raise ConfigError(
+                "backends", f"no backend for routed model(s) {missing}: add a [[backends]] "
+                "entry named after each model of the bundle"
+            )
+        return router
+
+    # ---- lifecycle ----
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        client = make_client(self.config.limits.max_connections)
+        self.forwarder = Forwarder(client, self.metrics)
+        try:
+            await anyio.to_thread.run_sync(self._warm_up)
+            fb = self.config.feedback
+            if fb.state_dir is not None:
+                self.outcomes = await anyio.to_thread.run_sync(self._open_outcomes, self.router)
+            self.ready = True
+            yield
+        finally:
+            self.ready = False
+            await client.aclose()
+            if self.outcomes is not None:
+                await anyio.to_thread.run_sync(self.outcomes.close)
+
+    def _open_outcomes(self, router: TagRouter) -> Any:
+        from tagrouter_fast.serve.outcomes import OutcomeStore
+
+        fb = self.config.feedback
+        assert fb.state_dir is not None
+        store = OutcomeStore(
+            router, fb.state_dir, fsync=fb.fsync, snapshot_every=fb.snapshot_every,
+            decision_ttl_s=fb.decision_ttl_s, max_decisions=fb.max_decisions,
+        )
+        self._apply_costs(router)
+        self.metrics.track_store_version(lambda: float(self.outcomes.version)
+                                         if self.outcomes is not None else 0.0)
+        return store
+
+    def _warm_up(self) -> None:
+        """Loads the tagger's model (and aligner) before the first request, and times it to
+        decide whether tagging runs on the event loop or in a worker thread."""
+        router = self.router
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            router.tags(_WARMUP_QUERY)
+            times.append(time.perf_counter() - t0)
+        median = sorted(times)[len(times) // 2]
+        if self.config.router.tag_in_thread is None:
+            self.tag_in_thread = median > THREAD_TAGGING_ABOVE_S
+        log.info("tagging takes %.3f ms; in a worker thread: %s", median * 1e3,
+                 self.tag_in_thread)
+
+    # ---- routing ----
+
+    def _decide(
+        self, text: str, theta: float | None, extra: Sequence[str] = ()
+    ) -> tuple[list[str], Decision]:
+        t0 = time.perf_counter()
+        router = self.router
+        decider = router.decider
+        if theta is not None:
+            decider = decider.with_theta(theta)
+        text = text[: self.config.router.max_query_chars]
+        try:
+            tags = router.tags(text)
+        except Exception:  # a tagger fault must not take the gateway down: route untagged
+            log.exception("tagging failed; routing to the fallback model")
+            tags = []
+        if extra:
+            tags = tags + [t for t in extra if t not in tags]
+        d = decider.decide(tags)
+        self.metrics.decision_seconds.observe(time.perf_counter() - t0)
+        return tags, d
+
+    async def decide(
+        self, text: str, theta: float | None, extra: Sequence[str] = ()
+    ) -> tuple[list[str], Decision]:
+        if self.tag_in_thread and text.strip():
+            return await anyio.to_thread.run_sync(self._decide, text, theta, extra)
+        return self._decide(text, theta, extra)
+
+    def chain(self, first: str, *, fallback: bool) -> list[Backend]:
+        backends = self.backends
+        b = backends.get(first)
+        if b is None:
+            raise ApiError(503, f"model {first!r} has no backend", kind="server_error")
+        out = [b]
+        if fallback:
+            limit = self.config.fallback.max_attempts
+            for name in self.config.fallback.order:
+                if len(out) >= limit:
+                    break
+                nb = backends.get(name)
+                if nb is not None and nb not in out:
+                    out.append(nb)
+        return out
+
+    def passthrough(self, model: str) -> Backend | None:
+        backends = self.backends
+        if model in backends:
+            return backends[model]
+        for b in backends.values():
+            if b.model == model:
+                return b
+        return None
+
+    async def route_request(
+        self, request: Request, body: dict[str, Any], text: str,
+        messages: Sequence[Mapping[str, Any]] | None,
+    ) -> Routed:
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise _bad("model", "missing" if model is None else "must be a string")
+        theta = _theta_option(body, request)
+        if model not in self.aliases:
+            b = self.passthrough(model)
+            if b is None:
+                known = sorted(self.aliases) + sorted(self.backends)
+                raise ApiError(400, f"model: unknown model {model!r}; known: {known}",
+                               param="model", code="model_not_found")
+            fb = self.config.fallback.passthrough
+            return Routed(self.chain(b.name, fallback=fb), "passthrough")
+        key = request.headers.get("x-session-id")
+        if key is None:
+            user = body.get("user")
+            key = user if isinstance(user, str) and user else None
+        sess = self.sessions.get(key) if key is not None else None
+        if sess is not None and sess.model in self.backends and messages is not None \
+                and in_tool_loop(messages):
+            # Mid tool-call loop: the model that issued the calls reads their results.
+            return Routed(self.chain(sess.model, fallback=True), "tool_loop", list(sess.tags),
+                          None, key)
+        extra = sess.tags if (sess is not None and self.config.router.previous_turn_tags) else ()
+        tags, d = await self.decide(text, theta, extra)
+        self.recent_tags.append(tags)
+        chosen, reason = d.model, d.reason
+        if sess is not None:
+            chosen, _ = keep_or_switch(
+                sess.model, d, self.config.sessions.switch_margin, self.router.decider.models
+            )
+            if chosen != d.model:
+                reason = "session"
+        return Routed(self.chain(chosen, fallback=True), reason, tags, d, key)
+
+    def remember(self, decision_id: str, tags: Sequence[str], model: str) -> None:
+        store = self.outcomes
+        if store is None:
+            return
+        try:
+            store.remember(decision_id, tags, model)
+        except Exception as e:  # e.g. closed during a reload: the answer matters more
+            log.warning("decision %s not remembered (%s); its feedback will get 404",
+                        decision_id, e)
+
+    # ---- headers ----
+
+    def headers(
+        self, request: Request, decision_id: str, routed: Routed, answered: str,
+        errors: Sequence[Any],
+    ) -> dict[str, str]:
+        h = {
+            "x-tagrouter-model": answered,
+            "x-tagrouter-decision-id": decision_id,
+            "x-tagrouter-reason": "failover" if errors else routed.reason,
+        }
+        if errors:
+            h["x-tagrouter-attempts"] = ",".join([e.backend for e in errors] + [answered])
+        if routed.decision is not None and request.headers.get("x-tagrouter-explain", "") in (
+            "1", "true", "yes"
+        ):
+            d = routed.decision
+            # Compact and ASCII (header values are latin-1): tags, per-model scores, Delta_q
+            # and each tag's contribution per model.
+            h["x-tagrouter-explanation"] = json.dumps(
+                _finite({
+                    "model": d.model, "reason": d.reason, "tags": routed.tags,
+                    "scores": d.scores, "delta": d.delta, "theta": d.theta,
+                    "contributions": d.contributions,
+                }),
+                separators=(",", ":"), ensure_ascii=True,
+            )
+        return h
+
+    # ---- completions ----
+
+    async def completion(self, request: Request, *, chat: bool) -> Response:
+        body = await read_json(request, self.config.limits.max_body_bytes)
+        if chat:
+            text, messages = chat_turn(body)
+        else:
+            text, messages = prompt_text(body), None
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _bad("stream", "must be a boolean")
+        routed = await self.route_request(request, body, text, messages)
+        decision_id = uuid.uuid4().hex
+        path = "/chat/completions" if chat else "/completions"
+
+        def payload_for(b: Backend) -> bytes:
+            body["model"] = b.model
+            return json.dumps(body, separators=(",", ":")).encode()
+
+        assert self.forwarder is not None
+        try:
+            if stream:
+                opened, errors = await self.forwarder.open_stream_chain(
+                    routed.chain, path, payload_for
+                )
+            else:
+                answer, errors = await self.forwarder.complete_chain(
+                    routed.chain, path, payload_for
+                )
+                opened = answer
+        except AllBackendsFailed as e:
+            raise ApiError(
+                e.http_status,
+                f"no backend answered: {e}",
+                kind="upstream_error",
+                code="upstream_timeout" if e.http_status == 504 else "upstream_error",
+                headers={"x-tagrouter-decision-id": decision_id,
+                         "x-tagrouter-reason": routed.reason},
+            ) from None
+        answered = opened.backend.name
+        headers = self.headers(request, decision_id, routed, answered, errors)
+        if isinstance(opened, Answer):
+            if opened.status == 200:
+                self._answered(decision_id, routed, answered, errors)
+            return Response(opened.body, status_code=opened.status, headers=headers,
+                            media_type=opened.content_type)
+        self._answered(decision_id, routed, answered, errors)
+        headers["cache-control"] = "no-cache"
+        headers["x-accel-buffering"] = "no"  # proxies in front must not buffer the stream
+        return _Relay(self.forwarder.relay(opened), opened, headers=headers,
+                      media_type="text/event-stream")
+
+    def _answered(self, decision_id: str, routed: Routed, answered: str, errors: Sequence[Any]
+                  ) -> None:
+        self.metrics.routed.labels(answered, "failover" if errors else routed.reason).inc()
+        if routed.reason != "passthrough":
+            self.remember(decision_id, routed.tags, answered)
+        if routed.session is not None:
+            self.sessions.put(routed.session, answered, routed.tags)
+
+    # ---- /v1/route ----
+
+    async def route_only(self, request: Request) -> Response:
+        body = await read_json(request, self.config.limits.max_body_bytes)
+        theta = _theta_option(body, request)
+        extra = sorted(set(body) - {"query", "queries"})
+        if extra:
+            raise _bad(extra[0], "unknown field (known: query, queries, tagrouter)")
+        if ("query" in body) == ("queries" in body):
+            raise _bad("query", "give exactly one of query (a string) or queries (an array)")
+        if "query" in body:
+            q = body["query"]
+            if not isinstance(q, str):
+                raise _bad("query", "must be a string")
+            tags, d = await self.decide(q, theta)
+            return JSONResponse(self._route_answer(tags, d))
+        qs = body["queries"]
+        if not isinstance(qs, list) or not qs:
+            raise _bad("queries", "must be a non-empty array of strings")
+        limit = self.config.router.max_batch
+        if len(qs) > limit:
+            raise _bad("queries", f"{len(qs)} queries is over the batch limit of {limit}")
+        for i, q in enumerate(qs):
+            if not isinstance(q, str):
+                raise _bad(f"queries[{i}]", "must be a string")
+        results = await anyio.to_thread.run_sync(self._decide_many, qs, theta)
+        return JSONResponse({"decisions": [self._route_answer(t, d) for t, d in results]})
+
+    def _decide_many(self, qs: list[str], theta: float | None) -> list[tuple[list[str], Decision]]:
+        router = self.router
+        decider = router.decider if theta is None else router.decider.with_theta(theta)
+        cut = self.config.router.max_query_chars
+        t0 = time.perf_counter()
+        all_tags = router.tags_batch([q[:cut] for q in qs])
+        out = [(tags, decider.decide(tags)) for tags in all_tags]
+        self.metrics.decision_seconds.observe((time.perf_counter() - t0) / len(qs))
+        return out
+
+    def _route_answer(self, tags: list[str], d: Decision) -> dict[str, Any]:
+        decision_id = uuid.uuid4().hex
+        self.recent_tags.append(tags)
+        # Remembered like a forwarded decision: a client that calls the model itself can
+        # still report the outcome.
+        self.remember(decision_id, tags, d.model)
+        self.metrics.routed.labels(d.model, d.reason).inc()
+        return {
+            "decision_id": decision_id, "model": d.model, "reason": d.reason, "tags": tags,
+            "explanation": _explanation(d, tags),
+        }
+
+    # ---- /v1/feedback ----
+
+    async def feedback(self, request: Request) -> Response:
+        from tagrouter_fast.serve.outcomes import (
+            DuplicateOutcome,
+            OutcomeStoreError,
+            UnknownDecision,
+        )
+
+        body = await read_json(request, self.config.limits.max_body_bytes)
+        store = self.outcomes
+        if store is None:
+            self.metrics.feedback.labels("unavailable").inc()
+            raise ApiError(503, "feedback is off: set [feedback] state_dir in the config",
+                           kind="server_error")
+        extra = sorted(set(body) - {"decision_id", "outcome"})
+        if extra:
+            raise _bad(extra[0], "unknown field (known: decision_id, outcome)")
+        did = body.get("decision_id")
+        if not isinstance(did, str) or not did:
+            self.metrics.feedback.labels("invalid").inc()
+            raise _bad("decision_id", "missing" if did is None else "must be a non-empty string")
+        outcome = body.get("outcome")
+        if outcome is None:
+            self.metrics.feedback.labels("invalid").inc()
+            raise _bad("outcome", "missing (win, tie, loss or a score)")
+        if isinstance(outcome, bool) or not isinstance(outcome, (str, int, float)):
+            self.metrics.feedback.labels("invalid").inc()
+            raise _bad("outcome", "must be win, tie, loss or a number")
+        try:
+            version = await anyio.to_thread.run_sync(store.feedback, did, outcome)
+        except UnknownDecision:
+            self.metrics.feedback.labels("unknown").inc()
+            raise ApiError(404, f"decision_id: unknown or expired decision {did!r}",
+                           param="decision_id", code="unknown_decision") from None
+        except DuplicateOutcome:
+            self.metrics.feedback.labels("duplicate").inc()
+            raise ApiError(409, f"decision_id: decision {did!r} already has an outcome",
+                           param="decision_id", code="duplicate_outcome") from None
+        except ValueError as e:
+            self.metrics.feedback.labels("invalid").inc()
+            raise _bad("outcome", str(e)) from None
+        except OutcomeStoreError as e:
+            self.metrics.feedback.labels("unavailable").inc()
+            raise ApiError(503, f"feedback not recorded: {e}", kind="server_error") from None
+        self.metrics.feedback.labels("accepted").inc()
+        return JSONResponse({"decision_id": did, "outcome": outcome, "version": version})
+
+    # ---- admin ----
+
+    def check_admin(self, request: Request) -> None:
+        token = self.admin_token
+        if token is None:
+            raise ApiError(403, "admin endpoints are off: set [admin] token_env in the config "
+                           "and that environment variable", kind="permission_error")
+        got = request.headers.get("authorization", "")
+        scheme, _, value = got.partition(" ")
+        # Constant-time: the comparison's duration says nothing about how much matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
+            raise ApiError(401, "admin: missing or wrong bearer token",
+                           kind="authentication_error",
+                           headers={"www-authenticate": "Bearer"})
+
+    def _update_decider(self, fn: Callable[[TagDecider], TagDecider]) -> TagDecider:
+        """Replaces the router's decider (theta, candidates) without losing a concurrent store
+        update (`TagRouter.update_decider` is serialised with store writers). Readers never
+        wait."""
+        return self.router.update_decider(fn)
+
+    def _update_store(self, fn: Callable[[Any], Any]) -> None:
+        if self.outcomes is not None:
+            self.outcomes.update_store(fn)
+        else:
+            self.router.update_store(fn)
+
+    async def admin(self, request: Request) -> Response:
+        self.check_admin(request)
+        action = request.path_params["action"]
+        body = await read_json(request, self.config.limits.max_body_bytes, allow_empty=True)
+        handler = {
+            ("POST", "models"): self._admin_add_model,
+            ("POST", "theta"): self._admin_theta,
+            ("POST", "snapshot"): self._admin_snapshot,
+            ("POST", "reload"): self._admin_reload,
+        }.get((request.method, action))
+        if handler is None:
+            raise ApiError(404, f"no admin endpoint {request.method} /admin/{action}")
+        try:
+            result = await anyio.to_thread.run_sync(self._locked, handler, body)
+        except (ConfigError, KeyError) as e:
+            raise ApiError(400, str(e.args[0] if isinstance(e, KeyError) and e.args else e)) \
+                from None
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        return JSONResponse(_finite(result))
+
+    async def admin_remove(self, request: Request) -> Response:
+        self.check_admin(request)
+        name = request.path_params["name"]
+        result = await anyio.to_thread.run_sync(self._locked, self._admin_remove_model, name)
+        return JSONResponse(result)
+
+    def _locked(self, fn: Callable[[Any], dict[str, Any]], arg: Any) -> dict[str, Any]:
+        with self._admin_lock:
+            return fn(arg)
+
+    def _admin_add_model(self, body: dict[str, Any]) -> dict[str, Any]:
+        from tagrouter_fast.build.table import load_table
+
+        raw = body.get("backend")
+        if not isinstance(raw, dict):
+            raise _bad("backend", "missing (an object like a [[backends]] table)")
+        cfg: BackendConfig = backend_from_dict(raw, "backend")
+        name = cfg.name
+        if name in self.backends or name in self.aliases:
+            raise ApiError(409, f"backend.name: {name!r} exists already", param="backend.name")
+        judgments = body.get("judgments")
+        if not isinstance(judgments, str):
+            raise _bad("judgments", "missing (a routing-table directory: queries.csv and "
+                       "outcomes.csv)")
+        cost = body.get("cost", cfg.cost)
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(
+            cost
+        ) or cost < 0:
+            raise _bad("cost", f"missing or not a finite number >= 0: {cost!r}")
+        table_model = body.get("table_model", name)
+        backend = Backend.from_config(cfg, "backend")
+        table = load_table(Path(judgments))
+        if table_model not in table.models:
+            raise _bad("table_model", f"{table_model!r} is not in {judgments} (models: "
+                       f"{table.models})")
+        rows = [i for i in range(table.n_queries)]
+        router = self.router
+        tags = router.tags_batch(table.texts)
+        records = [(q, t, name, o) for q, t, _, o in table.records(rows, [table_model], tags)]
+        if not records:
+            raise _bad("judgments", f"no outcome of {table_model!r} in {judgments}")
+        # The backend first, so that a decision for the new model always finds it.
+        self.backends = {**self.backends, name: backend}
+        try:
+            # The store change goes through the outcome store when there is one, which makes it
+            # durable (a snapshot) before answering; then the new model becomes a candidate.
+            self._update_store(lambda s: s.with_model(records))
+            self._update_decider(lambda d: d.with_store(d.scorer, costs={name: float(cost)}))
+        except BaseException:
+            self.backends = {k: v for k, v in self.backends.items() if k != name}
+            raise
+        return {"model": name, "judgments": len(records), "models": self.router.decider.models}
+
+    def _admin_remove_model(self, name: str) -> dict[str, Any]:
+        if name not in self.backends:
+            raise ApiError(404, f"no backend named {name!r}")
+        dec = self.router.decider
+        if name in dec.models:
+            if len(dec.models) <= 1:
+                raise ApiError(409, f"{name!r} is the only routed model")
+
+            def drop(d: TagDecider) -> TagDecider:
+                # First out of the candidates (same store), so the store swap below is legal.
+                return TagDecider(
+                    d.scorer, costs={m: c for m, c in d.costs.items() if m != name},
+                    llm=None if d.llm == name else d.llm, theta=d.theta,
+                    fallback=None if d.fallback == name else d.fallback,
+                    aggregation=d.aggregation,
+                )
+
+            self._update_decider(drop)
+        if name in self.router.scorer.models:
+            self._update_store(lambda s: s.without_model(name))
+        # The backend goes after the decider no longer picks it.
+        self.backends = {k: v for k, v in self.backends.items() if k != name}
+        self.sessions.drop_model(name)
+        return {"removed": name, "models": self.router.decider.models}
+
+    def _admin_theta(self, body: dict[str, Any]) -> dict[str, Any]:
+        extra = sorted(set(body) - {"theta", "llm_share", "queries"})
+        if extra:
+            raise _bad(extra[0], "unknown field (known: theta, llm_share, queries)")
+        if ("theta" in body) == ("llm_share" in body):
+            raise _bad("theta", "give exactly one of theta or llm_share")
+        if "theta" in body:
+            theta = body["theta"]
+            if isinstance(theta, bool) or not isinstance(theta, (int, float)) \
+                    or not math.isfinite(theta):
+                raise _bad("theta", f"must be a finite number, got {theta!r}")
+            dec = self._update_decider(lambda d: d.with_theta(float(theta)))
+            return {"theta": dec.theta}
+        share = body["llm_share"]
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise _bad("llm_share", f"must be a number in [0, 1], got {share!r}")
+        queries = body.get("queries")
+        if queries is not None:
+            if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+                raise _bad("queries", "must be an array of strings")
+            sample = self.router.tags_batch(queries)
+        else:
+            sample = list(self.recent_tags)
+        if not sample:
+            raise _bad("queries", "no traffic seen yet: give queries to set the budget on")
+        holder: dict[str, float] = {}
+
+        def budget(d: TagDecider) -> TagDecider:
+            holder["theta"] = d.theta_for_llm_share(sample, float(share))
+            return d.with_theta(holder["theta"])
+
+        self._update_decider(budget)
+        return {"theta": holder["theta"], "llm_share": share, "queries": len(sample)}
+
+    def _admin_snapshot(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.outcomes is None:
+            raise ApiError(503, "feedback is off: set [feedback] state_dir in the config")
+        path = self.outcomes.snapshot()
+        return {"snapshot": str(path), "version": self.outcomes.version}
+
+    def _admin_reload(self, body: dict[str, Any]) -> dict[str, Any]:
+        from tagrouter_fast.router import TagRouter
+
+        bundle = self.config.router.bundle
+        if bundle is None:
+            raise ApiError(409, "router.bundle is not set: nothing to reload")
+        from tagrouter_fast.serve.outcomes import StateError
+
+        # The running tagger is kept (no second encoder load); the bundle's fingerprint check
+        # still refuses a store built with another tagger.
+        fresh = self._prepare_router(TagRouter.load(bundle, tagger=self.router.tagger))
+        old_store = self.outcomes
+        if old_store is not None:
+            # One process per state directory: the old store lets go before the new one opens
+            # (and replays the journal onto the fresh bundle). A state directory started on
+            # another store refuses (its snapshot would replace the new bundle's): the old
+            # store reopens and the reload is refused with the reason.
+            old_store.close()
+            self.outcomes = None
+            try:
+                self.outcomes = self._open_outcomes(fresh)
+            except StateError as e:
+                self.outcomes = self._open_outcomes(self.router)
+                raise ApiError(409, f"reload refused: {e}") from None
+        self.router = fresh
+        return {"models": fresh.decider.models, "theta": fresh.decider.theta}
+
+
+# ==== ASGI pieces ====
+
+
+class _Relay(StreamingResponse):
+    """A streaming response that closes its upstream however it ends: finished, failed, or
+    cancelled because the client went away (which is what cancels the backend's work)."""
+
+    def __init__(self, content: AsyncIterator[bytes], stream: OpenStream, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._upstream = stream
+        self._content = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self._content, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                await self._upstream.response.aclose()
+
+
+class _Guard:
+    """Outermost middleware: the concurrency limit (429 at once, no queue), the in-flight
+    gauge and one JSON access-log line per request."""
+
+    def __init__(self, app: ASGIApp, gw: Gateway) -> None:
+        self.app = app
+        self.gw = gw
+        self.limit = gw.config.limits.max_concurrency
+        self.log = gw.config.server.access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        gw = self.gw
+        path: str = scope["path"]
+        limited = path.startswith("/v1/")
+        logging_on = self.log and access_log.isEnabledFor(logging.INFO)
+        if limited and gw.inflight >= self.limit:
+            gw.metrics.rejected.labels("concurrency").inc()
+            await ApiError(429, f"over the concurrency limit of {self.limit} requests",
+                           kind="rate_limit_error", code="concurrency_limit",
+                           headers={"retry-after": "1"}).response()(scope, receive, send)
+            if logging_on:
+                self._log(scope, 429, 0.0, {})
+            return
+        t0 = time.perf_counter()
+        status = 500
+        seen: dict[str, str] = {}
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if logging_on:
+                    for k, v in message.get("headers", ()):
+                        if k.startswith(b"x-tagrouter-") and k != b"x-tagrouter-explanation":
+                            seen[k[12:].decode()] = v.decode("latin-1")
+            await send(message)
+
+        if limited:
+            gw.inflight += 1
+            gw.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if limited:
+                gw.inflight -= 1
+                gw.metrics.inflight.dec()
+            if logging_on:
+                self._log(scope, status, time.perf_counter() - t0, seen)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, seconds: float, seen: dict[str, str]) -> None:
+        client = scope.get("client")
+        access_log.info(json.dumps({
+            "ts": round(time.time(), 3),
+            "method": scope.get("method"),
+            "path": scope.get("path"),
+            "status": status,
+            "ms": round(seconds * 1e3, 3),
+            "decision_id": seen.get("decision-id"),
+            "model": seen.get("model"),
+            "reason": seen.get("reason"),
+            "client": client[0] if client else None,
+        }, separators=(",", ":")))
+
+
+def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
+    """The gateway app for ``config``.
+
+    Args:
+        config: the checked config (`load_config`).
+        router: route with this router instead of loading ``config.router.bundle`` (tests,
+            embedding).
+
+    Raises:
+        ConfigError: no bundle and no router, a routed model without a backend, an API key or
+            admin token environment variable that is not set.
+    """
+    if router is None:
+        from tagrouter_fast.router import TagRouter
+
+        if config.router.bundle is None:
+            raise ConfigError("router.bundle", "missing")
+        router = TagRouter.load(config.router.bundle)
+    gw = Gateway(config, router)
+
+    async def chat(request: Request) -> Response:
+        return await gw.completion(request, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await gw.completion(request, chat=False)
+
+    async def models(request: Request) -> Response:
+        now = int(time.time())
+        ids = list(gw.config.router.aliases) + list(gw.backends)
+        return JSONResponse({"object": "list", "data": [
+            {"id": m, "object": "model", "created": now, "owned_by": "tagrouter"} for m in ids
+        ]})
+
+    async def metrics(request: Request) -> Response:
+        return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if not gw.ready:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({
+            "status": "ready", "models": gw.router.decider.models,
+            "store_version": getattr(gw.outcomes, "version", None),
+        })
+
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return exc.response()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/route", gw.route_only, methods=["POST"]),
+            Route("/v1/feedback", gw.feedback, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/admin/models/{name}", gw.admin_remove, methods=["DELETE"]),
+            Route("/admin/{action}", gw.admin, methods=["POST"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+        ],
+        exception_handlers={ApiError: on_api_error},
+        lifespan=gw.lifespan,
+    )
+    app.state.gateway = gw
+    app.add_middleware(_Guard, gw=gw)  # type: ignore[arg-type]
+    return app
+
+
+# ==== Running it ====
+
+
+def configure_logging(config: Config) -> None:
+    """Access lines as bare JSON on stderr (one per request), other gateway logs plain."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access_log.handlers[:] = [handler]
+    access_log.propagate = False
+    access_log.setLevel(logging.INFO if config.server.access_log else logging.WARNING)
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        for name in ("tagrouter.serve", "tagrouter.outcomes"):
+            lg = logging.getLogger(name)
+            lg.addHandler(h)
+            lg.setLevel(logging.INFO)
+
+
+def serve(
+    config: Config, *, router: TagRouter | None = None, host: str | None = None,
+    port: int | None = None,
+) -> None:
+    """Runs the gateway under uvicorn (one worker: the outcome store owns its state directory
+    and the router lives in this process) until interrupted."""
+    import uvicorn
+
+    configure_logging(config)
+    app = create_app(config, router=router)
+    uvicorn.run(
+        app,
+        host=host or config.server.host,
+        port=config.server.port if port is None else port,
+        workers=1,
+        lifespan="on",
+        access_log=False,  # ours is the structured one, with the decision id
+        log_level="info",
+        timeout_graceful_shutdown=10,
+        backlog=4096,
+    )

@@ -1,0 +1,371 @@
+"""Forwarding to OpenAI-compatible backends: one pooled httpx client, deadlines, the fallback
+chain and SSE passthrough.
+
+A failure is one :class:`BackendError` with a ``kind``: ``timeout``, ``connect`` (refused or
+unreachable), ``reset`` (the connection dropped), ``status`` (5xx, 408 or 429) or
+``malformed`` (a 200 whose body is not an API answer). Those are retried on the next backend of
+the chain; any other 4xx is the client's own error and is passed back unchanged.
+
+Streams are opened *up to their first complete event* before the client sees anything: a
+backend that fails before that point is still retried, and after it nothing is retried (the
+client already has bytes of one model's answer), the stream ends with an error event instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+
+from tagrouter_fast.serve.config import BackendConfig, ConfigError
+from tagrouter_fast.serve.metrics import GatewayMetrics
+
+__all__ = [
+    "AllBackendsFailed",
+    "Answer",
+    "Backend",
+    "BackendError",
+    "Forwarder",
+    "OpenStream",
+    "make_client",
+]
+
+#: Upstream statuses worth another backend: server faults, overload, upstream timeouts.
+_RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+#: How a stream's first event may start (SSE field names or a comment).
+_SSE_STARTS = (b"data:", b"event:", b"id:", b"retry:", b":")
+#: A first event longer than this without a boundary is not SSE.
+_MAX_FIRST_EVENT = 1 << 20
+#: Relay buffers an incomplete event only up to this size, then passes it on as it is.
+_MAX_PENDING = 1 << 20
+
+
+class BackendError(Exception):
+    """One failed backend call."""
+
+    def __init__(self, backend: str, kind: str, detail: str, status: int | None = None) -> None:
+        super().__init__(f"{backend}: {kind}: {detail}")
+        self.backend = backend
+        self.kind = kind
+        self.detail = detail
+        self.status = status
+
+
+class AllBackendsFailed(Exception):
+    """Every backend of the chain failed; ``errors`` in the order tried."""
+
+    def __init__(self, errors: Sequence[BackendError]) -> None:
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = list(errors)
+
+    @property
+    def http_status(self) -> int:
+        # 504 when the last try ran out of time (the client's wait was spent waiting), else 502.
+        return 504 if self.errors and self.errors[-1].kind == "timeout" else 502
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A configured backend with its resolved credentials and URLs."""
+
+    config: BackendConfig
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    @classmethod
+    def from_config(cls, cfg: BackendConfig, where: str = "backends") -> Backend:
+        """Reads the API key from ``cfg.api_key_env``.
+
+        Raises:
+            ConfigError: the environment variable is named but not set.
+        """
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if cfg.api_key_env:
+            key = os.environ.get(cfg.api_key_env)
+            if not key:
+                raise ConfigError(
+                    f"{where}.api_key_env",
+                    f"environment variable {cfg.api_key_env} is not set",
+                )
+            headers["authorization"] = f"Bearer {key}"
+        return cls(cfg, headers)
+
+    def url(self, path: str) -> str:
+        return self.config.base_url + path
+
+    def timeout(self, *, stream: bool) -> httpx.Timeout:
+        c = self.config
+        # httpx's read timeout is per read, not per call: the call's deadline is enforced
+        # around it (anyio.fail_after); for streams the read timeout is the idle limit.
+        read = c.stream_idle_timeout_s if stream else c.timeout_s
+        return httpx.Timeout(read, connect=c.connect_timeout_s, pool=c.timeout_s)
+
+
+def make_client(max_connections: int) -> httpx.AsyncClient:
+    """The one pooled client of an app: keep-alive connections shared by all backends."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=30.0,
+        ),
+        # The upstreams are named in the gateway's config; proxy variables of the environment
+        # must not redirect (or break) loopback and private-network backends.
+        trust_env=False,
+        follow_redirects=False,
+    )
+
+
+@dataclass
+class Answer:
+    """A complete backend response (non-streaming), passed to the client as it came."""
+
+    backend: Backend
+    status: int
+    body: bytes
+    content_type: str
+
+
+@dataclass
+class OpenStream:
+    """A stream opened up to its first complete event(s)."""
+
+    backend: Backend
+    response: httpx.Response
+    chunks: AsyncIterator[bytes]
+    first: bytes
+    pending: bytes
+
+
+def _classify(backend: str, e: BaseException) -> BackendError:
+    if isinstance(e, (TimeoutError, httpx.TimeoutException)):
+        return BackendError(backend, "timeout", str(e) or "deadline exceeded")
+    if isinstance(e, httpx.ConnectError):
+        return BackendError(backend, "connect", str(e) or "connection failed")
+    if isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+        return BackendError(backend, "reset", str(e) or "connection reset")
+    return BackendError(backend, "transport", f"{type(e).__name__}: {e}")
+
+
+def _last_boundary(buf: bytes) -> int:
+    """End of the last complete SSE event in ``buf`` (0: none)."""
+    a = buf.rfind(b"\n\n")
+    b = buf.rfind(b"\r\n\r\n")
+    return max(a + 2 if a >= 0 else 0, b + 4 if b >= 0 else 0)
+
+
+def _check_first_events(name: str, first: bytes) -> None:
+    """The first events of a stream must be SSE whose data is a JSON object without an
+    ``error`` (some servers answer 200 and put the failure in the stream). Only these are
+    parsed: they decide whether another backend is tried; later events pass through as they
+    are."""
+    if not first.lstrip(b"\r\n").startswith(_SSE_STARTS):
+        raise BackendError(name, "malformed", f"not an event stream: {first[:80]!r}")
+    for line in first.splitlines():
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            continue
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise BackendError(name, "malformed", f"event data is not JSON: {data[:80]!r}") \
+                from None
+        if not isinstance(obj, dict):
+            raise BackendError(name, "malformed", f"event data is not an object: {data[:80]!r}")
+        if obj.get("error"):
+            raise BackendError(name, "status", f"error event: {data[:200]!r}")
+
+
+class Forwarder:
+    """Sends requests to backends through one pooled client and records their metrics."""
+
+    def __init__(self, client: httpx.AsyncClient, metrics: GatewayMetrics) -> None:
+        self.client = client
+        self.metrics = metrics
+
+    def _fail(self, err: BackendError) -> BackendError:
+        self.metrics.backend_errors.labels(err.backend, err.kind).inc()
+        return err
+
+    # ---- non-streaming ----
+
+    async def complete(self, backend: Backend, path: str, payload: bytes) -> Answer:
+        """One call with its deadline.
+
+        Raises:
+            BackendError: a retryable failure.
+        """
+        t0 = time.perf_counter()
+        try:
+            with anyio.fail_after(backend.config.timeout_s):
+                resp = await self.client.post(
+                    backend.url(path), content=payload, headers=backend.headers,
+                    timeout=backend.timeout(stream=False),
+                )
+        except (TimeoutError, httpx.HTTPError) as e:
+            raise self._fail(_classify(backend.name, e)) from e
+        self.metrics.backend_seconds.labels(backend.name).observe(time.perf_counter() - t0)
+        status = resp.status_code
+        ctype = resp.headers.get("content-type", "application/json")
+        if status >= 500 or status in _RETRYABLE_STATUS:
+            raise self._fail(BackendError(
+                backend.name, "status", f"HTTP {status}: {resp.text[:200]}", status
+            ))
+        if status != 200:
+            # The client's own error (bad parameters, context too long): theirs to see.
+            return Answer(backend, status, resp.content, ctype)
+        try:
+            obj = json.loads(resp.content)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+            raise self._fail(BackendError(
+                backend.name, "malformed", f"not an API answer: {resp.content[:80]!r}"
+            ))
+        return Answer(backend, status, resp.content, "application/json")
+
+    async def complete_chain(
+        self, chain: Sequence[Backend], path: str, payload_for: Callable[[Backend], bytes]
+    ) -> tuple[Answer, list[BackendError]]:
+        """The first backend of ``chain`` that answers; the failures before it.
+
+        Raises:
+            AllBackendsFailed: every backend failed.
+        """
+        errors: list[BackendError] = []
+        for b in chain:
+            try:
+                return await self.complete(b, path, payload_for(b)), errors
+            except BackendError as e:
+                errors.append(e)
+        raise AllBackendsFailed(errors)
+
+    # ---- streaming ----
+
+    async def open_stream(self, backend: Backend, path: str, payload: bytes) -> OpenStream | Answer:
+        """Opens a stream and reads it up to its first complete event, within the deadline.
+
+        Returns an `Answer` instead when the backend refuses the request with a client error.
+
+        Raises:
+            BackendError: a retryable failure before the first event.
+        """
+        t0 = time.perf_counter()
+        req = self.client.build_request(
+            "POST", backend.url(path), content=payload,
+            headers={**backend.headers, "accept": "text/event-stream"},
+            timeout=backend.timeout(stream=True),
+        )
+        resp: httpx.Response | None = None
+        try:
+            with anyio.fail_after(backend.config.timeout_s):
+                resp = await self.client.send(req, stream=True)
+                status = resp.status_code
+                if status != 200:
+                    body = await resp.aread()
+                    if status >= 500 or status in _RETRYABLE_STATUS:
+                        raise BackendError(backend.name, "status", f"HTTP {status}", status)
+                    await resp.aclose()
+                    return Answer(
+                        backend, status, body, resp.headers.get("content-type", "application/json")
+                    )
+                ctype = resp.headers.get("content-type", "")
+                if not ctype.startswith("text/event-stream"):
+                    raise BackendError(
+                        backend.name, "malformed", f"stream with content-type {ctype!r}"
+                    )
+                chunks = resp.aiter_raw()
+                buf = b""
+                cut = 0
+                while not cut:
+                    try:
+                        buf += await chunks.__anext__()
+                    except StopAsyncIteration:
+                        raise BackendError(
+                            backend.name, "malformed", "stream ended before its first event"
+                        ) from None
+                    cut = _last_boundary(buf)
+                    if not cut and len(buf) > _MAX_FIRST_EVENT:
+                        raise BackendError(backend.name, "malformed", "first event too long")
+                first = buf[:cut]
+                _check_first_events(backend.name, first)
+        except BaseException as e:
+            if resp is not None:
+                with anyio.CancelScope(shield=True):
+                    await resp.aclose()
+            if isinstance(e, BackendError):
+                raise self._fail(e) from None
+            if isinstance(e, (TimeoutError, httpx.HTTPError)):
+                raise self._fail(_classify(backend.name, e)) from e
+            raise
+        self.metrics.backend_seconds.labels(backend.name).observe(time.perf_counter() - t0)
+        return OpenStream(backend, resp, chunks, first, buf[cut:])
+
+    async def open_stream_chain(
+        self, chain: Sequence[Backend], path: str, payload_for: Callable[[Backend], bytes]
+    ) -> tuple[OpenStream | Answer, list[BackendError]]:
+        """`open_stream` on each backend of ``chain`` until one opens.
+
+        Raises:
+            AllBackendsFailed: every backend failed.
+        """
+        errors: list[BackendError] = []
+        for b in chain:
+            try:
+                return await self.open_stream(b, path, payload_for(b)), errors
+            except BackendError as e:
+                errors.append(e)
+        raise AllBackendsFailed(errors)
+
+    async def relay(self, stream: OpenStream) -> AsyncIterator[bytes]:
+        """The stream's events as they arrive, whole events at a time.
+
+        Holding back an incomplete event (until its end arrives) costs one ``rfind`` per chunk
+        and means that when the backend drops midway, the error event that ends the stream
+        follows a complete event, so clients parse it instead of a torn JSON line.
+        """
+        name = stream.backend.name
+        try:
+            yield stream.first
+            pending = stream.pending
+            async for chunk in stream.chunks:
+                pending += chunk
+                cut = _last_boundary(pending)
+                if cut:
+                    yield pending[:cut]
+                    pending = pending[cut:]
+                elif len(pending) > _MAX_PENDING:
+                    yield pending
+                    pending = b""
+            if pending:
+                yield pending
+        except httpx.HTTPError as e:
+            err = self._fail(_classify(name, e))
+            yield error_event(
+                f"backend {name} failed mid-stream ({err.kind}); the answer is incomplete",
+                code=f"upstream_{err.kind}",
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.response.aclose()
+
+
+def error_event(message: str, *, code: str, kind: str = "upstream_error") -> bytes:
+    """An SSE event carrying an OpenAI-style error (the openai SDK raises it as APIError)."""
+    body: dict[str, Any] = {"error": {"message": message, "type": kind, "code": code}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"

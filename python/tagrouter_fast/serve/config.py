@@ -1,0 +1,419 @@
+"""Gateway configuration: one TOML file, read into frozen dataclasses and checked at start-up.
+
+Every mistake is reported as one :class:`ConfigError` naming the key, e.g.
+``config error: backends[1].base_url: missing``; an unknown key is an error too (a typo such as
+``timout_s`` would otherwise silently keep the default). Relative paths are relative to the
+config file's folder.
+
+>>> cfg = Config.from_dict({
+...     "router": {"bundle": "bundle"},
+...     "backends": [{"name": "small", "base_url": "http://127.0.0.1:9001/v1"}],
+... })
+>>> cfg.backends[0].model, cfg.fallback.max_attempts
+('small', 2)
+>>> Config.from_dict({"router": {"bundle": "b"}, "backends": [{"name": "x"}]})
+Traceback (most recent call last):
+...
+tagrouter_fast.serve.config.ConfigError: config error: backends[0].base_url: missing
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "AdminConfig",
+    "BackendConfig",
+    "Config",
+    "ConfigError",
+    "FallbackConfig",
+    "FeedbackConfig",
+    "LimitsConfig",
+    "RouterConfig",
+    "ServerConfig",
+    "SessionConfig",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """The gateway config is invalid; the message names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config error: {key}: {problem}")
+        self.key = key
+
+
+# ==== Sections ====
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: One JSON line per request on the ``tagrouter.access`` logger.
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    #: Router bundle directory (`tagrouter build-store --out`).
+    bundle: Path | None = None
+    #: Request ``model`` values that ask for routing.
+    aliases: tuple[str, ...] = ("tagrouter",)
+    #: Overrides the bundle's theta.
+    theta: float | None = None
+    #: Routing text beyond this many characters is cut before tagging (the backend still gets
+    #: the whole prompt): tagging cost grows with length, the intent sits at the start.
+    max_query_chars: int = 20_000
+    #: Add the previous user turn's tags (remembered per session) to the latest turn's.
+    previous_turn_tags: bool = False
+    #: Tag in a worker thread (``True``), on the event loop (``False``) or decide at start-up
+    #: from a timed warm-up (``None``): a thread hop costs ~50-100 us, worth it only when
+    #: tagging would block the loop longer than that.
+    tag_in_thread: bool | None = None
+    #: Most queries in one ``POST /v1/route`` batch.
+    max_batch: int = 256
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    #: The router's model name (as in the bundle's store) and the passthrough name.
+    name: str
+    #: OpenAI-compatible base URL, e.g. ``http://host:8000/v1``.
+    base_url: str
+    #: Model id sent upstream (default: ``name``).
+    model: str = ""
+    #: Environment variable holding the API key (sent as a bearer token); read at start-up.
+    api_key_env: str | None = None
+    #: Deadline of a non-streaming call, and of a stream's first event.
+    timeout_s: float = 60.0
+    #: Longest silence between two events of a stream before it counts as reset.
+    stream_idle_timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    #: Per-query cost; overrides the bundle's cost of this model (needed for a model that is
+    #: not in the bundle).
+    cost: float | None = None
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    #: Backends tried, in this order, after the routed one fails.
+    order: tuple[str, ...] = ()
+    #: Backend calls per request, the first included.
+    max_attempts: int = 2
+    #: Whether a request naming a concrete backend may also fall back to another model.
+    passthrough: bool = False
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_body_bytes: int = 1 << 20
+    #: Requests in flight on the /v1 endpoints; more get 429 at once (no queue).
+    max_concurrency: int = 256
+    #: Pooled upstream connections, all backends together.
+    max_connections: int = 512
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    #: A session moves to another model only if the new turn favours it by more than this
+    #: (in Delta_q units relative to theta for M_LLM <-> M_SLM moves, in score units between two
+    #: small models).
+    switch_margin: float = 0.5
+    max_sessions: int = 10_000
+    ttl_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    #: Where the outcome journal and snapshots live; feedback is off without it.
+    state_dir: Path | None = None
+    fsync: bool = True
+    snapshot_every: int = 1000
+    decision_ttl_s: float = 3600.0
+    max_decisions: int = 100_000
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    #: Environment variable holding the admin bearer token; admin endpoints are off without it.
+    token_env: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    router: RouterConfig
+    backends: tuple[BackendConfig, ...]
+    server: ServerConfig = field(default_factory=ServerConfig)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    sessions: SessionConfig = field(default_factory=SessionConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    #: Where the config was read from (for messages).
+    source: str = "<dict>"
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], base_dir: Path | None = None) -> Config:
+        """Checks a parsed TOML document; ``base_dir`` anchors relative paths."""
+        return _parse(raw, base_dir or Path.cwd())
+
+    def backend(self, name: str) -> BackendConfig | None:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        return None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Reads and checks a gateway config file.
+
+    Raises:
+        ConfigError: unreadable file, invalid TOML, or a bad key (the message names it).
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(str(p), f"cannot read ({e.strerror or e})") from None
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(str(p), f"not valid TOML ({e})") from None
+    return replace(_parse(raw, p.resolve().parent), source=str(p))
+
+
+# ==== Checking ====
+
+class _Section:
+    """Reads one TOML table, remembering which keys were used so leftovers are errors."""
+
+    def __init__(self, raw: object, where: str) -> None:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(where, f"must be a table, got {type(raw).__name__}")
+        self.raw = raw
+        self.where = where
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.used.add(name)
+        return self.raw.get(name, default)
+
+    def required(self, name: str) -> Any:
+        self.used.add(name)
+        if name not in self.raw:
+            raise ConfigError(self.key(name), "missing")
+        return self.raw[name]
+
+    def str_(self, name: str, default: str | None = None, *, required: bool = False) -> Any:
+        v = self.required(name) if required else self.get(name, default)
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v.strip():
+            raise ConfigError(self.key(name), f"must be a non-empty string, got {v!r}")
+        return v
+
+    def number(
+        self, name: str, default: float | None, *, lo: float = 0.0, allow_none: bool = False
+    ) -> Any:
+        v = self.get(name, default)
+        if v is None and (allow_none or default is None):
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(self.key(name), f"must be a finite number, got {v!r}")
+        if v < lo:
+            raise ConfigError(self.key(name), f"must be >= {lo}, got {v!r}")
+        return float(v)
+
+    def positive(self, name: str, default: float) -> float:
+        v = self.number(name, default)
+        if v <= 0:
+            raise ConfigError(self.key(name), f"must be > 0, got {v!r}")
+        return float(v)
+
+    def int_(self, name: str, default: int, *, lo: int = 1, hi: int = 2**31) -> int:
+        v = self.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(self.key(name), f"must be an integer, got {v!r}")
+        if not lo <= v <= hi:
+            raise ConfigError(self.key(name), f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    def bool_(self, name: str, default: bool | None) -> Any:
+        v = self.get(name, default)
+        if v is None and default is None:
+            return None
+        if not isinstance(v, bool):
+            raise ConfigError(self.key(name), f"must be true or false, got {v!r}")
+        return v
+
+    def str_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        v = self.get(name, list(default))
+        if not isinstance(v, list):
+            raise ConfigError(self.key(name), f"must be a list of strings, got {v!r}")
+        for i, s in enumerate(v):
+            if not isinstance(s, str) or not s:
+                raise ConfigError(
+                    f"{self.key(name)}[{i}]", f"must be a non-empty string, got {s!r}"
+                )
+        return tuple(v)
+
+    def path(self, name: str, base: Path) -> Path | None:
+        v = self.str_(name)
+        if v is None:
+            return None
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else base / p
+
+    def done(self) -> None:
+        extra = sorted(set(map(str, self.raw)) - self.used)
+        if extra:
+            raise ConfigError(self.key(extra[0]), "unknown key")
+
+
+def _section(raw: Mapping[str, Any], name: str, top: _Section) -> _Section:
+    return _Section(top.get(name, {}), name)
+
+
+def _parse(raw: Mapping[str, Any], base: Path) -> Config:
+    top = _Section(raw, "")
+
+    s = _section(raw, "server", top)
+    server = ServerConfig(
+        host=s.str_("host", "127.0.0.1"),
+        port=s.int_("port", 8000, lo=0, hi=65535),
+        access_log=s.bool_("access_log", True),
+    )
+    s.done()
+
+    r = _Section(top.get("router", {}), "router")
+    aliases = r.str_list("aliases", ("tagrouter",))
+    if not aliases:
+        raise ConfigError("router.aliases", "must name at least one alias")
+    tag_in_thread = r.get("tag_in_thread", "auto")
+    if tag_in_thread == "auto":
+        tag_in_thread = None
+    elif not isinstance(tag_in_thread, bool):
+        raise ConfigError("router.tag_in_thread", f"must be true, false or 'auto', got "
+                          f"{tag_in_thread!r}")
+    router = RouterConfig(
+        bundle=r.path("bundle", base),
+        aliases=aliases,
+        theta=r.number("theta", None, lo=-math.inf, allow_none=True),
+        max_query_chars=r.int_("max_query_chars", 20_000),
+        previous_turn_tags=r.bool_("previous_turn_tags", False),
+        tag_in_thread=tag_in_thread,
+        max_batch=r.int_("max_batch", 256, hi=100_000),
+    )
+    r.done()
+
+    raw_backends = top.required("backends")
+    if not isinstance(raw_backends, list) or not raw_backends:
+        raise ConfigError("backends", "must be a non-empty array of tables ([[backends]])")
+    backends: list[BackendConfig] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(raw_backends):
+        b = _Section(item, f"backends[{i}]")
+        backends.append(_backend(b))
+        b.done()
+        name = backends[-1].name
+        if name in seen:
+            raise ConfigError(f"backends[{i}].name", f"{name!r} is already backends[{seen[name]}]")
+        if name in aliases:
+            raise ConfigError(f"backends[{i}].name", f"{name!r} is also a router alias")
+        seen[name] = i
+
+    f = _section(raw, "fallback", top)
+    fallback = FallbackConfig(
+        order=f.str_list("order", ()),
+        max_attempts=f.int_("max_attempts", 2, hi=16),
+        passthrough=f.bool_("passthrough", False),
+    )
+    for i, name in enumerate(fallback.order):
+        if name not in seen:
+            raise ConfigError(f"fallback.order[{i}]", f"{name!r} is not a backend name")
+    f.done()
+
+    lim = _section(raw, "limits", top)
+    limits = LimitsConfig(
+        max_body_bytes=lim.int_("max_body_bytes", 1 << 20),
+        max_concurrency=lim.int_("max_concurrency", 256),
+        max_connections=lim.int_("max_connections", 512),
+    )
+    lim.done()
+
+    se = _section(raw, "sessions", top)
+    sessions = SessionConfig(
+        switch_margin=se.number("switch_margin", 0.5),
+        max_sessions=se.int_("max_sessions", 10_000),
+        ttl_s=se.positive("ttl_s", 3600.0),
+    )
+    se.done()
+
+    fb = _section(raw, "feedback", top)
+    feedback = FeedbackConfig(
+        state_dir=fb.path("state_dir", base),
+        fsync=fb.bool_("fsync", True),
+        snapshot_every=fb.int_("snapshot_every", 1000),
+        decision_ttl_s=fb.positive("decision_ttl_s", 3600.0),
+        max_decisions=fb.int_("max_decisions", 100_000),
+    )
+    fb.done()
+
+    a = _section(raw, "admin", top)
+    admin = AdminConfig(token_env=a.str_("token_env"))
+    a.done()
+
+    top.done()
+    return Config(
+        router=router,
+        backends=tuple(backends),
+        server=server,
+        fallback=fallback,
+        limits=limits,
+        sessions=sessions,
+        feedback=feedback,
+        admin=admin,
+    )
+
+
+def _backend(b: _Section) -> BackendConfig:
+    name = b.str_("name", required=True)
+    url = b.str_("base_url", required=True)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(b.key("base_url"), f"must be an http(s) URL, got {url!r}")
+    return BackendConfig(
+        name=name,
+        base_url=url.rstrip("/"),
+        model=b.str_("model", name),
+        api_key_env=b.str_("api_key_env"),
+        timeout_s=b.positive("timeout_s", 60.0),
+        stream_idle_timeout_s=b.positive("stream_idle_timeout_s", 60.0),
+        connect_timeout_s=b.positive("connect_timeout_s", 5.0),
+        cost=b.number("cost", None, allow_none=True),
+    )
+
+
+def backend_from_dict(raw: Mapping[str, Any], where: str = "body") -> BackendConfig:
+    """A backend described in an admin request, checked like a ``[[backends]]`` table."""
+    b = _Section(raw, where)
+    out = _backend(b)
+    b.done()
+    return out

@@ -1,0 +1,94 @@
+"""Helpers for the gateway tests: fake backends and gateways under real uvicorn servers on
+loopback, configured from dicts."""
+
+from __future__ import annotations
+
+import copy
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from tagrouter_fast.router import TagRouter
+from tagrouter_fast.serve.app import Gateway, create_app
+from tagrouter_fast.serve.config import Config
+from tagrouter_fast.serve.fake_backend import FakeBackend, ServerThread, demo_router
+
+POEM = "Write a short poem about the sea"
+MATH = "Solve the equation 3x + 4 = 6"
+
+
+@dataclass
+class Fake:
+    backend: FakeBackend
+    server: ServerThread
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def state(self) -> Any:
+        return self.backend.state
+
+
+@dataclass
+class RunningGateway:
+    server: ServerThread
+    gw: Gateway
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@contextmanager
+def fake_backends(*names: str) -> Iterator[dict[str, Fake]]:
+    fakes: dict[str, Fake] = {}
+    try:
+        for name in names:
+            b = FakeBackend(name)
+            # The fake's own errors (a reset is an exception on purpose) stay out of the output.
+            srv = ServerThread(b.app, log_level="critical", lifespan="off").start()
+            fakes[name] = Fake(b, srv)
+        yield fakes
+    finally:
+        for f in fakes.values():
+            f.server.stop()
+
+
+def dead_url() -> str:
+    """A loopback URL where nothing listens (connection refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def gateway_config(
+    urls: Mapping[str, str], *, backend_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    **sections: Any,
+) -> Config:
+    backends = []
+    for name, url in urls.items():
+        b: dict[str, Any] = {
+            "name": name, "base_url": url + "/v1", "model": f"{name}-model",
+            "timeout_s": 1.0, "stream_idle_timeout_s": 1.0,
+        }
+        b.update((backend_overrides or {}).get(name, {}))
+        backends.append(b)
+    raw: dict[str, Any] = {"backends": backends, "router": {}, "server": {"access_log": True}}
+    for k, v in sections.items():
+        raw[k] = {**raw.get(k, {}), **copy.deepcopy(v)}
+    return Config.from_dict(raw)
+
+
+@contextmanager
+def running_gateway(
+    config: Config, router: TagRouter | None = None
+) -> Iterator[RunningGateway]:
+    app = create_app(config, router=router or demo_router("keyword"))
+    with ServerThread(app, log_level="warning") as srv:
+        yield RunningGateway(srv, app.state.gateway)
