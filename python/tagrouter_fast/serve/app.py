@@ -265,6 +265,7 @@ class Gateway:
         self.router = self._prepare_router(router)
         self.forwarder: Forwarder | None = None
         self.outcomes: Any = None  # OutcomeStore, opened at start-up
+        self.shared: Any = None  # SharedCounts (Redis), opened with it when [shared] is set
         self.ready = False
         self.tag_in_thread = config.router.tag_in_thread is not False
         self.inflight = 0
@@ -320,16 +321,42 @@ class Gateway:
             await client.aclose()
             if self.outcomes is not None:
                 await anyio.to_thread.run_sync(self.outcomes.close)
+            if self.shared is not None:  # after the store: its close may still apply outcomes
+                await anyio.to_thread.run_sync(self.shared.close)
 
     def _open_outcomes(self, router: TagRouter) -> Any:
         from tagrouter_fast.serve.outcomes import OutcomeStore
 
         fb = self.config.feedback
         assert fb.state_dir is not None
-        store = OutcomeStore(
-            router, fb.state_dir, fsync=fb.fsync, snapshot_every=fb.snapshot_every,
-            decision_ttl_s=fb.decision_ttl_s, max_decisions=fb.max_decisions,
-        )
+        shared = None
+        if self.config.shared is not None:
+            from tagrouter_fast.serve.shared import SharedCounts
+
+            if self.shared is not None:  # a reload: the previous link goes with its store
+                self.shared.close()
+                self.shared = None
+            # The outcome store writes through the shared link (outbox first, then the store).
+            shared = SharedCounts(self.config.shared, router, fb.state_dir, fsync=fb.fsync,
+                                  decision_ttl_s=fb.decision_ttl_s)
+        try:
+            store = OutcomeStore(
+                shared.journal_router if shared is not None else router, fb.state_dir,
+                fsync=fb.fsync, snapshot_every=fb.snapshot_every,
+                decision_ttl_s=fb.decision_ttl_s, max_decisions=fb.max_decisions,
+            )
+        except BaseException:
+            if shared is not None:
+                shared.close(flush_s=0)
+            raise
+        if shared is not None:
+            try:
+                shared.start()  # routes on base + shared increments from the first request
+            except BaseException:
+                store.close()
+                shared.close(flush_s=0)
+                raise
+            self.shared = shared
         self._apply_costs(router)
         self.metrics.track_store_version(lambda: float(self.outcomes.version)
                                          if self.outcomes is not None else 0.0)
@@ -451,6 +478,9 @@ class Gateway:
         except Exception as e:  # e.g. closed during a reload: the answer matters more
             log.warning("decision %s not remembered (%s); its feedback will get 404",
                         decision_id, e)
+            return
+        if self.shared is not None:
+            self.shared.remember(decision_id, tags, model)
 
     # ---- headers ----
 
@@ -621,7 +651,11 @@ class Gateway:
             self.metrics.feedback.labels("invalid").inc()
             raise _bad("outcome", "must be win, tie, loss or a number")
         try:
-            version = await anyio.to_thread.run_sync(store.feedback, did, outcome)
+            shared = self.shared
+            if shared is not None:  # Redis-wide idempotency, decisions of other replicas
+                version = await anyio.to_thread.run_sync(shared.feedback, store, did, outcome)
+            else:
+                version = await anyio.to_thread.run_sync(store.feedback, did, outcome)
         except UnknownDecision:
             self.metrics.feedback.labels("unknown").inc()
             raise ApiError(404, f"decision_id: unknown or expired decision {did!r}",
@@ -812,6 +846,7 @@ class Gateway:
         if bundle is None:
             raise ApiError(409, "router.bundle is not set: nothing to reload")
         from tagrouter_fast.serve.outcomes import StateError
+        from tagrouter_fast.serve.shared import SharedStateError
 
         # The running tagger is kept (no second encoder load); the bundle's fingerprint check
         # still refuses a store built with another tagger.
@@ -826,7 +861,7 @@ class Gateway:
             self.outcomes = None
             try:
                 self.outcomes = self._open_outcomes(fresh)
-            except StateError as e:
+            except (StateError, SharedStateError) as e:
                 self.outcomes = self._open_outcomes(self.router)
                 raise ApiError(409, f"reload refused: {e}") from None
         self.router = fresh
@@ -969,6 +1004,7 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
         return JSONResponse({
             "status": "ready", "models": gw.router.decider.models,
             "store_version": getattr(gw.outcomes, "version", None),
+            **({"shared": gw.shared.stats()} if gw.shared is not None else {}),
         })
 
     async def on_api_error(request: Request, exc: Exception) -> Response:

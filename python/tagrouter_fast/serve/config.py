@@ -44,6 +44,7 @@ __all__ = [
     "RouterConfig",
     "ServerConfig",
     "SessionConfig",
+    "SharedConfig",
     "load_config",
 ]
 
@@ -148,6 +149,25 @@ class FeedbackConfig:
 
 
 @dataclass(frozen=True)
+class SharedConfig:
+    """Replicas sharing their counts through Redis (docs/scaling.md); off without ``[shared]``."""
+
+    #: ``redis://[:password@]host:port/db``, ``rediss://...`` or ``unix:///path.sock``.
+    redis_url: str
+    #: Every key lives under ``<key_prefix>:``; replicas of one bundle share one prefix.
+    key_prefix: str = "tagrouter"
+    #: Polling period of the shared version: the backstop of the pub/sub wake-ups.
+    refresh_ms: int = 50
+    #: Wake up on the version published by every counted outcome (latency ~1 ms on loopback).
+    pubsub: bool = True
+    #: Socket timeout of every Redis call: how long Redis may stall a feedback request.
+    timeout_s: float = 1.0
+    #: Put each decision in Redis (for ``feedback.decision_ttl_s``) so feedback may reach any
+    #: replica, not only the one that routed.
+    share_decisions: bool = True
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     #: Environment variable holding the admin bearer token; admin endpoints are off without it.
     token_env: str | None = None
@@ -163,6 +183,7 @@ class Config:
     sessions: SessionConfig = field(default_factory=SessionConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    shared: SharedConfig | None = None
     #: Where the config was read from (for messages).
     source: str = "<dict>"
 
@@ -380,6 +401,8 @@ def _parse(raw: Mapping[str, Any], base: Path) -> Config:
     admin = AdminConfig(token_env=a.str_("token_env"))
     a.done()
 
+    shared = _shared(top, feedback)
+
     top.done()
     return Config(
         router=router,
@@ -390,7 +413,37 @@ def _parse(raw: Mapping[str, Any], base: Path) -> Config:
         sessions=sessions,
         feedback=feedback,
         admin=admin,
+        shared=shared,
     )
+
+
+def _shared(top: _Section, feedback: FeedbackConfig) -> SharedConfig | None:
+    if top.get("shared") is None:
+        return None
+    sh = _Section(top.get("shared"), "shared")
+    url = sh.str_("redis_url", required=True)
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
+        raise ConfigError("shared.redis_url", f"must be a redis://, rediss:// or unix:// URL, "
+                          f"got {url!r}")
+    prefix = sh.str_("key_prefix", "tagrouter")
+    if any(c.isspace() for c in prefix):
+        raise ConfigError("shared.key_prefix", f"must not contain whitespace, got {prefix!r}")
+    out = SharedConfig(
+        redis_url=url,
+        key_prefix=prefix,
+        refresh_ms=sh.int_("refresh_ms", 50, lo=1, hi=60_000),
+        pubsub=sh.bool_("pubsub", True),
+        timeout_s=sh.positive("timeout_s", 1.0),
+        share_decisions=sh.bool_("share_decisions", True),
+    )
+    sh.done()
+    if feedback.state_dir is None:
+        # The local journal is what covers Redis outages: without it an outcome acknowledged
+        # while Redis is down would live in memory only.
+        raise ConfigError("shared", "needs [feedback] state_dir (the local journal that keeps "
+                          "outcomes while Redis is unavailable)")
+    return out
 
 
 def _backend(b: _Section) -> BackendConfig:

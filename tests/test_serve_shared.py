@@ -1,0 +1,420 @@
+"""Gateway replicas sharing their counts through a real redis-server (started and stopped by the
+tests on a free loopback port): propagation latency, exact counts under concurrency, outages,
+restarts, idempotency across replicas, and a new replica starting from the shared state.
+
+Replicas are real gateways under uvicorn on loopback (serve_helpers.running_gateway), each with
+its own state directory; the backends are never called (``/v1/route`` + ``/v1/feedback``)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("redis")
+httpx = pytest.importorskip("httpx")
+
+from redis_server import RedisServer, redis_server_binary  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    MATH,
+    POEM,
+    RunningGateway,
+    dead_url,
+    gateway_config,
+    running_gateway,
+)
+
+from tagrouter_fast.core import TagScorer  # noqa: E402
+from tagrouter_fast.serve.config import Config, ConfigError  # noqa: E402
+from tagrouter_fast.serve.fake_backend import demo_router, wait_for  # noqa: E402
+from tagrouter_fast.serve.outcomes import OutcomeStore, OutcomeStoreError  # noqa: E402
+from tagrouter_fast.serve.shared import SharedCounts, SharedStateError  # noqa: E402
+
+TAG = "Poetry Writing"  # the keyword tagger's tag for POEM
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_redis() -> None:
+    redis_server_binary()  # skips the module with the reason when absent
+
+
+@pytest.fixture
+def redis_srv(tmp_path: Path) -> Iterator[RedisServer]:
+    srv = RedisServer(tmp_path / "redis", aof=True)
+    with srv:
+        yield srv
+
+
+def replica_config(redis_url: str, state_dir: Path, *, prefix: str = "t", **shared: Any
+                   ) -> Config:
+    urls = {"small": dead_url(), "big": dead_url()}
+    return gateway_config(
+        urls, feedback={"state_dir": str(state_dir), "fsync": True},
+        shared={"redis_url": redis_url, "key_prefix": prefix, **shared},
+        server={"access_log": False},
+    )
+
+
+def post(g: RunningGateway, path: str, body: Any) -> Any:  # an httpx.Response
+    return httpx.post(g.url + path, json=body, timeout=10.0)
+
+
+def route(g: RunningGateway, query: str = POEM) -> tuple[str, str]:
+    r = post(g, "/v1/route", {"query": query})
+    assert r.status_code == 200, r.text
+    return r.json()["decision_id"], r.json()["model"]
+
+
+def counts(g: RunningGateway, model: str, tag: str = TAG) -> tuple[int, int, int]:
+    return g.gw.router.scorer.counts(model, tag)
+
+
+def redis_counts(url: str, prefix: str = "t") -> dict[str, int]:
+    import redis
+
+    r: Any = redis.Redis.from_url(url)
+    try:
+        return {k.decode(): int(v) for k, v in r.hgetall(f"{prefix}:counts").items()}
+    finally:
+        r.close()
+
+
+def field(model: str, tag: str, outcome: str) -> str:
+    return json.dumps(["c", model, tag, outcome], separators=(",", ":"))
+
+
+def converged(*gs: RunningGateway, n: int) -> bool:
+    """Every replica routes on the same store, holding ``n`` shared outcomes."""
+    if any(g.gw.shared.version != n or g.gw.shared.pending() for g in gs):
+        return False
+    first = gs[0].gw.router.scorer.to_bytes()
+    return all(g.gw.router.scorer.to_bytes() == first for g in gs)
+
+
+@pytest.fixture
+def replicas(redis_srv: RedisServer, tmp_path: Path) -> Iterator[list[RunningGateway]]:
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(running_gateway(replica_config(redis_srv.url, tmp_path / n)))
+            for n in ("a", "b")
+        ]
+
+
+# ==== Propagation ====
+
+
+def test_outcome_on_a_is_used_by_b_within_100_ms(replicas: list[RunningGateway]) -> None:
+    a, b = replicas
+    latencies = []
+    for i in range(20):
+        did, model = route(a)
+        before = counts(b, model)
+        f = post(a, "/v1/feedback", {"decision_id": did, "outcome": "loss"})
+        t_ack = time.perf_counter()
+        assert f.status_code == 200, f.text
+        # Bounded wait: B's routed store (what its next decision reads) holds the loss.
+        assert wait_for(lambda m=model, c=before: counts(b, m)[2] == c[2] + 1, timeout_s=2.0,
+                        interval_s=0.0005), f"outcome {i} never reached replica B"
+        latencies.append(time.perf_counter() - t_ack)
+    ms = sorted(x * 1e3 for x in latencies)
+    print(f"\nA->B propagation after A's ack: median {statistics.median(ms):.2f} ms, "
+          f"max {ms[-1]:.2f} ms over {len(ms)} outcomes")
+    assert ms[-1] < 100.0, ms
+    # And B decides on it: its explanation scores the tag with the new counts.
+    assert wait_for(lambda: converged(a, b, n=20))
+    expl = post(b, "/v1/route", {"query": POEM}).json()["explanation"]
+    assert expl["scores"] == post(a, "/v1/route", {"query": POEM}).json()["explanation"]["scores"]
+
+
+# ==== Concurrency: exact counts ====
+
+
+def test_two_replicas_concurrent_feedback_counts_exactly(
+    replicas: list[RunningGateway], redis_srv: RedisServer
+) -> None:
+    a, b = replicas
+    base = demo_router("keyword").scorer
+    per_replica = 40
+    work: list[tuple[RunningGateway, str, str, str]] = []
+    outcomes = ("win", "tie", "loss")
+    for g in (a, b):
+        for i in range(per_replica):
+            did, model = route(g, POEM if i % 2 else MATH)
+            work.append((g, did, model, outcomes[i % 3]))
+    errors: list[str] = []
+
+    def worker(items: list[tuple[RunningGateway, str, str, str]]) -> None:
+        with httpx.Client(timeout=10.0) as c:
+            for g, did, _, o in items:
+                r = c.post(g.url + "/v1/feedback", json={"decision_id": did, "outcome": o})
+                if r.status_code != 200:
+                    errors.append(r.text)
+
+    threads = [threading.Thread(target=worker, args=(work[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    total = 2 * per_replica
+    assert wait_for(lambda: converged(a, b, n=total), timeout_s=10.0)
+    # Expected deltas, from the decisions themselves.
+    expected: dict[str, int] = {"queries": total}
+    assert len({w[1] for w in work}) == total
+    store = a.gw.router.scorer
+    for model in store.models:
+        for tag in store.tags:
+            got = store.counts(model, tag)
+            old = base.counts(model, tag) if tag in base and model in base.models else (0, 0, 0)
+            for k, o in enumerate(outcomes):
+                if got[k] != old[k]:
+                    expected[field(model, tag, o)] = got[k] - old[k]
+    assert sum(v for k, v in expected.items() if k != "queries") >= total
+    red = redis_counts(redis_srv.url)
+    assert {k: v for k, v in red.items() if k.startswith('["c"') or k == "queries"} == expected
+    # Per-outcome totals match what was posted, in Redis and in every replica's store.
+    for o in outcomes:
+        want = sum(1 for w in work if w[3] == o)
+        assert sum(v for k, v in red.items() if k.startswith('["m"') and o in k) == want
+    assert store.n_queries == base.n_queries + total
+    # count_t: every decision is a new query carrying each of its tags once.
+    for tag in store.tags:
+        grown = store.tag_count(tag) - (base.tag_count(tag) if tag in base else 0)
+        assert red.get(json.dumps(["t", tag], separators=(",", ":")), 0) == grown
+
+
+# ==== Outages and restarts ====
+
+
+def test_redis_stopped_then_restarted_replays_pending_exactly_once(
+    redis_srv: RedisServer, tmp_path: Path
+) -> None:
+    cfg_a = replica_config(redis_srv.url, tmp_path / "a")
+    cfg_b = replica_config(redis_srv.url, tmp_path / "b")
+    with running_gateway(cfg_a) as a, running_gateway(cfg_b) as b:
+        did, model = route(a)
+        assert post(a, "/v1/feedback", {"decision_id": did, "outcome": "win"}).status_code == 200
+        assert wait_for(lambda: converged(a, b, n=1))
+        before = counts(a, model)
+
+        redis_srv.stop()
+        # Routing goes on on the last snapshot; feedback is acknowledged by the local journal.
+        down = [route(a) for _ in range(5)] + [route(b, MATH) for _ in range(3)]
+        for (d, _), g in zip(down, [a] * 5 + [b] * 3, strict=True):
+            r = post(g, "/v1/feedback", {"decision_id": d, "outcome": "loss"})
+            assert r.status_code == 200, r.text
+        assert counts(a, model)[2] == before[2] + 5  # A sees its own outcomes at once
+        assert a.gw.shared.pending() == 5 and b.gw.shared.pending() == 3
+        assert not a.gw.shared.connected
+
+    # Replica A restarts while Redis is still down: its outbox survives in the state dir.
+    with running_gateway(cfg_a) as a2:
+        assert counts(a2, model)[2] == before[2] + 5
+        assert a2.gw.shared.pending() == 5
+        redis_srv.start()  # same port, same AOF data
+        with running_gateway(cfg_b) as b2:
+            assert wait_for(lambda: converged(a2, b2, n=9), timeout_s=10.0)
+            assert counts(b2, model)[2] == before[2] + 5
+    red = redis_counts(redis_srv.url)
+    assert red["queries"] == 9  # each pending outcome replayed exactly once
+    # Restarted once more, with Redis up: nothing left to replay, nothing counted again.
+    with running_gateway(cfg_a) as a3:
+        assert wait_for(lambda: a3.gw.shared.version == 9 and not a3.gw.shared.pending())
+        assert counts(a3, model)[2] == before[2] + 5
+        assert redis_counts(redis_srv.url)["queries"] == 9
+
+
+def test_lost_ack_resend_is_counted_once(redis_srv: RedisServer, tmp_path: Path) -> None:
+    cfg = replica_config(redis_srv.url, tmp_path / "a")
+    with running_gateway(cfg) as a:
+        did, model = route(a)
+        assert post(a, "/v1/feedback", {"decision_id": did, "outcome": "tie"}).status_code == 200
+        assert wait_for(lambda: converged(a, n=1))
+        tie = counts(a, model)[1]
+    # Drop the confirmation lines, as if the process died before writing them.
+    outbox = tmp_path / "a" / "shared-outbox.log"
+    lines = outbox.read_bytes().splitlines(keepends=True)
+    outbox.write_bytes(b"".join(x for x in lines if b'"ack"' not in x))
+    with running_gateway(cfg) as a2:
+        assert wait_for(lambda: a2.gw.shared.pending() == 0 and a2.gw.shared.version == 1)
+        assert a2.gw.shared.stats()["duplicates"] == 1
+        assert counts(a2, model)[1] == tie
+    assert redis_counts(redis_srv.url)["queries"] == 1
+
+
+# ==== Idempotency across replicas ====
+
+
+def test_same_decision_posted_to_both_replicas_counts_once(
+    replicas: list[RunningGateway], redis_srv: RedisServer
+) -> None:
+    a, b = replicas
+    # Sequential: B takes A's decision from Redis; A then refuses the second outcome.
+    did, model = route(a)
+    assert wait_for(lambda: _shared_decision(redis_srv.url, did))
+    before = counts(a, model)
+    r = post(b, "/v1/feedback", {"decision_id": did, "outcome": "win"})
+    assert r.status_code == 200, r.text
+    assert wait_for(lambda: converged(a, b, n=1))
+    again = post(a, "/v1/feedback", {"decision_id": did, "outcome": "loss"})
+    assert again.status_code == 409, again.text
+    # Concurrent: both may acknowledge locally; the Lua script counts the first only.
+    ids = [route(a) for _ in range(10)]
+    assert wait_for(lambda: all(_shared_decision(redis_srv.url, d) for d, _ in ids))
+    statuses: list[int] = []
+
+    def send(g: RunningGateway, d: str) -> None:
+        statuses.append(post(g, "/v1/feedback", {"decision_id": d, "outcome": "win"}).status_code)
+
+    threads = [threading.Thread(target=send, args=(g, d)) for d, _ in ids for g in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(statuses) <= {200, 409} and statuses.count(200) >= 10
+    assert wait_for(lambda: converged(a, b, n=11), timeout_s=10.0)
+    assert counts(a, model)[0] == before[0] + 11 == counts(b, model)[0]
+    assert redis_counts(redis_srv.url)["queries"] == 11
+
+
+def _shared_decision(url: str, did: str) -> bool:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        return bool(r.exists(f"t:dec:{did}"))
+    finally:
+        r.close()
+
+
+# ==== A new replica ====
+
+
+def test_new_replica_starts_from_the_shared_state(
+    replicas: list[RunningGateway], redis_srv: RedisServer, tmp_path: Path
+) -> None:
+    a, b = replicas
+    for i in range(6):
+        d, _ = route(a if i % 2 else b)
+        g = a if i % 2 else b
+        assert post(g, "/v1/feedback", {"decision_id": d, "outcome": "loss"}).status_code == 200
+    assert wait_for(lambda: converged(a, b, n=6))
+    bundle_only = demo_router("keyword").scorer.to_bytes()
+    with running_gateway(replica_config(redis_srv.url, tmp_path / "c")) as c:
+        # From its first request, without waiting: base bundle + shared increments.
+        assert c.gw.router.scorer.to_bytes() == a.gw.router.scorer.to_bytes() != bundle_only
+        assert c.gw.shared.version == 6
+
+
+# ==== Refusals and config ====
+
+
+def test_another_base_store_refuses_to_share(redis_srv: RedisServer, tmp_path: Path) -> None:
+    from tagrouter_fast.core import TagDecider
+    from tagrouter_fast.router import TagRouter
+
+    cfg = replica_config(redis_srv.url, tmp_path / "a")
+    assert cfg.shared is not None
+    first = SharedCounts(cfg.shared, demo_router("keyword"), tmp_path / "a")
+    first.start()
+    first.close()
+    other = TagRouter(TagDecider(TagScorer.from_records([("q", ["X"], "small", "win"),
+                                                        ("q", ["X"], "big", "loss")]),
+                                 {"small": 1.0, "big": 2.0}), align=False)
+    second = SharedCounts(cfg.shared, other, tmp_path / "b")
+    with pytest.raises(SharedStateError, match="shared.key_prefix"):
+        second.start()
+    second.close()
+
+
+@pytest.mark.parametrize(
+    ("shared", "feedback", "message"),
+    [({"redis_url": "http://x"}, True, "shared.redis_url: must be a redis://"),
+     ({}, True, "shared.redis_url: missing"),
+     ({"redis_url": "redis://h", "refresh_ms": 0}, True, "shared.refresh_ms: must be between"),
+     ({"redis_url": "redis://h", "refres_ms": 5}, True, "shared.refres_ms: unknown key"),
+     ({"redis_url": "redis://h", "timeout_s": -1}, True, "shared.timeout_s"),
+     ({"redis_url": "redis://h", "key_prefix": "a b"}, True, "shared.key_prefix"),
+     ({"redis_url": "redis://h"}, False, "shared: needs [feedback] state_dir")],
+)
+def test_bad_shared_config_names_the_key(
+    shared: dict[str, Any], feedback: bool, message: str, tmp_path: Path
+) -> None:
+    raw: dict[str, Any] = {
+        "router": {}, "backends": [{"name": "small", "base_url": "http://127.0.0.1:1/v1"}],
+        "shared": shared,
+    }
+    if feedback:
+        raw["feedback"] = {"state_dir": str(tmp_path)}
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Config.from_dict(raw)
+
+
+def test_redis_that_lost_its_data_is_noticed_and_the_snapshot_kept(tmp_path: Path) -> None:
+    # No AOF: a restart comes back empty. Replicas must not silently drop what they learned.
+    srv = RedisServer(tmp_path / "redis", aof=False)
+    with srv, running_gateway(replica_config(srv.url, tmp_path / "a")) as a:
+        did, model = route(a)
+        assert post(a, "/v1/feedback", {"decision_id": did, "outcome": "loss"}).status_code == 200
+        assert wait_for(lambda: converged(a, n=1))
+        learned = a.gw.router.scorer.to_bytes()
+        srv.stop()
+        srv.start()
+        assert wait_for(lambda: a.gw.shared.stats()["diverged"] is not None, timeout_s=10.0)
+        assert "shared state was lost" in a.gw.shared.stats()["diverged"]
+        assert a.gw.router.scorer.to_bytes() == learned
+        ready = httpx.get(a.url + "/readyz").json()
+        assert ready["shared"]["diverged"]
+        # Feedback is still acknowledged locally (kept in the outbox, not sent to this Redis).
+        d2, _ = route(a)
+        assert post(a, "/v1/feedback", {"decision_id": d2, "outcome": "win"}).status_code == 200
+        assert a.gw.shared.pending() == 1
+
+
+def test_polling_alone_propagates(redis_srv: RedisServer, tmp_path: Path) -> None:
+    # pub/sub off: the versioned polling every refresh_ms carries outcomes on its own.
+    cfgs = [replica_config(redis_srv.url, tmp_path / n, pubsub=False, refresh_ms=10)
+            for n in ("a", "b")]
+    with running_gateway(cfgs[0]) as a, running_gateway(cfgs[1]) as b:
+        did, model = route(a)
+        before = counts(b, model)
+        assert post(a, "/v1/feedback", {"decision_id": did, "outcome": "win"}).status_code == 200
+        t0 = time.perf_counter()
+        assert wait_for(lambda: counts(b, model)[0] == before[0] + 1, timeout_s=2.0,
+                        interval_s=0.001)
+        assert time.perf_counter() - t0 < 0.1
+
+
+def test_second_process_on_a_state_dir_leaves_the_outbox_alone(
+    redis_srv: RedisServer, tmp_path: Path
+) -> None:
+    cfg = replica_config(redis_srv.url, tmp_path / "a")
+    with running_gateway(cfg) as a:
+        redis_srv.stop()
+        did, _ = route(a)
+        assert post(a, "/v1/feedback", {"decision_id": did, "outcome": "win"}).status_code == 200
+        outbox = tmp_path / "a" / "shared-outbox.log"
+        with open(outbox, "ab") as f:
+            f.write(b"0000")  # as if the owner were half-way through a line
+        data = outbox.read_bytes()
+        # What the gateway's start-up does: the link first, then the store (which refuses).
+        assert cfg.shared is not None and cfg.feedback.state_dir is not None
+        second = SharedCounts(cfg.shared, demo_router("keyword"), cfg.feedback.state_dir)
+        with pytest.raises(OutcomeStoreError, match="in use"):
+            OutcomeStore(second.journal_router, cfg.feedback.state_dir)
+        second.close(flush_s=0)
+        assert outbox.read_bytes() == data
+        with open(outbox, "r+b") as f:
+            f.truncate(len(data) - 4)  # the owner "finishes" its line: nothing was lost
+        redis_srv.start()
+        assert wait_for(lambda: a.gw.shared.pending() == 0 and a.gw.shared.version == 1,
+                        timeout_s=10.0)
