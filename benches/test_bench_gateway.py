@@ -14,7 +14,7 @@ one encoder pass per request), streaming and not, one client (latency) and 64 co
 measured here), zero errors at 64 concurrent; with the default tagger, overhead <= one encoder
 pass + 1 ms.
 
-LiteLLM is the optional ``peers`` extra (``pip install -e '.[peers]'``); set
+LiteLLM is the optional ``peers-litellm`` extra (``pip install -e '.[peers-litellm]'``); set
 ``TAGROUTER_LITELLM`` to a ``litellm`` executable of another environment to use that one.
 """
 
@@ -131,7 +131,7 @@ def gateway_tagged(backend: BackendProcess, tmp_path_factory: pytest.TempPathFac
 def litellm(backend: BackendProcess) -> Iterator[Target]:
     exe = os.environ.get("TAGROUTER_LITELLM") or shutil.which("litellm")
     if not exe:
-        pytest.skip("LiteLLM's proxy is not installed (the optional `peers` extra, or set "
+        pytest.skip("LiteLLM's proxy is not installed (the optional `peers-litellm` extra, or set "
                     "TAGROUTER_LITELLM to a litellm executable)")
     port = _free_port()
     with tempfile.TemporaryDirectory() as d:

@@ -323,7 +323,7 @@ class DefaultTagger:
         Returns:
             ``(n_tags,)`` float32.
         """
-        proto = self._proto_emb @ query_embedding
+        proto = np.einsum("kj,j->k", self._proto_emb, query_embedding)
         return np.maximum.reduceat(proto, self._starts)
 
     def _cue_bonus(self, queries: list[str], n_tags: int) -> np.ndarray:
@@ -412,10 +412,18 @@ class DefaultTagger:
         heads = [instruction_head(q) if self.instruction_head else None for q in qs]
         extra = [h for h in heads if h is not None]
         # One encoder call for queries and heads: the encoder sorts by length, so heads are
-        # batched with each other when there are many queries, and one query with its head is a
-        # single onnxruntime run (a second call cost more than padding the head).
-        e = self._encode(qs + extra)
-        proto = e @ self._proto_emb.T  # (n + heads, P)
+        # batched with each other when there are many queries. A single query whose head is
+        # much shorter than itself gets two runs instead: padding a 10-token head to the
+        # query's 128 tokens costs more than a second, tiny run (benches/test_bench_route_floor:
+        # long prompts 2.5x -> 1.3x one encoder pass, identical tags).
+        if len(qs) == 1 and extra and 3 * len(extra[0]) < len(qs[0]):
+            e = np.concatenate([self._encode(qs), self._encode(extra)])
+        else:
+            e = self._encode(qs + extra)
+        # einsum, not `@`: for these small products multithreaded BLAS fights onnxruntime for
+        # the cores and leaves spinning threads that slow the next encoder run (7.8 ms -> 0.5 ms
+        # right after an encoder pass, same numbers).
+        proto = np.einsum("ij,kj->ik", e, self._proto_emb)  # (n + heads, P)
         per_tag = np.maximum.reduceat(proto, self._starts, axis=1)
         full = per_tag[: len(qs)]
         rows = full.copy()
