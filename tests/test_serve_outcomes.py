@@ -11,9 +11,11 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -222,7 +224,7 @@ def test_background_snapshots_compact_the_journal(tmp_path: Path) -> None:
         s.remember(d, tags, m)
         s.feedback(d, label)
         counted.append(plan(i))
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # a hang guard only: it returns as soon as it is there
     # The worker snapshots whenever snapshot_every outcomes have come since the last one, so
     # it ends less than 5 behind the 23 applied.
     while s.stats()["snapshot_seq"] < 19 and time.monotonic() < deadline:
@@ -474,27 +476,92 @@ def test_concurrent_feedback_while_routing_loses_nothing(tmp_path: Path) -> None
 
 
 # ==== kill -9 ====
+# A child process posts outcomes and reports each step on stdout; the parent kills it with
+# SIGKILL and checks that every outcome the child saw acknowledged is counted after recovery.
+#
+# The report is part of the evidence, so it must not lie when the kill lands in the middle of
+# it. print("A", d) is one write() per piece when stdout is unbuffered (PYTHONUNBUFFERED=1, as
+# in this CI): a kill between them left b"A" in the pipe, which the parent read as the ack of
+# decision "" and reported as a lost outcome (it happened under load). So the child reports with
+# `emit`, one write() per whole line (atomic on a pipe: < PIPE_BUF), and the parent reads only
+# whole lines of a strict grammar (`_events`): torn or stray output fails as such, never as a
+# durability verdict.
+
+#: Generous hang guard per child (a hung child is killed then, and that moment is as good a kill
+#: moment as any: nothing in the checks depends on timing).
+CHILD_TIMEOUT_S = 120.0
+
+
+def emit(*words: str) -> None:
+    """One report line, written with a single write() whatever the stdout buffering."""
+    line = (" ".join(words) + "\n").encode()
+    assert len(line) < 512  # well under PIPE_BUF: the pipe takes it whole or not at all
+    assert os.write(1, line) == len(line)
+
+
+_EVENT = re.compile(rb"(?:(R|T|A) ([A-Za-z0-9-]+)|READY|END)")
+
+
+def _events(out: bytes) -> list[tuple[str, str]]:
+    """The child's report as ``(kind, id)`` pairs (id "" for READY/END); anything but whole
+    lines of the grammar is a harness error."""
+    lines = out.split(b"\n")
+    assert lines[-1] == b"", f"torn report line from the child: {out[-200:]!r}"
+    got = []
+    for raw in lines[:-1]:
+        m = _EVENT.fullmatch(raw)
+        assert m, f"unexpected child output line {raw!r}"
+        got.append(((m.group(1) or raw).decode(), (m.group(2) or b"").decode()))
+    return got
+
+
+def _spawn(source: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    # stderr goes to a file: a chatty child must never block on a pipe nobody reads yet.
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", source, *args], stdout=subprocess.PIPE, stderr=err, env=env
+        )
+        proc.stderr = os.fdopen(os.dup(err.fileno()), "rb")
+    return proc
+
+
+def _reap(proc: subprocess.Popen[bytes], out: bytes) -> list[tuple[str, str]]:
+    """Reads the rest of a killed (or killing itself) child's report and waits for it."""
+    assert proc.stdout is not None and proc.stderr is not None
+    # Not communicate(): it reads the pipe's fd directly and would drop what readline()
+    # already buffered.
+    out += proc.stdout.read()
+    proc.wait(timeout=CHILD_TIMEOUT_S)
+    proc.stdout.close()
+    with proc.stderr as f:
+        f.seek(0)
+        err = f.read().decode(errors="replace")[-3000:]
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, err)
+    return _events(out)
+
 
 CHILD = textwrap.dedent(
     """
-    import sys
+    import sys, time
     sys.path[:0] = [sys.argv[3]]
-    from test_serve_outcomes import make_router, plan
+    from test_serve_outcomes import emit, make_router, plan
     from tagrouter_fast.serve.outcomes import OutcomeStore
 
     state, start, rnd = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
     store = OutcomeStore(make_router(), state, snapshot_every=7)
     for k in range(3):  # decisions whose outcome arrives after a later restart
         store.remember(f"pre{rnd}-{k}", ["Poem"], "small")
-        print("R", f"pre{rnd}-{k}", flush=True)
-    print("READY", flush=True)
+        emit("R", f"pre{rnd}-{k}")
+    emit("READY")
     for i in range(start, start + 400):
         d, tags, model, label = plan(i)
         store.remember(d, tags, model)
-        print("T", d, flush=True)
+        emit("T", d)
         store.feedback(d, label if i % 4 else {"win": 0.9, "tie": 0.5, "loss": 0.1}[label])
-        print("A", d, flush=True)
-    print("END", flush=True)
+        emit("A", d)
+    emit("END")
+    while True:  # a slow parent may see END first: the child is still killed, never exits
+        time.sleep(60)
     """
 )
 
@@ -509,48 +576,41 @@ def test_kill9_at_random_moments_loses_no_acknowledged_outcome(tmp_path: Path) -
     start = 0
     tests_dir = str(Path(__file__).parent)
     for rnd in range(5):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(state), str(start), tests_dir, str(rnd)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        proc = _spawn(CHILD, str(state), str(start), tests_dir, str(rnd))
         assert proc.stdout is not None
-        kill_after = rng.randint(1, 120)  # acknowledged outcomes before the kill
-        seen, lines = 0, []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline().decode()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("A "):
-                seen += 1
-                if seen >= kill_after:
-                    time.sleep(rng.random() * 0.01)  # land anywhere in the next iteration
-                    break
-        proc.send_signal(signal.SIGKILL)
-        # Not communicate(): it reads the pipe's fd directly and would drop the lines that
-        # readline() already buffered.
-        lines += proc.stdout.read().decode().splitlines(keepends=True)
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        proc.wait(timeout=20)
-        assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
-        assert any(x.startswith("READY") for x in lines), err.decode()[-2000:]
-        for line in lines:
-            kind, _, ident = line.strip().partition(" ")
-            if kind == "T":
-                attempted.append(ident)
-            elif kind == "A":
-                acked.add(ident)
-            elif kind == "R":
-                remembered.append(ident)
+        guard = threading.Timer(CHILD_TIMEOUT_S, proc.kill)
+        guard.start()
+        try:
+            kill_after = rng.randint(1, 120)  # acknowledged outcomes before the kill
+            seen, out = 0, b""
+            while seen < kill_after:
+                line = proc.stdout.readline()
+                out += line
+                if not line.endswith(b"\n"):
+                    break  # EOF: the child died (or the guard killed it); _reap says which
+                if line.startswith(b"A "):
+                    seen += 1
+            time.sleep(rng.random() * 0.01)  # land anywhere in the next iteration
+            proc.send_signal(signal.SIGKILL)
+            events = _reap(proc, out)
+        finally:
+            guard.cancel()
+        kinds = [k for k, _ in events]
+        assert "READY" in kinds, f"round {rnd}: the child never got going: {events[:5]}"
+        tried = [d for k, d in events if k == "T"]
+        done = {d for k, d in events if k == "A"}
+        # The child is sequential: only its last attempt can be unacknowledged.
+        assert set(tried[:-1]) <= done <= set(tried), (rnd, set(tried) ^ done)
+        attempted += tried
+        acked |= done
+        remembered += [d for k, d in events if k == "R"]
         start += 400
 
     router = make_router()
     with OutcomeStore(router, state) as s:
         counted_ids = [d for d in attempted if s.has_outcome(d)]
-        assert acked <= set(counted_ids)  # every acknowledged outcome survived
+        lost = acked - set(counted_ids)
+        assert not lost, f"acknowledged outcomes lost: {sorted(lost)}"
         extra = set(counted_ids) - acked
         assert len(extra) <= 5  # at most the one in flight at each kill
         by_id = {plan(i)[0]: plan(i) for i in range(start)}
@@ -567,3 +627,120 @@ def test_kill9_at_random_moments_loses_no_acknowledged_outcome(tmp_path: Path) -
         assert end == f.stat().st_size
     manifest = json.loads((state / "MANIFEST.json").read_text())
     TagScorer.load(state / manifest["store"])
+
+
+# The failure above, replayed deterministically: the child's outcome is durable, then the kill
+# lands between the pieces of its acknowledgement.
+TORN_ACK_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path[:0] = [sys.argv[2]]
+    from test_serve_outcomes import emit, make_router, plan
+    from tagrouter_fast.serve.outcomes import OutcomeStore
+
+    store = OutcomeStore(make_router(), sys.argv[1])
+    d, tags, model, label = plan(0)
+    store.remember(d, tags, model)
+    emit("T", d)
+    store.feedback(d, label)
+    if sys.argv[3] == "emit":
+        emit("A", d)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    class KilledAfterOneWrite:  # the kill lands after print()'s first write() ("A")
+        def write(self, s):
+            os.write(1, s.encode())
+            os.kill(os.getpid(), signal.SIGKILL)
+        def flush(self):
+            pass
+
+    sys.stdout = KilledAfterOneWrite()
+    print("A", d, flush=True)  # how the child used to acknowledge
+    """
+)
+
+
+def test_kill9_in_the_middle_of_the_ack_line_is_not_a_lost_outcome(tmp_path: Path) -> None:
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The old report: the pipe holds b"A" without an id. Read as an ack of decision "", it made
+    # the check report a lost outcome; `_events` refuses it as torn output instead.
+    proc = _spawn(TORN_ACK_CHILD, str(tmp_path / "a"), tests_dir, "print", env=env)
+    with pytest.raises(AssertionError, match="torn report line"):
+        _reap(proc, b"")
+    # ... while the outcome was not lost at all: it was durable before the ack began.
+    router = make_router()
+    with OutcomeStore(router, tmp_path / "a") as s:
+        assert s.has_outcome("d0")
+        assert canon(router.scorer) == expected([plan(0)])
+    # The report as the child writes it now: whole lines even when killed right after.
+    proc = _spawn(TORN_ACK_CHILD, str(tmp_path / "b"), tests_dir, "emit", env=env)
+    assert _reap(proc, b"") == [("T", "d0"), ("A", "d0")]
+    with OutcomeStore(make_router(), tmp_path / "b") as s:
+        assert s.has_outcome("d0")
+
+
+# The store's side of the same question, also deterministic: the snapshot thread is paused at
+# each of its steps (the cut is taken, the journal rotated) while outcomes keep being
+# acknowledged on the old and new segments, then the process is killed.
+PAUSED_SNAPSHOT_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    sys.path[:0] = [sys.argv[3]]
+    from test_serve_outcomes import emit, make_router, plan
+    from tagrouter_fast.serve.outcomes import OutcomeStore
+
+    state, step = sys.argv[1], sys.argv[2]
+    store = OutcomeStore(make_router(), state, snapshot_every=10**6)
+
+    def post(ids):
+        for i in ids:
+            d, tags, model, label = plan(i)
+            store.remember(d, tags, model)
+            emit("T", d)
+            store.feedback(d, label)
+            emit("A", d)
+
+    post(range(0, 8))
+    store.snapshot()  # a complete generation, so compaction has files to delete
+    post(range(8, 14))
+    for k in range(2):
+        store.remember(f"pre-{k}", ["Poem"], "small")
+        emit("R", f"pre-{k}")
+    paused = threading.Event()
+
+    def fault(name):
+        if name == step:
+            paused.set()
+            threading.Event().wait()  # the snapshot thread stops here until the kill
+
+    store._fault = fault
+    threading.Thread(target=store.snapshot, daemon=True).start()
+    if not paused.wait(60):
+        emit("END")  # never reached the step: the parent fails on the missing kill
+        sys.exit(3)
+    emit("READY")
+    post(range(14, 24))  # acknowledged while the snapshot is stopped mid-way
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_kill9_while_a_snapshot_is_paused_loses_no_acknowledged_outcome(
+    tmp_path: Path, step: str
+) -> None:
+    proc = _spawn(PAUSED_SNAPSHOT_CHILD, str(tmp_path), step, str(Path(__file__).parent))
+    events = _reap(proc, b"")
+    assert ("READY", "") in events, events
+    acked = [d for k, d in events if k == "A"]
+    assert acked == [plan(i)[0] for i in range(24)]  # every attempt acknowledged, in order
+    router = make_router()
+    with OutcomeStore(router, tmp_path) as s:
+        assert canon(router.scorer) == expected([plan(i) for i in range(24)]), step
+        assert s.version == 24
+        for i in (3, 10, 20):
+            with pytest.raises(DuplicateOutcome):
+                s.feedback(plan(i)[0], "win")
+        for k in range(2):
+            s.feedback(f"pre-{k}", "win")
