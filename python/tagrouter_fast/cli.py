@@ -1,4 +1,4 @@
-"""`tagrouter` command line: tag, route, build-store, judge, eval."""
+"""`tagrouter` command line: tag, route, batch-route, build-store, judge, eval."""
 
 from __future__ import annotations
 
@@ -69,7 +69,14 @@ def _cmd_build_store(args: argparse.Namespace) -> int:
     from tagrouter_fast.build.bundle import build_bundle
 
     models = args.models.split(",") if args.models else None
-    out = build_bundle(
+    extra: dict[str, Any] = {}
+    build: Any = build_bundle
+    if args.ray:
+        # Same builder, tagging and per-shard counting on Ray; the bundle is byte-identical.
+        from tagrouter_fast.build.shard import build_bundle_ray
+
+        build, extra = build_bundle_ray, {"ray_address": args.ray, "workers": args.workers}
+    out = build(
         args.data,
         pool=args.pool,
         out=args.out,
@@ -82,9 +89,62 @@ def _cmd_build_store(args: argparse.Namespace) -> int:
         theta=args.theta,
         llm_share=args.llm_share,
         seed=args.seed,
+        **extra,
     )
     print(f"router bundle written to {out}")
     return 0
+
+
+def _cmd_batch_route(args: argparse.Namespace) -> int:
+    from tagrouter_fast.build.batch import route_file
+
+    route_file(
+        args.input,
+        args.output,
+        router=args.router,
+        ray=args.ray,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        batch_size=args.batch_size,
+        theta=args.theta,
+        show_progress=not args.no_progress,
+    )
+    return 0
+
+
+def _add_batch_route_parser(sub: Any) -> None:
+    from tagrouter_fast.build.batch import DEFAULT_BATCH_SIZE
+
+    br = sub.add_parser(
+        "batch-route",
+        help="tag and route a query log (Parquet or JSON lines), in one process or on Ray",
+        description="Tag and route every row (query_id, query) of a log and write per row the "
+        "decision (model, reason, delta, theta, slm), the tags it was made on and the "
+        "per-model scores. With --ray the tagging runs on a Ray Data actor pool (one router "
+        "load per worker); the output is the same as without (docs/scaling.md).",
+    )
+    br.add_argument("--input", required=True, metavar="FILE", help=".parquet or .jsonl log")
+    br.add_argument("--output", required=True, metavar="FILE", help=".parquet or .jsonl")
+    br.add_argument("--router", metavar="DIR", help="router bundle (default: the cached default)")
+    br.add_argument("--theta", type=float, default=None, help="cost-awareness threshold override")
+    br.add_argument(
+        "--ray", metavar="ADDRESS", help="run on this Ray cluster ('local': start one here)"
+    )
+    br.add_argument(
+        "--workers", type=int, help="with --ray: workers (default: one per CPU of the cluster)"
+    )
+    br.add_argument(
+        "--cpus-per-worker", type=int, default=1, help="with --ray: CPUs (encoder threads) each"
+    )
+    br.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help=f"queries per tagger call and per Ray block (default {DEFAULT_BATCH_SIZE})",
+    )
+    br.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    br.set_defaults(func=_cmd_batch_route)
 
 
 def _cmd_judge(args: argparse.Namespace) -> int:
@@ -284,8 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="bundle dir (default: <cache>/routers/default-<variant>; route() and `tagrouter "
         f"route` without --router use default-{DEFAULT_VARIANT})",
     )
+    b.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="tag and count shards of the judgments on this Ray cluster ('local': start one "
+        "here); the bundle is the same as without",
+    )
+    b.add_argument("--workers", type=int, help="with --ray: workers (default: one per CPU)")
     b.set_defaults(func=_cmd_build_store)
 
+    _add_batch_route_parser(sub)
     _add_judge_parser(sub)
     _add_serve_parser(sub)
 

@@ -145,7 +145,9 @@ def tune(
         )
     cands = list(v.prior_strengths) or [v.prior_strength]
     splits = stratified_folds(list(strata), v.inner_folds, seed + _SALT)
-    llm_name = make(np.arange(min(n, 1)), cands[0], 0.0).decider.llm
+    # M_LLM as the final router will have it (named, or the most expensive candidate); built
+    # on every training query, so each candidate has its outcomes in the store.
+    llm_name = make(np.arange(n), cands[0], 0.0).decider.llm
     llm = list(models).index(llm_name)
     bar = None
     if show_progress:
