@@ -1,4 +1,4 @@
-"""`tagrouter` command line: tag, route, batch-route, build-store, judge, eval."""
+"""`tagrouter` command line: tag, route, batch-route, build-store, add-model, judge, eval."""
 
 from __future__ import annotations
 
@@ -93,6 +93,52 @@ def _cmd_build_store(args: argparse.Namespace) -> int:
     )
     print(f"router bundle written to {out}")
     return 0
+
+
+def _cmd_add_model(args: argparse.Namespace) -> int:
+    from tagrouter_fast.router import TagRouter
+
+    if args.judgments is None and args.like is None:
+        raise ValueError("give --judgments DIR, or --like MODEL to start from another's counts")
+    router = TagRouter.load(args.router)
+    added = router.add_model(
+        args.judgments, args.model, cost=args.cost, table_model=args.table_model, like=args.like
+    )
+    out = router.save(args.out or args.router)
+    own = f"{added.judgments} judgments" + (
+        f" ({added.table_model!r} in {args.judgments})" if added.table_model else ""
+    )
+    like = f", {added.copied} records copied from {added.like!r}" if added.like else ""
+    print(
+        f"added {added.model!r} at cost {added.cost:g}: {own}{like}; {added.new_queries} new "
+        f"queries, {added.new_tags} new tags; candidates {added.models}, M_LLM {added.llm!r}; "
+        f"bundle written to {out}"
+    )
+    return 0
+
+
+def _add_add_model_parser(sub: Any) -> None:
+    a = sub.add_parser(
+        "add-model", help="add a model to a router bundle from its judgments (no retraining)"
+    )
+    a.add_argument("--router", metavar="DIR", required=True, help="router bundle to change")
+    a.add_argument(
+        "--judgments", metavar="DIR", help="routing-table dir with the new model's outcomes"
+    )
+    a.add_argument("--model", metavar="NAME", required=True, help="name the model routes under")
+    a.add_argument("--cost", type=float, required=True, help="its per-query cost (>= 0)")
+    a.add_argument(
+        "--table-model",
+        metavar="NAME",
+        help="the judgments' model column value to read (default: its only model, or --model)",
+    )
+    a.add_argument(
+        "--like",
+        metavar="MODEL",
+        help="start from this model's tag counts (paper D.3); own judgments are added on top",
+    )
+    a.add_argument("--out", metavar="DIR", help="write the bundle here (default: in place)")
+    a.set_defaults(func=_cmd_add_model)
 
 
 def _cmd_batch_route(args: argparse.Namespace) -> int:
@@ -352,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--workers", type=int, help="with --ray: workers (default: one per CPU)")
     b.set_defaults(func=_cmd_build_store)
+    _add_add_model_parser(sub)
 
     _add_batch_route_parser(sub)
     _add_judge_parser(sub)

@@ -26,6 +26,7 @@ from tagrouter_fast.core import (
 from tagrouter_fast.tagging.normalize import TagNormalization
 
 if TYPE_CHECKING:
+    from tagrouter_fast.build.add_model import AddedModel
     from tagrouter_fast.build.table import RoutingTable
     from tagrouter_fast.core import DecisionArrays
     from tagrouter_fast.protocols import Aligner, Encoder, Tagger
@@ -280,6 +281,25 @@ class TagRouter:
         `update_store`) and returns the new store."""
         batch = list(records)
         return self.update_store(lambda s: s.with_records(batch))
+
+    def add_model(
+        self,
+        table_or_dir: RoutingTable | str | os.PathLike[str] | None,
+        model: str,
+        *,
+        cost: float,
+        table_model: str | None = None,
+        like: str | None = None,
+    ) -> AddedModel:
+        """Adds ``model`` from its judgments (a routing table or its directory) and makes it a
+        candidate with per-query ``cost``, without retraining; routable at once, safe with
+        concurrent routing and feedback. ``like=MODEL`` starts it from MODEL's counts (paper
+        D.3; ``table_or_dir`` may then be None). See `tagrouter_fast.build.add_model.add_model`
+        for the errors."""
+        # Imported here: the runtime does not import build code until it is used.
+        from tagrouter_fast.build.add_model import add_model
+
+        return add_model(self, table_or_dir, model, cost=cost, table_model=table_model, like=like)
 
     # ---- tags -> model (no tagger needed) ----
 

@@ -732,6 +732,7 @@ class Gateway:
             return fn(arg)
 
     def _admin_add_model(self, body: dict[str, Any]) -> dict[str, Any]:
+        from tagrouter_fast.build.add_model import ModelExistsError, add_model
         from tagrouter_fast.build.table import load_table
 
         raw = body.get("backend")
@@ -756,23 +757,21 @@ class Gateway:
         if table_model not in table.models:
             raise _bad("table_model", f"{table_model!r} is not in {judgments} (models: "
                        f"{table.models})")
-        rows = [i for i in range(table.n_queries)]
-        router = self.router
-        tags = router.tags_batch(table.texts)
-        records = [(q, t, name, o) for q, t, _, o in table.records(rows, [table_model], tags)]
-        if not records:
-            raise _bad("judgments", f"no outcome of {table_model!r} in {judgments}")
         # The backend first, so that a decision for the new model always finds it.
         self.backends = {**self.backends, name: backend}
         try:
-            # The store change goes through the outcome store when there is one, which makes it
+            # The one add-model path (also `TagRouter.add_model`, `tagrouter add-model`). The
+            # store change goes through the outcome store when there is one, which makes it
             # durable (a snapshot) before answering; then the new model becomes a candidate.
-            self._update_store(lambda s: s.with_model(records))
-            self._update_decider(lambda d: d.with_store(d.scorer, costs={name: float(cost)}))
+            added = add_model(self.router, table, name, cost=float(cost),
+                              table_model=table_model, update_store=self._update_store)
+        except ModelExistsError as e:
+            self.backends = {k: v for k, v in self.backends.items() if k != name}
+            raise ApiError(409, str(e), param="backend.name") from None
         except BaseException:
             self.backends = {k: v for k, v in self.backends.items() if k != name}
             raise
-        return {"model": name, "judgments": len(records), "models": self.router.decider.models}
+        return {"model": name, "judgments": added.judgments, "models": added.models}
 
     def _admin_remove_model(self, name: str) -> dict[str, Any]:
         if name not in self.backends:

@@ -1,0 +1,349 @@
+"""Add a model to a running router from (a few of) its judgments, without retraining.
+
+The paper's evolvable pool (section 6, Appendix D.3): a new model's judged outcomes go into the
+key-value store as its per-(tag, outcome) counts and it is routable at once. This module is the
+one code path behind `TagRouter.add_model`, ``tagrouter add-model`` and the gateway's
+``POST /admin/models``.
+
+Everything is done through `TagRouter.update_store` and `TagRouter.update_decider` (or the
+caller's equivalents, e.g. the gateway's durable outcome store), so it is safe while other
+threads route and write feedback: routing never waits, and no concurrent store update is lost.
+
+Tags: a judged query the store already holds keeps the store's tag set (the store requires one
+tag set per query id, and those tags are what that query already counts towards ``count_t``);
+a new query is tagged by the router's tagger through the on-disk tag cache and aligned with
+`TagRouter.align_tags`, i.e. exactly what routing that query would see. Re-adding a model is
+therefore cheap (cached tags), and tags mean the same as the store's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tagrouter_fast.build.table import OUTCOMES, RoutingTable, load_table
+from tagrouter_fast.core import Record, TagScorer
+
+if TYPE_CHECKING:
+    from tagrouter_fast.router import TagRouter
+
+__all__ = [
+    "AddModelError",
+    "AddedModel",
+    "ModelExistsError",
+    "add_model",
+    "judgments_for_model",
+]
+
+
+class AddModelError(ValueError):
+    """A model cannot be added: the message names the judgments file or the model."""
+
+
+class ModelExistsError(AddModelError):
+    """The model is already in the router's store (the gateway answers 409)."""
+
+
+@dataclass(frozen=True)
+class AddedModel:
+    """What `add_model` changed.
+
+    Attributes:
+        model: the name the new model routes under.
+        table_model: the judgments' model column value that was read (None: no table).
+        judgments: the new model's own outcome records added.
+        like: the model whose counts the new one started from (paper D.3 proxy), if any.
+        copied: outcome records copied from ``like``.
+        cost: the new model's per-query cost.
+        new_queries: queries the store did not hold before (they raise ``count_t``).
+        new_tags: tags the store did not hold before.
+        models: the candidate models after the change.
+        llm: M_LLM after the change (unchanged: adding a model never moves it).
+    """
+
+    model: str
+    table_model: str | None
+    judgments: int
+    like: str | None
+    copied: int
+    cost: float
+    new_queries: int
+    new_tags: int
+    models: list[str]
+    llm: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ==== What the store holds per query ====
+# TagScorer has no public per-query view: counts(model, tag) aggregate over queries, and copying
+# them as records for new query ids would raise every tag's count_t (and so change w_t for every
+# model). The store file (docs/store-format.md) does hold the per-query tag sets and per-model
+# outcome triples, so they are read from `to_bytes()`, the documented, versioned format.
+
+
+@dataclass(frozen=True)
+class _StoreQuery:
+    tags: list[str]
+    judged: dict[str, tuple[int, int, int]]
+
+
+def _store_queries(scorer: TagScorer) -> dict[str, _StoreQuery]:
+    data = scorer.to_bytes()
+    if data[:8] != b"TAGRSTOR" or struct.unpack_from("<I", data, 8)[0] != 1:
+        raise AddModelError("unsupported store format: cannot read its per-query outcomes")
+    pos = 24 + 40  # header, parameters
+
+    def u32() -> int:
+        nonlocal pos
+        (v,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        return int(v)
+
+    def string() -> str:
+        nonlocal pos
+        n = u32()
+        s = data[pos : pos + n].decode("utf-8")
+        pos += n
+        return s
+
+    n_models, n_tags, n_queries = u32(), u32(), u32()
+    pos += 4  # reserved
+    models = [string() for _ in range(n_models)]
+    tags = [string() for _ in range(n_tags)]
+    pos += 12 * n_models + 12 * n_models * n_tags  # model totals, counts: derivable, skipped
+    out: dict[str, _StoreQuery] = {}
+    for _ in range(n_queries):
+        qid = string()
+        qtags = [tags[u32()] for _ in range(u32())]
+        judged: dict[str, tuple[int, int, int]] = {}
+        for _ in range(u32()):
+            m = u32()
+            judged[models[m]] = (u32(), u32(), u32())
+        out[qid] = _StoreQuery(qtags, judged)
+    return out
+
+
+# ==== Judgments -> records ====
+
+
+def _table_of(table: RoutingTable | str | os.PathLike[str]) -> RoutingTable:
+    if isinstance(table, RoutingTable):
+        return table
+    # load_table already refuses duplicate (query_id, model) rows, outcomes for query ids that
+    # queries.csv lacks and bad labels, naming file and line (tests/test_add_model.py checks it).
+    return load_table(Path(table))
+
+
+def _pick_table_model(table: RoutingTable, model: str, table_model: str | None) -> str:
+    where = f"{table.source}/outcomes.csv"
+    if table_model is not None:
+        if table_model not in table.models:
+            raise AddModelError(
+                f"{where}: no outcome rows for model {table_model!r} (its models: {table.models})"
+            )
+        return table_model
+    if len(table.models) == 1:
+        return table.models[0]
+    if model in table.models:
+        return model
+    raise AddModelError(
+        f"{where}: the model column holds {len(table.models)} models {table.models}; "
+        f"say which one is {model!r} (table_model= / --table-model)"
+    )
+
+
+def _tag_new(router: TagRouter, texts: Sequence[str]) -> list[list[str]]:
+    """What routing would see for these texts: tagger (through the tag cache), then the
+    router's normalization and alignment. Blank texts get no tags, as in `tags_batch`."""
+    live = [i for i, t in enumerate(texts) if t.strip()]
+    out: list[list[str]] = [[] for _ in texts]
+    if not live:
+        return out
+    tagger = router.tagger
+    if tagger is None:
+        raise AddModelError(
+            f"{len(live)} judged queries are new to the store and this router has no tagger to "
+            "tag them; load the router with tagger="
+        )
+    part = [texts[i] for i in live]
+    if isinstance(getattr(tagger, "fingerprint", None), str):
+        from tagrouter_fast.tagging.cache import tag_cached
+
+        raw = tag_cached(tagger, part)
+    else:  # no fingerprint: nothing to key a cache on
+        raw = tagger.tag_batch(part)
+    for i, tags in zip(live, router.align_tags(raw), strict=True):
+        out[i] = tags
+    return out
+
+
+def _check_new_name(scorer: TagScorer, model: str) -> None:
+    if model in scorer.models:
+        raise ModelExistsError(
+            f"model {model!r} is already in the router's store (remove it first, or add its "
+            "judgments as feedback records)"
+        )
+
+
+def judgments_for_model(
+    router: TagRouter,
+    table: RoutingTable | str | os.PathLike[str],
+    model: str,
+    *,
+    table_model: str | None = None,
+) -> list[Record]:
+    """The outcome records of ``table``'s judgments of one model, named ``model``.
+
+    Args:
+        router: the router the model will join (its store, tagger, normalization, alignment).
+        table: a routing table (or its directory) holding the new model's judgments.
+        model: the name the model will route under.
+        table_model: the value of the table's model column to read; by default the table's
+            only model, or ``model`` when the table holds several.
+
+    Raises:
+        AddModelError: several models in the table and none chosen, ``table_model`` absent, no
+            outcome rows for it, no tagger for queries new to the store.
+        tagrouter_fast.build.table.DataError: a malformed table (duplicate rows, unknown query
+            ids, bad labels: file and line named).
+    """
+    tab = _table_of(table)
+    column = _pick_table_model(tab, model, table_model)
+    codes = tab.outcomes([column])[:, 0]
+    rows = [i for i in range(tab.n_queries) if codes[i] >= 0]
+    if not rows:
+        raise AddModelError(f"{tab.source}/outcomes.csv: no outcome rows for model {column!r}")
+    known = _store_queries(router.scorer)
+    fresh = [i for i in rows if tab.query_ids[i] not in known]
+    fresh_tags = dict(zip(fresh, _tag_new(router, [tab.texts[i] for i in fresh]), strict=True))
+    out: list[Record] = []
+    for i in rows:
+        qid = tab.query_ids[i]
+        tags = known[qid].tags if qid in known else fresh_tags[i]
+        out.append((qid, tags, model, OUTCOMES[int(codes[i])]))
+    return out
+
+
+def _like_records(known: dict[str, _StoreQuery], like: str, model: str) -> list[Record]:
+    """``like``'s per-query outcomes under ``model``'s name, on the same queries (so the new
+    model's per-(tag, outcome) counts equal ``like``'s and no ``count_t`` changes)."""
+    out: list[Record] = []
+    for qid, q in known.items():
+        triple = q.judged.get(like)
+        if triple is None:
+            continue
+        for label, n in zip(OUTCOMES, triple, strict=True):
+            out.extend((qid, q.tags, model, label) for _ in range(n))
+    return out
+
+
+def _check_cost(model: str, cost: object) -> float:
+    if (
+        isinstance(cost, bool)
+        or not isinstance(cost, (int, float))
+        or not math.isfinite(cost)
+        or cost < 0
+    ):
+        raise AddModelError(f"cost of {model!r} must be a finite number >= 0, got {cost!r}")
+    return float(cost)
+
+
+def add_model(
+    router: TagRouter,
+    table: RoutingTable | str | os.PathLike[str] | None,
+    model: str,
+    *,
+    cost: float,
+    table_model: str | None = None,
+    like: str | None = None,
+    update_store: Callable[[Callable[[TagScorer], TagScorer]], object] | None = None,
+) -> AddedModel:
+    """Adds ``model`` to ``router``'s store from its judgments and makes it a candidate.
+
+    Args:
+        router: the router to change (in place, through its serialised update methods).
+        table: a routing table (or its directory) with the model's judgments; may be None only
+            with ``like`` (zero judgments).
+        model: the new model's name.
+        cost: its per-query cost (a finite number >= 0). M_LLM is not moved.
+        table_model: which model column value of the table to read (see `judgments_for_model`).
+        like: start from this store model's per-(tag, outcome) counts (paper D.3 proxy); the
+            new model's own judgments, if any, are added on top.
+        update_store: how to replace the store (default `router.update_store`); the gateway
+            passes its durable outcome store's.
+
+    Returns:
+        What changed (`AddedModel`).
+
+    Raises:
+        ModelExistsError: ``model`` is already in the store (so also if it is a candidate).
+        AddModelError: see `judgments_for_model`; an unknown ``like``; a bad cost; no table
+            and no ``like``.
+        tagrouter_fast.build.table.DataError: a malformed judgments table.
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise AddModelError(f"model must be a non-empty name, got {model!r}")
+    price = _check_cost(model, cost)
+    _check_new_name(router.scorer, model)
+    if like is not None and like not in router.scorer.models:
+        raise AddModelError(
+            f"like={like!r} is not in the router's store (models: {router.scorer.models})"
+        )
+    if table is None and like is None:
+        raise AddModelError(f"no judgments for {model!r}: give a judgments table or like=")
+    tab = None if table is None else _table_of(table)
+    column: str | None = None
+    own: list[Record] = []
+    if tab is not None:
+        column = _pick_table_model(tab, model, table_model)
+        has_rows = bool((tab.outcomes([column]) >= 0).any())
+        if has_rows or like is None:  # with like=, zero own judgments is the D.3 cold start
+            own = judgments_for_model(router, tab, model, table_model=column)
+    stats: dict[str, int] = {}
+
+    def grow(s: TagScorer) -> TagScorer:
+        # Re-checked under the writers' lock: another writer may have added the name since.
+        _check_new_name(s, model)
+        known = _store_queries(s)
+        if like is not None and like not in s.models:
+            raise AddModelError(f"like={like!r} was removed from the store meanwhile")
+        copied = _like_records(known, like, model) if like is not None else []
+        if not copied and not own:
+            raise AddModelError(f"{like!r} has no outcome records to start {model!r} from")
+        # Own records are tagged before the lock (tagging can be slow); a query that joined the
+        # store meanwhile must use the store's tag set, one tag set per query id.
+        mine = [(q, known[q].tags, m, o) if q in known else (q, t, m, o) for q, t, m, o in own]
+        new = s.with_model(copied + mine)
+        stats.update(
+            copied=len(copied),
+            new_queries=new.n_queries - s.n_queries,
+            new_tags=len(new) - len(s),
+        )
+        return new
+
+    (update_store or router.update_store)(grow)
+    try:
+        dec = router.update_decider(lambda d: d.with_store(d.scorer, costs={model: price}))
+    except BaseException:
+        # Not a candidate after all: take the store change back so a retry is not "exists".
+        (update_store or router.update_store)(lambda s: s.without_model(model))
+        raise
+    return AddedModel(
+        model=model,
+        table_model=column,
+        judgments=len(own),
+        like=like,
+        copied=stats["copied"],
+        cost=price,
+        new_queries=stats["new_queries"],
+        new_tags=stats["new_tags"],
+        models=dec.models,
+        llm=dec.llm,
+    )
