@@ -22,6 +22,7 @@ __all__ = [
     "StoreFormatError",
     "split_tags",
     "sweep_curve",
+    "weighted_areas",
     "sweep_routes",
     "theta_for_share_routes",
 ]
@@ -51,6 +52,13 @@ def sweep_curve(
     npt.NDArray[np.float64],
     npt.NDArray[np.float64],
 ]: ...
+def weighted_areas(
+    pref: npt.NDArray[np.float64],
+    acc_llm: npt.NDArray[np.float64],
+    acc_slm: npt.NDArray[np.float64],
+    weights: npt.NDArray[np.float64],
+    ar_llm: npt.NDArray[np.float64],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def sweep_routes(
     model: npt.NDArray[np.int64],
     delta: npt.NDArray[np.float64],

@@ -392,3 +392,43 @@ def sweep_curve(
     mid[-1] = -np.inf
     thresholds = np.r_[np.inf, mid]
     return ratio, ar, cost, thresholds
+
+
+def _positive_area(dx: np.ndarray, y0: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    """Exact area of max(y, 0) over segments where y is linear from y0 to y1."""
+    both = (y0 >= 0) & (y1 >= 0)
+    cross = (y0 > 0) != (y1 > 0)
+    pos = np.maximum(y0, y1)
+    span = np.abs(y0) + np.abs(y1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tri = np.where(span > 0, dx * pos * pos / (2 * span), 0.0)
+    return np.where(both, dx * (y0 + y1) / 2, np.where(cross & ~both, tri, 0.0))
+
+
+def batch_auc_pauc(
+    pref: np.ndarray,
+    acc_llm: np.ndarray,
+    acc_slm: np.ndarray,
+    weights: np.ndarray,
+    ar_llm: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Oracle of `eval.metrics.batch_auc_pauc` (vectorised numpy over the weightings)."""
+    pref = np.asarray(pref, dtype=np.float64)
+    order = np.argsort(-pref, kind="stable")
+    p = pref[order]
+    ends = np.flatnonzero(np.r_[p[1:] != p[:-1], True]) + 1
+    w = np.asarray(weights, dtype=np.float64)[:, order]
+    tot = w.sum(axis=1, keepdims=True)
+    a_llm = np.asarray(acc_llm, dtype=np.float64)[order]
+    a_slm = np.asarray(acc_slm, dtype=np.float64)[order]
+    base = (w * a_slm).sum(axis=1, keepdims=True) / tot
+    cw = np.cumsum(w, axis=1)[:, ends - 1] / tot
+    cg = np.cumsum(w * (a_llm - a_slm), axis=1)[:, ends - 1] / tot
+    ratio = np.concatenate([np.zeros_like(base), cw], axis=1)
+    ar = base + np.concatenate([np.zeros_like(base), cg], axis=1)
+    dx = np.diff(ratio, axis=1)
+    area = np.sum(dx * (ar[:, 1:] + ar[:, :-1]) / 2, axis=1)
+    y = ar - np.asarray(ar_llm, dtype=np.float64)[:, None]
+    parea = np.sum(_positive_area(dx, y[:, :-1], y[:, 1:]), axis=1)
+    return area, parea
+

@@ -58,6 +58,7 @@ __all__ = [
     "UnknownTagError",
     "split_tags",
     "sweep_curve",
+    "weighted_areas",
     "sweep_theta",
     "theta_for_llm_share",
 ]
@@ -939,3 +940,38 @@ def _some(ids: Sequence[str], shown: int = 10) -> str:
 split_tags = _core.split_tags
 """A tag generator's raw ``"a, b, c"`` output as a list of trimmed, non-empty tags (Rust):
 ``[t.strip() for t in raw.split(",") if t.strip()]``, whitespace being ``str.isspace()``'s."""
+
+
+def weighted_areas(
+    pref: np.ndarray,
+    acc_llm: np.ndarray,
+    acc_slm: np.ndarray,
+    weights: np.ndarray,
+    ar_llm: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """AUC and PAUC of one router's `sweep_curve` under many weightings of its queries (the
+    paired bootstrap's resamples), in Rust: the queries are sorted and grouped once, each
+    weighting is one pass of running sums.
+
+    Args:
+        pref, acc_llm, acc_slm: as for `sweep_curve` (``(n,)``).
+        weights: ``(B, n)`` non-negative weights, each row with a positive sum.
+        ar_llm: ``(B,)`` always-M_LLM accept rate under each weighting (PAUC's reference).
+
+    Returns:
+        ``(auc, pauc)``, each ``(B,)``.
+
+    >>> a, p = weighted_areas(np.array([2.0, 1.0]), np.array([1.0, 0.0]), np.array([0.0, 1.0]),
+    ...                       np.ones((1, 2)), np.array([0.5]))
+    >>> a.tolist(), p.tolist()
+    ([0.75], [0.25])
+    """
+    cols = [np.ascontiguousarray(v, dtype=np.float64) for v in (pref, acc_llm, acc_slm, ar_llm)]
+    for name, c in zip(("pref", "acc_llm", "acc_slm", "ar_llm"), cols, strict=True):
+        if c.ndim != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {c.shape}")
+    w = np.ascontiguousarray(weights, dtype=np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"weights must be 2-D (weightings, queries), got shape {w.shape}")
+    return _core.weighted_areas(cols[0], cols[1], cols[2], w, cols[3])
+

@@ -175,6 +175,102 @@ pub(crate) fn pairwise_sum(a: &[f64]) -> f64 {
     }
 }
 
+/// AUC and PAUC of one router's curve under many weightings of its queries (the paired
+/// bootstrap's resamples), without building each resampled curve: the queries are sorted and
+/// grouped once (as `sweep` does), then each weighting is one pass of running sums.
+///
+/// `weights` is `n_weightings x n` row-major (e.g. multinomial counts), `ar_llm[b]` always-`M_LLM`'s
+/// accept rate under weighting `b`. AUC is the trapezoid area of AR over the share of weight
+/// routed to `M_LLM`; PAUC the exact area of the part above `ar_llm[b]`.
+///
+/// # Errors
+/// Mismatched lengths, a NaN preference, or a weighting whose weights sum to zero or less.
+#[allow(clippy::similar_names)]
+pub fn weighted_areas(
+    pref: &[f64],
+    acc_llm: &[f64],
+    acc_slm: &[f64],
+    weights: &[f64],
+    ar_llm: &[f64],
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let n = pref.len();
+    if acc_llm.len() != n || acc_slm.len() != n {
+        return Err(RouterError::invalid(format!(
+            "mismatched lengths: pref has {n} entries, acc_llm {}, acc_slm {}",
+            acc_llm.len(),
+            acc_slm.len()
+        )));
+    }
+    let nb = ar_llm.len();
+    if weights.len() != nb * n {
+        return Err(RouterError::invalid(format!(
+            "weights must be {nb} x {n} (one row per ar_llm entry), got {} values",
+            weights.len()
+        )));
+    }
+    if let Some(q) = pref.iter().position(|p| p.is_nan()) {
+        return Err(RouterError::invalid(format!(
+            "pref[{q}] is NaN; a preference must be a number (+-inf allowed)"
+        )));
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| pref[b].partial_cmp(&pref[a]).unwrap_or(Ordering::Equal));
+    // Group ends (exclusive positions in `order`) of equal preferences.
+    #[allow(clippy::float_cmp)]
+    let ends: Vec<usize> = (0..n)
+        .filter(|&i| i + 1 == n || pref[order[i + 1]] != pref[order[i]])
+        .map(|i| i + 1)
+        .collect();
+    let mut aucs = Vec::with_capacity(nb);
+    let mut paucs = Vec::with_capacity(nb);
+    for (b, &ar_ref) in ar_llm.iter().enumerate() {
+        let w = &weights[b * n..(b + 1) * n];
+        let tot: f64 = w.iter().sum();
+        // NaN sums are refused too.
+        if tot.is_nan() || tot <= 0.0 {
+            return Err(RouterError::invalid(format!(
+                "weighting {b} sums to {tot}; weights must be >= 0 with a positive sum"
+            )));
+        }
+        let base = w.iter().zip(acc_slm).map(|(wi, a)| wi * a).sum::<f64>() / tot;
+        let (mut cw, mut cg) = (0.0_f64, 0.0_f64);
+        let (mut x0, mut y0) = (0.0_f64, base);
+        let (mut area, mut parea) = (0.0_f64, 0.0_f64);
+        let mut k = 0;
+        for (i, &q) in order.iter().enumerate() {
+            cw += w[q];
+            cg += w[q] * (acc_llm[q] - acc_slm[q]);
+            if ends[k] == i + 1 {
+                k += 1;
+                let (x1, y1) = (cw / tot, base + cg / tot);
+                let dx = x1 - x0;
+                area += dx * (y1 + y0) / 2.0;
+                parea += positive_area(dx, y0 - ar_ref, y1 - ar_ref);
+                (x0, y0) = (x1, y1);
+            }
+        }
+        aucs.push(area);
+        paucs.push(parea);
+    }
+    Ok((aucs, paucs))
+}
+
+/// Exact area of `max(y, 0)` over a segment of width `dx` where `y` is linear from `y0` to `y1`.
+fn positive_area(dx: f64, y0: f64, y1: f64) -> f64 {
+    if y0 >= 0.0 && y1 >= 0.0 {
+        dx * (y0 + y1) / 2.0
+    } else if (y0 > 0.0) != (y1 > 0.0) {
+        let (pos, span) = (y0.max(y1), y0.abs() + y1.abs());
+        if span > 0.0 {
+            dx * pos * pos / (2.0 * span)
+        } else {
+            0.0
+        }
+    } else {
+        0.0
+    }
+}
+
 #[cfg(test)]
 // Exact float equality is what these tests check: same data, same operations, same bits.
 #[allow(clippy::float_cmp)]
@@ -250,6 +346,27 @@ mod tests {
             assert_eq!(c.thresholds[1], pref[1]);
             assert_eq!(pref.iter().filter(|p| **p > c.thresholds[1]).count(), 1);
         }
+    }
+
+    #[test]
+    fn weighted_areas_with_unit_weights_match_the_curve() {
+        let pref = [2.0, 1.0, 1.0, -0.5];
+        let (al, asl) = ([1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]);
+        let zeros = [0.0; 4];
+        let c = sweep(&pref, &al, &asl, &zeros, &zeros).unwrap();
+        let want: f64 = c
+            .ratio
+            .windows(2)
+            .zip(c.ar.windows(2))
+            .map(|(r, a)| (r[1] - r[0]) * (a[1] + a[0]) / 2.0)
+            .sum();
+        let (auc, pauc) = weighted_areas(&pref, &al, &asl, &[1.0; 4], &[0.5]).unwrap();
+        assert!((auc[0] - want).abs() < 1e-15);
+        assert!(pauc[0] > 0.0);
+        // Doubling every weight changes nothing; a zero weighting is an error.
+        let (auc2, _) = weighted_areas(&pref, &al, &asl, &[2.0; 4], &[0.5]).unwrap();
+        assert!((auc2[0] - auc[0]).abs() < 1e-15);
+        assert!(weighted_areas(&pref, &al, &asl, &[0.0; 4], &[0.5]).is_err());
     }
 
     #[test]

@@ -51,14 +51,6 @@ class Curve:
     thresholds: np.ndarray
 
 
-def _groups(pref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order by ``pref`` descending and return the order and the group end positions."""
-    order = np.argsort(-pref, kind="stable")
-    p = pref[order]
-    ends = np.flatnonzero(np.r_[p[1:] != p[:-1], True]) + 1
-    return order, ends
-
-
 def sweep(
     pref: np.ndarray,
     acc_llm: np.ndarray,
@@ -217,7 +209,9 @@ def batch_auc_pauc(
     weights: np.ndarray,
     ar_llm: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """AUC and PAUC of one router under many query weightings (bootstrap resamples).
+    """AUC and PAUC of one router under many query weightings (bootstrap resamples), computed
+    by the Rust sweep (`tagrouter_fast.core.weighted_areas`; the numpy version is the oracle in
+    `tagrouter_fast._reference.batch_auc_pauc`).
 
     Args:
         pref: ``(n,)`` router preference.
@@ -229,21 +223,9 @@ def batch_auc_pauc(
     Returns:
         ``(B,)`` AUCs and ``(B,)`` PAUCs, equal to :func:`auc`/:func:`pauc` of the resampled set.
     """
-    order, ends = _groups(np.asarray(pref, dtype=np.float64))
-    w = weights[:, order].astype(np.float64)
-    tot = w.sum(axis=1, keepdims=True)
-    a_llm = np.asarray(acc_llm, dtype=np.float64)[order]
-    a_slm = np.asarray(acc_slm, dtype=np.float64)[order]
-    base = (w * a_slm).sum(axis=1, keepdims=True) / tot
-    cw = np.cumsum(w, axis=1)[:, ends - 1] / tot
-    cg = np.cumsum(w * (a_llm - a_slm), axis=1)[:, ends - 1] / tot
-    ratio = np.concatenate([np.zeros_like(base), cw], axis=1)
-    ar = base + np.concatenate([np.zeros_like(base), cg], axis=1)
-    dx = np.diff(ratio, axis=1)
-    area = np.sum(dx * (ar[:, 1:] + ar[:, :-1]) / 2, axis=1)
-    y = ar - ar_llm[:, None]
-    parea = np.sum(_positive_area(dx, y[:, :-1], y[:, 1:]), axis=1)
-    return area, parea
+    from tagrouter_fast.core import weighted_areas
+
+    return weighted_areas(pref, acc_llm, acc_slm, weights, ar_llm)
 
 
 def rank_corr(pref: np.ndarray, gain: np.ndarray) -> float:

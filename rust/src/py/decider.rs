@@ -506,6 +506,40 @@ pub fn sweep_curve<'py>(
     ))
 }
 
+type AreasOut<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>);
+
+/// AUC and PAUC of one router's curve under each row of `weights` (`curve::weighted_areas`);
+/// see `tagrouter_fast.eval.metrics.batch_auc_pauc`.
+#[pyfunction]
+#[allow(clippy::similar_names)]
+pub fn weighted_areas<'py>(
+    py: Python<'py>,
+    pref: PyReadonlyArray1<'py, f64>,
+    acc_llm: PyReadonlyArray1<'py, f64>,
+    acc_slm: PyReadonlyArray1<'py, f64>,
+    weights: PyReadonlyArray2<'py, f64>,
+    ar_llm: PyReadonlyArray1<'py, f64>,
+) -> PyResult<AreasOut<'py>> {
+    let cols: Vec<Vec<f64>> = [&pref, &acc_llm, &acc_slm, &ar_llm]
+        .iter()
+        .map(|a| a.as_array().iter().copied().collect())
+        .collect();
+    let w = weights.as_array();
+    if w.ncols() != cols[0].len() || w.nrows() != cols[3].len() {
+        return Err(PyValueError::new_err(format!(
+            "mismatched lengths: weights has shape {:?}, expected ({}, {}) = (ar_llm, pref)",
+            w.shape(),
+            cols[3].len(),
+            cols[0].len()
+        )));
+    }
+    let w: Vec<f64> = w.iter().copied().collect();
+    let (a, p) = run(py, || {
+        curve::weighted_areas(&cols[0], &cols[1], &cols[2], &w, &cols[3])
+    })?;
+    Ok((a.into_pyarray(py), p.into_pyarray(py)))
+}
+
 /// `llm` once `routes_from_columns` has accepted it (so it is a non-negative column).
 fn routes_llm(llm: i64) -> usize {
     usize::try_from(llm).unwrap_or(usize::MAX)

@@ -18,7 +18,8 @@ mod py_module {
 
     #[pymodule_export]
     use super::decider::{
-        py_split_tags, sweep_curve, sweep_routes, theta_for_share_routes, PyDecider, PyDecision,
+        py_split_tags, sweep_curve, sweep_routes, theta_for_share_routes, weighted_areas,
+        PyDecider, PyDecision,
     };
     #[pymodule_export]
     use super::scorer::PyStore;
