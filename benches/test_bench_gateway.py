@@ -96,13 +96,16 @@ def backend() -> Iterator[BackendProcess]:
         yield small
 
 
-def _gateway(backend: BackendProcess, tagger: str, tmp: Path) -> Iterator[Target]:
+def _gateway(
+    backend: BackendProcess, tagger: str, tmp: Path, extra: str = ""
+) -> Iterator[Target]:
     big: BackendProcess = backend.big  # type: ignore[attr-defined]
     cfg = tmp / f"gateway-{tagger}.toml"
     cfg.write_text(
         "[server]\naccess_log = false\n[limits]\nmax_concurrency = 4096\n"
         f'[[backends]]\nname = "small"\nbase_url = "{backend.url}/v1"\nmodel = "small-model"\n'
         f'[[backends]]\nname = "big"\nbase_url = "{big.url}/v1"\nmodel = "big-model"\n'
+        + extra
     )
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-c", _GATEWAY, str(cfg), tagger, str(port)],
@@ -125,6 +128,15 @@ def gateway_fast(backend: BackendProcess, tmp_path_factory: pytest.TempPathFacto
 def gateway_tagged(backend: BackendProcess, tmp_path_factory: pytest.TempPathFactory
                    ) -> Iterator[Target]:
     yield from _gateway(backend, "default", tmp_path_factory.mktemp("gw"))
+
+
+@pytest.fixture(scope="module")
+def gateway_feedback(backend: BackendProcess, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[Target]:
+    tmp = tmp_path_factory.mktemp("gw")
+    # Durable feedback (journal fsynced before the acknowledgement), as in production.
+    extra = f'[feedback]\nstate_dir = "{tmp / "state"}"\n'
+    yield from _gateway(backend, "keyword", tmp, extra)
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +342,36 @@ def test_throughput_64_concurrent(
     _report(benchmark, benchmark.group, info)
     for t in targets[1:3]:
         assert info[f"{t.name} errors"] == 0, info
+
+
+def test_outcome_visible_to_the_next_decision(benchmark: Any, gateway_feedback: Target) -> None:
+    """Time from posting an outcome until the next decision for the same query reflects it
+    (goal: <= 10 ms): a decision, its outcome (fsynced), then the same query routed again; the
+    timed span is the outcome's round trip plus the next decision's. Every round checks that the
+    scores did change."""
+    client = httpx.Client(timeout=30)
+    base = gateway_feedback.url
+    spans: list[float] = []
+
+    def scores(query: str) -> tuple[str, dict[str, float]]:
+        r = client.post(f"{base}/route", json={"query": query})
+        r.raise_for_status()
+        body = r.json()
+        return body["decision_id"], body["explanation"]["scores"]
+
+    def one_round() -> None:
+        query = QUERIES[len(spans) % len(QUERIES)]
+        did, before = scores(query)
+        t0 = time.perf_counter()
+        f = client.post(f"{base}/feedback", json={"decision_id": did, "outcome": "loss"})
+        f.raise_for_status()
+        _, after = scores(query)
+        spans.append(time.perf_counter() - t0)
+        assert after != before, "the outcome did not change the next decision's scores"
+
+    benchmark.pedantic(one_round, rounds=200, iterations=1, warmup_rounds=5)
+    info = {"outcome -> next decision p50 ms": round(_pct(spans, 0.5), 3),
+            "p99 ms": round(_pct(spans, 0.99), 3), "rounds": len(spans)}
+    benchmark.group = "gateway, outcome visible to the next decision"
+    _report(benchmark, benchmark.group, info)
+
