@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -260,6 +260,58 @@ def build_bundle(
     table's queries to M_LLM (:meth:`TagDecider.theta_for_llm_share` on their routing tags). It
     reads no outcome, so it cannot overfit them."""
 
+    def build(
+        table: RoutingTable, models: list[str], v: Variant, llm: str
+    ) -> tuple[TagRouter, None]:
+        return build_router(
+            table, models, variant=v, llm=llm, seed=seed, show_progress=show_progress
+        ), None
+
+    return _build_bundle(
+        build,
+        data_dir,
+        pool,
+        out,
+        models=models,
+        llm=llm,
+        variant=variant,
+        aggregation=aggregation,
+        weighting=weighting,
+        prior_strength=prior_strength,
+        theta=theta,
+        llm_share=llm_share,
+        show_progress=show_progress,
+    )
+
+
+#: ``build(table, models, variant, llm) -> (router, raw tags of the table's queries or None)``:
+#: the step `_build_bundle` runs between its checks and the save (one process, or sharded on Ray).
+BundleBuilder = Callable[
+    [RoutingTable, list[str], Variant, str], tuple[TagRouter, "list[list[str]] | None"]
+]
+
+
+def _build_bundle(
+    build: BundleBuilder,
+    data_dir: str | os.PathLike[str] | None,
+    pool: str | None,
+    out: str | os.PathLike[str] | None,
+    *,
+    models: Sequence[str] | None,
+    llm: str | None,
+    variant: str,
+    aggregation: str | None,
+    weighting: str | None,
+    prior_strength: float | None,
+    theta: float | None,
+    llm_share: float | None,
+    show_progress: bool,
+    where: str = "",
+) -> Path:
+    """Everything `build_bundle` does around its builder: argument checks, the table and pool,
+    the writable-directory check before any tagging, progress lines, the ``llm_share`` budget
+    (on the builder's raw tags when it returns them, else the tag cache's) and the save."""
+
     src = Path(data_dir) if data_dir is not None else data_dir_from_env()
     v = resolve_variant(variant).with_options(
         aggregation=aggregation, weighting=weighting, prior_strength=prior_strength
@@ -282,12 +334,10 @@ def build_bundle(
     if show_progress:
         print(
             f"tagrouter: building a {variant!r} router from {src} ({len(models)} models, "
-            f"M_LLM {llm}) into {dest}",
+            f"M_LLM {llm}) into {dest}{where}",
             file=sys.stderr,
         )
-    router = build_router(
-        table, models, variant=v, llm=llm, seed=seed, show_progress=show_progress
-    )
+    router, raw_tags = build(table, list(models), v, llm)
     tuned = (router.build_info or {}).get("tuned")
     if show_progress and tuned:
         print(
@@ -297,10 +347,12 @@ def build_bundle(
             file=sys.stderr,
         )
     if llm_share is not None:
-        from tagrouter_fast.tagging.cache import tag_cached
+        if raw_tags is None:
+            from tagrouter_fast.tagging.cache import tag_cached
 
-        assert router.tagger is not None
-        tags = router.align_tags(tag_cached(router.tagger, table.texts))
+            assert router.tagger is not None
+            raw_tags = tag_cached(router.tagger, table.texts)
+        tags = router.align_tags(raw_tags)
         router.decider = router.decider.with_theta(
             router.decider.theta_for_llm_share(tags, llm_share)
         )

@@ -334,60 +334,37 @@ def build_bundle_ray(
     the same arguments, the same bundle (router.json and store bytes), tagging spread over a
     Ray cluster.
 
-    The steps around the builder are `build_bundle`'s, in the same order (argument checks,
-    the writable-directory check before tagging, the ``llm_share`` budget on the table's
-    tags); the table's tags are the training tags here (every query trains), so the budget
-    re-tags nothing.
+    The steps around the builder are `build_bundle`'s own (`bundle._build_bundle`).
     """
-    from tagrouter_fast.build.bundle import _check_writable_dir, data_dir_from_env, data_source
-    from tagrouter_fast.build.table import load_table
-    from tagrouter_fast.eval.pools import DEFAULT_POOL, resolve_pool
-    from tagrouter_fast.router import default_bundle_dir
+    from tagrouter_fast.build.bundle import _build_bundle
 
     _ray()  # fail before reading anything when Ray is missing
-    src = Path(data_dir) if data_dir is not None else data_dir_from_env()
-    v = resolve_variant(variant).with_options(
-        aggregation=aggregation, weighting=weighting, prior_strength=prior_strength
+
+    def build(
+        table: RoutingTable, models: list[str], v: Variant, llm: str
+    ) -> tuple[TagRouter, list[list[str]]]:
+        # Every query of the table trains, in table order: the raw tags returned are the
+        # table's, so the llm_share budget re-tags nothing (the tag cache may be elsewhere).
+        return _build_sharded(
+            table, models, variant=v, llm=llm, tagger_factory=None, query_ids=None, seed=seed,
+            ray_address=ray_address, workers=workers, cpus_per_worker=1, shards=None,
+            align=TAG_CHUNK, show_progress=show_progress,
+        )
+
+    return _build_bundle(
+        build,
+        data_dir,
+        pool,
+        out,
+        models=models,
+        llm=llm,
+        variant=variant,
+        aggregation=aggregation,
+        weighting=weighting,
+        prior_strength=prior_strength,
+        theta=theta,
+        llm_share=llm_share,
+        show_progress=show_progress,
+        where=f", tagging on Ray ({ray_address})",
     )
-    if llm_share is not None:
-        if not 0.0 <= llm_share <= 1.0:
-            raise ValueError(f"llm_share must be in [0, 1], got {llm_share}")
-        if theta is not None:
-            raise ValueError("give theta or llm_share, not both")
-        v = v.with_options(theta=0.0)
-    elif theta is not None:
-        v = v.with_options(theta=theta)
-    table = load_table(src)
-    if pool is None and models is None:
-        pool = DEFAULT_POOL
-    models, llm = resolve_pool(table, pool=pool, models=models, llm=llm)
-    dest = Path(out) if out is not None else default_bundle_dir(variant)
-    _check_writable_dir(dest)
-    if show_progress:
-        print(
-            f"tagrouter: building a {variant!r} router from {src} ({len(models)} models, "
-            f"M_LLM {llm}) into {dest}, tagging on Ray ({ray_address})",
-            file=sys.stderr,
-        )
-    router, raw_tags = _build_sharded(
-        table, models, variant=v, llm=llm, tagger_factory=None, query_ids=None, seed=seed,
-        ray_address=ray_address, workers=workers, cpus_per_worker=1, shards=None,
-        align=TAG_CHUNK, show_progress=show_progress,
-    )
-    tuned = (router.build_info or {}).get("tuned")
-    if show_progress and tuned:
-        print(
-            f"tagrouter: tuned on the judgments (out-of-fold): prior_strength = "
-            f"{tuned['prior_strength']:g}, theta = {tuned['theta']:.6g}",
-            file=sys.stderr,
-        )
-    if llm_share is not None:
-        # Every query of the table trained, in table order: its tags are the training tags
-        # (build_bundle re-reads them from the tag cache, which may be on another machine).
-        tags = router.align_tags(raw_tags)
-        router.decider = router.decider.with_theta(
-            router.decider.theta_for_llm_share(tags, llm_share)
-        )
-    router.source = data_source(src)
-    return router.save(dest)
 
