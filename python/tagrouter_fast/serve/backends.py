@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -35,6 +35,8 @@ __all__ = [
     "OpenStream",
     "make_client",
 ]
+
+T = TypeVar("T")
 
 #: Upstream statuses worth another backend: server faults, overload, upstream timeouts.
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
@@ -247,13 +249,7 @@ class Forwarder:
         Raises:
             AllBackendsFailed: every backend failed.
         """
-        errors: list[BackendError] = []
-        for b in chain:
-            try:
-                return await self.complete(b, path, payload_for(b)), errors
-            except BackendError as e:
-                errors.append(e)
-        raise AllBackendsFailed(errors)
+        return await _first_answer(chain, lambda b: self.complete(b, path, payload_for(b)))
 
     # ---- streaming ----
 
@@ -324,13 +320,7 @@ class Forwarder:
         Raises:
             AllBackendsFailed: every backend failed.
         """
-        errors: list[BackendError] = []
-        for b in chain:
-            try:
-                return await self.open_stream(b, path, payload_for(b)), errors
-            except BackendError as e:
-                errors.append(e)
-        raise AllBackendsFailed(errors)
+        return await _first_answer(chain, lambda b: self.open_stream(b, path, payload_for(b)))
 
     async def relay(self, stream: OpenStream) -> AsyncIterator[bytes]:
         """The stream's events as they arrive, whole events at a time.
@@ -369,3 +359,22 @@ def error_event(message: str, *, code: str, kind: str = "upstream_error") -> byt
     """An SSE event carrying an OpenAI-style error (the openai SDK raises it as APIError)."""
     body: dict[str, Any] = {"error": {"message": message, "type": kind, "code": code}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+async def _first_answer(
+    chain: Sequence[Backend], attempt: Callable[[Backend], Awaitable[T]]
+) -> tuple[T, list[BackendError]]:
+    """``attempt`` on each backend of ``chain`` in order; the first result and the failures
+    before it (the fallback chain of both the JSON and the streaming path).
+
+    Raises:
+        AllBackendsFailed: every backend failed.
+    """
+    errors: list[BackendError] = []
+    for b in chain:
+        try:
+            return await attempt(b), errors
+        except BackendError as e:
+            errors.append(e)
+    raise AllBackendsFailed(errors)
+
