@@ -6,23 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from fake_taggers import CountingTagger
 
 from tagrouter_fast import TagDecider, TagRouter, TagScorer
 from tagrouter_fast.cli import _finite
-
-
-class CountingTagger:
-    fingerprint = "counting-tagger-v1"
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def tag(self, query: str) -> list[str]:
-        return self.tag_batch([query])[0]
-
-    def tag_batch(self, queries: list[str]) -> list[list[str]]:
-        self.seen.extend(queries)
-        return [["Poem"] if "poem" in q else ["Math"] for q in queries]
 
 
 @pytest.fixture

@@ -8,24 +8,11 @@ import math
 from pathlib import Path
 
 import pytest
+from fake_taggers import CountingTagger
 
 from tagrouter_fast import TagRouter
 from tagrouter_fast.build.table import DataError, load_table
 from tagrouter_fast.tagging import cache
-
-
-class _Tagger:
-    fingerprint = "hostile-table-tagger-v1"
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def tag(self, query: str) -> list[str]:
-        return self.tag_batch([query])[0]
-
-    def tag_batch(self, queries: list[str]) -> list[list[str]]:
-        self.seen.extend(queries)
-        return [["Poem"] if "poem" in q else ["Math"] for q in queries]
 
 
 def _write(d: Path, queries: str | bytes, outcomes: str | bytes) -> Path:
@@ -55,7 +42,7 @@ def test_model_without_cost_is_an_error_naming_model_and_file(tmp_path: Path) ->
     assert table.mean_cost(["big"]) == {"big": 2.0}
     with pytest.raises(DataError, match=r"t/outcomes\.csv: model\(s\) \['free'\]"):
         table.mean_cost(["big", "free"])
-    tagger = _Tagger()
+    tagger = CountingTagger("hostile-table-tagger-v1")
     with pytest.raises(DataError, match="'free'"):
         TagRouter.build(table, ["big", "free"], tagger=tagger)
     assert tagger.seen == []  # refused before tagging the table
@@ -106,7 +93,7 @@ def test_non_utf8_byte_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_corrupted_cached_tags_are_recomputed(tmp_path: Path) -> None:
-    tagger = _Tagger()
+    tagger = CountingTagger("hostile-table-tagger-v1")
     texts = ["write a poem", "solve 2+2"]
     want = cache.tag_cached(tagger, texts)
     (entry,) = (cache.cache_dir() / "tags" / tagger.fingerprint).glob("*.json")
