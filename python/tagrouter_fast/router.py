@@ -210,10 +210,12 @@ class TagRouter:
     # is lost and no reader waits.
 
     def _swap_locked(self, scorer: TagScorer) -> None:
+        self._set_decider_locked(self.decider.with_store(scorer))
+
+    def _set_decider_locked(self, new: TagDecider) -> None:
         old = self.decider
-        new = old.with_store(scorer)
         self.decider = new  # the atomic swap readers see
-        if self._aligner is not None and list(old.scorer.tags) != list(scorer.tags):
+        if self._aligner is not None and list(old.scorer.tags) != list(new.scorer.tags):
             # The aligner indexes the store's tags; rebuild it lazily over the new tag set.
             with self._aligner_lock:
                 self._aligner = None
@@ -269,11 +271,7 @@ class TagRouter:
                 raise TypeError(
                     f"update_decider: fn must return a TagDecider, got {type(new).__name__}"
                 )
-            old = self.decider
-            self.decider = new
-            if self._aligner is not None and list(old.scorer.tags) != list(new.scorer.tags):
-                with self._aligner_lock:
-                    self._aligner = None
+            self._set_decider_locked(new)
             return new
 
     def add_records(self, records: Iterable[Record]) -> TagScorer:
