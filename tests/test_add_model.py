@@ -18,6 +18,7 @@ from tagrouter_fast.build.add_model import (
     ModelExistsError,
     add_model,
     judgments_for_model,
+    suggest_judgments,
 )
 from tagrouter_fast.build.table import DataError, load_table
 from tagrouter_fast.core import TagDecider, TagScorer
@@ -366,3 +367,116 @@ def test_runtime_does_not_import_build_code() -> None:
         "assert 'tagrouter_fast.build.add_model' not in sys.modules, 'imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ==== like= several models, as_llm (issue 12: the difficulty-aware and pool-prior starts) ====
+
+
+def test_like_several_models_takes_each_query_from_one_of_them() -> None:
+    router = _router()
+    n_queries = router.scorer.n_queries
+    added = router.add_model(None, "avg", cost=1.0, like=["big", "small"])
+    s = router.scorer
+    # Each store query lends the outcomes of one model in turn: the new model's counts are the
+    # pool's average on one model's count scale, and count_t is unchanged.
+    assert added.copied == 8 and added.like == "big,small"
+    assert s.n_queries == n_queries and s.model_totals("avg") == (4, 0, 4)
+    assert s.counts("avg", "Algebra") == (2, 0, 2) and s.counts("avg", "Poetry Writing") == (
+        2,
+        0,
+        2,
+    )
+    with pytest.raises(AddModelError, match="not in the router's store"):
+        router.add_model(None, "x", cost=1.0, like=["big", "ghost"])
+    with pytest.raises(AddModelError, match="not in the router's store"):
+        router.add_model(None, "x", cost=1.0, like=[])
+
+
+def test_as_llm_makes_the_new_model_m_llm(tmp_path: Path) -> None:
+    router = _router()
+    before = router.decider
+    added = router.add_model(_mid_table(tmp_path / "j"), "giant", cost=100.0, as_llm=True)
+    assert added.llm == "giant" and router.decider.llm == "giant"
+    assert router.decider.costs == {**before.costs, "giant": 100.0}
+    assert router.decider.theta == before.theta
+    # Cheaper than the current M_LLM: refused, nothing changed.
+    other = _router()
+    with pytest.raises(AddModelError, match="cheaper than the current M_LLM 'big'"):
+        other.add_model(_mid_table(tmp_path / "k"), "giant", cost=5.0, as_llm=True)
+    assert other.scorer.models == ["big", "small"] and other.decider.llm == "big"
+
+
+# ==== suggest_judgments: which queries to judge first ====
+
+
+def _kinds(ids: list[str]) -> list[str]:
+    return ["poem" if int(q[1:]) < len(POEMS) else "maths" for q in ids]
+
+
+@pytest.mark.parametrize("strategy", ["stratified", "uncertainty"])
+def test_suggestions_spread_over_the_tags(strategy: str) -> None:
+    router = _router()
+    picks = suggest_judgments(router, 4, strategy=strategy, seed=1)
+    assert len(picks) == len(set(picks)) == 4
+    assert set(picks) <= {f"q{i}" for i in range(8)}
+    # Two tag groups of equal size: half the picks from each, never all from one.
+    assert sorted(_kinds(picks)) == ["maths", "maths", "poem", "poem"]
+    assert suggest_judgments(router, 4, strategy=strategy, seed=1) == picks  # seeded
+    two = suggest_judgments(router, 2, strategy=strategy, seed=3)
+    assert sorted(_kinds(two)) == ["maths", "poem"]
+    assert suggest_judgments(router, 100, strategy=strategy) != []  # capped at the candidates
+    assert len(suggest_judgments(router, 100, strategy=strategy)) == 8
+    assert suggest_judgments(router, 0, strategy=strategy) == []
+
+
+def test_suggestions_from_a_table_of_new_queries(tmp_path: Path) -> None:
+    router = _router()
+    table = _mid_table(tmp_path / "j")
+    picks = suggest_judgments(router, 2, table=table)
+    ids = load_table(table).query_ids
+    assert set(picks) <= set(ids) and len(picks) == 2
+    assert sorted(_kinds_of_table(picks)) == ["maths", "poem"]
+    sub = suggest_judgments(router, 3, query_ids=["q0", "q1", "q5"], strategy="uncertainty")
+    assert sorted(sub) == ["q0", "q1", "q5"]
+
+
+def _kinds_of_table(ids: list[str]) -> list[str]:
+    return ["maths" if q.startswith("m") else "poem" for q in ids]
+
+
+def test_suggestion_errors(tmp_path: Path) -> None:
+    router = _router()
+    for kw, msg in (
+        ({"n": -1}, "n must be an integer >= 0"),
+        ({"n": 2, "strategy": "clever"}, "unknown strategy 'clever'"),
+        ({"n": 2, "query_ids": ["q0", "nope"]}, "not in the router's store"),
+        ({"n": 2, "query_ids": ["q0", "q0"]}, "duplicate candidate query ids"),
+        ({"n": 2, "query_ids": ["q0"], "table": _mid_table(tmp_path / "j")}, "not both"),
+    ):
+        with pytest.raises(AddModelError, match=msg):
+            suggest_judgments(router, **kw)  # type: ignore[arg-type]
+
+
+def test_cli_suggest_judgments_and_add_model_like_pool_as_llm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tagrouter_fast.router as router_mod
+
+    tagger = KeywordTagger()
+    monkeypatch.setattr(router_mod, "_tagger_from_spec", lambda spec: tagger)
+    bundle = _router(tagger).save(tmp_path / "bundle")
+    base = ["suggest-judgments", "--router", str(bundle)]
+    assert cli.main([*base, "--n", "4", "--strategy", "uncertainty"]) == 0
+    picks = capsys.readouterr().out.split()
+    assert len(picks) == 4 and sorted(_kinds(picks)) == ["maths", "maths", "poem", "poem"]
+    table = _mid_table(tmp_path / "j")
+    assert cli.main([*base, "--n", "3", "--queries", str(table)]) == 0
+    assert set(capsys.readouterr().out.split()) <= set(load_table(table).query_ids)
+    assert cli.main([*base, "--n", "-2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tagrouter: error: ") and err.count("\n") == 1, err
+    argv = ["add-model", "--router", str(bundle), "--model", "giant", "--cost", "50"]
+    assert cli.main([*argv, "--like", "pool", "--as-llm"]) == 0
+    assert "records copied from 'big,small'" in capsys.readouterr().out
+    loaded = TagRouter.load(bundle)
+    assert loaded.decider.llm == "giant" and loaded.scorer.model_totals("giant") == (4, 0, 4)

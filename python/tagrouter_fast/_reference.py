@@ -36,8 +36,10 @@ class ReferenceScorer:
         weighting: str = "paper",
         prior_strength: float = 0.0,
     ) -> None:
-        if weighting not in ("paper", "none", "shrunk"):
+        if weighting not in ("paper", "none", "shrunk", "difficulty"):
             raise ValueError(f"unknown weighting {weighting!r}")
+        if weighting == "difficulty" and not s_win > s_loss:
+            raise ValueError("weighting 'difficulty' needs s_win > s_loss")
         self.s = {"win": s_win, "tie": s_tie, "loss": s_loss}
         self.weighting = weighting
         self.prior_strength = prior_strength
@@ -98,6 +100,11 @@ class ReferenceScorer:
             mu = self.outcome_sum(totals) / n_all if n_all > 0 else 0.0
             n = float(c["win"]) + float(c["tie"]) + float(c["loss"])
             return (self.outcome_sum(c) + k * mu) / (n + k) if n + k > 0 else mu
+        if self.weighting == "difficulty":
+            k = self.prior_strength
+            prior = self.difficulty_prior(model, tag)
+            n = _n(c)
+            return (self.outcome_sum(c) + k * prior) / (n + k) if n + k > 0 else prior
         if self.weighting == "none":
             w = 1.0
         else:
@@ -105,9 +112,41 @@ class ReferenceScorer:
             w = (1.0 - math.exp(-float(self.count(tag)))) / self._total
         return w * self.outcome_sum(c)
 
+    def difficulty_prior(self, model: str, tag: str) -> float:
+        """The "difficulty" weighting's prior for (model, tag): one Rasch step on the logit of
+        the [0, 1] rate ``(s - s_loss) / (s_win - s_loss)``, ability from the model's records,
+        difficulty from every model's records on the tag (all sums in store model order)."""
+        k = self.prior_strength
+        s_loss, spread = self.s["loss"], self.s["win"] - self.s["loss"]
+
+        def logit_rate(x: float) -> float:
+            p = min(max((x - s_loss) / spread, 1e-3), 1.0 - 1e-3)
+            return math.log(p / (1.0 - p))
+
+        total, n_all = 0.0, 0.0
+        for m in self.models:
+            total += self.outcome_sum(self.model_totals[m])
+            n_all += _n(self.model_totals[m])
+        grand = total / n_all if n_all > 0 else 0.0
+        own = self.model_totals.get(model, dict.fromkeys(OUTCOMES, 0))
+        n_own = _n(own)
+        ability = logit_rate(self.outcome_sum(own) / n_own if n_own > 0 else grand)
+        a_t, n_t = 0.0, 0.0
+        for m in self.models:
+            c = self.counts.get((tag, m), dict.fromkeys(OUTCOMES, 0))
+            a_t += self.outcome_sum(c)
+            n_t += _n(c)
+        g_t = (a_t + k * grand) / (n_t + k) if n_t + k > 0 else grand
+        delta = logit_rate(g_t) - logit_rate(grand)
+        return s_loss + spread * (1.0 / (1.0 + math.exp(-(ability + delta))))
+
     def score_table(self) -> dict[str, dict[str, float]]:
         """``{tag: {model: score}}`` for every tag and model."""
         return {t: {m: self.score(m, t) for m in self.models} for t in self.tags}
+
+
+def _n(c: Mapping[str, int]) -> float:
+    return float(c["win"]) + float(c["tie"]) + float(c["loss"])
 
 
 # ==== Decider ====

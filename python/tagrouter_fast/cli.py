@@ -101,8 +101,18 @@ def _cmd_add_model(args: argparse.Namespace) -> int:
     if args.judgments is None and args.like is None:
         raise ValueError("give --judgments DIR, or --like MODEL to start from another's counts")
     router = TagRouter.load(args.router)
+    like = args.like
+    if like is not None and "," in like:
+        like = [m.strip() for m in like.split(",") if m.strip()]
+    elif like == "pool":
+        like = list(router.decider.models)
     added = router.add_model(
-        args.judgments, args.model, cost=args.cost, table_model=args.table_model, like=args.like
+        args.judgments,
+        args.model,
+        cost=args.cost,
+        table_model=args.table_model,
+        like=like,
+        as_llm=args.as_llm,
     )
     out = router.save(args.out or args.router)
     own = f"{added.judgments} judgments" + (
@@ -135,10 +145,49 @@ def _add_add_model_parser(sub: Any) -> None:
     a.add_argument(
         "--like",
         metavar="MODEL",
-        help="start from this model's tag counts (paper D.3); own judgments are added on top",
+        help="start from this model's tag counts (paper D.3), from several (comma-separated) "
+        "or 'pool' (every candidate: the pool's average); own judgments are added on top",
+    )
+    a.add_argument(
+        "--as-llm",
+        action="store_true",
+        help="the new model becomes M_LLM (a stronger, dearer model joining the pool)",
     )
     a.add_argument("--out", metavar="DIR", help="write the bundle here (default: in place)")
     a.set_defaults(func=_cmd_add_model)
+    s = sub.add_parser(
+        "suggest-judgments",
+        help="which queries to judge first for a model about to join a router (active choice)",
+    )
+    s.add_argument("--router", metavar="DIR", required=True, help="router bundle")
+    s.add_argument("--n", type=int, required=True, help="how many queries to suggest")
+    s.add_argument(
+        "--queries",
+        metavar="DIR",
+        help="candidates: a routing-table dir (default: the store's own queries)",
+    )
+    s.add_argument(
+        "--strategy",
+        choices=["stratified", "uncertainty"],
+        default="stratified",
+        help="stratified (default: an unbiased sample spread over the tags) or uncertainty "
+        "(most uncertain tags first; measured worse, docs/eval-results.md)",
+    )
+    s.add_argument("--seed", type=int, default=0, help="random start / tie-break seed")
+    s.set_defaults(func=_cmd_suggest_judgments)
+
+
+def _cmd_suggest_judgments(args: argparse.Namespace) -> int:
+    from tagrouter_fast.build.add_model import suggest_judgments
+    from tagrouter_fast.router import TagRouter
+
+    router = TagRouter.load(args.router)
+    picked = suggest_judgments(
+        router, args.n, table=args.queries, strategy=args.strategy, seed=args.seed
+    )
+    for qid in picked:
+        print(qid)
+    return 0
 
 
 def _cmd_batch_route(args: argparse.Namespace) -> int:
@@ -362,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--weighting",
-        choices=["paper", "none", "shrunk"],
-        help="per-tag score weighting: paper w_t, none (w_t = 1) or shrunk",
+        choices=["paper", "none", "shrunk", "difficulty"],
+        help="per-tag score weighting: paper w_t, none (w_t = 1), shrunk or difficulty "
+        "(shrunk towards a per-tag prior from ability and tag difficulty)",
     )
     b.add_argument(
         "--prior-strength", type=float, help="pseudo-count of the shrunk weighting (queries)"

@@ -66,7 +66,7 @@ __all__ = [
 Record = tuple[Any, Sequence[str], str, str]
 """One outcome record: ``(query_id, tags, model, outcome)`` with outcome "win", "tie" or "loss"."""
 
-WEIGHTINGS = ("paper", "none", "shrunk")
+WEIGHTINGS = ("paper", "none", "shrunk", "difficulty")
 AGGREGATIONS = ("sum", "mean")
 
 # ==== Scorer ====
@@ -84,7 +84,13 @@ class TagScorer:
     Weightings: "paper" (the paper's ``w_t = (1 - exp(-count_t)) / sum_t' count_t'``), "none"
     (``w_t = 1``, the w_t ablation), "shrunk" (per-tag mean outcome score shrunk towards the
     model's global mean ``mu_M`` with pseudo-count ``prior_strength``:
-    ``(sum_r count(t, M, r) * s_r + k * mu_M) / (n(t, M) + k)``).
+    ``(sum_r count(t, M, r) * s_r + k * mu_M) / (n(t, M) + k)``), "difficulty" (the same
+    shrinkage towards a per-(tag, model) prior instead of ``mu_M``: on the logit of the rate
+    ``u(x) = (x - s_loss) / (s_win - s_loss)``, the model's ability ``logit(u(mu_M))`` plus the
+    tag's difficulty ``logit(u(g_t)) - logit(u(G))``, where ``G`` is the grand mean over all
+    models and ``g_t`` every model's mean on ``t`` shrunk towards ``G`` with the same ``k``; so a
+    model with no evidence on a tag that the other models find hard scores low on it. Needs
+    ``s_win > s_loss``).
 
     >>> recs = [("q1", ["Poem"], "a", "win"), ("q1", ["Poem"], "b", "tie")]
     >>> scorer = TagScorer.from_records(recs)
@@ -126,15 +132,16 @@ class TagScorer:
             s_win: score of a win (paper: 1).
             s_tie: score of a tie (paper F.2: 0.15).
             s_loss: score of a loss (paper: -1).
-            weighting: "paper", "none" or "shrunk".
-            prior_strength: pseudo-count k of the "shrunk" weighting (ignored by the others).
+            weighting: "paper", "none", "shrunk" or "difficulty".
+            prior_strength: pseudo-count k of the "shrunk" and "difficulty" weightings (ignored
+                by the others).
 
         Returns:
             The store.
 
         Raises:
             ValueError: an unknown outcome label or weighting, a malformed record, non-finite
-                s_r, a negative prior_strength.
+                s_r, a negative prior_strength, ``s_win <= s_loss`` with "difficulty".
             TypeError: a tag or model that is not a str.
             InconsistentRecordsError: one query id with two different tag sets.
 

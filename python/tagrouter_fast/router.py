@@ -287,17 +287,27 @@ class TagRouter:
         *,
         cost: float,
         table_model: str | None = None,
-        like: str | None = None,
+        like: str | Sequence[str] | None = None,
+        as_llm: bool = False,
     ) -> AddedModel:
         """Adds ``model`` from its judgments (a routing table or its directory) and makes it a
         candidate with per-query ``cost``, without retraining; routable at once, safe with
         concurrent routing and feedback. ``like=MODEL`` starts it from MODEL's counts (paper
-        D.3; ``table_or_dir`` may then be None). See `tagrouter_fast.build.add_model.add_model`
-        for the errors."""
+        D.3; ``table_or_dir`` may then be None), ``like=[M1, M2, ...]`` from their average;
+        ``as_llm=True`` makes it M_LLM. See `tagrouter_fast.build.add_model.add_model` for the
+        errors."""
         # Imported here: the runtime does not import build code until it is used.
         from tagrouter_fast.build.add_model import add_model
 
-        return add_model(self, table_or_dir, model, cost=cost, table_model=table_model, like=like)
+        return add_model(
+            self,
+            table_or_dir,
+            model,
+            cost=cost,
+            table_model=table_model,
+            like=like,
+            as_llm=as_llm,
+        )
 
     # ---- tags -> model (no tagger needed) ----
 

@@ -52,6 +52,9 @@ pub enum Weighting {
     /// Mean outcome score per (tag, model) shrunk towards the model's global mean with
     /// pseudo-count `prior_strength`.
     Shrunk,
+    /// Like `Shrunk`, but towards a per-(tag, model) prior from a one-step Rasch approximation:
+    /// the model's ability plus the tag's difficulty, both estimated on every model of the store.
+    Difficulty,
 }
 
 impl Weighting {
@@ -60,6 +63,7 @@ impl Weighting {
             "paper" => Some(Self::Paper),
             "none" => Some(Self::None),
             "shrunk" => Some(Self::Shrunk),
+            "difficulty" => Some(Self::Difficulty),
             _ => None,
         }
     }
@@ -69,6 +73,7 @@ impl Weighting {
             Self::Paper => "paper",
             Self::None => "none",
             Self::Shrunk => "shrunk",
+            Self::Difficulty => "difficulty",
         }
     }
 
@@ -77,6 +82,7 @@ impl Weighting {
             Self::Paper => 0,
             Self::None => 1,
             Self::Shrunk => 2,
+            Self::Difficulty => 3,
         }
     }
 
@@ -85,6 +91,7 @@ impl Weighting {
             0 => Some(Self::Paper),
             1 => Some(Self::None),
             2 => Some(Self::Shrunk),
+            3 => Some(Self::Difficulty),
             _ => None,
         }
     }
@@ -132,6 +139,14 @@ impl Params {
                 self.prior_strength
             )));
         }
+        // The prior lives on the logit of (s - s_loss) / (s_win - s_loss), which needs a
+        // positive range: with s_win <= s_loss "better" has no direction to map.
+        if self.weighting == Weighting::Difficulty && self.s_win <= self.s_loss {
+            return Err(RouterError::invalid(format!(
+                "weighting 'difficulty' needs s_win > s_loss, got s_win={} and s_loss={}",
+                self.s_win, self.s_loss
+            )));
+        }
         Ok(())
     }
 
@@ -141,6 +156,29 @@ impl Params {
     pub fn outcome_sum(&self, c: [u32; 3]) -> f64 {
         f64::from(c[0]) * self.s_win + f64::from(c[1]) * self.s_tie + f64::from(c[2]) * self.s_loss
     }
+}
+
+/// Number of outcomes in a `[win, tie, loss]` triple.
+#[inline]
+fn n3(c: [u32; 3]) -> f64 {
+    f64::from(c[0]) + f64::from(c[1]) + f64::from(c[2])
+}
+
+/// Bounds a rate away from 0 and 1 so its logit stays finite: a tag every model always wins
+/// (or loses) would otherwise push every prior to the end of the scale.
+#[inline]
+fn clip_rate(p: f64) -> f64 {
+    p.clamp(1e-3, 1.0 - 1e-3)
+}
+
+#[inline]
+fn logit(p: f64) -> f64 {
+    (p / (1.0 - p)).ln()
+}
+
+#[inline]
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
 }
 
 // ==== The store ====
@@ -169,7 +207,7 @@ pub struct Store {
     /// adding or removing a model touches one vector.
     pub(crate) counts: Vec<Vec<[u32; 3]>>,
     /// Per model, outcome counts over records (each record once, whatever its number of tags):
-    /// the model's global mean for the "shrunk" weighting.
+    /// the model's global mean for the "shrunk" weighting, its ability for "difficulty".
     pub(crate) model_totals: Vec<[u32; 3]>,
     /// `count_t`: distinct training queries carrying tag t. Derived from `queries`.
     pub(crate) tag_queries: Vec<u32>,
@@ -542,6 +580,56 @@ impl Store {
                     }
                 }
             }
+            Weighting::Difficulty => {
+                let k = p.prior_strength;
+                let range = p.s_win - p.s_loss;
+                // Mean outcome scores are put on a [0, 1] rate scale, where ability and
+                // difficulty add on the logit (the Rasch model).
+                let logit_rate = |x: f64| logit(clip_rate((x - p.s_loss) / range));
+                let (mut sum, mut n_all) = (0.0_f64, 0.0_f64);
+                for &c in &self.model_totals {
+                    sum += p.outcome_sum(c);
+                    n_all += n3(c);
+                }
+                let grand = if n_all > 0.0 { sum / n_all } else { 0.0 };
+                let logit_grand = logit_rate(grand);
+                // A model with no records has no ability of its own: it is taken as average.
+                let ability: Vec<f64> = self
+                    .model_totals
+                    .iter()
+                    .map(|&c| {
+                        let n = n3(c);
+                        logit_rate(if n > 0.0 { p.outcome_sum(c) / n } else { grand })
+                    })
+                    .collect();
+                for (t, row) in scores.chunks_exact_mut(nm.max(1)).enumerate().take(nt) {
+                    // Difficulty comes from every model of the store, reference models included,
+                    // so a candidate with no evidence on a tag still inherits how hard it is.
+                    // The tag's mean is itself shrunk towards the grand mean so that a rare tag
+                    // is not called hard on one loss.
+                    let (mut a, mut n_t) = (0.0_f64, 0.0_f64);
+                    for col in &self.counts {
+                        a += p.outcome_sum(col[t]);
+                        n_t += n3(col[t]);
+                    }
+                    let g_t = if n_t + k > 0.0 {
+                        (a + k * grand) / (n_t + k)
+                    } else {
+                        grand
+                    };
+                    let delta = logit_rate(g_t) - logit_grand;
+                    for (m, s) in row.iter_mut().enumerate() {
+                        let prior = p.s_loss + range * sigmoid(ability[m] + delta);
+                        let c = self.counts[m][t];
+                        let denom = n3(c) + k;
+                        *s = if denom > 0.0 {
+                            (p.outcome_sum(c) + k * prior) / denom
+                        } else {
+                            prior
+                        };
+                    }
+                }
+            }
         }
         self.scores = scores;
     }
@@ -732,5 +820,82 @@ mod tests {
         assert!((s.score("m", "a").unwrap() - (1.0 + 2.0 * mu_m) / 3.0).abs() < 1e-15);
         // n has no evidence on "a": the prior alone, i.e. its global mean.
         assert!((s.score("n", "a").unwrap() - 0.15).abs() < 1e-15);
+    }
+
+    #[test]
+    fn difficulty_weighting_by_hand() {
+        let p = Params {
+            s_tie: 0.0,
+            weighting: Weighting::Difficulty,
+            prior_strength: 1.0,
+            ..Params::default()
+        };
+        // "hard" is lost by both models judged on it, "easy" mostly won; every model's own
+        // mean is 0, so the grand mean is 0 (rate 1/2, logit 0) and abilities are 0.
+        let recs = [
+            rec("q1", &["hard"], "r", Outcome::Loss),
+            rec("q1", &["hard"], "m", Outcome::Loss),
+            rec("q2", &["easy"], "r", Outcome::Win),
+            rec("q2", &["easy"], "m", Outcome::Win),
+            rec("q3", &["easy"], "n", Outcome::Win),
+            rec("q4", &["easy"], "n", Outcome::Loss),
+        ];
+        let s = Store::from_records(p, recs).unwrap();
+        // hard: g = (-2 + 1*0) / (2 + 1) = -2/3, rate 1/6, delta = logit(1/6) = ln(1/5), so the
+        // prior is -1 + 2 * sigmoid(ln(1/5)) = -1 + 2/6 = -2/3.
+        // easy: g = (2 + 0) / (4 + 1) = 2/5, rate 7/10, prior = -1 + 2 * 7/10 = 2/5.
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        // n has no evidence on "hard": the prior alone.
+        assert!(close(s.score("n", "hard").unwrap(), -2.0 / 3.0));
+        assert!(close(s.score("n", "easy").unwrap(), (0.0 + 0.4) / 3.0));
+        assert!(close(
+            s.score("m", "hard").unwrap(),
+            (-1.0 - 2.0 / 3.0) / 2.0
+        ));
+        assert!(close(s.score("m", "easy").unwrap(), (1.0 + 0.4) / 2.0));
+        // Shrunk cannot tell the two tags apart for n: both are its global mean, 0.
+        let shrunk = s
+            .reweighted(Params {
+                weighting: Weighting::Shrunk,
+                ..p
+            })
+            .unwrap();
+        assert_eq!(shrunk.score("n", "hard").unwrap(), 0.0);
+        assert_eq!(shrunk.score("n", "easy").unwrap(), 0.0);
+    }
+
+    #[test]
+    fn difficulty_needs_s_win_above_s_loss() {
+        for (s_win, s_loss) in [(1.0, 1.0), (-1.0, 1.0)] {
+            let p = Params {
+                s_win,
+                s_loss,
+                weighting: Weighting::Difficulty,
+                ..Params::default()
+            };
+            let err = Store::new(p).unwrap_err();
+            assert!(matches!(err, RouterError::InvalidArgument(_)), "{err}");
+            assert!(Store::new(Params {
+                weighting: Weighting::Shrunk,
+                ..p
+            })
+            .is_ok());
+        }
+    }
+
+    #[test]
+    fn weighting_codes_and_names_round_trip() {
+        for w in [
+            Weighting::Paper,
+            Weighting::None,
+            Weighting::Shrunk,
+            Weighting::Difficulty,
+        ] {
+            assert_eq!(Weighting::from_code(w.code()), Some(w));
+            assert_eq!(Weighting::parse(w.as_str()), Some(w));
+        }
+        // Codes of files written before "difficulty" keep their meaning.
+        assert_eq!(Weighting::from_code(2), Some(Weighting::Shrunk));
+        assert_eq!(Weighting::from_code(4), None);
     }
 }

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tagrouter_fast.build.table import OUTCOMES, RoutingTable, load_table
-from tagrouter_fast.core import Record, TagScorer
+from tagrouter_fast.core import Record, TagDecider, TagScorer
 
 if TYPE_CHECKING:
     from tagrouter_fast.router import TagRouter
@@ -38,6 +38,7 @@ __all__ = [
     "ModelExistsError",
     "add_model",
     "judgments_for_model",
+    "suggest_judgments",
 ]
 
 
@@ -231,15 +232,22 @@ def judgments_for_model(
     return out
 
 
-def _like_records(known: dict[str, _StoreQuery], like: str, model: str) -> list[Record]:
-    """``like``'s per-query outcomes under ``model``'s name, on the same queries (so the new
-    model's per-(tag, outcome) counts equal ``like``'s and no ``count_t`` changes)."""
+def _like_records(known: dict[str, _StoreQuery], like: Sequence[str], model: str) -> list[Record]:
+    """The start of ``model`` from the models in ``like``, on the store's own queries (so no
+    ``count_t`` changes). One model: its per-query outcomes under ``model``'s name, so the new
+    model's per-(tag, outcome) counts equal its counts (paper D.3). Several (the pool's prior):
+    each query takes the outcomes of one of them in turn, so the new model's per-tag rates are
+    the pool's average on the same count scale as one model's (summing every model's counts
+    would multiply the paper's scores by the pool size)."""
     out: list[Record] = []
+    turn = 0
     for qid, q in known.items():
-        triple = q.judged.get(like)
-        if triple is None:
+        have = [m for m in like if m in q.judged]
+        if not have:
             continue
-        for label, n in zip(OUTCOMES, triple, strict=True):
+        src = have[turn % len(have)]
+        turn += 1
+        for label, n in zip(OUTCOMES, q.judged[src], strict=True):
             out.extend((qid, q.tags, model, label) for _ in range(n))
     return out
 
@@ -262,7 +270,8 @@ def add_model(
     *,
     cost: float,
     table_model: str | None = None,
-    like: str | None = None,
+    like: str | Sequence[str] | None = None,
+    as_llm: bool = False,
     update_store: Callable[[Callable[[TagScorer], TagScorer]], object] | None = None,
 ) -> AddedModel:
     """Adds ``model`` to ``router``'s store from its judgments and makes it a candidate.
@@ -274,8 +283,11 @@ def add_model(
         model: the new model's name.
         cost: its per-query cost (a finite number >= 0). M_LLM is not moved.
         table_model: which model column value of the table to read (see `judgments_for_model`).
-        like: start from this store model's per-(tag, outcome) counts (paper D.3 proxy); the
-            new model's own judgments, if any, are added on top.
+        like: start from this store model's per-(tag, outcome) counts (paper D.3 proxy), or
+            from several models' average (e.g. every candidate: the pool's prior, see
+            `_like_records`); the new model's own judgments, if any, are added on top.
+        as_llm: make the new model M_LLM (a stronger, dearer model joining the pool); by
+            default M_LLM does not move. The fallback moves with it if it was M_LLM.
         update_store: how to replace the store (default `router.update_store`); the gateway
             passes its durable outcome store's.
 
@@ -285,16 +297,27 @@ def add_model(
     Raises:
         ModelExistsError: ``model`` is already in the store (so also if it is a candidate).
         AddModelError: see `judgments_for_model`; an unknown ``like``; a bad cost; no table
-            and no ``like``.
+            and no ``like``; ``as_llm`` with a cost below the current M_LLM's.
         tagrouter_fast.build.table.DataError: a malformed judgments table.
     """
     if not isinstance(model, str) or not model.strip():
         raise AddModelError(f"model must be a non-empty name, got {model!r}")
     price = _check_cost(model, cost)
     _check_new_name(router.scorer, model)
-    if like is not None and like not in router.scorer.models:
+    likes: list[str] | None = None
+    if like is not None:
+        likes = [like] if isinstance(like, str) else list(like)
+        missing = [m for m in likes if m not in router.scorer.models]
+        if missing or not likes:
+            raise AddModelError(
+                f"like={like!r} is not in the router's store: {missing or 'no model named'} "
+                f"(models: {router.scorer.models})"
+            )
+    if as_llm and price < router.decider.costs[router.decider.llm]:
         raise AddModelError(
-            f"like={like!r} is not in the router's store (models: {router.scorer.models})"
+            f"as_llm: {model!r} at cost {price:g} would be cheaper than the current M_LLM "
+            f"{router.decider.llm!r} ({router.decider.costs[router.decider.llm]:g}); M_LLM is the "
+            "dearest model"
         )
     if table is None and like is None:
         raise AddModelError(f"no judgments for {model!r}: give a judgments table or like=")
@@ -312,9 +335,9 @@ def add_model(
         # Re-checked under the writers' lock: another writer may have added the name since.
         _check_new_name(s, model)
         known = _store_queries(s)
-        if like is not None and like not in s.models:
+        if likes is not None and any(m not in s.models for m in likes):
             raise AddModelError(f"like={like!r} was removed from the store meanwhile")
-        copied = _like_records(known, like, model) if like is not None else []
+        copied = _like_records(known, likes, model) if likes is not None else []
         if not copied and not own:
             raise AddModelError(f"{like!r} has no outcome records to start {model!r} from")
         # Own records are tagged before the lock (tagging can be slow); a query that joined the
@@ -329,8 +352,21 @@ def add_model(
         return new
 
     (update_store or router.update_store)(grow)
+
+    def join(d: TagDecider) -> TagDecider:
+        if not as_llm:
+            return d.with_store(d.scorer, costs={model: price})
+        return TagDecider(
+            d.scorer,
+            costs={**d.costs, model: price},
+            llm=model,
+            theta=d.theta,
+            fallback=model if d.fallback == d.llm else d.fallback,
+            aggregation=d.aggregation,
+        )
+
     try:
-        dec = router.update_decider(lambda d: d.with_store(d.scorer, costs={model: price}))
+        dec = router.update_decider(join)
     except BaseException:
         # Not a candidate after all: take the store change back so a retry is not "exists".
         (update_store or router.update_store)(lambda s: s.without_model(model))
@@ -339,7 +375,7 @@ def add_model(
         model=model,
         table_model=column,
         judgments=len(own),
-        like=like,
+        like=None if like is None else (like if isinstance(like, str) else ",".join(likes or [])),
         copied=stats["copied"],
         cost=price,
         new_queries=stats["new_queries"],
@@ -347,3 +383,130 @@ def add_model(
         models=dec.models,
         llm=dec.llm,
     )
+
+
+# ==== Which queries to judge first ====
+
+
+#: How `suggest_judgments` chooses: ``"stratified"`` or ``"uncertainty"``.
+STRATEGIES = ("stratified", "uncertainty")
+
+
+def suggest_judgments(
+    router: TagRouter,
+    n: int,
+    *,
+    table: RoutingTable | str | os.PathLike[str] | None = None,
+    query_ids: Sequence[str] | None = None,
+    strategy: str = "stratified",
+    seed: int = 0,
+) -> list[str]:
+    """The ``n`` queries to judge first for a model about to join ``router``.
+
+    Strategies:
+
+    - ``"stratified"`` (default): a systematic sample of the candidates ordered by their tags
+      (most frequent store tag first, then the next): every query has the same chance ``n/Q``
+      of being picked, so the new model's measured rates are unbiased, and the picks spread
+      over the tags in proportion to how often they occur (survey sampling's implicit
+      stratification) instead of clumping as a random draw does.
+    - ``"uncertainty"``: queries whose tags carry the most uncertainty for the new model. Each
+      tag ``t`` is worth ``count_t * p_t * (1 - p_t) / (j_t + 1)`` after ``j_t`` picked queries
+      carry it (``count_t``: how often it is routed; ``p_t``: the pool's accept rate on it, the
+      variance of an outcome there), and queries are picked greedily by the value their tags
+      gain. Measured on AlpacaEval (docs/eval-results.md), it picks the queries where models
+      win most and those with many tags, so the new model's rates come out biased upwards and
+      routing is worse than with a random choice: kept for the comparison, not the default.
+
+    Args:
+        router: the router the model will join.
+        n: how many queries to suggest (at most the number of candidates).
+        table: candidates from a routing table (or its directory); queries the store does not
+            hold are tagged as routing would tag them.
+        query_ids: candidates among the store's queries (default: all of them, when no table).
+        strategy: one of :data:`STRATEGIES`.
+        seed: the sample's random start (stratified) or tie-breaking seed (uncertainty).
+
+    Raises:
+        AddModelError: ``n`` < 0, unknown ``query_ids``, both ``table`` and ``query_ids``, an
+            unknown strategy.
+    """
+    import numpy as np
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise AddModelError(f"n must be an integer >= 0, got {n!r}")
+    if strategy not in STRATEGIES:
+        raise AddModelError(f"unknown strategy {strategy!r}; known: {list(STRATEGIES)}")
+    if table is not None and query_ids is not None:
+        raise AddModelError("give candidates as a table or as query_ids, not both")
+    known = _store_queries(router.scorer)
+    if table is not None:
+        tab = _table_of(table)
+        fresh = [i for i, q in enumerate(tab.query_ids) if q not in known]
+        tagged = dict(zip(fresh, _tag_new(router, [tab.texts[i] for i in fresh]), strict=True))
+        ids = list(tab.query_ids)
+        tag_sets = [known[q].tags if q in known else tagged[i] for i, q in enumerate(ids)]
+    else:
+        ids = list(known) if query_ids is None else list(query_ids)
+        bad = [q for q in ids if q not in known]
+        if bad:
+            raise AddModelError(
+                f"{len(bad)} query ids are not in the router's store, e.g. {bad[:3]}"
+            )
+        tag_sets = [known[q].tags for q in ids]
+    if len(set(ids)) != len(ids):
+        raise AddModelError("duplicate candidate query ids")
+    n = min(n, len(ids))
+    if n == 0:
+        return []
+    count: dict[str, int] = {}
+    for q in known.values():
+        for tag in q.tags:
+            count[tag] = count.get(tag, 0) + 1
+    rng = np.random.default_rng(seed)
+    if strategy == "stratified":
+        # Tags ranked by frequency (ties by name); a query's key is its tags' ranks, ascending.
+        rank = {t: i for i, t in enumerate(sorted(count, key=lambda t: (-count[t], t)))}
+        far = len(rank)
+        keys = [sorted(rank.get(t, far) for t in set(ts)) for ts in tag_sets]
+        noise = rng.random(len(ids))  # random order inside a stratum
+        order = sorted(range(len(ids)), key=lambda i: (keys[i] or [far + 1], noise[i]))
+        step = len(ids) / n
+        start = rng.random() * step
+        return [ids[order[int(start + k * step)]] for k in range(n)]
+    cands = set(router.decider.models)
+    # The pool's accept rate per store tag, from the store's per-query outcomes.
+    acc: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    for q in known.values():
+        w = tot = 0
+        for m, (win, tie, loss) in q.judged.items():
+            if m in cands:
+                w += win + tie
+                tot += win + tie + loss
+        if tot:
+            for tag in q.tags:
+                acc[tag] = acc.get(tag, 0.0) + w / tot
+                seen[tag] = seen.get(tag, 0.0) + 1.0
+    vocab = sorted({t for ts in tag_sets for t in ts})
+    col = {t: j for j, t in enumerate(vocab)}
+    value = np.zeros(len(vocab))
+    for t, j in col.items():
+        p = (acc.get(t, 0.0) + 0.5) / (seen.get(t, 0.0) + 1.0)  # a half-count prior keeps 0/1 off
+        value[j] = max(count.get(t, 0), 1) * p * (1.0 - p)
+    rows = [sorted({col[t] for t in ts}) for ts in tag_sets]
+    flat = np.asarray([j for r in rows for j in r], dtype=np.int64)
+    owner = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+    judged = np.zeros(len(vocab))
+    jitter = rng.random(len(ids)) * 1e-9  # random tie-breaks, far below any real gain
+    taken = np.zeros(len(ids), dtype=bool)
+    out: list[str] = []
+    for _ in range(n):
+        gain_t = value * (1.0 / (judged + 1.0) - 1.0 / (judged + 2.0))
+        gain = np.bincount(owner, weights=gain_t[flat], minlength=len(ids)) + jitter
+        gain[taken] = -np.inf
+        i = int(np.argmax(gain))
+        taken[i] = True
+        judged[rows[i]] += 1.0
+        out.append(ids[i])
+    return out

@@ -176,11 +176,17 @@ def build_router(
     by_row: list[list[str]] = [[] for _ in range(table.n_queries)]
     for i, t in zip(rows, store_tags, strict=True):
         by_row[i] = list(t)
+    # Reference models: in the store (their judgments inform tag difficulty), never candidates.
+    stored = models + (
+        [m for m in table.models if m not in models and (table.outcomes([m])[rows] >= 0).any()]
+        if v.references
+        else []
+    )
 
     def make(sub: np.ndarray, prior_strength: float, theta: float) -> TagRouter:
         """A router from the training queries at positions ``sub`` of ``rows``."""
         scorer = TagScorer.from_records(
-            table.records(rows[sub], models, by_row),
+            table.records(rows[sub], stored, by_row),
             s_win=v.s_win,
             s_tie=v.s_tie,
             s_loss=v.s_loss,
@@ -206,6 +212,8 @@ def build_router(
         # of one disk-cache entry per tag list.
         encoder = MemoEncoder(_default_encoder())
     info: dict[str, Any] = {"variant": v.to_json(), "n_train": len(rows)}
+    if len(stored) > len(models):
+        info["reference_models"] = len(stored) - len(models)
     k, theta = v.prior_strength, (v.theta if v.theta is not None else 0.0)
     if v.tunes:
         chosen = tune(

@@ -19,13 +19,19 @@ from tagrouter_fast.router import DEFAULT_VARIANT
 __all__ = ["DEFAULT_VARIANT", "VARIANTS", "Variant", "resolve_variant"]
 
 
+#: Weightings that shrink per-tag scores towards a prior with a pseudo-count.
+_SHRINKING = ("shrunk", "difficulty")
+
+
 @dataclass(frozen=True)
 class Variant:
     """How a router is built from judgments.
 
     Attributes:
         aggregation: ``"sum"`` of a query's tag scores (paper 3.4) or ``"mean"``.
-        weighting: ``"paper"`` (``w_t``), ``"none"`` (``w_t = 1``) or ``"shrunk"`` (ours: per-tag
+        weighting: ``"paper"`` (``w_t``), ``"none"`` (``w_t = 1``), ``"difficulty"`` (ours:
+            like ``"shrunk"``, towards a per-tag prior from the model's ability and the tag's
+            difficulty over every stored model) or ``"shrunk"`` (ours: per-tag
             rates shrunk towards the model's global rate).
         prior_strength: Pseudo-count of ``"shrunk"`` (ignored when ``prior_strengths`` is set).
         prior_strengths: Candidate pseudo-counts; the builder picks the one whose
@@ -41,6 +47,9 @@ class Variant:
             taggers, off for the embedded ``DefaultTagger`` (its vocabulary is already clean).
         min_count: Frequency filter of the normalization.
         inner_folds: Folds of the inner cross-validation that tuning uses.
+        references: Also store the judgments of every other model of the table as reference
+            models (never routed to): the ``"difficulty"`` weighting estimates each tag's
+            difficulty from every model in the store, so more models give better estimates.
     """
 
     aggregation: str = "sum"
@@ -56,16 +65,18 @@ class Variant:
     normalize: bool | None = None
     min_count: int = 5
     inner_folds: int = 3
+    references: bool = False
 
     def __post_init__(self) -> None:
         if self.aggregation not in ("sum", "mean"):
             raise ValueError(f"aggregation must be 'sum' or 'mean', got {self.aggregation!r}")
-        if self.weighting not in ("paper", "none", "shrunk"):
+        if self.weighting not in ("paper", "none", "shrunk", "difficulty"):
             raise ValueError(
-                f"weighting must be 'paper', 'none' or 'shrunk', got {self.weighting!r}"
+                "weighting must be 'paper', 'none', 'shrunk' or 'difficulty', "
+                f"got {self.weighting!r}"
             )
-        if self.weighting != "shrunk" and (self.prior_strength or self.prior_strengths):
-            raise ValueError("prior_strength only applies to the shrunk weighting")
+        if self.weighting not in _SHRINKING and (self.prior_strength or self.prior_strengths):
+            raise ValueError("prior_strength only applies to the shrunk and difficulty weightings")
         if any(not k > 0 for k in self.prior_strengths):
             raise ValueError(f"prior_strengths must be > 0, got {self.prior_strengths}")
         if self.inner_folds < 2:
@@ -90,7 +101,7 @@ class Variant:
         kept = {k: v for k, v in options.items() if v is not None or k == "theta"}
         if "prior_strength" in kept and "prior_strengths" not in kept:
             kept["prior_strengths"] = ()  # an explicit pseudo-count is not tuned
-        if "weighting" in kept and kept["weighting"] != "shrunk":
+        if "weighting" in kept and kept["weighting"] not in _SHRINKING:
             kept.setdefault("prior_strength", 0.0)
             kept.setdefault("prior_strengths", ())
         return replace(self, **kept)
@@ -110,6 +121,10 @@ class Variant:
 #:   with a pseudo-count picked from {30, 100, 300} by inner cross-validation, averaged over the
 #:   query's known tags, theta* by G.2 (averaged shrunk scores differ little between models, so
 #:   its theta = 0 point sends nearly everything to M_LLM: it needs the tuned theta).
+#: - ``plus-difficulty`` (TagRouter+D, ours): TagRouter+ with the per-tag scores shrunk towards
+#:   a prior from the model's ability and the tag's difficulty (``weighting="difficulty"``),
+#:   the difficulty estimated from every model of the table (stored as reference models, never
+#:   routed to). Built for models with few judgments (a model that just joined).
 VARIANTS: dict[str, Variant] = {
     "paper": Variant(),
     "paper-theta": Variant(theta=None),
@@ -119,6 +134,14 @@ VARIANTS: dict[str, Variant] = {
         prior_strength=100.0,
         prior_strengths=(30.0, 100.0, 300.0),
         theta=None,
+    ),
+    "plus-difficulty": Variant(
+        aggregation="mean",
+        weighting="difficulty",
+        prior_strength=100.0,
+        prior_strengths=(30.0, 100.0, 300.0),
+        theta=None,
+        references=True,
     ),
 }
 

@@ -134,6 +134,35 @@ def _add_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--json", metavar="OUT", help="write every number as JSON")
     e.add_argument("--plot", metavar="OUT.png", help="write the AR-vs-ratio curves")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    n = e.add_argument_group("newcomer (a model joins with N judgments; docs/eval.md)")
+    n.add_argument(
+        "--add-model",
+        metavar="MODEL[,MODEL]",
+        help="measure how the pool absorbs each of these pool models when it joins last",
+    )
+    n.add_argument(
+        "--judgments",
+        default="0,10,25,50,100,200,all",
+        help="numbers of the newcomer's judgments, 'all' = every training judgment "
+        "(default 0,10,25,50,100,200,all)",
+    )
+    n.add_argument("--draws", type=int, default=3, help="random draws per fold (default 3)")
+    n.add_argument(
+        "--selection",
+        default="random,stratified,uncertainty",
+        help="how judged queries are chosen: random, stratified, uncertainty "
+        "(suggest_judgments strategies; default all three)",
+    )
+    mg = e.add_argument_group(
+        "merged stores (per source of the table's subsets: its own judgments, the other "
+        "sources', or both)"
+    )
+    mg.add_argument(
+        "--merged",
+        action="store_true",
+        help="compare, per target source, TagRouter stores built from it alone, from the other "
+        "sources alone, and merged",
+    )
 
 
 def _methods(
@@ -241,6 +270,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     models = _pool_models(args)
+    if args.merged:
+        if args.add_model:
+            raise ValueError("--merged and --add-model are separate experiments: give one")
+        return _run_merged_cmd(args, seeds, models)
+    if args.add_model:
+        return _run_newcomer_cmd(args, seeds, models)
     methods = _methods(args.methods, args.ablation)
     result = build_result(
         args.data,
@@ -266,6 +301,129 @@ def run_eval(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(_clean(result), indent=1, allow_nan=False))
     if args.plot:
         plot_curves(result, args.plot)
+    return 0
+
+
+def _parse_ns(text: str) -> list[int]:
+    from tagrouter_fast.eval.newcomer import ALL
+
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part == "all":
+            out.append(ALL)
+            continue
+        try:
+            k = int(part)
+        except ValueError:
+            raise ValueError(f"--judgments: {part!r} is not a count or 'all'") from None
+        if k < 0:
+            raise ValueError(f"--judgments: {k} < 0")
+        out.append(k)
+    if not out:
+        raise ValueError("--judgments: no counts given")
+    return out
+
+
+def _run_newcomer_cmd(
+    args: argparse.Namespace, seeds: Sequence[int], models: list[str] | None
+) -> int:
+    """``tagrouter eval --add-model M``: the newcomer experiment on one pool."""
+    from tagrouter_fast.build.table import load_table
+    from tagrouter_fast.eval.features import compute_features
+    from tagrouter_fast.eval.newcomer import newcomer_report, plot_recovery, run_newcomer
+    from tagrouter_fast.eval.pools import resolve_pool
+    from tagrouter_fast.eval.protocol import PoolData
+    from tagrouter_fast.tagging.taggers import DefaultTagger
+
+    if args.draws < 1:
+        raise ValueError(f"--draws must be >= 1, got {args.draws}")
+    ns = _parse_ns(args.judgments)
+    selections = [s.strip() for s in args.selection.split(",") if s.strip()]
+    table = load_table(args.data)
+    pool_models, llm = resolve_pool(table, args.pool, models, args.llm)
+    newcomers = [m.strip() for m in args.add_model.split(",") if m.strip()]
+    bad = [m for m in newcomers if m not in pool_models]
+    if bad:
+        raise ValueError(f"--add-model: {bad} not in the pool {pool_models}")
+    tg = DefaultTagger(**TAGGERS[args.tagger])
+    feats = compute_features(table.texts, tagger=tg)
+    pd = PoolData.build(table, pool_models, llm, feats, tagger=tg)
+    results = []
+    for m in newcomers:
+        bar = None
+        cb = None
+        if not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=f"newcomer {m}", unit="step", file=sys.stderr)
+
+            def cb(name: str, bar: Any = bar) -> None:
+                bar.set_postfix_str(name[:24])
+                bar.update(1)
+
+        res = run_newcomer(
+            pd,
+            m,
+            ns,
+            folds=args.folds,
+            seeds=seeds,
+            draws=args.draws,
+            selections=selections,
+            n_boot=args.bootstrap,
+            progress=cb,
+        )
+        if bar is not None:
+            bar.close()
+        res.update(data=str(args.data), pool=args.pool, tagger=feats.tagger)
+        print(newcomer_report(res))
+        print()
+        results.append(res)
+    if args.json:
+        out = results[0] if len(results) == 1 else {"newcomers": results}
+        Path(args.json).write_text(json.dumps(_clean(out), indent=1, allow_nan=False))
+    if args.plot:
+        plot_recovery(results, args.plot)
+    return 0
+
+
+def _run_merged_cmd(
+    args: argparse.Namespace, seeds: Sequence[int], models: list[str] | None
+) -> int:
+    """``tagrouter eval --merged``: the merged-stores experiment on one pool."""
+    from tagrouter_fast.build.table import load_table
+    from tagrouter_fast.eval.features import compute_features
+    from tagrouter_fast.eval.merged import merged_report, run_merged
+    from tagrouter_fast.eval.pools import resolve_pool
+    from tagrouter_fast.eval.protocol import PoolData
+    from tagrouter_fast.tagging.taggers import DefaultTagger
+
+    table = load_table(args.data)
+    pool_models, llm = resolve_pool(table, args.pool, models, args.llm)
+    tg = DefaultTagger(**TAGGERS[args.tagger])
+    feats = compute_features(table.texts, tagger=tg)
+    pd = PoolData.build(table, pool_models, llm, feats, tagger=tg)
+    bar = None
+    cb = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="merged stores", unit="fold", file=sys.stderr)
+
+        def cb(name: str) -> None:
+            bar.set_postfix_str(name[:24])
+            bar.update(1)
+
+    res = run_merged(pd, folds=args.folds, seeds=seeds, n_boot=args.bootstrap, progress=cb)
+    if bar is not None:
+        bar.close()
+    res.update(data=str(args.data), pool=args.pool, tagger=feats.tagger)
+    print(merged_report(res))
+    print(f"\n({res['seconds']:.1f} s; tagger {res['tagger']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(_clean(res), indent=1, allow_nan=False))
     return 0
 
 

@@ -87,6 +87,10 @@ class TrainSet(QueryFeatures):
         all_index: Column of each pool model in ``all_codes``.
         tagger: The tagger that produced ``tags`` (``None``: tags given, not generated); the
             routers built from this set carry it.
+        known: ``(n, m)`` bool: the labels a method may read (``None``: all). The newcomer
+            experiment (`tagrouter_fast.eval.newcomer`) hides most of one model's labels, as a
+            model that just joined the pool has only a few judgments.
+        all_models: Names of the columns of ``all_codes``.
     """
 
     models: list[str] = field(default_factory=list)
@@ -98,6 +102,12 @@ class TrainSet(QueryFeatures):
     all_codes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int8))
     all_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     tagger: Any = None
+    known: np.ndarray | None = None
+    all_models: list[str] = field(default_factory=list)
+
+    def label_mask(self) -> np.ndarray:
+        """``(n, m)`` bool: the labels a method may read."""
+        return np.ones(self.acc.shape, bool) if self.known is None else self.known
 
     @property
     def slms(self) -> list[int]:
@@ -121,6 +131,8 @@ class TrainSet(QueryFeatures):
             all_codes=self.all_codes[rows],
             all_index=self.all_index,
             tagger=self.tagger,
+            known=None if self.known is None else self.known[rows],
+            all_models=self.all_models,
         )
 
     def features(self, rows: np.ndarray | None = None) -> QueryFeatures:
@@ -134,21 +146,34 @@ class TrainSet(QueryFeatures):
             texts=[self.texts[i] for i in rows] if self.texts else [],
         )
 
-    def as_table(self) -> RoutingTable:
+    def as_table(self, references: bool = False) -> RoutingTable:
         """These queries' judgments of the pool models as a routing table: what the product's
-        builder reads (texts, subsets, outcomes, costs)."""
+        builder reads (texts, subsets, outcomes, costs). Hidden labels (``known``) are missing
+        cells. ``references``: also every other model of ``all_codes`` (judgments only; their
+        costs are NaN, as reference models are never candidates)."""
         from tagrouter_fast.build.table import RoutingTable
 
         n = len(self.query_ids)
+        codes = np.where(self.label_mask(), self.codes, -1).astype(np.int8)
+        cost = np.asarray(self.cost, dtype=np.float64)
+        models = list(self.models)
+        if references and self.all_models:
+            pool = set(self.all_index.tolist())
+            # A hidden pool model must not come back as a reference.
+            other = [j for j in range(len(self.all_models)) if j not in pool]
+            other = [j for j in other if self.all_models[j] not in models]
+            models += [self.all_models[j] for j in other]
+            codes = np.hstack([codes, self.all_codes[:, other].astype(np.int8)])
+            cost = np.hstack([cost, np.full((n, len(other)), np.nan)])
         return RoutingTable(
             query_ids=list(self.query_ids),
             texts=list(self.texts) if self.texts else [""] * n,
             subsets=list(self.subsets),
-            models=list(self.models),
-            outcome_codes=np.asarray(self.codes, dtype=np.int8),
-            costs=np.asarray(self.cost, dtype=np.float64),
-            raw_costs=np.asarray(self.cost, dtype=np.float64),
-            scores=np.full(self.codes.shape, np.nan),
+            models=models,
+            outcome_codes=codes,
+            costs=cost,
+            raw_costs=cost,
+            scores=np.full(codes.shape, np.nan),
             source="training fold",
         )
 
@@ -220,6 +245,19 @@ def _constant_columns(y: np.ndarray) -> np.ndarray:
     return y.min(axis=0) == y.max(axis=0)
 
 
+def _column_prior(train: TrainSet, j: int) -> float:
+    """A model's accept rate from the labels a method may read; with none, the pool's."""
+    mask = train.label_mask()
+    if mask[:, j].any():
+        return float(train.acc[mask[:, j], j].mean())
+    return float(train.acc[mask].mean()) if mask.any() else 0.5
+
+
+#: Below this many labels a per-model classifier is not fitted: its model's column is its
+#: accept rate (too few to fit, let alone to early-stop on a held-out tenth).
+_MIN_FIT = 20
+
+
 # ==== Baselines (paper Appx. B.2) ====
 
 
@@ -230,16 +268,19 @@ def fit_mf(train: TrainSet, seed: int, use_tags: bool = False, dim: int = 50) ->
 
     X = _inputs(train, use_tags)
     k = int(min(dim, X.shape[1] - 1, X.shape[0] - 1))
+    # The embedding side needs no labels: the SVD sees every training query.
     svd = TruncatedSVD(n_components=k, random_state=seed).fit(X)
     Z = svd.transform(X)
     y = train.acc.astype(int)
-    const = _constant_columns(y)
-    clfs = []
+    mask = train.label_mask()
+    clfs: list[Any] = []
     for j in range(y.shape[1]):
-        if const[j]:
-            clfs.append(float(y[0, j]))
+        rows = mask[:, j]
+        yj = y[rows, j]
+        if len(yj) < min(_MIN_FIT, len(y)) or len(np.unique(yj)) < 2:
+            clfs.append(_column_prior(train, j))
         else:
-            clfs.append(LogisticRegression(C=1.0, max_iter=1000).fit(Z, y[:, j]))
+            clfs.append(LogisticRegression(C=1.0, max_iter=1000).fit(Z[rows], yj))
 
     def predict(x: QueryFeatures) -> np.ndarray:
         z = svd.transform(_inputs(x, use_tags))
@@ -255,12 +296,25 @@ def fit_knn(train: TrainSet, seed: int, use_tags: bool = False, k: int = 11) -> 
     """RouterBench KNN: mean accept of the ``k`` nearest training queries (cosine)."""
     X = _inputs(train, use_tags)
     y = train.acc.astype(np.float64)
+    mask = train.label_mask()
+    full = mask.all(axis=0)
     kk = min(k, len(X))
 
     def predict(x: QueryFeatures) -> np.ndarray:
         sims = _inputs(x, use_tags) @ X.T
         nn = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-        return y[nn].mean(axis=1)
+        u = y[nn].mean(axis=1)
+        # A model with hidden labels: its k nearest among the queries it was judged on.
+        for j in np.flatnonzero(~full).tolist():
+            rows = np.flatnonzero(mask[:, j])
+            if len(rows) == 0:
+                u[:, j] = _column_prior(train, j)
+                continue
+            kj = min(k, len(rows))
+            sj = sims[:, rows]
+            nj = np.argpartition(-sj, kj - 1, axis=1)[:, :kj]
+            u[:, j] = y[rows[nj], j].mean(axis=1)
+        return u
 
     return _UtilityRouter(predict, train)
 
@@ -271,8 +325,29 @@ def fit_mlp(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
 
     X = _inputs(train, use_tags)
     y = train.acc.astype(int)
-    const = _constant_columns(y)
+    mask = train.label_mask()
+    full = mask.all(axis=0)
+    const = _constant_columns(y) | ~full
     var = np.flatnonzero(~const)
+    # A model with hidden labels gets its own network on the queries it was judged on.
+    partial: dict[int, Any] = {}
+    for j in np.flatnonzero(~full).tolist():
+        rows = mask[:, j]
+        yj = y[rows, j]
+        if rows.sum() < _MIN_FIT or yj.min() == yj.max():
+            partial[j] = _column_prior(train, j)
+            continue
+        one = MLPClassifier(
+            hidden_layer_sizes=(128, 64),
+            alpha=1e-3,
+            max_iter=200,
+            early_stopping=True,
+            n_iter_no_change=10,
+            random_state=seed,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            partial[j] = one.fit(X[rows], yj)
     clf = None
     if len(var):
         # Multi-label needs at least two output columns; duplicate a lone one.
@@ -297,6 +372,8 @@ def fit_mlp(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
         if clf is not None:
             p = clf.predict_proba(Xq)
             u[:, var] = p[:, : len(var)]
+        for j, c in partial.items():
+            u[:, j] = c if isinstance(c, float) else c.predict_proba(Xq)[:, 1]
         return u
 
     return _UtilityRouter(predict, train)
@@ -321,7 +398,9 @@ def fit_forc(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
         # Interaction features let one linear layer express per-model directions.
         return np.hstack([rep, ids])
 
-    y = train.acc.astype(int).reshape(-1)
+    # Only the (query, model) pairs with a readable label are training pairs.
+    keep = train.label_mask().reshape(-1)
+    y = train.acc.astype(int).reshape(-1)[keep]
     if y.min() == y.max():
         const = float(y[0])
         return _UtilityRouter(lambda x: np.full((len(x.query_ids), m), const), train)
@@ -335,7 +414,7 @@ def fit_forc(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        clf.fit(pairs(X), y)
+        clf.fit(pairs(X)[keep], y)
 
     def predict(x: QueryFeatures) -> np.ndarray:
         Xq = _inputs(x, use_tags)
@@ -363,7 +442,7 @@ class _Constant(Fitted):
 def fit_prior(train: TrainSet, seed: int) -> Fitted:
     """No-information router: the small model with the best training AR (cheaper on ties),
     and a random share of queries to M_LLM."""
-    ar = train.acc.mean(axis=0)
+    ar = [_column_prior(train, j) for j in range(len(train.models))]
     cost = train.cost.mean(axis=0)
     best = min(train.slms, key=lambda j: (-ar[j], cost[j]))
     return _Constant(best)

@@ -88,6 +88,7 @@ class PoolData:
             all_codes=table.outcome_codes[keep],
             all_index=table.model_index(models),
             tagger=tagger,
+            all_models=list(table.models),
         )
         return cls(ts, dropped)
 

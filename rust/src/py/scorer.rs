@@ -31,7 +31,7 @@ fn wrap(store: Store) -> PyStore {
 fn parse_weighting(name: &str) -> PyResult<Weighting> {
     Weighting::parse(name).ok_or_else(|| {
         PyValueError::new_err(format!(
-            "unknown weighting {}; expected 'paper', 'none' or 'shrunk'",
+            "unknown weighting {}; expected 'paper', 'none', 'shrunk' or 'difficulty'",
             pyrepr(name)
         ))
     })

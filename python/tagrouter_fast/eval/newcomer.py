@@ -1,0 +1,642 @@
+"""A model joins the pool with N judgments (research; ``tagrouter eval --add-model``).
+
+The paper's evolvable pool (section 6, Appendix D.3): a new model needs only a few judged
+samples, its tag capabilities go into the store, and it is routable at once. This measures how
+fast that happens, under the protocol of `tagrouter_fast.eval.protocol` (same stratified folds,
+same test-fold curves, paired bootstrap over queries):
+
+- On every training fold, each TagRouter recipe is built by the product's builder from the
+  *rest* of the pool (every model but the newcomer, all their training judgments), exactly as a
+  user's bundle is; the newcomer then joins through the product's `add_model` with N of its
+  judgments (as M_LLM when it is the pool's M_LLM), and the router routes the test fold.
+- The baselines (MF, KNN, MLP, FORC-style) are retrained on the same fold with the newcomer's
+  other labels hidden (`TrainSet.known`).
+- The N judged queries are drawn at random from the training fold (``draws`` draws, nested:
+  the first 10 of a draw are in its first 25), or chosen by
+  `tagrouter_fast.build.add_model.suggest_judgments` on the rest-of-pool store (``stratified``:
+  a systematic sample over the queries ordered by tags, ``draws`` random starts;
+  ``uncertainty``: the queries whose tags are most uncertain for the newcomer). ``N = all``
+  gives the newcomer every training judgment: the full-data level the recovery is measured
+  against.
+- Zero judgments: the newcomer starts from another model's counts (paper D.3's proxy: the
+  rest-of-pool model closest in price, which a user knows before judging anything; and, as an
+  upper bound no user has, the model whose training outcomes agree most with the newcomer's),
+  or from the pool's prior (every rest-of-pool model's outcomes in turn).
+
+Operating points: a TagRouter keeps the theta its builder chose for the rest of the pool (what
+a deployed router does when a model joins); the baselines route at ``pref > 0`` (the higher
+predicted accept probability). AUC and PAUC need no operating point.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tagrouter_fast.build.folds import stratified_folds
+from tagrouter_fast.eval import metrics as M
+from tagrouter_fast.eval.methods import (
+    TrainSet,
+    _shared_encoder,
+    fit_forc,
+    fit_knn,
+    fit_mf,
+    fit_mlp,
+)
+from tagrouter_fast.eval.protocol import PoolData, _acc_cost, _reference, _score_fold
+
+__all__ = [
+    "ALL",
+    "BASELINES",
+    "SELECTIONS",
+    "VARIANTS",
+    "newcomer_report",
+    "plot_recovery",
+    "run_newcomer",
+]
+
+#: ``N`` meaning "every training judgment of the newcomer".
+ALL = -1
+#: TagRouter recipes measured (`tagrouter_fast.build.variants.VARIANTS`), by display name.
+VARIANTS = {"TagRouter": "paper", "TagRouter+": "plus", "TagRouter+D": "plus-difficulty"}
+#: Baselines retrained with the newcomer's N labels.
+BASELINES: dict[str, Callable[[TrainSet, int], Any]] = {
+    "RouteLLM-MF": fit_mf,
+    "RouterBench-KNN": fit_knn,
+    "RouterBench-MLP": fit_mlp,
+    "FORC-style": fit_forc,
+}
+#: How the judged queries are chosen: at random, or by `suggest_judgments`' strategies.
+SELECTIONS = ("random", "stratified", "uncertainty")
+#: Zero-judgment starts of a TagRouter.
+STARTS = ("prior", "proxy-cost", "proxy-best")
+
+
+@dataclass
+class _Run:
+    """One method on one test fold under one draw of judged queries."""
+
+    fold: int
+    draw: int
+    metrics: dict[str, float]
+    pref: np.ndarray
+    acc_slm: np.ndarray
+
+
+@dataclass
+class _Series:
+    runs: list[_Run] = field(default_factory=list)
+
+
+def _without(data: TrainSet, j: int) -> TrainSet:
+    """The training set of the rest of the pool: column ``j`` removed."""
+    keep = [k for k in range(len(data.models)) if k != j]
+    cost = data.cost[:, keep]
+    llm = data.llm
+    if llm == j:
+        # The newcomer was M_LLM: the rest's M_LLM is its dearest model, as the builder picks.
+        llm_rest = int(np.argmax(cost.mean(axis=0)))
+    else:
+        llm_rest = keep.index(llm)
+    return TrainSet(
+        query_ids=data.query_ids,
+        emb=data.emb,
+        tag_emb=data.tag_emb,
+        tags=data.tags,
+        texts=data.texts,
+        models=[data.models[k] for k in keep],
+        llm=llm_rest,
+        acc=data.acc[:, keep],
+        codes=data.codes[:, keep],
+        cost=cost,
+        subsets=data.subsets,
+        all_codes=data.all_codes,
+        # The newcomer's column stays in the pool's index, so it never returns as a reference.
+        all_index=data.all_index,
+        tagger=data.tagger,
+        all_models=data.all_models,
+    )
+
+
+def _judgments_table(train: TrainSet, j: int, rows: np.ndarray) -> Any:
+    """The newcomer's judgments of ``rows`` as a one-model routing table."""
+    from tagrouter_fast.build.table import RoutingTable
+
+    n = len(rows)
+    return RoutingTable(
+        query_ids=[train.query_ids[i] for i in rows],
+        texts=[train.texts[i] for i in rows] if train.texts else [""] * n,
+        subsets=[train.subsets[i] for i in rows],
+        models=[train.models[j]],
+        outcome_codes=train.codes[rows, j : j + 1].astype(np.int8),
+        costs=train.cost[rows, j : j + 1],
+        raw_costs=train.cost[rows, j : j + 1],
+        scores=np.full((n, 1), np.nan),
+        source=f"{n} judgments of {train.models[j]}",
+    )
+
+
+def _route_router(router: Any, test: TrainSet) -> tuple[np.ndarray, np.ndarray]:
+    from tagrouter_fast.build.tune import decisions_in_pool_order, preferences
+
+    d = router.decider.decide_batch(router.align_tags(test.tags))
+    d = decisions_in_pool_order(d, router.decider.models, test.models)
+    mean_cost = test.cost.mean(axis=0)
+    fallback = min(test.slms, key=lambda k: mean_cost[k]) if test.slms else test.llm
+    return preferences(d, test.llm, fallback)
+
+
+def _proxies(train: TrainSet, rest: TrainSet, j: int) -> dict[str, str]:
+    """The zero-judgment proxy models: closest price, and (hindsight) closest outcomes."""
+    price = train.cost[:, j].mean()
+    rest_cost = rest.cost.mean(axis=0)
+    by_cost = rest.models[int(np.argmin(np.abs(rest_cost - price)))]
+    agree = (rest.acc == train.acc[:, j : j + 1]).mean(axis=0)
+    by_outcome = rest.models[int(np.argmax(agree))]
+    return {"proxy-cost": by_cost, "proxy-best": by_outcome}
+
+
+def run_newcomer(
+    pool: PoolData,
+    newcomer: str,
+    ns: Sequence[int],
+    *,
+    folds: int = 5,
+    seeds: Sequence[int] = (0,),
+    draws: int = 3,
+    variants: dict[str, str] | None = None,
+    baselines: dict[str, Callable[[TrainSet, int], Any]] | None = None,
+    selections: Sequence[str] = ("random", "stratified", "uncertainty"),
+    n_boot: int = 1000,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the newcomer experiment on one pool; return the result dictionary.
+
+    Args:
+        pool: the pool's evaluation rows (the newcomer is one of its models).
+        newcomer: the model that joins.
+        ns: numbers of the newcomer's judgments (``ALL``: every training judgment; 0: the
+            zero-judgment starts).
+        folds, seeds: the outer cross-validation.
+        draws: random draws of the judged queries per fold.
+        variants: TagRouter recipes by display name (default :data:`VARIANTS`).
+        baselines: baselines by display name (default :data:`BASELINES`).
+        selections: how the judged queries are chosen (:data:`SELECTIONS`).
+        n_boot: bootstrap resamples of the intervals.
+
+    Raises:
+        ValueError: the newcomer is not in the pool, an unknown recipe or selection, a pool
+            of fewer than 3 models, ``draws`` < 1 or a negative N.
+    """
+    from tagrouter_fast.build.variants import VARIANTS as RECIPES
+
+    data = pool.train_all
+    if newcomer not in data.models:
+        raise ValueError(f"newcomer {newcomer!r} is not in the pool {data.models}")
+    variants = dict(VARIANTS if variants is None else variants)
+    unknown = sorted(v for v in variants.values() if v not in RECIPES)
+    if unknown:
+        raise ValueError(f"unknown recipe(s) {unknown}; known: {sorted(RECIPES)}")
+    baselines = dict(BASELINES if baselines is None else baselines)
+    bad = [s for s in selections if s not in SELECTIONS]
+    if bad:
+        raise ValueError(f"unknown selection(s) {bad}; known: {list(SELECTIONS)}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    if any(k < 0 and k != ALL for k in ns) or not ns:
+        raise ValueError(f"numbers of judgments must be >= 0 or ALL, got {list(ns)}")
+    if len(data.models) < 3:
+        raise ValueError(
+            f"the pool has {len(data.models)} models: without the newcomer the rest must still "
+            "be a router (M_LLM and a small model), so use a pool of 3 or more"
+        )
+    j = data.models.index(newcomer)
+    as_llm = j == data.llm
+    n, _ = data.acc.shape
+    t0 = time.perf_counter()
+    series: dict[tuple[str, str, int], _Series] = {}
+    fold_info: list[dict[str, Any]] = []
+    fi = 0
+    for seed in seeds:
+        for test_rows in stratified_folds(data.subsets, folds, seed):
+            train_rows = np.setdiff1d(np.arange(n), test_rows)
+            fold_info.append(
+                {"rows": test_rows, "acc_llm": data.acc[test_rows, data.llm].astype(float)}
+            )
+            _run_fold(
+                data,
+                train_rows,
+                test_rows,
+                j=j,
+                fi=fi,
+                seed=seed,
+                ns=ns,
+                draws=draws,
+                variants=variants,
+                baselines=baselines,
+                selections=selections,
+                series=series,
+                progress=progress,
+            )
+            fi += 1
+    return _summarize(
+        series,
+        fold_info,
+        n_boot=n_boot,
+        meta={
+            "newcomer": newcomer,
+            "as_llm": as_llm,
+            "models": data.models,
+            "llm": data.models[data.llm],
+            "folds": folds,
+            "seeds": list(seeds),
+            "draws": draws,
+            "ns": [int(k) for k in ns],
+            "selections": list(selections),
+            "variants": variants,
+            "baselines": list(baselines),
+            "n_queries": n,
+            "newcomer_accept_rate": float(data.acc[:, j].mean()),
+            "accept_rates": dict(zip(data.models, map(float, data.acc.mean(axis=0)), strict=True)),
+            "seconds": time.perf_counter() - t0,
+        },
+    )
+
+
+def _run_fold(
+    data: TrainSet,
+    train_rows: np.ndarray,
+    test_rows: np.ndarray,
+    *,
+    j: int,
+    fi: int,
+    seed: int,
+    ns: Sequence[int],
+    draws: int,
+    variants: dict[str, str],
+    baselines: dict[str, Callable[[TrainSet, int], Any]],
+    selections: Sequence[str],
+    series: dict[tuple[str, str, int], _Series],
+    progress: Callable[[str], None] | None,
+) -> None:
+    """One outer fold: build the rest-of-pool routers, let the newcomer join each way, route."""
+    from tagrouter_fast.build.add_model import add_model, suggest_judgments
+    from tagrouter_fast.build.bundle import build_router
+    from tagrouter_fast.build.variants import resolve_variant
+
+    newcomer = data.models[j]
+    as_llm = j == data.llm
+    train, test = data.subset_rows(train_rows), data.subset_rows(test_rows)
+    ref = _reference(train, test)
+    rest = _without(train, j)
+    n_train = len(train_rows)
+    sizes = sorted({n_train if k == ALL else min(k, n_train) for k in ns})
+    price = float(train.cost[:, j].mean())
+
+    def record(key: tuple[str, str, int], draw: int, pref: Any, slm: Any, thr: float) -> None:
+        pref = np.asarray(pref, float)
+        slm = np.asarray(slm)
+        met, _ = _score_fold(pref, slm, thr, test, ref)
+        series.setdefault(key, _Series()).runs.append(
+            _Run(fi, draw, met, pref, _acc_cost(test, slm)[0])
+        )
+
+    routers = {}
+    for name, recipe in variants.items():
+        v = resolve_variant(recipe)
+        routers[name] = build_router(
+            rest.as_table(references=v.references),
+            rest.models,
+            variant=v,
+            llm=rest.models[rest.llm],
+            tagger=rest.tagger,
+            tags=rest.tags,
+            encoder=_shared_encoder(),
+            seed=seed,
+        )
+        if progress:
+            progress(f"{name} base")
+    bases = {name: r.decider for name, r in routers.items()}
+
+    def join(name: str, rows: np.ndarray | None, like: Any = None) -> None:
+        # Back to the rest-of-pool decider, then the newcomer joins afresh.
+        r = routers[name]
+        base = bases[name]
+        r.update_decider(lambda _d: base)
+        tab = None if rows is None else _judgments_table(train, j, rows)
+        add_model(r, tab, newcomer, cost=price, like=like, as_llm=as_llm)
+
+    if 0 in sizes:
+        proxies = _proxies(train, rest, j)
+        for name in routers:
+            for start in STARTS:
+                like = rest.models if start == "prior" else proxies[start]
+                join(name, None, like=like)
+                pref, slm = _route_router(routers[name], test)
+                record((name, start, 0), 0, pref, slm, -routers[name].decider.theta)
+        for bname, fit in baselines.items():
+            masked = _masked(train, j, np.zeros(0, np.int64))
+            pref, slm = fit(masked, seed).route(test.features())
+            record((bname, "prior", 0), 0, pref, slm, 0.0)
+    first = next(iter(routers.values()))  # the recipes share queries and tags
+    pos = {q: i for i, q in enumerate(train.query_ids)}
+
+    def chosen(sel: str, draw: int, size: int) -> np.ndarray:
+        if sel == "random":
+            # Nested within a draw: its first 10 are in its first 25.
+            rng = np.random.default_rng([seed, fi, draw, 12])
+            return rng.permutation(n_train)[:size]
+        ids = suggest_judgments(
+            first,
+            size,
+            query_ids=list(train.query_ids),
+            strategy=sel,
+            seed=int(np.random.default_rng([seed, fi, draw, 13]).integers(2**31)),
+        )
+        return np.asarray([pos[q] for q in ids], dtype=np.int64)
+
+    for sel in selections:
+        # The uncertainty choice is deterministic: one draw.
+        for draw in range(1 if sel == "uncertainty" else draws):
+            for size in sizes:
+                if size == 0 or (size == n_train and (sel != "random" or draw > 0)):
+                    continue  # N = all is one run: every draw and choice agree
+                full = size == n_train
+                rows = np.arange(n_train) if full else chosen(sel, draw, size)
+                label = "all" if full else sel
+                n_key = ALL if full else size
+                for name in routers:
+                    join(name, rows)
+                    pref, slm = _route_router(routers[name], test)
+                    thr = -routers[name].decider.theta
+                    record((name, label, n_key), draw, pref, slm, thr)
+                for bname, fit in baselines.items():
+                    fitted = fit(_masked(train, j, rows), seed)
+                    pref, slm = fitted.route(test.features())
+                    record((bname, label, n_key), draw, pref, slm, 0.0)
+                if progress:
+                    progress(f"{sel} N={size}")
+
+
+def _masked(train: TrainSet, j: int, rows: np.ndarray) -> TrainSet:
+    """``train`` with only ``rows`` of the newcomer's labels readable."""
+    known = np.ones(train.acc.shape, bool)
+    known[:, j] = False
+    known[rows, j] = True
+    out = train.subset_rows(np.arange(len(train.query_ids)))
+    out.known = known
+    return out
+
+
+# ==== Summary: intervals over query resamples, paired comparisons ====
+
+
+def _boot_weights(fold_info: list[dict[str, Any]], n_boot: int, seed: int = 0) -> list[np.ndarray]:
+    """Per-fold bootstrap weights; with several seeds each query is resampled once for all
+    of its folds (as `tagrouter_fast.eval.protocol.summarize` does)."""
+    rng = np.random.default_rng(seed)
+    rows = [np.asarray(f["rows"]) for f in fold_info]
+    n_all = int(max(r.max() for r in rows)) + 1
+    glob = rng.multinomial(n_all, np.full(n_all, 1.0 / n_all), size=n_boot)
+    return [glob[:, r].astype(np.float64) for r in rows]
+
+
+def _ci(x: np.ndarray) -> list[float]:
+    return [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]
+
+
+def _summarize(
+    series: dict[tuple[str, str, int], _Series],
+    fold_info: list[dict[str, Any]],
+    n_boot: int,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    weights = _boot_weights(fold_info, n_boot)
+    boots: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+    for key, s in series.items():
+        aucs, paucs = [], []
+        for r in s.runs:
+            f, w = fold_info[r.fold], weights[r.fold]
+            ar_llm = (w * f["acc_llm"]).sum(axis=1) / w.sum(axis=1)
+            a, p = M.batch_auc_pauc(r.pref, f["acc_llm"], r.acc_slm, w, ar_llm)
+            aucs.append(a)
+            paucs.append(p)
+        # The mean over folds and draws, under each resample of the queries.
+        boots[key] = (np.mean(aucs, axis=0), np.mean(paucs, axis=0))
+
+    rows: list[dict[str, Any]] = []
+    for key, s in sorted(series.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        name, sel, size = key
+        entry: dict[str, Any] = {"method": name, "selection": sel, "n": size}
+        for k in ("auc", "pauc", "ar", "cost", "ratio"):
+            vals = np.asarray([r.metrics.get(k, np.nan) for r in s.runs], float)
+            entry[k] = float(np.nanmean(vals))
+        a, p = boots[key]
+        entry["auc_ci95"], entry["pauc_ci95"] = _ci(a), _ci(p)
+        entry["runs"] = len(s.runs)
+        rows.append(entry)
+
+    def paired(a: tuple[str, str, int], b: tuple[str, str, int]) -> dict[str, Any] | None:
+        if a not in boots or b not in boots:
+            return None
+        d_auc = boots[a][0] - boots[b][0]
+        d_pauc = boots[a][1] - boots[b][1]
+        point = np.mean([r.metrics["auc"] for r in series[a].runs]) - np.mean(
+            [r.metrics["auc"] for r in series[b].runs]
+        )
+        return {
+            "delta_auc": float(point),
+            "ci95": _ci(d_auc),
+            "delta_pauc_ci95": _ci(d_pauc),
+            "p_le_0": float(np.mean(d_auc <= 0)),
+        }
+
+    tag_names = sorted({k[0] for k in series if k[0] in meta["variants"]})
+    base_names = sorted({k[0] for k in series if k[0] not in meta["variants"]})
+    sizes = sorted({k[2] for k in series if k[2] > 0})
+    comparisons: list[dict[str, Any]] = []
+    for t in tag_names:
+        for size in sizes:
+            for sel in SELECTIONS:
+                key = (t, sel, size)
+                if key not in series:
+                    continue
+                for b in base_names:
+                    c = paired(key, (b, sel, size))
+                    if c:
+                        comparisons.append({"a": t, "b": b, "selection": sel, "n": size, **c})
+                if sel != "random":
+                    c = paired(key, (t, "random", size))
+                    if c:
+                        comparisons.append(
+                            {"a": t, "b": t + " (random)", "selection": sel, "n": size, **c}
+                        )
+            for other in tag_names:
+                if other != t and other > t:
+                    c = paired((t, "random", size), (other, "random", size))
+                    if c:
+                        comparisons.append(
+                            {"a": t, "b": other, "selection": "random", "n": size, **c}
+                        )
+        # Zero judgments: each start against the pool's prior.
+        for start in STARTS[1:]:
+            c = paired((t, start, 0), (t, "prior", 0))
+            if c:
+                comparisons.append({"a": f"{t} {start}", "b": f"{t} prior", "n": 0, **c})
+        c = paired((t, "all", ALL), (t, "prior", 0))
+        if c:
+            comparisons.append({"a": f"{t} all", "b": f"{t} prior", "n": ALL, **c})
+    # Share of the full-data benefit recovered at each N: (AUC_N - AUC_0) / (AUC_all - AUC_0),
+    # from the pool's prior start; NaN when all-data is no better than the start.
+    recovery: list[dict[str, Any]] = []
+    for name in tag_names + base_names:
+        zero = (name, "prior", 0)
+        full = (name, "all", ALL)
+        if zero not in boots or full not in boots:
+            continue
+        gap = boots[full][0] - boots[zero][0]
+        for size in sizes:
+            key = (name, "random", size)
+            if key not in boots:
+                continue
+            with np.errstate(divide="ignore", invalid="ignore"):
+                share = np.where(gap > 0, (boots[key][0] - boots[zero][0]) / gap, np.nan)
+            ok = share[np.isfinite(share)]
+            recovery.append(
+                {
+                    "method": name,
+                    "n": size,
+                    "gap_auc": float(np.mean(gap)),
+                    "share": float(np.nanmedian(share)) if len(ok) else None,
+                    "share_ci95": _ci(ok) if len(ok) > 10 else None,
+                }
+            )
+    return {**meta, "results": rows, "comparisons": comparisons, "recovery": recovery}
+
+
+# ==== Report ====
+
+
+def newcomer_report(result: dict[str, Any]) -> str:
+    """Markdown tables: the recovery curve (AUC by N), zero-judgment starts, comparisons."""
+    lines = [
+        f"### {result.get('pool') or 'pool'}: {result['newcomer']} joins "
+        f"({'as M_LLM' if result['as_llm'] else 'as a small model'}; accept rate "
+        f"{100 * result['newcomer_accept_rate']:.1f}%, M_LLM {result['llm']})",
+        "",
+    ]
+    rows = result["results"]
+    sizes = sorted({r["n"] for r in rows if r["n"] > 0})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+
+    def cell(m: str, sel: str, n: int) -> str:
+        for r in rows:
+            if r["method"] == m and r["selection"] == sel and r["n"] == n:
+                lo, hi = r["auc_ci95"]
+                return f"{100 * r['auc']:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]"
+        return ""
+
+    head = ["method", "N=0 (prior)"] + [f"N={n}" for n in sizes] + ["all"]
+    lines.append("AUC (%) of AR vs share to M_LLM, random judged queries, [95% bootstrap]:")
+    lines.append("")
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for m in methods:
+        vals = [cell(m, "prior", 0)] + [cell(m, "random", n) for n in sizes] + [cell(m, "all", ALL)]
+        lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    for sel in SELECTIONS[1:]:
+        if not any(r["selection"] == sel for r in rows):
+            continue
+        lines += ["", f"Judged queries chosen by `suggest_judgments(strategy={sel!r})`:", ""]
+        lines.append("| method | " + " | ".join(f"N={n}" for n in sizes) + " |")
+        lines.append("|---|" + "---|" * len(sizes))
+        for m in methods:
+            if any(r["method"] == m and r["selection"] == sel for r in rows):
+                lines.append(f"| {m} | " + " | ".join(cell(m, sel, n) for n in sizes) + " |")
+    starts = [r for r in rows if r["n"] == 0]
+    if starts:
+        lines += [
+            "",
+            "Zero judgments: AUC by start (proxy-best reads the newcomer's labels: an "
+            "upper bound no user has):",
+            "",
+        ]
+        lines.append("| method | start | AUC | AR at its operating point |")
+        lines.append("|---|---|---|---|")
+        for r in starts:
+            lo, hi = r["auc_ci95"]
+            lines.append(
+                f"| {r['method']} | {r['selection']} | {100 * r['auc']:.2f} "
+                f"[{100 * lo:.2f}, {100 * hi:.2f}] | "
+                f"{100 * r['ar']:.1f} |"
+            )
+    comps = result["comparisons"]
+    if comps:
+        lines += ["", "Paired differences of AUC (a - b, points), [95% bootstrap]:", ""]
+        lines.append("| a | b | choice | N | ΔAUC | 95% |")
+        lines.append("|---|---|---|---|---|---|")
+        for c in comps:
+            n = "all" if c["n"] == ALL else str(c["n"])
+            lines.append(
+                f"| {c['a']} | {c['b']} | {c.get('selection', '')} | {n} | "
+                f"{100 * c['delta_auc']:+.2f} | "
+                f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}] |"
+            )
+    return "\n".join(lines)
+
+
+def plot_recovery(results: Sequence[dict[str, Any]], path: str) -> None:
+    """One panel per newcomer case: AUC against N with the 95% interval, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(results)
+    cols = min(k, 3)
+    fig, axes = plt.subplots(
+        (k + cols - 1) // cols,
+        cols,
+        figsize=(5 * cols, 3.8 * ((k + cols - 1) // cols)),
+        squeeze=False,
+    )
+    for ax, res in zip(axes.flat, results, strict=False):
+        rows = res["results"]
+        sizes = sorted({r["n"] for r in rows if r["n"] > 0})
+        x_all = (sizes[-1] if sizes else 10) * 2
+        for m in dict.fromkeys(r["method"] for r in rows):
+            pts = []
+            for r in rows:
+                if r["method"] != m:
+                    continue
+                if r["selection"] == "prior" and r["n"] == 0:
+                    pts.append((1, r))
+                elif r["selection"] == "random":
+                    pts.append((r["n"], r))
+                elif r["selection"] == "all":
+                    pts.append((x_all, r))
+            pts.sort(key=lambda p: p[0])
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [100 * p[1]["auc"] for p in pts]
+            lo = [100 * p[1]["auc_ci95"][0] for p in pts]
+            hi = [100 * p[1]["auc_ci95"][1] for p in pts]
+            style = "-" if m.startswith("TagRouter") else "--"
+            (line,) = ax.plot(xs, ys, style, marker="o", ms=3, label=m)
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
+        ax.set_xscale("log")
+        ax.set_xlabel("newcomer's judgments N (1 = none, right end = all)")
+        ax.set_ylabel("AUC (%)")
+        ax.set_title(f"{res.get('pool')}: + {res['newcomer']}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[k:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,239 @@
+"""A model joins the pool with N judgments (issue 12 "Measure"): `tagrouter_fast.eval.newcomer`
+and ``tagrouter eval --add-model`` on a synthetic pool where the tags say which model wins."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tagrouter_fast.build.table import load_table
+from tagrouter_fast.eval.features import Features
+from tagrouter_fast.eval.methods import fit_knn
+from tagrouter_fast.eval.newcomer import ALL, _masked, newcomer_report, plot_recovery, run_newcomer
+from tagrouter_fast.eval.protocol import PoolData
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
+#: kind -> outcomes of (big, small, mid); "mid" queries only the newcomer mid answers well.
+OUTCOMES = {
+    "hard": ("win", "loss", "loss"),
+    "easy": ("tie", "win", "win"),
+    "odd": ("loss", "win", "loss"),
+    "mid": ("loss", "loss", "win"),
+}
+MODELS = ["big", "small", "mid"]
+
+
+def _pool(tmp_path: Path, n: int = 160, seed: int = 0) -> tuple[Path, Features, PoolData]:
+    rng = np.random.default_rng(seed)
+    kinds = rng.choice(list(OUTCOMES), size=n)
+    q = ["query_id,query_text,subset"]
+    o = ["query_id,model,outcome,cost_usd"]
+    tags = []
+    for i, k in enumerate(kinds):
+        q.append(f"q{i},query {i} about {k},s{i % 2}")
+        tags.append([k.capitalize(), f"Topic {rng.integers(0, 4)}"])
+        res = list(OUTCOMES[k])
+        if rng.random() < 0.1:
+            rng.shuffle(res)
+        for m, r, c in zip(MODELS, res, (0.01, 0.001, 0.003), strict=True):
+            o.append(f"q{i},{m},{r},{c}")
+    (tmp_path / "queries.csv").write_text("\n".join(q) + "\n")
+    (tmp_path / "outcomes.csv").write_text("\n".join(o) + "\n")
+    emb = rng.normal(size=(n, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    feats = Features(emb=emb, tags=tags, tag_emb=emb, encoder="test", tagger="test")
+    pool = PoolData.build(load_table(tmp_path), MODELS, "big", feats)
+    return tmp_path, feats, pool
+
+
+def _run(pool: PoolData, newcomer: str = "mid", **kw):  # type: ignore[no-untyped-def]
+    opts = dict(
+        folds=2,
+        draws=2,
+        variants={"TagRouter": "paper", "TagRouter+": "plus"},
+        baselines={"RouterBench-KNN": fit_knn},
+        n_boot=100,
+    )
+    opts.update(kw)
+    return run_newcomer(pool, newcomer, [0, 5, 20, ALL], **opts)
+
+
+@pytest.fixture(scope="module")
+def mid_result(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    _, _, pool = _pool(tmp_path_factory.mktemp("pool"))
+    return _run(pool)
+
+
+def _row(res, method, sel, n):  # type: ignore[no-untyped-def]
+    hits = [r for r in res["results"] if (r["method"], r["selection"], r["n"]) == (method, sel, n)]
+    assert len(hits) == 1, (method, sel, n)
+    return hits[0]
+
+
+def test_every_method_choice_and_n_is_measured(mid_result) -> None:  # type: ignore[no-untyped-def]
+    res = mid_result
+    assert res["newcomer"] == "mid" and not res["as_llm"] and res["llm"] == "big"
+    assert res["folds"] == 2 and res["draws"] == 2 and res["n_queries"] == 160
+    for m in ("TagRouter", "TagRouter+", "RouterBench-KNN"):
+        # Random and stratified choices: every fold x draw; the uncertainty choice is
+        # deterministic (one draw); N = all is one run per fold.
+        for n in (5, 20):
+            assert _row(res, m, "random", n)["runs"] == 4
+            assert _row(res, m, "stratified", n)["runs"] == 4
+            assert _row(res, m, "uncertainty", n)["runs"] == 2
+        assert _row(res, m, "all", ALL)["runs"] == 2
+        assert _row(res, m, "prior", 0)["runs"] == 2
+        for r in res["results"]:
+            lo, hi = r["auc_ci95"]
+            assert 0.0 <= lo <= hi <= 1.0
+    # Zero judgments: the proxies start only TagRouters (a baseline has no counts to copy).
+    for start in ("proxy-cost", "proxy-best"):
+        assert _row(res, "TagRouter", start, 0)["runs"] == 2
+        assert not [
+            r
+            for r in res["results"]
+            if r["method"] == "RouterBench-KNN" and r["selection"] == start
+        ]
+
+
+def test_judgments_recover_the_newcomers_benefit(mid_result) -> None:  # type: ignore[no-untyped-def]
+    # Only mid answers the "mid" queries: knowing its counts there is worth AUC, and a TagRouter
+    # with all of mid's judgments is clearly above the pool's prior start.
+    res = mid_result
+    for m in ("TagRouter", "TagRouter+"):
+        zero, full = _row(res, m, "prior", 0)["auc"], _row(res, m, "all", ALL)["auc"]
+        assert full > zero + 0.02, (m, zero, full)
+        assert _row(res, m, "random", 20)["auc"] > zero
+    comp = [
+        c for c in res["comparisons"] if c["a"] == "TagRouter all" and c["b"] == "TagRouter prior"
+    ]
+    assert len(comp) == 1 and comp[0]["ci95"][0] > 0
+    rec = {(r["method"], r["n"]): r for r in res["recovery"]}
+    assert rec[("TagRouter", 20)]["gap_auc"] > 0
+    assert rec[("TagRouter", 20)]["share"] is not None
+    # Paired comparisons of each TagRouter against the baseline, per choice and N.
+    assert any(
+        c["a"] == "TagRouter" and c["b"] == "RouterBench-KNN" and c["n"] == 5
+        for c in res["comparisons"]
+    )
+    json.dumps(res)  # JSON-able as written by --json
+
+
+def test_report_and_plot(mid_result, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    text = newcomer_report({**mid_result, "pool": "synthetic"})
+    assert "mid joins (as a small model" in text and "| TagRouter |" in text
+    assert "suggest_judgments(strategy='uncertainty')" in text and "Zero judgments" in text
+    png = tmp_path / "r.png"
+    plot_recovery([mid_result], str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def test_newcomer_as_llm(tmp_path: Path) -> None:
+    _, _, pool = _pool(tmp_path)
+    res = _run(pool, "big", draws=1, selections=["random"], baselines={})
+    assert res["as_llm"] and res["newcomer"] == "big"
+    # big wins the "hard" queries no one else answers: the full store routes them to it.
+    assert _row(res, "TagRouter", "all", ALL)["auc"] > _row(res, "TagRouter", "prior", 0)["auc"]
+
+
+def test_masked_baselines_never_read_hidden_labels(tmp_path: Path) -> None:
+    _, _, pool = _pool(tmp_path)
+    train = pool.train_all
+    rows = np.arange(10)
+    a = _masked(train, 2, rows)
+    flipped = train.subset_rows(np.arange(len(train.query_ids)))
+    flipped.acc[10:, 2] = ~flipped.acc[10:, 2]
+    b = _masked(flipped, 2, rows)
+    x = train.features()
+    pa, sa = fit_knn(a, 0).route(x)
+    pb, sb = fit_knn(b, 0).route(x)
+    np.testing.assert_array_equal(pa, pb)
+    np.testing.assert_array_equal(sa, sb)
+    # Not a vacuous check: the labels it may read change the routes.
+    c = train.subset_rows(np.arange(len(train.query_ids)))
+    c.acc[:10, 2] = ~c.acc[:10, 2]
+    pc, _ = fit_knn(_masked(c, 2, rows), 0).route(x)
+    assert not np.array_equal(pa, pc)
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    _, feats, pool = _pool(tmp_path)
+    with pytest.raises(ValueError, match="newcomer 'ghost' is not in the pool"):
+        run_newcomer(pool, "ghost", [5])
+    with pytest.raises(ValueError, match="unknown selection"):
+        run_newcomer(pool, "mid", [5], selections=["clever"])
+    with pytest.raises(ValueError, match="unknown recipe"):
+        run_newcomer(pool, "mid", [5], variants={"X": "no-such-recipe"})
+    with pytest.raises(ValueError, match="draws must be >= 1"):
+        run_newcomer(pool, "mid", [5], draws=0)
+    with pytest.raises(ValueError, match="numbers of judgments"):
+        run_newcomer(pool, "mid", [-3])
+    two = PoolData.build(load_table(tmp_path), ["big", "mid"], "big", feats)
+    with pytest.raises(ValueError, match="use a pool of 3 or more"):
+        run_newcomer(two, "mid", [5])
+
+
+def test_cli_add_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import tagrouter_fast.eval.cli as ecli
+    import tagrouter_fast.eval.newcomer as newcomer
+
+    (tmp_path / "t").mkdir()
+    d, feats, _ = _pool(tmp_path / "t")
+    monkeypatch.setattr("tagrouter_fast.eval.features.compute_features", lambda texts, **kw: feats)
+    monkeypatch.setattr(newcomer, "BASELINES", {"RouterBench-KNN": fit_knn})
+    monkeypatch.setattr(newcomer, "VARIANTS", {"TagRouter": "paper"})
+    out, png = tmp_path / "n.json", tmp_path / "n.png"
+    argv = ["--data", str(d), "--models", ",".join(MODELS), "--folds", "2", "--bootstrap", "50"]
+    argv += ["--add-model", "mid", "--judgments", "0,5,all", "--draws", "1"]
+    argv += ["--selection", "random", "--json", str(out), "--plot", str(png), "--no-progress"]
+    assert ecli.main(argv) == 0
+    said = capsys.readouterr().out
+    assert "mid joins" in said
+    r = json.loads(out.read_text())
+    assert r["newcomer"] == "mid" and r["ns"] == [0, 5, ALL] and r["selections"] == ["random"]
+    assert {x["method"] for x in r["results"]} == {"TagRouter", "RouterBench-KNN"}
+    assert png.stat().st_size > 1000
+    for bad, msg in (
+        (["--add-model", "ghost"], "not in the pool"),
+        (["--add-model", "mid", "--judgments", "ten"], "not a count"),
+        (["--add-model", "mid", "--draws", "0"], "--draws must be >= 1"),
+        (["--add-model", "mid", "--merged"], "separate experiments"),
+    ):
+        base = ["--data", str(d), "--models", ",".join(MODELS), "--no-progress"]
+        parser = argparse.ArgumentParser()
+        ecli._add_args(parser)
+        with pytest.raises(ValueError, match=msg):
+            ecli.run_eval(parser.parse_args(base + bad))
+
+
+@pytest.mark.data
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data absent at {DATA}")
+def test_real_pool_newcomer() -> None:
+    from tagrouter_fast.eval.features import compute_features
+    from tagrouter_fast.eval.pools import resolve_pool
+    from tagrouter_fast.tagging.taggers import DefaultTagger
+
+    table = load_table(DATA)
+    models, llm = resolve_pool(table, "five-api", None, None)
+    tagger = DefaultTagger()
+    pool = PoolData.build(
+        table, models, llm, compute_features(table.texts, tagger=tagger), tagger=tagger
+    )
+    res = run_newcomer(
+        pool,
+        "claude-instant-1.2",
+        [0, 25, ALL],
+        folds=2,
+        draws=1,
+        selections=["random"],
+        baselines={"RouterBench-KNN": fit_knn},
+        n_boot=50,
+    )
+    assert res["n_queries"] == len(pool.train_all.query_ids) > 800 and not res["as_llm"]
+    for r in res["results"]:
+        assert 0.0 < r["auc"] < 1.0
