@@ -237,3 +237,17 @@ def test_real_pool_newcomer() -> None:
     assert res["n_queries"] == len(pool.train_all.query_ids) > 800 and not res["as_llm"]
     for r in res["results"]:
         assert 0.0 < r["auc"] < 1.0
+
+
+def test_baselines_fit_a_newcomer_with_one_accept(tmp_path: Path) -> None:
+    # 25 judgments with a single accept: too few of a class for an early-stopping split.
+    from tagrouter_fast.eval.methods import fit_forc, fit_mf, fit_mlp
+
+    _, _, pool = _pool(tmp_path)
+    train = pool.train_all
+    acc = train.acc[:, 2]
+    rows = np.concatenate([np.flatnonzero(acc)[:1], np.flatnonzero(~acc)[:24]])
+    masked = _masked(train, 2, rows)
+    for fit in (fit_mlp, fit_forc, fit_mf, fit_knn):
+        pref, slm = fit(masked, 0).route(train.features())
+        assert len(pref) == len(slm) == len(train.query_ids) and np.isfinite(pref).all()

@@ -337,11 +337,14 @@ def fit_mlp(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
         if rows.sum() < _MIN_FIT or yj.min() == yj.max():
             partial[j] = _column_prior(train, j)
             continue
+        # Early stopping holds out a stratified 10%: it needs a few of each class and enough
+        # rows for that split (a newcomer with 10 judgments and one accept has neither).
+        few = int(min(yj.sum(), len(yj) - yj.sum())) < 5 or len(yj) < 50
         one = MLPClassifier(
             hidden_layer_sizes=(128, 64),
             alpha=1e-3,
             max_iter=200,
-            early_stopping=True,
+            early_stopping=not few,
             n_iter_no_change=10,
             random_state=seed,
         )
