@@ -138,3 +138,11 @@ def test_cli_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> 
     r = json.loads(out.read_text())
     assert r["targets"] == ["a", "b"] and r["folds"] == 2
     assert {x["set"] for x in r["results"]} == {"alone", "others", "merged"}
+
+
+def test_cross_pool_summary(result) -> None:  # type: ignore[no-untyped-def]
+    from tagrouter_fast.eval.merged import merged_summary
+
+    text = merged_summary([{**result, "pool": "synthetic"}])
+    assert "| synthetic | TagRouter |" in text and "| synthetic | TagRouter+ |" in text
+    assert "merged - alone" in text

@@ -38,7 +38,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_signal_args(sg)
     sg.set_defaults(func=run_signal_cmd)
     sm = subparsers.add_parser(
-        "eval-summary", help="one table across pools from `tagrouter eval --json` files"
+        "eval-summary",
+        help="one table across pools (or newcomer cases, or merged-store runs) from "
+        "`tagrouter eval --json` files",
     )
     sm.add_argument("json", nargs="+", metavar="RESULT.json", help="results of tagrouter eval")
     sm.set_defaults(func=run_summary_cmd)
@@ -49,15 +51,50 @@ def run_summary_cmd(args: argparse.Namespace) -> int:
     """Entry point of ``tagrouter eval-summary``: the README's cross-pool table."""
     from tagrouter_fast.eval.report import summary_table
 
-    results = []
+    results: list[dict[str, Any]] = []
+    kinds = set()
     for path in args.json:
         try:
-            results.append(json.loads(Path(path).read_text()))
+            res = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not a tagrouter eval JSON result ({e})") from e
-        if not isinstance(results[-1], dict) or "methods" not in results[-1]:
-            raise ValueError(f"{path}: not a tagrouter eval JSON result (no 'methods')")
-    print(summary_table(results))
+        if isinstance(res, dict) and "newcomers" in res:  # several newcomers in one run
+            cases = list(res["newcomers"])
+        else:
+            cases = [res]
+        for r in cases:
+            if not isinstance(r, dict):
+                raise ValueError(f"{path}: not a tagrouter eval JSON result")
+            kind = (
+                "newcomer"
+                if "newcomer" in r
+                else "merged"
+                if "targets" in r
+                else "pools"
+                if "methods" in r
+                else None
+            )
+            if kind is None:
+                raise ValueError(
+                    f"{path}: not a tagrouter eval JSON result (no 'methods', 'newcomer' or "
+                    "'targets')"
+                )
+            kinds.add(kind)
+            results.append(r)
+    if len(kinds) > 1:
+        raise ValueError(
+            f"results of different experiments ({sorted(kinds)}): summarize each kind separately"
+        )
+    if kinds == {"newcomer"}:
+        from tagrouter_fast.eval.newcomer import newcomer_summary
+
+        print(newcomer_summary(results))
+    elif kinds == {"merged"}:
+        from tagrouter_fast.eval.merged import merged_summary
+
+        print(merged_summary(results))
+    else:
+        print(summary_table(results))
     return 0
 
 

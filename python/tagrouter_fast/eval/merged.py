@@ -36,7 +36,7 @@ from tagrouter_fast.eval.protocol import PoolData, _acc_cost, _reference, _score
 if TYPE_CHECKING:
     from tagrouter_fast.build.variants import Variant
 
-__all__ = ["POOLED", "SETS", "VARIANTS", "merged_report", "run_merged"]
+__all__ = ["POOLED", "SETS", "VARIANTS", "merged_report", "merged_summary", "run_merged"]
 
 #: TagRouter recipes measured (`tagrouter_fast.build.variants.VARIANTS`), by display name.
 VARIANTS = {"TagRouter": "paper", "TagRouter+": "plus"}
@@ -414,3 +414,29 @@ def merged_report(result: dict[str, Any]) -> str:
             f"{_delta(c, 'delta_ar', 'delta_ar_ci95')} | {c['p_le_0']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def merged_summary(results: Sequence[dict[str, Any]]) -> str:
+    """Cross-pool Markdown table of ``tagrouter eval --merged`` results (pooled scope)."""
+    out = [
+        "AUC (%) [95% bootstrap], pooled over target sources; paired ΔAUC (points), bold where "
+        "the interval excludes 0:",
+        "",
+        "| pool | recipe | A alone | others alone | merged | merged - alone | merged - others |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        rows = {(r["method"], r["set"]): r for r in res["results"] if r["scope"] == POOLED}
+        comps = {(c["a"], c["b"]): c for c in res["comparisons"] if c["scope"] == POOLED}
+        for m in dict.fromkeys(k[0] for k in rows):
+            cells = [_cell(rows[(m, w)]) if (m, w) in rows else "" for w in SETS]
+            for b in ("alone", "others"):
+                c = comps.get((f"{m} merged", f"{m} {b}"))
+                if c is None:
+                    cells.append("")
+                    continue
+                lo, hi = c["ci95"]
+                mark = "**" if lo > 0 or hi < 0 else ""
+                cells.append(f"{mark}{_delta(c, 'delta_auc', 'ci95')}{mark}")
+            out.append(f"| {res.get('pool') or 'pool'} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
