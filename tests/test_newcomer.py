@@ -276,8 +276,10 @@ def test_cross_case_summary_and_eval_summary_cli(mid_result, tmp_path: Path, cap
     one.write_text(json.dumps(res))
     several = tmp_path / "several.json"
     several.write_text(json.dumps({"newcomers": [res, res]}))
-    assert tagrouter(["eval-summary", str(one), str(several)]) == 0
+    png = tmp_path / "all.png"
+    assert tagrouter(["eval-summary", str(one), str(several), "--plot", str(png)]) == 0
     assert capsys.readouterr().out.count("| synthetic: mid (small") >= 3 * 4
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     merged = tmp_path / "merged.json"
     merged.write_text(json.dumps({"targets": ["a"], "results": [], "comparisons": []}))
     assert tagrouter(["eval-summary", str(one), str(merged)]) == 2

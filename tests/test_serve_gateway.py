@@ -692,6 +692,40 @@ def test_admin_add_and_remove_a_model(
         assert admin(g, "/admin/models/mid", method="DELETE").status_code == 404
 
 
+def test_admin_add_model_like_and_as_llm(
+    fakes: dict[str, Fake], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_ADMIN_TOKEN", ADMIN_TOKEN)
+    urls = {"small": fakes["small"].url, "big": fakes["big"].url}
+    cfg = gateway_config(urls, admin={"token_env": "TEST_ADMIN_TOKEN"},
+                         feedback={"state_dir": str(tmp_path / "state")})
+    with running_gateway(cfg) as g:
+        backend = {"name": "twin", "base_url": fakes["mid"].url + "/v1", "model": "mid-model"}
+        # Zero judgments: a copy of small's counts, routable at once.
+        r = admin(g, "/admin/models", {"backend": backend, "like": "small", "cost": 0.5})
+        assert r.status_code == 200, r.text
+        assert r.json()["judgments"] == 0 and r.json()["copied"] > 0
+        s = g.gw.router.scorer
+        assert s.model_totals("twin") == s.model_totals("small")
+        # A new M_LLM from the pool's average.
+        giant = {**backend, "name": "giant"}
+        r = admin(g, "/admin/models", {"backend": giant, "like": "pool", "as_llm": True,
+                                       "cost": 1000})
+        assert r.status_code == 200, r.text
+        assert r.json()["llm"] == "giant" and g.gw.router.decider.llm == "giant"
+        # Refusals name the problem; the backend is not left behind.
+        bad = {**backend, "name": "nope"}
+        for body, needle in (
+            ({"backend": bad, "like": "ghost", "cost": 1}, "not in the router's store"),
+            ({"backend": bad, "like": 3, "cost": 1}, "like"),
+            ({"backend": bad, "like": "small", "as_llm": "yes", "cost": 1}, "as_llm"),
+            ({"backend": bad, "like": "small", "as_llm": True, "cost": 0.1}, "cheaper"),
+        ):
+            r = admin(g, "/admin/models", body)
+            assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+            assert "nope" not in g.gw.backends
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [({"judgments": "x", "cost": 1}, "backend"),

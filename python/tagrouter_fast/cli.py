@@ -171,7 +171,7 @@ def _add_add_model_parser(sub: Any) -> None:
         choices=["stratified", "uncertainty"],
         default="stratified",
         help="stratified (default: an unbiased sample spread over the tags) or uncertainty "
-        "(most uncertain tags first; measured worse, docs/eval-results.md)",
+        "(most uncertain tags first; measured no better, docs/eval-results.md)",
     )
     s.add_argument("--seed", type=int, default=0, help="random start / tie-break seed")
     s.set_defaults(func=_cmd_suggest_judgments)

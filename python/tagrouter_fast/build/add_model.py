@@ -414,9 +414,10 @@ def suggest_judgments(
       tag ``t`` is worth ``count_t * p_t * (1 - p_t) / (j_t + 1)`` after ``j_t`` picked queries
       carry it (``count_t``: how often it is routed; ``p_t``: the pool's accept rate on it, the
       variance of an outcome there), and queries are picked greedily by the value their tags
-      gain. Measured on AlpacaEval (docs/eval-results.md), it picks the queries where models
-      win most and those with many tags, so the new model's rates come out biased upwards and
-      routing is worse than with a random choice: kept for the comparison, not the default.
+      gain. It picks queries with many tags and where models win most, so the new model's
+      measured rates are not a random sample. Measured on AlpacaEval (docs/eval-results.md,
+      7 newcomer cases): against a random choice of the same N it is better in one case,
+      worse in one and level in the rest, so it is not the default.
 
     Args:
         router: the router the model will join.

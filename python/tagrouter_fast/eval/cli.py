@@ -43,6 +43,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "`tagrouter eval --json` files",
     )
     sm.add_argument("json", nargs="+", metavar="RESULT.json", help="results of tagrouter eval")
+    sm.add_argument(
+        "--plot", metavar="OUT.png", help="newcomer results: every case's recovery curves"
+    )
     sm.set_defaults(func=run_summary_cmd)
     return e
 
@@ -86,9 +89,13 @@ def run_summary_cmd(args: argparse.Namespace) -> int:
             f"results of different experiments ({sorted(kinds)}): summarize each kind separately"
         )
     if kinds == {"newcomer"}:
-        from tagrouter_fast.eval.newcomer import newcomer_summary
+        from tagrouter_fast.eval.newcomer import newcomer_summary, plot_recovery
 
         print(newcomer_summary(results))
+        if args.plot:
+            plot_recovery(results, args.plot)
+    elif args.plot:
+        raise ValueError("--plot draws newcomer (--add-model) results only")
     elif kinds == {"merged"}:
         from tagrouter_fast.eval.merged import merged_summary
 

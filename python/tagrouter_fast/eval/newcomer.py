@@ -651,7 +651,7 @@ def plot_recovery(results: Sequence[dict[str, Any]], path: str) -> None:
     for ax in list(axes.flat)[k:]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80 if k > 3 else 110)  # many panels: keep the file small
     plt.close(fig)
 
 
@@ -758,6 +758,20 @@ def newcomer_summary(results: Sequence[dict[str, Any]]) -> str:
                 continue
             cells = [_find_comp(res, a, b, "random", n) for n in ns]
             out.append(f"| {_case(res)} | {a} - {b} | " + " | ".join(cells) + " |")
+    mid = 25 if 25 in ns else (ns[len(ns) // 2] if ns else None)
+    bases = list(dict.fromkeys(b for res in results for b in res.get("baselines", [])))
+    if mid is not None and bases:
+        out += [
+            "",
+            f"Paired ΔAUC (points) at N={mid} (random choice) against each retrained baseline:",
+            "",
+            "| case | recipe | " + " | ".join(bases) + " |",
+            "|---|---|" + "---|" * len(bases),
+        ]
+        for res in results:
+            for m in [t for t in _TAGROUTERS if t in res["variants"]]:
+                cells = [_find_comp(res, m, b, "random", mid) for b in bases]
+                out.append(f"| {_case(res)} | {m} | " + " | ".join(cells) + " |")
     out += [
         "",
         "Choosing the judged queries: ΔAUC against a random choice of the same N:",

@@ -732,7 +732,7 @@ class Gateway:
             return fn(arg)
 
     def _admin_add_model(self, body: dict[str, Any]) -> dict[str, Any]:
-        from tagrouter_fast.build.add_model import ModelExistsError, add_model
+        from tagrouter_fast.build.add_model import AddModelError, ModelExistsError, add_model
         from tagrouter_fast.build.table import load_table
 
         raw = body.get("backend")
@@ -742,10 +742,21 @@ class Gateway:
         name = cfg.name
         if name in self.backends or name in self.aliases:
             raise ApiError(409, f"backend.name: {name!r} exists already", param="backend.name")
+        like = body.get("like")
+        if like == "pool":
+            like = list(self.router.decider.models)
+        elif like is not None and not (
+            isinstance(like, str)
+            or (isinstance(like, list) and like and all(isinstance(m, str) for m in like))
+        ):
+            raise _bad("like", f"a model name, a list of names or \"pool\", got {like!r}")
+        as_llm = body.get("as_llm", False)
+        if not isinstance(as_llm, bool):
+            raise _bad("as_llm", f"true or false, got {as_llm!r}")
         judgments = body.get("judgments")
-        if not isinstance(judgments, str):
+        if not isinstance(judgments, str) and not (judgments is None and like is not None):
             raise _bad("judgments", "missing (a routing-table directory: queries.csv and "
-                       "outcomes.csv)")
+                       "outcomes.csv; may be left out only with like=)")
         cost = body.get("cost", cfg.cost)
         if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(
             cost
@@ -753,8 +764,8 @@ class Gateway:
             raise _bad("cost", f"missing or not a finite number >= 0: {cost!r}")
         table_model = body.get("table_model", name)
         backend = Backend.from_config(cfg, "backend")
-        table = load_table(Path(judgments))
-        if table_model not in table.models:
+        table = None if judgments is None else load_table(Path(judgments))
+        if table is not None and table_model not in table.models:
             raise _bad("table_model", f"{table_model!r} is not in {judgments} (models: "
                        f"{table.models})")
         # The backend first, so that a decision for the new model always finds it.
@@ -764,14 +775,19 @@ class Gateway:
             # store change goes through the outcome store when there is one, which makes it
             # durable (a snapshot) before answering; then the new model becomes a candidate.
             added = add_model(self.router, table, name, cost=float(cost),
-                              table_model=table_model, update_store=self._update_store)
+                              table_model=None if table is None else table_model, like=like,
+                              as_llm=as_llm, update_store=self._update_store)
         except ModelExistsError as e:
             self.backends = {k: v for k, v in self.backends.items() if k != name}
             raise ApiError(409, str(e), param="backend.name") from None
+        except AddModelError as e:
+            self.backends = {k: v for k, v in self.backends.items() if k != name}
+            raise ApiError(400, str(e)) from None
         except BaseException:
             self.backends = {k: v for k, v in self.backends.items() if k != name}
             raise
-        return {"model": name, "judgments": added.judgments, "models": added.models}
+        return {"model": name, "judgments": added.judgments, "copied": added.copied,
+                "models": added.models, "llm": added.llm}
 
     def _admin_remove_model(self, name: str) -> dict[str, Any]:
         if name not in self.backends:
