@@ -642,6 +642,23 @@ def plot_recovery(results: Sequence[dict[str, Any]], path: str) -> None:
             style = "-" if m.startswith("TagRouter") else "--"
             (line,) = ax.plot(xs, ys, style, marker="o", ms=3, label=m)
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
+        # The judged-query choices of suggest_judgments, for the default recipe: thin lines
+        # beside its random-choice curve (same colour family), so the comparison is visible.
+        for sel, style in (("stratified", ":"), ("uncertainty", "-.")):
+            pts2 = sorted(
+                (r["n"], 100 * r["auc"])
+                for r in rows
+                if r["method"] == "TagRouter+" and r["selection"] == sel
+            )
+            if pts2:
+                ax.plot(
+                    [p[0] for p in pts2],
+                    [p[1] for p in pts2],
+                    style,
+                    color="black",
+                    lw=1,
+                    label=f"TagRouter+ ({sel} choice)",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("newcomer's judgments N (1 = none, right end = all)")
         ax.set_ylabel("AUC (%)")
