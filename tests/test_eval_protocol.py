@@ -350,3 +350,46 @@ def test_unknown_tagger_option_is_an_error(tmp_path):
     d, _ = _synthetic(tmp_path, n=40)
     with pytest.raises(ValueError, match="unknown tagger 'bogus'"):
         build_result(d, models=["big", "small"], folds=2, tagger="bogus", progress=False)
+
+
+def test_retagged_method_is_compared_paired_with_its_reference(tmp_path):
+    # The same router on the same folds with a tagger that says nothing: the paired comparison
+    # with its reference (the ablation `head` uses this for two default-tagger variants).
+    from tagrouter_fast.eval.ablations import methods_for, retagged
+    from tagrouter_fast.eval.report import markdown_table
+
+    class Blind:
+        fingerprint = "blind-tagger-v1"
+
+        def tag_batch(self, texts):
+            return [["Anything"] for _ in texts]
+
+    d, feats = _synthetic(tmp_path)
+
+    def fit(t, s):
+        return fit_variant(t, s, "paper", align=False)
+
+    methods = [
+        Method("prior", "baseline", fit_prior),
+        Method("TagRouter", "tagrouter", fit),
+        Method("TagRouter blind", "tagrouter", retagged(fit, Blind), reference="TagRouter"),
+    ]
+    res = build_result(
+        d,
+        models=["big", "small"],
+        folds=3,
+        methods=methods,
+        n_boot=200,
+        progress=False,
+        features=feats,
+    )
+    m = res["methods"]
+    d_ref = m["TagRouter blind"]["delta_auc_vs_reference"]
+    assert d_ref["baseline"] == "TagRouter"
+    assert d_ref["ci95"][1] < 0 and d_ref["mean"] < -0.05  # the tags carried the signal
+    assert "delta_auc_vs_reference" not in m["TagRouter"]
+    assert "| TagRouter blind | TagRouter |" in markdown_table(res)
+    names = [x.name for x in methods_for("head")]
+    assert "TagRouter+ pooled head" in names and "TagRouter pooled head" in names
+    refs = {x.name: x.reference for x in methods_for("head") if x.reference}
+    assert refs == {"TagRouter pooled head": "TagRouter", "TagRouter+ pooled head": "TagRouter+"}

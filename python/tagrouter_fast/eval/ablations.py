@@ -6,7 +6,8 @@ Each ablation is a list of methods evaluated by the same protocol; ``prior`` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from tagrouter_fast.eval.methods import (
     fit_variant,
 )
 
-__all__ = ["methods_for", "subsample"]
+__all__ = ["methods_for", "retagged", "subsample"]
 
 
 def _tr(name: str, **options: Any) -> Method:
@@ -46,13 +47,62 @@ def subsample(train: TrainSet, size: int, seed: int) -> TrainSet:
     return train.subset_rows(rows)
 
 
+#: Tags of each text under a tagger (by fingerprint), computed once per process.
+_TAGS: dict[str, dict[str, list[str]]] = {}
+
+
+def _tags_of(tagger: Any, texts: Sequence[str]) -> list[list[str]]:
+    memo = _TAGS.setdefault(tagger.fingerprint, {})
+    todo = list(dict.fromkeys(t for t in texts if t not in memo))
+    if todo:
+        memo.update(zip(todo, tagger.tag_batch(todo), strict=True))
+    return [list(memo[t]) for t in texts]
+
+
+class _Retagged(Fitted):
+    """A fitted router whose queries are tagged by another tagger before routing."""
+
+    def __init__(self, inner: Fitted, tagger: Any) -> None:
+        self.inner = inner
+        self.tagger = tagger
+        self.fixed_threshold = getattr(inner, "fixed_threshold", None)
+        self.info = getattr(inner, "info", {})
+
+    def route(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
+        return self.inner.route(dataclasses.replace(x, tags=_tags_of(self.tagger, x.texts)))
+
+
+def retagged(
+    fit: Callable[[TrainSet, int], Fitted], make_tagger: Callable[[], Any]
+) -> Callable[[TrainSet, int], Fitted]:
+    """``fit`` on the same folds with every query (training and routed) tagged by another
+    tagger: the paired comparison of two taggers under one protocol."""
+    made: list[Any] = []
+
+    def refit(train: TrainSet, seed: int) -> Fitted:
+        if not made:
+            made.append(make_tagger())
+        tg = made[0]
+        t2 = dataclasses.replace(train, tags=_tags_of(tg, train.texts), tagger=tg)
+        return _Retagged(fit(t2, seed), tg)
+
+    return refit
+
+
+def _pooled_head_tagger() -> Any:
+    from tagrouter_fast.tagging.taggers import DefaultTagger
+
+    return DefaultTagger(head_pooling=True)
+
+
 def methods_for(ablation: str, train_sizes: Sequence[int] = (100, 300, 1000)) -> list[Method]:
-    """The methods of one ablation: ``stie``, ``wt``, ``align``, ``norm`` or ``trainsize``."""
+    """The methods of one ablation: ``stie``, ``wt``, ``align``, ``norm``, ``trainsize`` or
+    ``head`` (the default tagger's instruction head from a run of its own, as shipped, against
+    pooled from the query's run, ``DefaultTagger(head_pooling=True)``; run it with the default
+    tagger)."""
     base = [Method("prior", "baseline", fit_prior), Method("RouterBench-KNN", "baseline", fit_knn)]
     if ablation == "stie":
-        return base + [
-            _tr(f"TagRouter s_tie={v:g}", s_tie=v) for v in (0.0, 0.15, 0.5, 1.0)
-        ]
+        return base + [_tr(f"TagRouter s_tie={v:g}", s_tie=v) for v in (0.0, 0.15, 0.5, 1.0)]
     if ablation == "wt":
         return base + [
             _tr("TagRouter w_t=paper", weighting="paper"),
@@ -83,5 +133,22 @@ def methods_for(ablation: str, train_sizes: Sequence[int] = (100, 300, 1000)) ->
                 out.append(
                     Method(f"{nm} n={label}", "tagrouter" if nm == "TagRouter" else "baseline", f)
                 )
+        return out
+    if ablation == "head":
+        out = list(base)
+        for name, recipe in (("TagRouter", "paper"), ("TagRouter+", "plus")):
+
+            def fit_r(t: TrainSet, s: int, recipe: str = recipe) -> Fitted:
+                return fit_variant(t, s, recipe)
+
+            out.append(Method(name, "tagrouter", fit_r))
+            out.append(
+                Method(
+                    f"{name} pooled head",
+                    "tagrouter",
+                    retagged(fit_r, _pooled_head_tagger),
+                    reference=name,
+                )
+            )
         return out
     raise ValueError(f"unknown ablation {ablation!r}")

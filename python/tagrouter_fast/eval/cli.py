@@ -19,9 +19,13 @@ from typing import Any
 
 __all__ = ["ABLATIONS", "add_eval_parser", "build_result", "run_eval"]
 
-ABLATIONS = ("stie", "wt", "align", "norm", "trainsize")
+ABLATIONS = ("stie", "wt", "align", "norm", "trainsize", "head")
 #: ``--tagger`` choices: DefaultTagger keyword arguments.
-TAGGERS: dict[str, dict[str, Any]] = {"default": {}, "default+shape": {"shape_tags": True}}
+TAGGERS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "default+shape": {"shape_tags": True},
+    "default+headpool": {"head_pooling": True},
+}
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -285,7 +289,8 @@ def build_result(
     kinds["oracle"] = "oracle"
     for m in models:
         kinds[m] = "model"
-    summary, best = summarize(res, kinds, n_boot=n_boot)
+    refs = {m.name: m.reference for m in methods if m.reference}
+    summary, best = summarize(res, kinds, n_boot=n_boot, references=refs)
     order = models + ["random", "prior", "oracle"] + [m.name for m in methods]
     ordered = {n: summary[n] for n in dict.fromkeys(order) if n in summary}
     return {

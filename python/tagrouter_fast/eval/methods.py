@@ -204,12 +204,15 @@ class Method:
         kind: ``"baseline"``, ``"tagrouter"`` or ``"reference"`` (random; not a learned router).
         fit: ``fit(train, seed) -> Fitted``.
         select_on_train: Pick the max-AR threshold on training folds (inner CV).
+        reference: Another method's name: the summary adds a paired comparison with it
+            (``delta_auc_vs_reference``), e.g. one router with two taggers.
     """
 
     name: str
     kind: str
     fit: Callable[[TrainSet, int], Fitted]
     select_on_train: bool = True
+    reference: str | None = None
 
 
 # ==== Helpers ====

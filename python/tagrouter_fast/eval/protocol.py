@@ -276,6 +276,7 @@ def summarize(
     kinds: dict[str, str],
     n_boot: int = 1000,
     seed: int = 0,
+    references: dict[str, str] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], str | None]:
     """Mean/std of every metric over folds, mean curves, and paired comparisons.
 
@@ -288,6 +289,8 @@ def summarize(
     weights (a resample that drops all of a fold's queries does not occur at these sizes).
     Same for PAUC. Every other ``"tagrouter"``-kind method also gets ``delta_auc_vs_paper`` /
     ``delta_pauc_vs_paper``: the same paired comparison against the paper-exact ``TagRouter``.
+    ``references`` (method -> another method) adds ``delta_auc_vs_reference`` /
+    ``delta_pauc_vs_reference`` the same way.
 
     Returns:
         ``(methods, best_baseline_name)``.
@@ -396,4 +399,8 @@ def summarize(
         for name in results:
             if kinds.get(name) == "tagrouter" and name != PAPER:
                 paired(name, PAPER, "vs_paper")
+    for name, ref in (references or {}).items():
+        if name not in results or ref not in results:
+            raise ValueError(f"paired reference {ref!r} of {name!r}: not both evaluated")
+        paired(name, ref, "vs_reference")
     return out, best

@@ -77,6 +77,20 @@ def markdown_table(result: dict[str, Any]) -> str:
                 f"{100 * a['ci95'][1]:+.2f}] | {100 * p['mean']:+.2f} [{100 * p['ci95'][0]:+.2f}, "
                 f"{100 * p['ci95'][1]:+.2f}] |"
             )
+    vs_ref = [(n, e) for n, e in methods.items() if e.get("delta_auc_vs_reference")]
+    if vs_ref:
+        lines += [
+            "",
+            "| Method vs its reference (paired) | reference | ΔAUC [95% CI] | ΔPAUC [95% CI] |",
+            "|---|---|---|---|",
+        ]
+        for name, e in vs_ref:
+            a, p = e["delta_auc_vs_reference"], e["delta_pauc_vs_reference"]
+            lines.append(
+                f"| {name} | {a['baseline']} | {100 * a['mean']:+.2f} [{100 * a['ci95'][0]:+.2f}, "
+                f"{100 * a['ci95'][1]:+.2f}] | {100 * p['mean']:+.2f} [{100 * p['ci95'][0]:+.2f}, "
+                f"{100 * p['ci95'][1]:+.2f}] |"
+            )
     best = result.get("best_baseline")
     lines.append("")
     lines.append(

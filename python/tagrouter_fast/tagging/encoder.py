@@ -197,16 +197,81 @@ class OnnxEncoder:
             f"fingerprint={self.fingerprint!r})"
         )
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _run_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._input_names:
             feeds["token_type_ids"] = np.zeros_like(ids)
         (out,) = self._session.run([self._output], feeds)
+        return np.asarray(out)
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        out = self._run_tokens(ids, mask)
         if self._output_kind == "token":
             out = mean_pool(out, mask)
         # Normalise again even when the graph does: fp16 graphs come back slightly off unit norm,
         # and callers use dot products as cosines.
         return l2_normalize(out)
+
+    @property
+    def pools_prefixes(self) -> bool:
+        """Whether `encode_prefixed` can pool a prefix from the text's own run (the graph
+        returns token states, not only a pooled sentence vector)."""
+        return self._output_kind == "token"
+
+    def _tokenize(
+        self, texts: Sequence[str], limit: int, offsets: bool = False
+    ) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """Token ids of each text cut to ``limit`` tokens (the final special token kept), and,
+        with ``offsets``, each token's character span in the text."""
+        # Hostile inputs: tokenising a 10 MB text only to keep its first `limit` tokens costs
+        # seconds and gigabytes, so texts are cut to a character bound first. A cut text that
+        # still yields `limit` tokens embeds exactly as the whole text would; one that yields
+        # fewer (mostly whitespace or markup) is retried with a 4x larger bound, up to 16x.
+        bound = limit * CHARS_PER_TOKEN
+        cut = [truncate_text(t, bound) for t in texts]
+        encs = [self._tok.encode(cut[0])] if len(cut) == 1 else self._tok.encode_batch(cut)
+        for i, t in enumerate(texts):
+            b = bound
+            while len(encs[i].ids) < limit and len(t) > b and b < bound * 16:
+                b *= 4
+                encs[i] = self._tok.encode(truncate_text(t, b))
+        ids_list = [list(e.ids) for e in encs]
+        spans = [list(e.offsets) for e in encs] if offsets else []
+        if limit < self.max_length:
+            ids_list = [
+                ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:] for ids in ids_list
+            ]
+        return ids_list, spans
+
+    def _forward(
+        self, ids_list: list[list[int]], prefix_tokens: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embeddings of token-id rows, batched by length; with ``prefix_tokens`` also the
+        mean of each row's first ``prefix_tokens[i]`` token states (0: no prefix row)."""
+        n = len(ids_list)
+        lengths = np.fromiter((len(x) for x in ids_list), dtype=np.int64, count=n)
+        order = np.argsort(lengths, kind="stable")
+        out = np.empty((n, self.dim), dtype=np.float32)
+        pre = None if prefix_tokens is None else np.zeros((n, self.dim), dtype=np.float32)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            width = int(lengths[idx].max())
+            ids = np.full((len(idx), width), self._pad_id, dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=np.int64)
+            for row, i in enumerate(idx):
+                L = int(lengths[i])
+                ids[row, :L] = ids_list[i]
+                mask[row, :L] = 1
+            if pre is None or prefix_tokens is None:
+                out[idx] = self._run(ids, mask)
+                continue
+            states = self._run_tokens(ids, mask)
+            out[idx] = l2_normalize(mean_pool(states, mask))
+            pmask = np.zeros_like(mask)
+            for row, i in enumerate(idx):
+                pmask[row, : int(prefix_tokens[i])] = 1
+            pre[idx] = l2_normalize(mean_pool(states, pmask))
+        return out, pre
 
     def encode(self, texts: Sequence[str], *, max_length: int | None = None) -> np.ndarray:
         """Embed texts.
@@ -226,44 +291,66 @@ class OnnxEncoder:
         """
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of strings, not a str")
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        ids_list, _ = self._tokenize(texts, self._limit(max_length))
+        return self._forward(ids_list)[0]
+
+    def encode_prefixed(
+        self,
+        texts: Sequence[str],
+        prefix_chars: Sequence[int | None],
+        *,
+        max_length: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Embed texts and, from the same run, a prefix of some of them.
+
+        A prefix's vector is the mean of the text's own token states over its leading special
+        token and the tokens that end within the prefix: the prefix read *in the context of
+        the whole text*, so one encoder run serves both (a separate run of the prefix alone
+        gives a similar, not an identical, vector). Only for graphs with token outputs
+        (`pools_prefixes`).
+
+        Args:
+            texts: Strings to embed.
+            prefix_chars: Per text, the prefix's length in characters, or None.
+            max_length: As in `encode`.
+
+        Returns:
+            ``(full, prefix, has_prefix)``: ``(n, dim)`` vectors of the texts, ``(n, dim)`` of
+            their prefixes (zero rows where ``has_prefix`` is False: no prefix asked, or none
+            of its tokens fits in ``max_length``).
+
+        Raises:
+            TypeError: ``texts`` is a string.
+            ValueError: ``prefix_chars`` has another length, or the graph has no token outputs.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode_prefixed() takes a list of strings, not a str")
+        if len(prefix_chars) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(prefix_chars)} prefix lengths")
+        if not self.pools_prefixes:
+            raise ValueError("this encoder's graph returns pooled vectors only: no prefixes")
         n = len(texts)
         if n == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            z = np.zeros((0, self.dim), dtype=np.float32)
+            return z, z.copy(), np.zeros(0, dtype=bool)
+        ids_list, spans = self._tokenize(texts, self._limit(max_length), offsets=True)
+        count = np.zeros(n, dtype=np.int64)
+        for i, (k, ids) in enumerate(zip(prefix_chars, ids_list, strict=True)):
+            if k is None or k <= 0:
+                continue
+            # Tokens 1.. that end within the prefix; specials have empty (0, 0) spans.
+            inside = sum(1 for a, b in spans[i][1 : len(ids) - 1] if b > a and b <= k)
+            if inside:
+                count[i] = 1 + inside  # the leading special token, as in a run of its own
+        full, pre = self._forward(ids_list, count)
+        assert pre is not None
+        return full, pre, count > 0
+
+    def _limit(self, max_length: int | None) -> int:
         limit = self.max_length if max_length is None else max(int(max_length), 2)
-        limit = min(limit, self.max_length)
-        # Hostile inputs: tokenising a 10 MB text only to keep its first `limit` tokens costs
-        # seconds and gigabytes, so texts are cut to a character bound first. A cut text that
-        # still yields `limit` tokens embeds exactly as the whole text would; one that yields
-        # fewer (mostly whitespace or markup) is retried with a 4x larger bound, up to 16x.
-        bound = limit * CHARS_PER_TOKEN
-        cut = [truncate_text(t, bound) for t in texts]
-        if n == 1:
-            ids_list = [self._tok.encode(cut[0]).ids]
-        else:
-            ids_list = [e.ids for e in self._tok.encode_batch(cut)]
-        for i, t in enumerate(texts):
-            b = bound
-            while len(ids_list[i]) < limit and len(t) > b and b < bound * 16:
-                b *= 4
-                ids_list[i] = self._tok.encode(truncate_text(t, b)).ids
-        if limit < self.max_length:
-            ids_list = [
-                ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:] for ids in ids_list
-            ]
-        lengths = np.fromiter((len(x) for x in ids_list), dtype=np.int64, count=n)
-        order = np.argsort(lengths, kind="stable")
-        out = np.empty((n, self.dim), dtype=np.float32)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            width = int(lengths[idx].max())
-            ids = np.full((len(idx), width), self._pad_id, dtype=np.int64)
-            mask = np.zeros((len(idx), width), dtype=np.int64)
-            for row, i in enumerate(idx):
-                L = int(lengths[i])
-                ids[row, :L] = ids_list[i]
-                mask[row, :L] = 1
-            out[idx] = self._run(ids, mask)
-        return out
+        return min(limit, self.max_length)
 
 
 # ==== Default encoder resolution ====

@@ -222,6 +222,11 @@ class DefaultTagger:
             (:func:`instruction_head`), keeping the better score: the task of "Summarize this
             abstract: <200 words about networks>" is then Summarization, not a network topic.
             The heads are embedded in the same encoder call as the queries.
+        head_pooling: Take each head's vector from its query's own encoder run (the mean of
+            the query's token states over the head's tokens, `OnnxEncoder.encode_prefixed`)
+            instead of a run of the head alone: one encoder run per query. The head is then
+            read in the context of the whole query, so some tags differ (measured in
+            docs/eval-results.md). Needs an encoder with token outputs; ignored otherwise.
         shape_tags: Also emit tags for the query's surface shape (:func:`shape_tags`:
             "Multi-line Input", "Long Input", "Short Instruction", "Question"), after the
             vocabulary tags. Off by default: on AlpacaEval 2.0 they help two pools and hurt two
@@ -249,6 +254,7 @@ class DefaultTagger:
         vocab: str | Path | Vocabulary | None = None,
         instruction_head: bool = True,
         shape_tags: bool = False,
+        head_pooling: bool = False,
     ) -> None:
         if encoder is None:
             from tagrouter_fast.tagging.encoder import default_encoder
@@ -269,6 +275,8 @@ class DefaultTagger:
         self.cue_bonus = float(cue_bonus)
         self.shape_tags = bool(shape_tags)
         self.instruction_head = bool(instruction_head)
+        # Pooling the head from the query's own run needs an encoder with token outputs.
+        self.head_pooling = bool(head_pooling) and bool(getattr(encoder, "pools_prefixes", False))
 
         v = self.vocab
         self._proto_emb = self._embed_vocab()
@@ -288,6 +296,7 @@ class DefaultTagger:
             f"{cue_bonus}"
             + ("|shape" if self.shape_tags else "")
             + ("|head" if self.instruction_head else "")
+            + ("|headpool" if self.head_pooling and self.instruction_head else "")
         )
         h = hashlib.sha256(f"{encoder.fingerprint}|{v.sha256}|{params}".encode())
         self.fingerprint: str = "default-" + h.hexdigest()[:16]
@@ -411,6 +420,8 @@ class DefaultTagger:
         qs = [q[: self.max_chars] for q in qs]
         heads = [instruction_head(q) if self.instruction_head else None for q in qs]
         extra = [h for h in heads if h is not None]
+        if self.head_pooling and extra:
+            return self._score_pooled(qs, heads)
         # One encoder call for queries and heads: the encoder sorts by length, so heads are
         # batched with each other when there are many queries. A single query whose head is
         # much shorter than itself gets two runs instead: padding a 10-token head to the
@@ -438,6 +449,29 @@ class DefaultTagger:
         # scenario; the relative floor comes from the whole query's scores.
         bonus = self._cue_bonus(qs, full.shape[1])
         return rows + bonus, (full + bonus).max(axis=1)
+
+    def _score_pooled(
+        self, qs: list[str], heads: list[str | None]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`_score_rows` with each head's vector pooled from its query's own encoder run
+        (``head_pooling``): one run per query, no second run for the head."""
+        ends: list[int | None] = []
+        for q, h in zip(qs, heads, strict=True):
+            # The head is a prefix of the stripped query: skip the leading whitespace.
+            ends.append(None if h is None else len(q) - len(q.lstrip()) + len(h))
+        full, pre, has = self.encoder.encode_prefixed(  # type: ignore[attr-defined]
+            qs, ends, max_length=self.max_tokens
+        )
+        e = np.concatenate([full, pre[has]])
+        proto = np.einsum("ij,kj->ik", e, self._proto_emb)
+        per_tag = np.maximum.reduceat(proto, self._starts, axis=1)
+        rows = per_tag[: len(qs)].copy()
+        k = len(qs)
+        for i in np.flatnonzero(has):
+            rows[i, self._is_task] = np.maximum(rows[i, self._is_task], per_tag[k, self._is_task])
+            k += 1
+        bonus = self._cue_bonus(qs, rows.shape[1])
+        return rows + bonus, (per_tag[: len(qs)] + bonus).max(axis=1)
 
     def tag_scored(self, query: str) -> list[tuple[str, float]]:
         """Like :meth:`tag`, with each tag's similarity (for inspection and tuning)."""
