@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from itertools import islice
@@ -175,6 +177,22 @@ def shape_tags(query: str) -> list[str]:
 
 
 _HEAD_END = re.compile(r"[:\n]|[.?!](?=\s|$)")
+
+
+_HELPER: list[ThreadPoolExecutor] = []
+_HELPER_LOCK = threading.Lock()
+
+
+def _helper() -> ThreadPoolExecutor:
+    """The threads that run instruction heads beside their queries (one per routing thread
+    at most is busy; a few suffice for a server's concurrent requests)."""
+    if not _HELPER:
+        with _HELPER_LOCK:
+            if not _HELPER:
+                _HELPER.append(
+                    ThreadPoolExecutor(max_workers=4, thread_name_prefix="tagrouter-head")
+                )
+    return _HELPER[0]
 
 
 def instruction_head(query: str, max_words: int = 24, min_rest: int = 6) -> str | None:
@@ -428,7 +446,11 @@ class DefaultTagger:
         # query's 128 tokens costs more than a second, tiny run (benches/test_bench_route_floor:
         # long prompts 2.5x -> 1.3x one encoder pass, identical tags).
         if len(qs) == 1 and extra and 3 * len(extra[0]) < len(qs[0]):
-            e = np.concatenate([self._encode(qs), self._encode(extra)])
+            # The head's run goes on a helper thread beside the query's (onnxruntime sessions
+            # run concurrently and release the GIL): its fixed cost, a few ms for a few tokens,
+            # overlaps the long run instead of following it (benches/test_bench_route_floor).
+            head_run = _helper().submit(self._encode, extra)
+            e = np.concatenate([self._encode(qs), head_run.result()])
         else:
             e = self._encode(qs + extra)
         # einsum, not `@`: for these small products multithreaded BLAS fights onnxruntime for
