@@ -543,16 +543,25 @@ def _tag_accept_tables(
     Both come from the product scorer with ``weighting="none"`` (``w_t = 1``): scores
     ``s = (1, 1, 0)`` sum accepts, ``s = (1, 1, 1)`` sum judgments.
     """
+    from tagrouter_fast.build.table import RoutingTable
     from tagrouter_fast.core import TagScorer
 
-    codes = train.all_codes
-    recs = []
-    for i, qid in enumerate(train.query_ids):
-        t = tags[i]
-        if not t:
-            continue
-        for a in np.flatnonzero(codes[i] >= 0):
-            recs.append((qid, t, f"m{a}", ("win", "tie", "loss")[int(codes[i, a])]))
+    codes = np.asarray(train.all_codes, dtype=np.int8)
+    n = len(train.query_ids)
+    # Every model of the table, named by its column, through the one table -> records path.
+    names = [f"m{a}" for a in range(codes.shape[1])]
+    table = RoutingTable(
+        query_ids=list(train.query_ids),
+        texts=[""] * n,
+        subsets=list(train.subsets),
+        models=names,
+        outcome_codes=codes,
+        costs=np.full(codes.shape, np.nan),
+        raw_costs=np.full(codes.shape, np.nan),
+        scores=np.full(codes.shape, np.nan),
+        source="training fold, every model",
+    )
+    recs = table.records([i for i in range(n) if tags[i]], names, tags)
     acc = TagScorer.from_records(recs, s_win=1.0, s_tie=1.0, s_loss=0.0, weighting="none")
     tot = TagScorer.from_records(recs, s_win=1.0, s_tie=1.0, s_loss=1.0, weighting="none")
     return acc, np.asarray(acc.score_matrix()), np.asarray(tot.score_matrix())
