@@ -157,6 +157,28 @@ def test_passthrough_by_name_or_upstream_id(gateway: RunningGateway) -> None:
         assert r.headers["x-tagrouter-reason"] == "passthrough"
 
 
+def test_passthrough_outcomes_are_learned_only_when_asked(
+    fakes: dict[str, Fake], tmp_path: Path
+) -> None:
+    urls = {"small": fakes["small"].url, "big": fakes["big"].url}
+    for learn in (False, True):
+        cfg = gateway_config(urls, router={"learn_passthrough": learn},
+                             feedback={"state_dir": str(tmp_path / f"state-{learn}")})
+        with running_gateway(cfg) as g:
+            before = g.gw.router.scorer.counts("big", "Poetry Writing")
+            r = post(g, "/v1/chat/completions", {**chat_body(POEM), "model": "big"})
+            assert r.status_code == 200 and r.headers["x-tagrouter-reason"] == "passthrough"
+            did = r.headers["x-tagrouter-decision-id"]
+            f = post(g, "/v1/feedback", {"decision_id": did, "outcome": "win"})
+            if not learn:
+                assert f.status_code == 404  # an unrouted request is not remembered
+                assert g.gw.router.scorer.counts("big", "Poetry Writing") == before
+            else:
+                assert f.status_code == 200, f.text
+                after = g.gw.router.scorer.counts("big", "Poetry Writing")
+                assert after == (before[0] + 1, before[1], before[2])
+
+
 def test_unknown_model_is_400_naming_it(gateway: RunningGateway) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         sdk(gateway).chat.completions.create(
@@ -187,6 +209,36 @@ def test_per_request_theta(gateway: RunningGateway) -> None:
     assert r.headers["x-tagrouter-model"] == "big"
     r = post(gateway, "/v1/chat/completions", chat_body(POEM, tagrouter={"thetaa": 1}))
     assert r.status_code == 400 and r.json()["error"]["param"] == "tagrouter.thetaa"
+
+
+def test_per_request_llm_share_budget(fakes: dict[str, Fake]) -> None:
+    urls = {"small": fakes["small"].url, "big": fakes["big"].url}
+    with running_gateway(gateway_config(urls)) as g:
+        # No traffic yet: nothing to calibrate a share on.
+        r = post(g, "/v1/route", {"query": POEM, "tagrouter": {"llm_share": 0.5}})
+        assert r.status_code == 400 and "no traffic seen yet" in r.json()["error"]["message"]
+        for q in [POEM, MATH] * 5:
+            assert post(g, "/v1/route", {"query": q}).status_code == 200
+        assert post(g, "/v1/route", {"query": POEM}).json()["model"] == "small"
+        # All traffic to M_LLM: the poem goes to big; none: maths goes to small.
+        r = post(g, "/v1/route", {"query": POEM, "tagrouter": {"llm_share": 1.0}})
+        assert r.status_code == 200 and r.json()["model"] == "big", r.text
+        r = post(g, "/v1/chat/completions", chat_body(MATH),
+                 headers={"x-tagrouter-llm-share": "0"})
+        assert r.status_code == 200 and r.headers["x-tagrouter-model"] == "small"
+        r = post(g, "/v1/route", {"queries": [POEM, MATH], "tagrouter": {"llm_share": 1.0}})
+        assert [d["model"] for d in r.json()["decisions"]] == ["big", "big"]
+        # The budget of a share is cached per decider: the same answer without recomputing.
+        assert len(g.gw._share_cache) == 2
+        for body, param in (
+            ({"query": POEM, "tagrouter": {"llm_share": 1.5}}, "tagrouter.llm_share"),
+            ({"query": POEM, "tagrouter": {"llm_share": "half"}}, "tagrouter.llm_share"),
+            ({"query": POEM, "tagrouter": {"llm_share": 0.5, "theta": 1}}, "tagrouter.llm_share"),
+        ):
+            r = post(g, "/v1/route", body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        r = post(g, "/v1/route", {"query": POEM}, headers={"x-tagrouter-llm-share": "x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "x-tagrouter-llm-share"
 
 
 # ==== Streaming ====

@@ -66,6 +66,8 @@ log = logging.getLogger("tagrouter.serve")
 #: Recent routed tag lists kept for ``/admin/theta {"llm_share": s}``: the budget is set on
 #: the traffic actually seen.
 RECENT_TAGS = 10_000
+#: A per-request ``llm_share`` budget's theta is recomputed after this many decisions.
+SHARE_REFRESH = 1000
 #: Tagging slower than this (median of the warm-up) moves to a worker thread.
 THREAD_TAGGING_ABOVE_S = 200e-6
 _WARMUP_QUERY = "Write a short poem about the sea"
@@ -208,27 +210,43 @@ def prompt_text(body: Mapping[str, Any]) -> str:
     raise _bad("prompt", "must be a string, an array of strings or token ids")
 
 
-def _theta_option(body: dict[str, Any], request: Request) -> float | None:
-    opts = body.pop("tagrouter", None)  # ours: never sent upstream
-    theta: Any = None
+def _number(value: Any, where: str, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(where, f"must be a finite number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _bad(where, f"must be in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
+
+
+def _route_options(body: dict[str, Any], request: Request) -> tuple[float | None, float | None]:
+    """The request's own operating point: ``(theta, llm_share)``, at most one of them set.
+
+    From the body's ``"tagrouter": {"theta": x}`` / ``{"llm_share": s}`` (ours: never sent
+    upstream) or the ``x-tagrouter-theta`` / ``x-tagrouter-llm-share`` headers (the headers
+    win)."""
+    opts = body.pop("tagrouter", None)
+    got: dict[str, Any] = {}
     if opts is not None:
         if not isinstance(opts, dict):
             raise _bad("tagrouter", "must be an object")
-        extra = sorted(set(opts) - {"theta"})
+        extra = sorted(set(opts) - {"theta", "llm_share"})
         if extra:
-            raise _bad(f"tagrouter.{extra[0]}", "unknown option (known: theta)")
-        theta = opts.get("theta")
-    header = request.headers.get("x-tagrouter-theta")
-    if header is not None:
-        try:
-            theta = float(header)
-        except ValueError:
-            raise _bad("x-tagrouter-theta", f"not a number: {header!r}") from None
-    if theta is None:
-        return None
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta):
-        raise _bad("tagrouter.theta", f"must be a finite number, got {theta!r}")
-    return float(theta)
+            raise _bad(f"tagrouter.{extra[0]}", "unknown option (known: theta, llm_share)")
+        got = {k: (f"tagrouter.{k}", v) for k, v in opts.items() if v is not None}
+    for key, header in (("theta", "x-tagrouter-theta"), ("llm_share", "x-tagrouter-llm-share")):
+        raw = request.headers.get(header)
+        if raw is not None:
+            try:
+                got[key] = (header, float(raw))
+            except ValueError:
+                raise _bad(header, f"not a number: {raw!r}") from None
+    if len(got) > 1:
+        raise _bad("tagrouter.llm_share", "give theta or llm_share, not both")
+    theta = _number(got["theta"][1], got["theta"][0]) if "theta" in got else None
+    share = (
+        _number(got["llm_share"][1], got["llm_share"][0], 0.0, 1.0) if "llm_share" in got else None
+    )
+    return theta, share
 
 
 # ==== The gateway ====
@@ -258,6 +276,9 @@ class Gateway:
         self.sessions = SessionTable(config.sessions.max_sessions, config.sessions.ttl_s)
         self.metrics.track_sessions(lambda: len(self.sessions))
         self.recent_tags: deque[list[str]] = deque(maxlen=RECENT_TAGS)
+        # Per-request llm_share budgets: share -> (theta, the decider it was set on, at decision).
+        self._share_cache: dict[float, tuple[float, TagDecider, int]] = {}
+        self._decisions = 0
         self.backends: dict[str, Backend] = {}
         for i, b in enumerate(config.backends):
             self.backends[b.name] = Backend.from_config(b, f"backends[{i}]")
@@ -379,6 +400,33 @@ class Gateway:
 
     # ---- routing ----
 
+    def _note(self, tags: list[str]) -> None:
+        """One routed query's tags into the traffic sample that share budgets use."""
+        self.recent_tags.append(tags)
+        self._decisions += 1
+
+    async def request_theta(self, theta: float | None, share: float | None) -> float | None:
+        """The theta of a request: its own, or the one that sends ``share`` of the recent
+        traffic to M_LLM (calibrated on the last ``RECENT_TAGS`` routed queries; cached per
+        decider and share, recomputed every ``SHARE_REFRESH`` decisions)."""
+        if share is None:
+            return theta
+        decider = self.router.decider
+        key = round(share, 4)
+        hit = self._share_cache.get(key)
+        seen = self._decisions
+        if hit is not None and hit[1] is decider and seen - hit[2] < SHARE_REFRESH:
+            return hit[0]
+        sample = list(self.recent_tags)
+        if not sample:
+            raise _bad("tagrouter.llm_share", "no traffic seen yet to calibrate a share budget "
+                       "on: send theta, or set one with POST /admin/theta {llm_share, queries}")
+        value = await anyio.to_thread.run_sync(decider.theta_for_llm_share, sample, key)
+        if len(self._share_cache) > 256:
+            self._share_cache.clear()
+        self._share_cache[key] = (value, decider, seen)
+        return value
+
     def _decide(
         self, text: str, theta: float | None, extra: Sequence[str] = ()
     ) -> tuple[list[str], Decision]:
@@ -438,7 +486,7 @@ class Gateway:
         model = body.get("model")
         if not isinstance(model, str):
             raise _bad("model", "missing" if model is None else "must be a string")
-        theta = _theta_option(body, request)
+        theta, share = _route_options(body, request)
         if model not in self.aliases:
             b = self.passthrough(model)
             if b is None:
@@ -446,7 +494,11 @@ class Gateway:
                 raise ApiError(400, f"model: unknown model {model!r}; known: {known}",
                                param="model", code="model_not_found")
             fb = self.config.fallback.passthrough
-            return Routed(self.chain(b.name, fallback=fb), "passthrough")
+            tags: list[str] = []
+            if self.config.router.learn_passthrough and b.name in self.router.decider.models:
+                # Tagged only to learn from the outcome: the model is the client's choice.
+                tags, _ = await self.decide(text, None)
+            return Routed(self.chain(b.name, fallback=fb), "passthrough", tags)
         key = request.headers.get("x-session-id")
         if key is None:
             user = body.get("user")
@@ -458,8 +510,9 @@ class Gateway:
             return Routed(self.chain(sess.model, fallback=True), "tool_loop", list(sess.tags),
                           None, key)
         extra = sess.tags if (sess is not None and self.config.router.previous_turn_tags) else ()
+        theta = await self.request_theta(theta, share)
         tags, d = await self.decide(text, theta, extra)
-        self.recent_tags.append(tags)
+        self._note(tags)
         chosen, reason = d.model, d.reason
         if sess is not None:
             chosen, _ = keep_or_switch(
@@ -566,7 +619,9 @@ class Gateway:
     def _answered(self, decision_id: str, routed: Routed, answered: str, errors: Sequence[Any]
                   ) -> None:
         self.metrics.routed.labels(answered, "failover" if errors else routed.reason).inc()
-        if routed.reason != "passthrough":
+        if routed.reason != "passthrough" or (routed.tags and not errors):
+            # A passthrough is remembered only when tagged (learn_passthrough) and answered by
+            # the model the client asked for.
             self.remember(decision_id, routed.tags, answered)
         if routed.session is not None:
             self.sessions.put(routed.session, answered, routed.tags)
@@ -575,7 +630,7 @@ class Gateway:
 
     async def route_only(self, request: Request) -> Response:
         body = await read_json(request, self.config.limits.max_body_bytes)
-        theta = _theta_option(body, request)
+        theta, share = _route_options(body, request)
         extra = sorted(set(body) - {"query", "queries"})
         if extra:
             raise _bad(extra[0], "unknown field (known: query, queries, tagrouter)")
@@ -585,6 +640,7 @@ class Gateway:
             q = body["query"]
             if not isinstance(q, str):
                 raise _bad("query", "must be a string")
+            theta = await self.request_theta(theta, share)
             tags, d = await self.decide(q, theta)
             return JSONResponse(self._route_answer(tags, d))
         qs = body["queries"]
@@ -596,6 +652,7 @@ class Gateway:
         for i, q in enumerate(qs):
             if not isinstance(q, str):
                 raise _bad(f"queries[{i}]", "must be a string")
+        theta = await self.request_theta(theta, share)
         results = await anyio.to_thread.run_sync(self._decide_many, qs, theta)
         return JSONResponse({"decisions": [self._route_answer(t, d) for t, d in results]})
 
@@ -611,7 +668,7 @@ class Gateway:
 
     def _route_answer(self, tags: list[str], d: Decision) -> dict[str, Any]:
         decision_id = uuid.uuid4().hex
-        self.recent_tags.append(tags)
+        self._note(tags)
         # Remembered like a forwarded decision: a client that calls the model itself can
         # still report the outcome.
         self.remember(decision_id, tags, d.model)

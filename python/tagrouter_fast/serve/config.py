@@ -87,6 +87,10 @@ class RouterConfig:
     tag_in_thread: bool | None = None
     #: Most queries in one ``POST /v1/route`` batch.
     max_batch: int = 256
+    #: Tag passthrough requests to a routed model too, so their outcomes (``/v1/feedback``
+    #: with the response's decision id) update that model's counts. Costs one tagger pass on
+    #: each such request.
+    learn_passthrough: bool = False
 
 
 @dataclass(frozen=True)
@@ -341,6 +345,7 @@ def _parse(raw: Mapping[str, Any], base: Path) -> Config:
         previous_turn_tags=r.bool_("previous_turn_tags", False),
         tag_in_thread=tag_in_thread,
         max_batch=r.int_("max_batch", 256, hi=100_000),
+        learn_passthrough=r.bool_("learn_passthrough", False),
     )
     r.done()
 
