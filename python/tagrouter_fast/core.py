@@ -281,6 +281,16 @@ class TagScorer:
         """``(win, tie, loss)`` of ``model`` over all its records."""
         return self._core.model_totals(model)
 
+    def queries(self) -> list[tuple[str, list[str], dict[str, tuple[int, int, int]]]]:
+        """Every stored query as ``(query_id, tags, {model: (win, tie, loss)})``, in store
+        order (tags sorted by their store index, not alphabetically).
+
+        >>> s = TagScorer.from_records([("q1", ["Poem"], "a", "win"), ("q1", ["Poem"], "b", "tie")])
+        >>> s.queries()
+        [('q1', ['Poem'], {'a': (1, 0, 0), 'b': (0, 1, 0)})]
+        """
+        return [(q, tags, dict(judged)) for q, tags, judged in self._core.queries()]
+
     def score_matrix(self) -> np.ndarray:
         """Scores as a ``(len(tags), len(models))`` float64 array."""
         return self._core.score_matrix()

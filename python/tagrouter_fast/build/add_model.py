@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,10 +82,9 @@ class AddedModel:
 
 
 # ==== What the store holds per query ====
-# TagScorer has no public per-query view: counts(model, tag) aggregate over queries, and copying
-# them as records for new query ids would raise every tag's count_t (and so change w_t for every
-# model). The store file (docs/store-format.md) does hold the per-query tag sets and per-model
-# outcome triples, so they are read from `to_bytes()`, the documented, versioned format.
+# counts(model, tag) aggregate over queries, and copying them as records for new query ids would
+# raise every tag's count_t (and so change w_t for every model): the per-query view
+# (`TagScorer.queries`, from the Rust store) is what a model is copied from.
 
 
 @dataclass(frozen=True)
@@ -96,39 +94,7 @@ class _StoreQuery:
 
 
 def _store_queries(scorer: TagScorer) -> dict[str, _StoreQuery]:
-    data = scorer.to_bytes()
-    if data[:8] != b"TAGRSTOR" or struct.unpack_from("<I", data, 8)[0] != 1:
-        raise AddModelError("unsupported store format: cannot read its per-query outcomes")
-    pos = 24 + 40  # header, parameters
-
-    def u32() -> int:
-        nonlocal pos
-        (v,) = struct.unpack_from("<I", data, pos)
-        pos += 4
-        return int(v)
-
-    def string() -> str:
-        nonlocal pos
-        n = u32()
-        s = data[pos : pos + n].decode("utf-8")
-        pos += n
-        return s
-
-    n_models, n_tags, n_queries = u32(), u32(), u32()
-    pos += 4  # reserved
-    models = [string() for _ in range(n_models)]
-    tags = [string() for _ in range(n_tags)]
-    pos += 12 * n_models + 12 * n_models * n_tags  # model totals, counts: derivable, skipped
-    out: dict[str, _StoreQuery] = {}
-    for _ in range(n_queries):
-        qid = string()
-        qtags = [tags[u32()] for _ in range(u32())]
-        judged: dict[str, tuple[int, int, int]] = {}
-        for _ in range(u32()):
-            m = u32()
-            judged[models[m]] = (u32(), u32(), u32())
-        out[qid] = _StoreQuery(qtags, judged)
-    return out
+    return {qid: _StoreQuery(tags, judged) for qid, tags, judged in scorer.queries()}
 
 
 # ==== Judgments -> records ====

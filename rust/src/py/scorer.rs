@@ -261,6 +261,25 @@ impl PyStore {
         Ok((w, t, l))
     }
 
+    /// Every stored query as `(query_id, tags, [(model, (win, tie, loss)), ...])`, in store
+    /// order: what `add_model` needs to copy a model's outcomes or reuse a query's tag set.
+    #[allow(clippy::type_complexity)]
+    fn queries(&self) -> Vec<(&str, Vec<&str>, Vec<(&str, (u32, u32, u32))>)> {
+        let s = &*self.inner;
+        s.queries()
+            .iter()
+            .map(|q| {
+                let tags = q.tags.iter().map(|&t| s.tag_name(t)).collect();
+                let judged = q
+                    .judged
+                    .iter()
+                    .map(|&(m, [w, t, l])| (s.models()[m as usize].as_str(), (w, t, l)))
+                    .collect();
+                (&*q.id, tags, judged)
+            })
+            .collect()
+    }
+
     #[getter]
     fn models(&self) -> Vec<String> {
         self.inner.models().to_vec()
