@@ -327,6 +327,11 @@ def test_client_pool_shards_and_leases() -> None:
     release_c()
     assert sum(pool.in_flight) == 0
     assert len(ClientPool(1).shards) == 1
+    # No cookie of one user's answer is kept for the next user's request.
+    req = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+    resp = httpx.Response(200, headers={"set-cookie": "session=alice; Path=/"}, request=req)
+    a.cookies.extract_cookies(resp)
+    assert not a.cookies and "cookie" not in a.build_request("GET", req.url).headers
     with pytest.raises(ValueError, match="max_connections"):
         ClientPool(0)
     asyncio.run(pool.aclose())

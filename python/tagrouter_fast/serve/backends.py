@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar
 from typing import Any, TypeVar
 
 import anyio
@@ -124,6 +125,17 @@ class Backend:
 SHARD_CONNECTIONS = 16
 
 
+class _NoCookies(CookieJar):
+    """Upstream cookies are never kept: the pooled clients serve every user of the gateway, and a
+    cookie one backend set in one user's answer must not ride along on another user's request."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def set_cookie(self, cookie: Any) -> None:
+        return None
+
+
 class ClientPool:
     """The app's pooled upstream connections, in shards of at most `SHARD_CONNECTIONS`.
     ``max_connections`` bounds the whole. Each call leases the shard with the fewest calls in
@@ -142,6 +154,7 @@ class ClientPool:
                     max_connections=k, max_keepalive_connections=k, keepalive_expiry=keepalive_s
                 ),
                 verify=ssl_context,
+                cookies=_NoCookies(),
                 # The upstreams are named in the gateway's config; proxy variables of the
                 # environment must not redirect (or break) loopback and private-network backends.
                 trust_env=False,
