@@ -90,5 +90,7 @@ def running_gateway(
     config: Config, router: TagRouter | None = None
 ) -> Iterator[RunningGateway]:
     app = create_app(config, router=router or demo_router("keyword"))
-    with ServerThread(app, log_level="warning") as srv:
+    # The gateway's keep-alive as `tagrouter serve` sets it: above the test clients' 5 s idle
+    # expiry, so that no client reuses a connection the gateway is closing.
+    with ServerThread(app, log_level="warning", keepalive_s=config.server.keepalive_s) as srv:
         yield RunningGateway(srv, app.state.gateway)

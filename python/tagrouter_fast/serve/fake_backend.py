@@ -316,6 +316,7 @@ class ServerThread:
         log_level: str = "warning",
         lifespan: str = "auto",
         limit_concurrency: int | None = None,
+        keepalive_s: int = 5,
     ) -> None:
         import uvicorn
 
@@ -331,6 +332,9 @@ class ServerThread:
             access_log=False,
             timeout_graceful_shutdown=2,
             limit_concurrency=limit_concurrency,
+            # uvicorn's default (5 s) for the fakes, like the servers they stand for; a gateway
+            # passes its own (`[server] keepalive_s`).
+            timeout_keep_alive=keepalive_s,
             backlog=4096,
         )
         self.server = uvicorn.Server(config)
