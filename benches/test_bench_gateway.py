@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from tagrouter_fast.serve.fake_backend import BackendProcess  # noqa: E402
+from tagrouter_fast.serve.fake_backend import BackendProcess, free_port  # noqa: E402
 
 N_SEQUENTIAL = 400
 N_CONCURRENT = 2000
@@ -58,14 +57,6 @@ from tagrouter_fast.serve.config import load_config
 from tagrouter_fast.serve.fake_backend import demo_router
 serve(load_config(sys.argv[1]), router=demo_router(sys.argv[2]), port=int(sys.argv[3]))
 """
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return int(port)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
@@ -131,7 +122,7 @@ def _gateway(
         f'[[backends]]\nname = "big"\nbase_url = "{big.url}/v1"\nmodel = "big-model"\n'
         + extra
     )
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _GATEWAY, str(cfg), tagger, str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -170,7 +161,7 @@ def litellm(backend: BackendProcess) -> Iterator[Target]:
     if not exe:
         pytest.skip("LiteLLM's proxy is not installed (the optional `peers-litellm` extra, or set "
                     "TAGROUTER_LITELLM to a litellm executable)")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as d:
         cfg = Path(d) / "litellm.yaml"
         # JSON is YAML: no YAML writer needed.

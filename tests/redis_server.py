@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tagrouter_fast.serve.fake_backend import free_port
+
 
 def redis_server_binary() -> str:
     exe = shutil.which("redis-server")
@@ -18,12 +20,6 @@ def redis_server_binary() -> str:
         pytest.skip("redis-server is not installed (apt-get install -y redis-server; .ci/run "
                     "installs it)")
     return exe
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:
@@ -34,7 +30,7 @@ class RedisServer:
         self.exe = redis_server_binary()
         self.data_dir = data_dir
         self.aof = aof
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         data_dir.mkdir(parents=True, exist_ok=True)
 

@@ -4,16 +4,26 @@ loopback, configured from dicts."""
 from __future__ import annotations
 
 import copy
-import socket
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
 from tagrouter_fast.router import TagRouter
 from tagrouter_fast.serve.app import Gateway, create_app
 from tagrouter_fast.serve.config import Config
-from tagrouter_fast.serve.fake_backend import FakeBackend, ServerThread, demo_router
+from tagrouter_fast.serve.fake_backend import (
+    FakeBackend,
+    ServerThread,
+    demo_router,
+    free_port,
+    wait_for,
+)
 
 POEM = "Write a short poem about the sea"
 MATH = "Solve the equation 3x + 4 = 6"
@@ -60,11 +70,7 @@ def fake_backends(*names: str) -> Iterator[dict[str, Fake]]:
 
 def dead_url() -> str:
     """A loopback URL where nothing listens (connection refused)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def gateway_config(
@@ -94,3 +100,34 @@ def running_gateway(
     # expiry, so that no client reuses a connection the gateway is closing.
     with ServerThread(app, log_level="warning", keepalive_s=config.server.keepalive_s) as srv:
         yield RunningGateway(srv, app.state.gateway)
+
+
+@dataclass
+class CliGateway:
+    url: str
+    proc: subprocess.Popen[str]
+    output: str = ""  # stdout + stderr, once it has stopped
+
+
+@contextmanager
+def cli_gateway(*args: str, ready_timeout_s: float = 30) -> Iterator[CliGateway]:
+    """``tagrouter serve ARGS`` in a child process on a free port, ready; stopped on exit with
+    SIGINT (uvicorn's graceful stop), which must end it with exit code 0."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tagrouter_fast.cli", "serve", *args, "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    g = CliGateway(f"http://127.0.0.1:{port}", proc)
+    try:
+        def ready() -> bool:
+            try:
+                return httpx.get(g.url + "/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None
+        assert wait_for(ready, timeout_s=ready_timeout_s) and proc.poll() is None
+        yield g
+    finally:
+        proc.send_signal(signal.SIGINT)
+        g.output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, g.output

@@ -27,6 +27,7 @@ from serve_helpers import (  # noqa: E402
     POEM,
     Fake,
     RunningGateway,
+    cli_gateway,
     dead_url,
     fake_backends,
     gateway_config,
@@ -1092,33 +1093,17 @@ def test_load_zero_errors_and_no_lost_feedback(
 
 
 def test_tagrouter_serve_demo_runs_with_one_command(tmp_path: Path) -> None:
-    port = int(dead_url().rsplit(":", 1)[1])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tagrouter_fast.cli", "serve", "--demo", "--demo-tagger",
-         "keyword", "--port", str(port), "--state-dir", str(tmp_path / "state")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> bool:
-            try:
-                return httpx.get(url + "/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return proc.poll() is not None
-        assert wait_for(ready, timeout_s=30) and proc.poll() is None
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    with cli_gateway("--demo", "--demo-tagger", "keyword",
+                     "--state-dir", str(tmp_path / "state")) as g:
+        client = openai.OpenAI(base_url=g.url + "/v1", api_key="unused", max_retries=0)
         raw = client.chat.completions.with_raw_response.create(
             model="tagrouter", messages=[{"role": "user", "content": MATH}])
         assert raw.headers["x-tagrouter-model"] == "big"
         did = raw.headers["x-tagrouter-decision-id"]
-        r = httpx.post(url + "/v1/feedback", json={"decision_id": did, "outcome": "win"})
+        r = httpx.post(g.url + "/v1/feedback", json={"decision_id": did, "outcome": "win"})
         assert r.status_code == 200
-    finally:
-        proc.send_signal(2)  # SIGINT: uvicorn's graceful stop
-        out, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 0, out
     # The access log is one JSON line per request, carrying the decision id.
-    lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    lines = [json.loads(x) for x in g.output.splitlines() if x.startswith("{")]
     assert any(x.get("decision_id") == did for x in lines)
 
 

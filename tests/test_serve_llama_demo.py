@@ -14,9 +14,8 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from serve_helpers import MATH, POEM, dead_url  # noqa: E402
+from serve_helpers import MATH, POEM, cli_gateway, dead_url  # noqa: E402
 
-from tagrouter_fast.serve.fake_backend import wait_for  # noqa: E402
 from tagrouter_fast.serve.llama_demo import default_gguf, llama_server_missing  # noqa: E402
 
 
@@ -50,21 +49,10 @@ def _demo_ready() -> str | None:
 
 @pytest.mark.skipif(_demo_ready() is not None, reason=f"real-model demo: {_demo_ready()}")
 def test_serve_demo_with_a_real_model(tmp_path: Path) -> None:
-    port = int(dead_url().rsplit(":", 1)[1])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tagrouter_fast.cli", "serve", "--demo", "--demo-tagger",
-         "keyword", "--real-model", "--port", str(port), "--state-dir", str(tmp_path / "s")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> bool:
-            try:
-                return httpx.get(url + "/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return proc.poll() is not None
-        assert wait_for(ready, timeout_s=180) and proc.poll() is None
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+    # SIGINT on exit: uvicorn's graceful stop, which stops llama.cpp too.
+    with cli_gateway("--demo", "--demo-tagger", "keyword", "--real-model",
+                     "--state-dir", str(tmp_path / "s"), ready_timeout_s=180) as g:
+        client = openai.OpenAI(base_url=g.url + "/v1", api_key="unused", max_retries=0,
                                timeout=120)
         # The small model is the real one: a generated answer, not the fake's echo.
         raw = client.chat.completions.with_raw_response.create(
@@ -87,7 +75,3 @@ def test_serve_demo_with_a_real_model(tmp_path: Path) -> None:
             model="tagrouter", messages=[{"role": "user", "content": MATH}])
         assert raw.headers["x-tagrouter-model"] == "big"
         assert (raw.parse().choices[0].message.content or "").startswith("big answers")
-    finally:
-        proc.send_signal(2)  # SIGINT: uvicorn's graceful stop, which stops llama.cpp too
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out

@@ -42,9 +42,9 @@ from tagrouter_fast.serve.backends import (
     AllBackendsFailed,
     Answer,
     Backend,
+    ClientPool,
     Forwarder,
     OpenStream,
-    make_client,
 )
 from tagrouter_fast.serve.config import (
     BackendConfig,
@@ -328,7 +328,7 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        client = make_client(self.config.limits.max_connections, self.config.limits.keepalive_s)
+        client = ClientPool(self.config.limits.max_connections, self.config.limits.keepalive_s)
         self.forwarder = Forwarder(client, self.metrics)
         try:
             await anyio.to_thread.run_sync(self._warm_up)

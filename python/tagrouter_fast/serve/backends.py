@@ -35,7 +35,6 @@ __all__ = [
     "ClientPool",
     "Forwarder",
     "OpenStream",
-    "make_client",
 ]
 
 T = TypeVar("T")
@@ -182,11 +181,6 @@ class ClientPool:
     async def aclose(self) -> None:
         for c in self.shards:
             await c.aclose()
-
-
-def make_client(max_connections: int, keepalive_s: float = 4.0) -> ClientPool:
-    """The pooled upstream connections of an app, shared by all backends."""
-    return ClientPool(max_connections, keepalive_s)
 
 
 @dataclass

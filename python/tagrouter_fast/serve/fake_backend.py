@@ -48,6 +48,7 @@ __all__ = [
     "KeywordTagger",
     "ServerThread",
     "demo_router",
+    "free_port",
 ]
 
 #: ``ok`` answers; ``slow`` waits ``delay_s`` first; ``hang`` never answers; ``error`` answers
@@ -297,6 +298,13 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 
 # ==== Running a server on loopback ====
+
+
+def free_port() -> int:
+    """A loopback port free at the time of asking (for a child server that binds it itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class ServerThread:

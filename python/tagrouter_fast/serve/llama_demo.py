@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from tagrouter_fast.serve.fake_backend import free_port
 
 __all__ = ["LlamaServer", "default_gguf", "llama_server_missing"]
 
@@ -47,12 +48,6 @@ def default_gguf() -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class LlamaServer:
     """``python -m llama_cpp.server`` in a child process on a free loopback port, until closed.
 
@@ -77,7 +72,7 @@ class LlamaServer:
         if not self.gguf.is_file():
             raise FileNotFoundError(f"{self.gguf}: no such GGUF file")
         self.model = self.gguf.stem
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(

@@ -19,9 +19,9 @@ Lines starting with a single ``#`` are comments.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -179,20 +179,13 @@ def shape_tags(query: str) -> list[str]:
 _HEAD_END = re.compile(r"[:\n]|[.?!](?=\s|$)")
 
 
-_HELPER: list[ThreadPoolExecutor] = []
-_HELPER_LOCK = threading.Lock()
-
-
+@functools.cache
 def _helper() -> ThreadPoolExecutor:
     """The threads that run instruction heads beside their queries (one per routing thread
-    at most is busy; a few suffice for a server's concurrent requests)."""
-    if not _HELPER:
-        with _HELPER_LOCK:
-            if not _HELPER:
-                _HELPER.append(
-                    ThreadPoolExecutor(max_workers=4, thread_name_prefix="tagrouter-head")
-                )
-    return _HELPER[0]
+    at most is busy; a few suffice for a server's concurrent requests). Created on first use;
+    two racing first calls may each build one: the extra pool serves its caller once and is
+    collected (its worker exits with it)."""
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="tagrouter-head")
 
 
 def instruction_head(query: str, max_words: int = 24, min_rest: int = 6) -> str | None:
