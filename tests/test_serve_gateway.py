@@ -34,7 +34,7 @@ from serve_helpers import (  # noqa: E402
     running_gateway,
 )
 
-from tagrouter_fast.serve.backends import SHARD_CONNECTIONS, ClientPool  # noqa: E402
+from tagrouter_fast.serve.backends import ClientPool  # noqa: E402
 from tagrouter_fast.serve.config import ConfigError, load_config  # noqa: E402
 from tagrouter_fast.serve.fake_backend import demo_router, wait_for  # noqa: E402
 from tagrouter_fast.serve.sessions import SessionTable, in_tool_loop, keep_or_switch  # noqa: E402
@@ -304,30 +304,23 @@ def test_client_disconnect_cancels_the_upstream_stream(
 
 
 def leases_returned(g: RunningGateway) -> bool:
-    """Every upstream call gave its connection shard back (streams close a moment after the
-    client's last byte)."""
+    """Every upstream call ended its lease (streams close a moment after the client's last
+    byte)."""
     assert g.gw.forwarder is not None
     pool = g.gw.forwarder.client
-    return wait_for(lambda: sum(pool.in_flight) == 0, timeout_s=2.0)
+    return wait_for(lambda: pool.in_flight == 0, timeout_s=2.0)
 
 
-def test_client_pool_shards_and_leases() -> None:
+def test_client_pool_leases() -> None:
     pool = ClientPool(100)
-    sizes = pool.sizes
-    assert len(pool.shards) == len(sizes) == 7
-    assert sum(sizes) == 100 and max(sizes) <= SHARD_CONNECTIONS
     a, release_a = pool.lease()
     b, release_b = pool.lease()
-    assert a is pool.shards[0] and b is pool.shards[1]  # the least busy shard, the first of ties
+    assert a is b is pool.client and pool.in_flight == 2
     release_a()
-    release_a()  # idempotent: a second release does not free someone else's lease
-    assert pool.in_flight[:2] == [0, 1]
-    c, release_c = pool.lease()
-    assert c is pool.shards[0]  # light traffic stays on the first shard's warm connections
+    release_a()  # idempotent: a second release does not end someone else's lease
+    assert pool.in_flight == 1
     release_b()
-    release_c()
-    assert sum(pool.in_flight) == 0
-    assert len(ClientPool(1).shards) == 1
+    assert pool.in_flight == 0
     # No cookie of one user's answer is kept for the next user's request.
     req = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
     resp = httpx.Response(200, headers={"set-cookie": "session=alice; Path=/"}, request=req)
@@ -405,8 +398,10 @@ def test_every_backend_failing_is_502(gateway: RunningGateway, fakes: dict[str, 
 
 
 def test_connection_refused(gateway: RunningGateway, fakes: dict[str, Fake]) -> None:
+    before = backend_errors(gateway, "dead", "connect")
     r = post(gateway, "/v1/chat/completions", {**chat_body(POEM), "model": "dead"})
     assert r.status_code == 502 and "connect" in r.json()["error"]["message"]
+    assert backend_errors(gateway, "dead", "connect") == before + 1
     # Routed to a backend that refuses: the fallback answers.
     urls = {"small": dead_url(), "big": fakes["big"].url}
     with running_gateway(gateway_config(urls, fallback={"order": ["big"]})) as g:
@@ -414,6 +409,31 @@ def test_connection_refused(gateway: RunningGateway, fakes: dict[str, Fake]) -> 
         assert r.status_code == 200
         assert r.headers["x-tagrouter-model"] == "big"
         assert r.headers["x-tagrouter-attempts"] == "small,big"
+
+
+def backend_errors(g: RunningGateway, backend: str, kind: str) -> float:
+    """The gateway's count of ``backend``'s failures of ``kind`` (its /metrics)."""
+    key = f'tagrouter_backend_errors_total{{backend="{backend}",kind="{kind}"}} '
+    lines = [ln for ln in httpx.get(g.url + "/metrics").text.splitlines() if ln.startswith(key)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+@pytest.mark.parametrize(("mode", "kind"), [
+    ("hang", "timeout"), ("error", "status"), ("reset", "reset"), ("malformed", "malformed"),
+    ("garbage", "malformed"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_fault_is_told_apart(
+    gateway: RunningGateway, fakes: dict[str, Fake], mode: str, kind: str, stream: bool
+) -> None:
+    # The kind is what the metrics, the logs and the 502/504 choice go by.
+    before = backend_errors(gateway, "small", kind)
+    fakes["small"].backend.command(mode=mode, reset_after=0, times=1)
+    r = post(gateway, "/v1/chat/completions", {**chat_body(POEM, stream=stream),
+                                                "model": "small"})
+    assert r.status_code == (504 if kind == "timeout" else 502), r.text
+    assert backend_errors(gateway, "small", kind) == before + 1
+    assert leases_returned(gateway)
 
 
 def test_stream_reset_midway_ends_with_an_error_event(

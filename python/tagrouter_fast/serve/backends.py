@@ -1,4 +1,4 @@
-"""Forwarding to OpenAI-compatible backends: pooled httpx clients, deadlines, the fallback
+"""Forwarding to OpenAI-compatible backends: a pooled httpx client, deadlines, the fallback
 chain and SSE passthrough.
 
 A failure is one :class:`BackendError` with a ``kind``: ``timeout``, ``connect`` (refused or
@@ -26,6 +26,7 @@ import httpx
 
 from tagrouter_fast.serve.config import BackendConfig, ConfigError
 from tagrouter_fast.serve.metrics import GatewayMetrics
+from tagrouter_fast.serve.transport import AiohttpTransport
 
 __all__ = [
     "AllBackendsFailed",
@@ -117,15 +118,8 @@ class Backend:
         return httpx.Timeout(read, connect=c.connect_timeout_s, pool=c.timeout_s)
 
 
-# Connections per httpcore pool. httpcore (1.0.9) walks every connection of a pool each time a
-# request joins or leaves it, quadratically for idle ones and with a readability poll per idle
-# connection: one pool of 512 at 64 requests in flight spent a third of the gateway's CPU there
-# (py-spy). Shards of 16 bound the walk; each keeps its connections alive like one pool would.
-SHARD_CONNECTIONS = 16
-
-
 class _NoCookies(CookieJar):
-    """Upstream cookies are never kept: the pooled clients serve every user of the gateway, and a
+    """Upstream cookies are never kept: the pooled client serves every user of the gateway, and a
     cookie one backend set in one user's answer must not ride along on another user's request."""
 
     def extract_cookies(self, response: Any, request: Any) -> None:
@@ -136,51 +130,39 @@ class _NoCookies(CookieJar):
 
 
 class ClientPool:
-    """The app's pooled upstream connections, in shards of at most `SHARD_CONNECTIONS`.
-    ``max_connections`` bounds the whole. Each call leases the shard with the fewest calls in
-    flight (the first such): light traffic reuses one shard's warm connections, and a shard full
-    of long streams is passed over while another has room."""
+    """The app's pooled upstream connections: one httpx client over `AiohttpTransport` (at most
+    ``max_connections`` in all, idle ones closed after ``keepalive_s``), and a count of the calls
+    holding it, so that a leaked response (a stream never closed) is visible."""
 
     def __init__(self, max_connections: int, keepalive_s: float = 4.0) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
-        n = -(-max_connections // SHARD_CONNECTIONS)
-        self.sizes = sizes = [max_connections // n + (i < max_connections % n) for i in range(n)]
-        ssl_context = httpx.create_ssl_context()  # one per app, not one per shard
-        self.shards = [
-            httpx.AsyncClient(
-                limits=httpx.Limits(
-                    max_connections=k, max_keepalive_connections=k, keepalive_expiry=keepalive_s
-                ),
-                verify=ssl_context,
-                cookies=_NoCookies(),
-                # The upstreams are named in the gateway's config; proxy variables of the
-                # environment must not redirect (or break) loopback and private-network backends.
-                trust_env=False,
-                follow_redirects=False,
-            )
-            for k in sizes
-        ]
-        self.in_flight = [0] * len(self.shards)
+        self.client = httpx.AsyncClient(
+            transport=AiohttpTransport(max_connections, keepalive_s,
+                                       httpx.create_ssl_context()),
+            cookies=_NoCookies(),
+            # The upstreams are named in the gateway's config; proxy variables of the
+            # environment must not redirect (or break) loopback and private-network backends.
+            trust_env=False,
+            follow_redirects=False,
+        )
+        self.in_flight = 0
 
     def lease(self) -> tuple[httpx.AsyncClient, Callable[[], None]]:
-        """A shard and the callable that gives it back (idempotent)."""
-        counts = self.in_flight
-        i = counts.index(min(counts))
-        counts[i] += 1
+        """The client and the callable that ends this call's lease (idempotent)."""
+        self.in_flight += 1
         done = False
 
         def release() -> None:
             nonlocal done
             if not done:
                 done = True
-                counts[i] -= 1
+                self.in_flight -= 1
 
-        return self.shards[i], release
+        return self.client, release
 
     async def aclose(self) -> None:
-        for c in self.shards:
-            await c.aclose()
+        await self.client.aclose()
 
 
 @dataclass
@@ -202,10 +184,10 @@ class OpenStream:
     chunks: AsyncIterator[bytes]
     first: bytes
     pending: bytes
-    release: Callable[[], None]  # gives the connection's shard back (ClientPool.lease)
+    release: Callable[[], None]  # ends the call's lease (ClientPool.lease)
 
     async def close(self) -> None:
-        """Closes the upstream response and gives its shard back; idempotent."""
+        """Closes the upstream response and ends its lease; idempotent."""
         try:
             await self.response.aclose()
         finally:

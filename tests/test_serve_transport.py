@@ -1,0 +1,225 @@
+"""The gateway's upstream transport (httpx over aiohttp): pooling, headers, bodies, and every
+fault mapped to the httpx exception the fallback chain classifies.
+
+The faulty servers are raw asyncio TCP servers on loopback: they answer with exactly the bytes
+a test scripts (no HTTP library would send a broken response on purpose)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("aiohttp")
+
+from serve_helpers import dead_url  # noqa: E402
+
+from tagrouter_fast.serve.backends import ClientPool, _classify  # noqa: E402
+from tagrouter_fast.serve.transport import AiohttpTransport  # noqa: E402
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Scripted:
+    """A loopback TCP server running ``handler`` per connection; counts connections and keeps
+    the request heads it read."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.heads: list[bytes] = []
+        self.closed_by_client = asyncio.Event()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.heads.append(head)
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        return await reader.readexactly(length)
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+def ok_response(body: bytes, extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            + extra + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 20))  # type: ignore[arg-type]
+
+
+def test_keep_alive_headers_and_body() -> None:
+    async def main() -> None:
+        got: list[bytes] = []
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                got.append(await srv.read_request(reader))
+                writer.write(ok_response(b'{"choices": []}', b"set-cookie: a=b\r\n"))
+                await writer.drain()
+
+        srv = Scripted(handler)
+        async with srv as url:
+            pool = ClientPool(4)  # the gateway's client: its cookie policy included
+            async with pool.client as c:
+                for i in range(3):
+                    r = await c.post(url + "/v1/chat", content=b'{"n": %d}' % i,
+                                     headers={"authorization": "Bearer k",
+                                              "content-type": "application/json"})
+                    assert r.status_code == 200 and r.json() == {"choices": []}
+                    assert r.headers["content-type"] == "application/json"
+        assert got == [b'{"n": 0}', b'{"n": 1}', b'{"n": 2}']
+        assert srv.connections == 1  # one kept-alive connection for all three
+        head = srv.heads[0].lower()
+        assert b"authorization: bearer k" in head and b"content-length: 8" in head
+        # Only encodings the transport decodes are offered.
+        assert b"accept-encoding: gzip, deflate\r\n" in head
+        assert b"cookie" not in srv.heads[-1].lower()  # the set-cookie was not kept
+
+    run(main())
+
+
+def test_compressed_body_arrives_decoded() -> None:
+    async def main() -> None:
+        raw = b'{"choices": ["' + b"x" * 2000 + b'"]}'
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await srv.read_request(reader)
+            writer.write(ok_response(gzip.compress(raw), b"content-encoding: gzip\r\n"))
+            await writer.drain()
+
+        srv = Scripted(handler)
+        async with srv as url, httpx.AsyncClient(transport=AiohttpTransport(4, 4.0)) as c:
+            r = await c.post(url, content=b"{}")
+            assert r.content == raw
+            # Raw bytes (what the stream relay passes on) are the decoded ones too.
+            assert "content-encoding" not in r.headers
+
+    run(main())
+
+
+def test_half_read_stream_closes_its_connection() -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await srv.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            writer.write(b"d\r\ndata: first\n\n\r\n")
+            await writer.drain()
+            # Waits for the client to hang up: the read returns b"" at its close.
+            assert await reader.read(1) == b""
+            srv.closed_by_client.set()
+
+        srv = Scripted(handler)
+        async with srv as url, httpx.AsyncClient(transport=AiohttpTransport(4, 4.0)) as c:
+            req = c.build_request("POST", url, content=b"{}")
+            r = await c.send(req, stream=True)
+            chunks = r.aiter_raw()
+            assert await chunks.__anext__() == b"data: first\n\n"
+            await r.aclose()
+            await asyncio.wait_for(srv.closed_by_client.wait(), 5)
+
+    run(main())
+
+
+async def _hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(30)
+
+
+async def _close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+
+
+async def _not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"\x00\xffSSH-2.0-OpenSSH\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.5)
+
+
+async def _truncated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4096\r\n\r\n{\"id\": ")
+    await writer.drain()
+
+
+# (handler, exception, the fallback chain's kind)
+FAULTS = {
+    "hang": (_hang, httpx.ReadTimeout, "timeout"),
+    "closed before answering": (_close_at_once, httpx.RemoteProtocolError, "reset"),
+    "not HTTP": (_not_http, httpx.RemoteProtocolError, "reset"),
+    "body cut short": (_truncated, httpx.RemoteProtocolError, "reset"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_faults_map_to_httpx_exceptions(fault: str) -> None:
+    handler, exc, kind = FAULTS[fault]
+
+    async def main() -> None:
+        async with Scripted(handler) as url, \
+                httpx.AsyncClient(transport=AiohttpTransport(4, 4.0)) as c:
+            with pytest.raises(exc) as e:
+                await c.post(url, content=b"{}", timeout=httpx.Timeout(0.5))
+            assert _classify("b", e.value).kind == kind
+
+    run(main())
+
+
+def test_connection_refused_is_connect_error() -> None:
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=AiohttpTransport(4, 4.0)) as c:
+            with pytest.raises(httpx.ConnectError) as e:
+                await c.post(dead_url() + "/v1/chat/completions", content=b"{}")
+            assert _classify("b", e.value).kind == "connect"
+
+    run(main())
+
+
+def test_no_free_connection_in_time_is_a_timeout() -> None:
+    async def main() -> None:
+        async with Scripted(_hang) as url, \
+                httpx.AsyncClient(transport=AiohttpTransport(1, 4.0)) as c:
+            holder = asyncio.create_task(c.post(url, content=b"{}", timeout=10))
+            await asyncio.sleep(0.2)  # the only connection is taken
+            with pytest.raises(httpx.ConnectTimeout) as e:
+                await c.post(url, content=b"{}", timeout=httpx.Timeout(10, pool=0.3))
+            assert _classify("b", e.value).kind == "timeout"
+            holder.cancel()
+
+    run(main())
+
+
+def test_session_made_in_the_loop_and_closed() -> None:
+    t = AiohttpTransport(2, 4.0)
+
+    async def main() -> None:
+        async with Scripted(_close_at_once) as url:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await httpx.AsyncClient(transport=t).post(url, content=b"{}")
+            assert t._session is not None
+            await t.aclose()
+            assert t._session is None
+
+    run(main())
