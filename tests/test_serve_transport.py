@@ -81,14 +81,15 @@ def test_keep_alive_headers_and_body() -> None:
 
         srv = Scripted(handler)
         async with srv as url:
-            pool = ClientPool(4)  # the gateway's client: its cookie policy included
-            async with pool.client as c:
-                for i in range(3):
-                    r = await c.post(url + "/v1/chat", content=b'{"n": %d}' % i,
-                                     headers={"authorization": "Bearer k",
-                                              "content-type": "application/json"})
-                    assert r.status_code == 200 and r.json() == {"choices": []}
-                    assert r.headers["content-type"] == "application/json"
+            pool = ClientPool(4)  # the gateway's pooled connections, as it sends on them
+            for i in range(3):
+                r = await pool.send("POST", url + "/v1/chat", b'{"n": %d}' % i,
+                                    {"authorization": "Bearer k",
+                                     "content-type": "application/json"}, httpx.Timeout(5))
+                await r.aread()
+                assert r.status_code == 200 and r.json() == {"choices": []}
+                assert r.headers["content-type"] == "application/json"
+            await pool.aclose()
         assert got == [b'{"n": 0}', b'{"n": 1}', b'{"n": 2}']
         assert srv.connections == 1  # one kept-alive connection for all three
         head = srv.heads[0].lower()
