@@ -130,12 +130,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 request.method, str(request.url), data=body, headers=headers,
                 allow_redirects=False, timeout=timeout, compress=None,
             )
+        v = resp.version or aiohttp.HttpVersion11
         return httpx.Response(
             status_code=resp.status,
             headers=[(k, v) for k, v in resp.raw_headers
                      if k.decode("latin-1").lower() not in _DROP_RESPONSE],
             stream=_Body(resp, request),
-            extensions={"http_version": b"HTTP/1.1",
+            extensions={"http_version": b"HTTP/%d.%d" % (v.major, v.minor),
                         "reason_phrase": (resp.reason or "").encode("latin-1")},
         )
 
