@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tagrouter_fast.serve.fake_backend import free_port
+from tagrouter_fast.serve.fake_backend import free_port, stop_process
 
 
 def redis_server_binary() -> str:
@@ -67,14 +67,8 @@ class RedisServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc)
 
     def __enter__(self) -> RedisServer:
         return self.start()

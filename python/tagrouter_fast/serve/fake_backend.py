@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections import deque
@@ -307,6 +308,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
+    """Stops a child server: SIGTERM, and SIGKILL if it has not exited within ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class ServerThread:
     """An ASGI app under uvicorn in a daemon thread, on a loopback port bound before it starts
     (so the port is known and free; pass ``port=0`` for any).
@@ -476,7 +489,6 @@ class BackendProcess:
     GIL with it. Commanded over HTTP (``POST /_fake/command``)."""
 
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
-        import subprocess
         import sys
 
         self.name = name
@@ -517,12 +529,7 @@ class BackendProcess:
         return out
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc)
 
     def __enter__(self) -> BackendProcess:
         return self

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from tagrouter_fast.serve.fake_backend import free_port
+from tagrouter_fast.serve.fake_backend import free_port, stop_process
 
 __all__ = ["LlamaServer", "default_gguf", "llama_server_missing"]
 
@@ -101,13 +101,7 @@ class LlamaServer:
             time.sleep(0.2)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         self._log.close()
 
     def __enter__(self) -> LlamaServer:
