@@ -1,5 +1,5 @@
-"""Forwarding to OpenAI-compatible backends: a pooled httpx client, deadlines, the fallback
-chain and SSE passthrough.
+"""Forwarding to OpenAI-compatible backends: pooled connections (httpx's types over aiohttp,
+`serve.transport`), deadlines, the fallback chain and SSE passthrough.
 
 A failure is one :class:`BackendError` with a ``kind``: ``timeout``, ``connect`` (refused or
 unreachable), ``reset`` (the connection dropped), ``status`` (5xx, 408 or 429) or
@@ -231,7 +231,7 @@ def _check_first_events(name: str, first: bytes) -> None:
 
 
 class Forwarder:
-    """Sends requests to backends through the app's pooled clients and records their metrics."""
+    """Sends requests to backends on the app's pooled connections and records their metrics."""
 
     def __init__(self, client: ClientPool, metrics: GatewayMetrics) -> None:
         self.client = client
