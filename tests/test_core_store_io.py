@@ -89,7 +89,7 @@ def test_counts_that_disagree_with_the_queries_are_an_error(scorer):
 def test_other_version_is_a_clear_error(scorer, tmp_path):
     data = bytearray(scorer.to_bytes())
     data[8:12] = struct.pack("<I", 7)
-    with pytest.raises(StoreFormatError, match=r"version 7.*reads version 1"):
+    with pytest.raises(StoreFormatError, match=r"version 7.*reads versions 1 to 2"):
         TagScorer.load(write(tmp_path, bytes(data)))
 
 

@@ -1090,7 +1090,7 @@ def test_load_zero_errors_and_no_lost_feedback(
         return errors, accepted, queue.qsize()
 
     with running_gateway(cfg) as g:
-        v0, q0 = g.gw.outcomes.version, g.gw.router.scorer.n_queries
+        v0, q0 = g.gw.outcomes.version, g.gw.router.scorer.n_learned
         t0 = time.perf_counter()
         errors, accepted, left = asyncio.run(run(g))
         elapsed = time.perf_counter() - t0
@@ -1098,7 +1098,7 @@ def test_load_zero_errors_and_no_lost_feedback(
         assert accepted == n_requests
         # Every acknowledged outcome is in the store, once: one new query per decision.
         assert g.gw.outcomes.version - v0 == accepted
-        assert g.gw.router.scorer.n_queries - q0 == accepted
+        assert g.gw.router.scorer.n_learned - q0 == accepted
         assert g.gw.inflight == 0
         assert leases_returned(g)
     print(f"load: {n_requests} requests + {accepted} outcomes in {elapsed:.1f} s")

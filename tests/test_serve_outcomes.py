@@ -65,7 +65,8 @@ def plan(i: int) -> tuple[str, list[str], str, str]:
 def canon(s: TagScorer) -> dict[str, Any]:
     """Everything the counts determine, independent of tag/model order."""
     return {
-        "n_queries": s.n_queries,
+        # Live outcomes are queries of their own kept as counts (n_learned), not as rows.
+        "n_queries": s.n_queries + s.n_learned,
         "n_records": s.n_records,
         "tags": sorted(s.tags),
         "models": sorted(s.models),

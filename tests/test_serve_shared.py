@@ -185,7 +185,7 @@ def test_two_replicas_concurrent_feedback_counts_exactly(
     for o in outcomes:
         want = sum(1 for w in work if w[3] == o)
         assert sum(v for k, v in red.items() if k.startswith('["m"') and o in k) == want
-    assert store.n_queries == base.n_queries + total
+    assert store.n_queries + store.n_learned == base.n_queries + base.n_learned + total
     # count_t: every decision is a new query carrying each of its tags once.
     for tag in store.tags:
         grown = store.tag_count(tag) - (base.tag_count(tag) if tag in base else 0)

@@ -314,6 +314,16 @@ class TagScorer:
         return self._core.n_records
 
     @property
+    def n_learned(self) -> int:
+        """Live outcomes learned (`TagRouter.learn`): kept as counts attributed to their model,
+        not as queries (each is a query of its own for ``count_t``)."""
+        return self._core.n_learned
+
+    def learned_counts(self, model: str, tag: str) -> tuple[int, int, int]:
+        """``(win, tie, loss)`` live outcomes of ``model`` on ``tag`` (a part of `counts`)."""
+        return self._core.learned_counts(model, tag)
+
+    @property
     def s_win(self) -> float:
         return self._core.s_win
 
@@ -346,6 +356,17 @@ class TagScorer:
         )
 
     # ---- updates without retraining: each returns a new scorer ----
+
+    def with_learned(self, outcomes: Iterable[tuple[Sequence[str], str, str]]) -> TagScorer:
+        """A new store: this one plus ``(tags, model, outcome)`` live outcomes, each a query of
+        its own kept as counts (no query row), as `TagDecider.learn` adds them in place.
+
+        >>> a = TagScorer.from_records([("q1", ["Poem"], "m", "win")])
+        >>> b = a.with_learned([(["Poem"], "m", "loss")])
+        >>> b.counts("m", "Poem"), b.tag_count("Poem"), b.n_queries, b.n_learned
+        ((1, 0, 1), 2, 1, 1)
+        """
+        return TagScorer(self._core.with_learned(outcomes))
 
     def with_records(self, records: Iterable[Record]) -> TagScorer:
         """A new store with these outcome records added (for models already in the store or new
@@ -543,8 +564,51 @@ class TagDecider:
 
     @property
     def scorer(self) -> TagScorer:
-        """The store snapshot this decider routes with."""
+        """The store snapshot this decider routes with; for a live decider, a value copy of the
+        live store's current state (O(store) per call)."""
         return TagScorer(self._core.store)
+
+    # ---- live learning ----
+
+    def to_live(self) -> TagDecider:
+        """The same decider over a live store started from this one's store (a copy; this
+        decider is unchanged), or sharing the live store when this decider already has one.
+        A live decider learns outcomes in place (`learn`) and routes on its counts as they are
+        at each decision; `with_theta` copies share its live store."""
+        return TagDecider._from_core(self._core.to_live())
+
+    @property
+    def is_live(self) -> bool:
+        """Whether this decider routes on a live store (`to_live`)."""
+        return self._core.is_live
+
+    @property
+    def live_version(self) -> int | None:
+        """Changes the live store has applied (None for a snapshot decider)."""
+        return self._core.live_version
+
+    def learn(self, outcomes: Iterable[tuple[Sequence[str], str, str]]) -> int:
+        """Adds ``(tags, model, outcome)`` outcomes to the live store, in place and together
+        (readers see all of them or none). Each is a query of its own judged once for
+        ``model``: ``count_t`` of its tags grows by one and the counts by its outcome, so the
+        store equals one built with each outcome as a record of a fresh query id (to the last
+        bit of every score). O(its tags), whatever the history; mutates the live store every
+        decider sharing it routes on. Returns the live store's version.
+
+        Raises:
+            ValueError: not a live decider; a malformed outcome or a label other than "win",
+                "tie", "loss".
+
+        >>> recs = [("q", ["Poem"], "big", "win"), ("q", ["Poem"], "small", "loss")]
+        >>> d = TagDecider(TagScorer.from_records(recs), {"big": 2.0, "small": 1.0}).to_live()
+        >>> d.route_tags(["Poem"])
+        'big'
+        >>> d.learn([(["Poem"], "small", "win"), (["Poem"], "small", "win")])
+        1
+        >>> d.route_tags(["Poem"]), d.scorer.counts("small", "Poem"), d.scorer.n_queries
+        ('small', (2, 0, 1), 1)
+        """
+        return self._core.learn(outcomes)
 
     @property
     def models(self) -> list[str]:

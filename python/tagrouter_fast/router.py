@@ -214,6 +214,10 @@ class TagRouter:
 
     def _set_decider_locked(self, new: TagDecider) -> None:
         old = self.decider
+        if old.is_live and not new.is_live:
+            # A router that learns keeps learning across store swaps (admin add/remove model,
+            # reloads): the new store becomes the live one (one O(store) copy per swap).
+            new = new.to_live()
         self.decider = new  # the atomic swap readers see
         if self._aligner is not None and list(old.scorer.tags) != list(new.scorer.tags):
             # The aligner indexes the store's tags; rebuild it lazily over the new tag set.
@@ -273,6 +277,28 @@ class TagRouter:
                 )
             self._set_decider_locked(new)
             return new
+
+    def learn(self, outcomes: Iterable[tuple[Sequence[str], str, str]]) -> int:
+        """Learns live ``(tags, model, outcome)`` outcomes in place (`TagDecider.learn`): each
+        is a query of its own, judged once for ``model``. O(their tags) whatever the history
+        (no per-outcome query row, no store copy); the next decision sees them; readers never
+        block and see all of a call's outcomes or none. The first call turns the router's
+        decider into a live one (one O(store) copy). Returns the live store's version.
+
+        >>> recs = [("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss")]
+        >>> r = TagRouter(TagDecider(TagScorer.from_records(recs), {"big": 2.0, "small": 1.0}))
+        >>> r.learn([(["Poem"], "small", "win"), (["Poem"], "small", "win")])
+        1
+        >>> r.route_tags(["Poem"]), r.scorer.n_queries, r.scorer.n_learned
+        ('small', 1, 2)
+        """
+        batch = list(outcomes)
+        # Under the writers' lock: an outcome learned on a store that a concurrent swap is
+        # replacing would be lost with it.
+        with self._store_lock:
+            if not self.decider.is_live:
+                self._set_decider_locked(self.decider.to_live())
+            return self.decider.learn(batch)
 
     def add_records(self, records: Iterable[Record]) -> TagScorer:
         """Adds outcome records to the router's store (`TagScorer.with_records` through

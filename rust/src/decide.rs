@@ -18,7 +18,8 @@
 use std::sync::Arc;
 
 use crate::error::{pyrepr, Result, RouterError};
-use crate::table::{FxSet, Store};
+use crate::live::LiveStore;
+use crate::table::{FxSet, Globals, Store};
 
 /// How a query's per-tag scores combine into `S(M)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -148,10 +149,72 @@ const STACK_MODELS: usize = 32;
 /// Queries with more tags than this are deduplicated with a hash set instead of a linear scan.
 const LINEAR_DEDUP_MAX: usize = 32;
 
-/// The cost-aware decider over a snapshot of a store.
+/// Where a decider's per-tag scores come from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// A snapshot: `rows[tag * n + j]` is the score of preference-order candidate j on the tag.
+    Static { store: Arc<Store>, rows: Vec<f64> },
+    /// A store learning in place: scores derived from its counts per tag at decision time, so
+    /// an outcome costs O(its tags) instead of a new snapshot. `models[j]` is preference-order
+    /// candidate j's index in the store.
+    Live {
+        live: Arc<LiveStore>,
+        models: Vec<u32>,
+    },
+}
+
+/// One consistent state of the scores, for one query (`Decider::with_view`).
+enum View<'a> {
+    Static {
+        store: &'a Store,
+        rows: &'a [f64],
+        n: usize,
+    },
+    Live {
+        store: &'a Store,
+        g: Globals,
+        models: &'a [u32],
+    },
+}
+
+impl View<'_> {
+    #[inline]
+    fn tag_id(&self, tag: &str) -> Option<u32> {
+        match self {
+            View::Static { store, .. } | View::Live { store, .. } => store.tag_id(tag),
+        }
+    }
+
+    /// `sums[j] += score(candidate j, t)`, preference order.
+    #[inline]
+    fn add_row(&self, sums: &mut [f64], t: u32) {
+        match self {
+            View::Static { rows, n, .. } => {
+                let t = t as usize;
+                add_row(sums, &rows[t * n..(t + 1) * n]);
+            }
+            View::Live { store, g, models } => {
+                let t = t as usize;
+                let ctx = store.tag_ctx(g, t);
+                for (s, &m) in sums.iter_mut().zip(models.iter()) {
+                    let m = m as usize;
+                    *s += store.score_at(ctx, store.model_base(g, m), m, t);
+                }
+            }
+        }
+    }
+
+    /// Candidates' scores on tag `t`, preference order.
+    fn row_into(&self, t: u32, out: &mut [f64]) {
+        out.fill(0.0);
+        self.add_row(out, t);
+    }
+}
+
+/// The cost-aware decider over a snapshot of a store, or over a live store.
 #[derive(Debug, Clone)]
 pub struct Decider {
-    store: Arc<Store>,
+    source: Source,
     /// Candidates in preference order: cheaper first, then by name. Scanning in this order and
     /// keeping the first strict maximum is the deterministic tie-break, for free.
     pref_names: Vec<String>,
@@ -165,8 +228,6 @@ pub struct Decider {
     fallback: usize,
     theta: f64,
     aggregation: Aggregation,
-    /// `rows[tag * n + j]`: score of preference-order candidate j on the tag.
-    rows: Vec<f64>,
 }
 
 impl Decider {
@@ -183,6 +244,78 @@ impl Decider {
         theta: f64,
         fallback: Option<&str>,
     ) -> Result<Self> {
+        let (mut d, models) = Self::build(&store, costs, llm, theta, fallback)?;
+        let nm = store.n_models();
+        let n = d.n;
+        let mut rows = vec![0.0; store.n_tags() * n];
+        for (t, row) in rows.chunks_exact_mut(n).enumerate() {
+            let src = &store.scores[t * nm..(t + 1) * nm];
+            for (j, r) in row.iter_mut().enumerate() {
+                *r = src[models[j] as usize];
+            }
+        }
+        d.source = Source::Static { store, rows };
+        Ok(d)
+    }
+
+    /// A decider over a live store: it routes on the store's counts as they are at each
+    /// decision, so outcomes the store learns are seen by the next decision with no rebuild.
+    pub fn new_live(
+        live: Arc<LiveStore>,
+        costs: &[(String, f64)],
+        llm: Option<&str>,
+        theta: f64,
+        fallback: Option<&str>,
+    ) -> Result<Self> {
+        let (mut d, models) = live.read(|s| Self::build(s, costs, llm, theta, fallback))?;
+        d.source = Source::Live { live, models };
+        Ok(d)
+    }
+
+    /// Whether this decider routes on a live store.
+    pub fn is_live(&self) -> bool {
+        matches!(self.source, Source::Live { .. })
+    }
+
+    /// The live store this decider routes on, if any.
+    pub fn live(&self) -> Option<&Arc<LiveStore>> {
+        match &self.source {
+            Source::Live { live, .. } => Some(live),
+            Source::Static { .. } => None,
+        }
+    }
+
+    /// The same decider over a live store started from this decider's store (or sharing its
+    /// live store when it already has one).
+    #[must_use]
+    pub fn to_live(&self) -> Self {
+        match &self.source {
+            Source::Live { .. } => self.clone(),
+            Source::Static { store, .. } => {
+                let models = self
+                    .pref_names
+                    .iter()
+                    .map(|name| store.model_id(name).unwrap_or(0))
+                    .collect();
+                Self {
+                    source: Source::Live {
+                        live: Arc::new(LiveStore::new((**store).clone())),
+                        models,
+                    },
+                    ..self.clone()
+                }
+            }
+        }
+    }
+
+    /// Everything but the score source; and the candidates' store indices, preference order.
+    fn build(
+        store: &Store,
+        costs: &[(String, f64)],
+        llm: Option<&str>,
+        theta: f64,
+        fallback: Option<&str>,
+    ) -> Result<(Self, Vec<u32>)> {
         if costs.is_empty() {
             return Err(RouterError::invalid(
                 "empty model set: costs must name at least one model",
@@ -239,15 +372,12 @@ impl Decider {
             Some(name) => find(name)?,
             None => llm,
         };
-        let nm = store.n_models();
-        let mut rows = vec![0.0; store.n_tags() * n];
-        for (t, row) in rows.chunks_exact_mut(n).enumerate() {
-            let src = &store.scores[t * nm..(t + 1) * nm];
-            for (j, r) in row.iter_mut().enumerate() {
-                *r = src[cands[pref[j]].0 as usize];
-            }
-        }
-        Ok(Self {
+        let models = pref.iter().map(|&o| cands[o].0).collect();
+        let d = Self {
+            source: Source::Static {
+                store: Arc::new(Store::default()),
+                rows: Vec::new(),
+            },
             pref_names: pref.iter().map(|&o| cands[o].1.to_owned()).collect(),
             pref_costs: pref.iter().map(|&o| cands[o].2).collect(),
             pref_to_out: pref.clone(),
@@ -257,9 +387,8 @@ impl Decider {
             fallback,
             theta,
             aggregation: Aggregation::Sum,
-            rows,
-            store,
-        })
+        };
+        Ok((d, models))
     }
 
     /// This decider with another aggregation, e.g.
@@ -285,8 +414,33 @@ impl Decider {
         })
     }
 
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
+    /// The store: the snapshot itself, or a value copy of a live store's current state
+    /// (O(store)).
+    pub fn store(&self) -> Arc<Store> {
+        match &self.source {
+            Source::Static { store, .. } => Arc::clone(store),
+            Source::Live { live, .. } => Arc::new(live.snapshot()),
+        }
+    }
+
+    /// Runs `f` on one consistent state of the scores: for a live store, readers enter per
+    /// query (a writer waits for one query, never a batch).
+    #[inline]
+    fn with_view<R>(&self, f: impl FnOnce(&View<'_>) -> R) -> R {
+        match &self.source {
+            Source::Static { store, rows } => f(&View::Static {
+                store,
+                rows,
+                n: self.n,
+            }),
+            Source::Live { live, models } => live.read(|store| {
+                f(&View::Live {
+                    store,
+                    g: store.globals(),
+                    models,
+                })
+            }),
+        }
     }
 
     /// Candidate names in store order; decisions index into this.
@@ -333,15 +487,10 @@ impl Decider {
         self.pref_to_out[j]
     }
 
+    /// A tag's id. A live store only ever adds tags, so an id stays valid for its lifetime.
     #[inline]
     pub fn tag_id(&self, tag: &str) -> Option<u32> {
-        self.store.tag_id(tag)
-    }
-
-    #[inline]
-    fn row(&self, t: u32) -> &[f64] {
-        let t = t as usize;
-        &self.rows[t * self.n..(t + 1) * self.n]
+        self.with_view(|v| v.tag_id(tag))
     }
 
     // ==== Routing ====
@@ -350,20 +499,26 @@ impl Decider {
     /// preference order; see `to_out`/`pref_name`.
     #[inline]
     pub fn route_pref(&self, ids: &[u32]) -> usize {
-        self.with_sums(ids, |sums, any| self.decide_sums(sums, any).0)
+        self.with_view(|v| self.with_sums(v, ids, |sums, any| self.decide_sums(sums, any).0))
     }
 
     /// Routes a query given its tag ids; the model index is in `models()` order.
     pub fn route_ids(&self, ids: &[u32]) -> Route {
-        self.with_sums(ids, |sums, any| {
+        self.with_view(|v| self.route_ids_in(v, ids))
+    }
+
+    fn route_ids_in(&self, v: &View<'_>, ids: &[u32]) -> Route {
+        self.with_sums(v, ids, |sums, any| {
             self.to_out_route(self.decide_sums(sums, any))
         })
     }
 
     /// Routes a query given its tags (unknown tags ignored); `models()` order.
     pub fn route<S: AsRef<str>>(&self, tags: &[S]) -> Route {
-        let ids = self.known_ids(tags);
-        self.route_ids(&ids)
+        self.with_view(|v| {
+            let ids = known_ids(v, tags);
+            self.route_ids_in(v, &ids)
+        })
     }
 
     /// Routes many queries, `tags[offsets[i]..offsets[i + 1]]` being query i; preference order.
@@ -372,13 +527,12 @@ impl Decider {
         offsets
             .windows(2)
             .map(|w| {
-                ids.clear();
-                ids.extend(
-                    tags[w[0]..w[1]]
-                        .iter()
-                        .filter_map(|t| self.tag_id(t.as_ref())),
-                );
-                crate::table::to_u32(self.route_pref(&ids))
+                self.with_view(|v| {
+                    ids.clear();
+                    ids.extend(tags[w[0]..w[1]].iter().filter_map(|t| v.tag_id(t.as_ref())));
+                    let j = self.with_sums(v, &ids, |sums, any| self.decide_sums(sums, any).0);
+                    crate::table::to_u32(j)
+                })
             })
             .collect()
     }
@@ -388,16 +542,14 @@ impl Decider {
         let mut out = vec![0.0; offsets.len().saturating_sub(1) * self.n];
         let mut ids: Vec<u32> = Vec::new();
         for (w, dst) in offsets.windows(2).zip(out.chunks_exact_mut(self.n)) {
-            ids.clear();
-            ids.extend(
-                tags[w[0]..w[1]]
-                    .iter()
-                    .filter_map(|t| self.tag_id(t.as_ref())),
-            );
-            self.with_sums(&ids, |sums, _| {
-                for (j, s) in sums.iter().enumerate() {
-                    dst[self.pref_to_out[j]] = *s;
-                }
+            self.with_view(|v| {
+                ids.clear();
+                ids.extend(tags[w[0]..w[1]].iter().filter_map(|t| v.tag_id(t.as_ref())));
+                self.with_sums(v, &ids, |sums, _| {
+                    for (j, s) in sums.iter().enumerate() {
+                        dst[self.pref_to_out[j]] = *s;
+                    }
+                });
             });
         }
         out
@@ -409,13 +561,11 @@ impl Decider {
         offsets
             .windows(2)
             .map(|w| {
-                ids.clear();
-                ids.extend(
-                    tags[w[0]..w[1]]
-                        .iter()
-                        .filter_map(|t| self.tag_id(t.as_ref())),
-                );
-                self.route_ids(&ids)
+                self.with_view(|v| {
+                    ids.clear();
+                    ids.extend(tags[w[0]..w[1]].iter().filter_map(|t| v.tag_id(t.as_ref())));
+                    self.route_ids_in(v, &ids)
+                })
             })
             .collect()
     }
@@ -429,17 +579,15 @@ impl Decider {
         let mut out = RouteColumns::with_capacity(n);
         let mut ids: Vec<u32> = Vec::with_capacity(LINEAR_DEDUP_MAX);
         for w in offsets.windows(2) {
-            ids.clear();
-            ids.extend(
-                tags[w[0]..w[1]]
-                    .iter()
-                    .filter_map(|t| self.tag_id(t.as_ref())),
-            );
-            let (route, distinct) = self.with_sums_counted(&ids, |sums, distinct| {
-                (
-                    self.to_out_route(self.decide_sums(sums, distinct > 0)),
-                    distinct,
-                )
+            let (route, distinct) = self.with_view(|v| {
+                ids.clear();
+                ids.extend(tags[w[0]..w[1]].iter().filter_map(|t| v.tag_id(t.as_ref())));
+                self.with_sums_counted(v, &ids, |sums, distinct| {
+                    (
+                        self.to_out_route(self.decide_sums(sums, distinct > 0)),
+                        distinct,
+                    )
+                })
             });
             out.push(route, distinct);
         }
@@ -448,32 +596,56 @@ impl Decider {
 
     /// A decision with its explanation.
     pub fn explain<S: AsRef<str>>(&self, tags: &[S]) -> Explained {
-        let mut known: Vec<u32> = Vec::with_capacity(tags.len());
-        let mut unknown = Vec::new();
-        for (i, t) in tags.iter().enumerate() {
-            match self.tag_id(t.as_ref()) {
-                Some(id) => {
-                    if !known.contains(&id) {
-                        known.push(id);
+        self.with_view(|v| {
+            let mut known: Vec<u32> = Vec::with_capacity(tags.len());
+            let mut unknown = Vec::new();
+            for (i, t) in tags.iter().enumerate() {
+                match v.tag_id(t.as_ref()) {
+                    Some(id) => {
+                        if !known.contains(&id) {
+                            known.push(id);
+                        }
                     }
+                    None => unknown.push(i),
                 }
-                None => unknown.push(i),
             }
-        }
-        let (route, sums) = self.explain_ids(&known);
-        Explained {
-            route,
-            sums,
-            known,
-            unknown,
-        }
+            let (route, sums) = self.explain_ids_in(v, &known);
+            Explained {
+                route,
+                sums,
+                known,
+                unknown,
+            }
+        })
     }
 
     /// Route and `S(M)` (in `models()` order) for distinct known tag ids.
     pub fn explain_ids(&self, ids: &[u32]) -> (Route, Vec<f64>) {
+        self.with_view(|v| self.explain_ids_in(v, ids))
+    }
+
+    /// `explain_ids` and each tag's contribution (`tag_scores_into`) from one state of a live
+    /// store, so that the contributions add up to the scores.
+    pub fn explain_ids_with_rows(&self, ids: &[u32]) -> (Route, Vec<f64>, Vec<f64>) {
+        self.with_view(|v| {
+            let (route, sums) = self.explain_ids_in(v, ids);
+            let n = self.n;
+            let mut rows = vec![0.0; ids.len() * n];
+            let mut pref = vec![0.0; n];
+            for (&t, out) in ids.iter().zip(rows.chunks_exact_mut(n)) {
+                v.row_into(t, &mut pref);
+                for (j, s) in pref.iter().enumerate() {
+                    out[self.pref_to_out[j]] = *s;
+                }
+            }
+            (route, sums, rows)
+        })
+    }
+
+    fn explain_ids_in(&self, v: &View<'_>, ids: &[u32]) -> (Route, Vec<f64>) {
         let mut sums_pref = vec![0.0; self.n];
         for &t in ids {
-            add_row(&mut sums_pref, self.row(t));
+            v.add_row(&mut sums_pref, t);
         }
         self.aggregate(&mut sums_pref, ids.len());
         let route = self.to_out_route(self.decide_sums(&sums_pref, !ids.is_empty()));
@@ -486,28 +658,29 @@ impl Decider {
 
     /// Writes the candidates' scores on tag `t` (its contribution) into `out`, `models()` order.
     pub fn tag_scores_into(&self, t: u32, out: &mut [f64]) {
-        for (j, s) in self.row(t).iter().enumerate() {
+        let mut pref = vec![0.0; self.n];
+        self.with_view(|v| v.row_into(t, &mut pref));
+        for (j, s) in pref.iter().enumerate() {
             out[self.pref_to_out[j]] = *s;
         }
-    }
-
-    fn known_ids<S: AsRef<str>>(&self, tags: &[S]) -> Vec<u32> {
-        tags.iter()
-            .filter_map(|t| self.tag_id(t.as_ref()))
-            .collect()
     }
 
     /// Aggregates the rows of the distinct ids into a (stack) buffer and hands `S` to `f`, with
     /// whether any tag was known.
     #[inline]
-    fn with_sums<R>(&self, ids: &[u32], f: impl FnOnce(&[f64], bool) -> R) -> R {
-        self.with_sums_counted(ids, |sums, distinct| f(sums, distinct > 0))
+    fn with_sums<R>(&self, v: &View<'_>, ids: &[u32], f: impl FnOnce(&[f64], bool) -> R) -> R {
+        self.with_sums_counted(v, ids, |sums, distinct| f(sums, distinct > 0))
     }
 
     /// `with_sums`, handing `f` the number of distinct known tags instead of whether there was
     /// one.
     #[inline]
-    fn with_sums_counted<R>(&self, ids: &[u32], f: impl FnOnce(&[f64], usize) -> R) -> R {
+    fn with_sums_counted<R>(
+        &self,
+        v: &View<'_>,
+        ids: &[u32],
+        f: impl FnOnce(&[f64], usize) -> R,
+    ) -> R {
         let mut stack = [0.0_f64; STACK_MODELS];
         let mut heap;
         let sums: &mut [f64] = if self.n <= STACK_MODELS {
@@ -521,7 +694,7 @@ impl Decider {
             for (i, &t) in ids.iter().enumerate() {
                 // Set semantics: a tag given twice counts once. Quadratic, but over a handful.
                 if !ids[..i].contains(&t) {
-                    add_row(sums, self.row(t));
+                    v.add_row(sums, t);
                     distinct += 1;
                 }
             }
@@ -529,7 +702,7 @@ impl Decider {
             let mut seen: FxSet<u32> = FxSet::default();
             for &t in ids {
                 if seen.insert(t) {
-                    add_row(sums, self.row(t));
+                    v.add_row(sums, t);
                     distinct += 1;
                 }
             }
@@ -594,6 +767,10 @@ impl Decider {
             slm: d.4.map(|j| self.pref_to_out[j]),
         }
     }
+}
+
+fn known_ids<S: AsRef<str>>(v: &View<'_>, tags: &[S]) -> Vec<u32> {
+    tags.iter().filter_map(|t| v.tag_id(t.as_ref())).collect()
 }
 
 #[inline]

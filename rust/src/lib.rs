@@ -8,6 +8,7 @@
 pub mod curve;
 pub mod decide;
 pub mod error;
+pub mod live;
 pub mod store_io;
 pub mod table;
 pub mod tags;
@@ -18,5 +19,6 @@ mod py;
 
 pub use decide::{Aggregation, Decider, Explained, Reason, Route, RouteColumns};
 pub use error::{Result, RouterError};
+pub use live::LiveStore;
 pub use table::{Outcome, Params, Record, Store, Weighting};
 pub use tags::split_tags;

@@ -14,8 +14,11 @@ use crate::table::{index_of, to_u32, Params, Query, Store, Weighting};
 
 /// First bytes of every store file.
 pub const MAGIC: &[u8; 8] = b"TAGRSTOR";
-/// Format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version this build writes. Version 2 adds the live outcomes section (learned
+/// outcomes kept as counts, not as queries); version 1 files (no such section) still load.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_READ_VERSION: u32 = 1;
 /// magic (8) + version (4) + flags (4) + body length (8).
 const HEADER_LEN: usize = 24;
 /// CRC-32 of header and body.
@@ -61,6 +64,15 @@ pub fn to_bytes(store: &Store) -> Vec<u8> {
         for &(m, c) in &q.judged {
             put_u32(&mut body, m);
             put3(&mut body, c);
+        }
+    }
+    // Version 2: live outcomes (anonymous single-model queries), model-major like the counts.
+    for c in &store.anon_totals {
+        put3(&mut body, *c);
+    }
+    for col in &store.anon {
+        for c in col {
+            put3(&mut body, *c);
         }
     }
     let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TRAILER_LEN);
@@ -173,7 +185,7 @@ pub fn load(path: &Path) -> Result<Store> {
         let body_len = u64::from_le_bytes(header[16..24].try_into().unwrap_or_default());
         let want = body_len.saturating_add((HEADER_LEN + TRAILER_LEN) as u64);
         let version = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
-        if version == FORMAT_VERSION && want > len {
+        if (OLDEST_READ_VERSION..=FORMAT_VERSION).contains(&version) && want > len {
             return Err(format(format!(
                 "truncated: the header announces {want} bytes, the file has {len}"
             )));
@@ -221,10 +233,10 @@ pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Store, String> {
         ));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READ_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(format!(
-            "store format version {version}, but this build of tagrouter_fast reads version {FORMAT_VERSION}; \
-             rebuild the store or use a matching tagrouter_fast"
+            "store format version {version}, but this build of tagrouter_fast reads versions \
+             {OLDEST_READ_VERSION} to {FORMAT_VERSION}; rebuild the store or use a matching tagrouter_fast"
         ));
     }
     let body_len = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or_default());
@@ -246,7 +258,7 @@ pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Store, String> {
     if crc32fast::hash(&bytes[..end]) != stored {
         return Err("corrupt: checksum mismatch".into());
     }
-    parse_body(&bytes[HEADER_LEN..end]).map_err(|e| format!("corrupt: {e}"))
+    parse_body(&bytes[HEADER_LEN..end], version).map_err(|e| format!("corrupt: {e}"))
 }
 
 struct Cursor<'a> {
@@ -295,7 +307,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn parse_body(b: &[u8]) -> std::result::Result<Store, String> {
+fn parse_body(b: &[u8], version: u32) -> std::result::Result<Store, String> {
     let mut c = Cursor { b, at: 0 };
     let (s_win, s_tie, s_loss, prior_strength) = (c.f64()?, c.f64()?, c.f64()?, c.f64()?);
     let wcode = c.take(8)?[0];
@@ -327,18 +339,7 @@ fn parse_body(b: &[u8]) -> std::result::Result<Store, String> {
         return Err("duplicate model or tag names".into());
     }
     let model_totals: Vec<[u32; 3]> = (0..nm).map(|_| c.three()).collect::<Result<_, _>>()?;
-    let mut counts = Vec::with_capacity(nm);
-    for _ in 0..nm {
-        let raw = c.take(nt * 12)?;
-        counts.push(
-            raw.chunks_exact(12)
-                .map(|x| {
-                    let u = |i: usize| u32::from_le_bytes([x[i], x[i + 1], x[i + 2], x[i + 3]]);
-                    [u(0), u(4), u(8)]
-                })
-                .collect::<Vec<_>>(),
-        );
-    }
+    let counts = read_columns(&mut c, nm, nt)?;
     let mut queries = Vec::with_capacity(nq);
     for _ in 0..nq {
         let id: Box<str> = c.str()?.into();
@@ -364,7 +365,13 @@ fn parse_body(b: &[u8]) -> std::result::Result<Store, String> {
         }
         queries.push(Query { id, tags, judged });
     }
-    check_counts(&queries, &counts, &model_totals)?;
+    let (anon_totals, anon) = if version >= 2 {
+        let totals: Vec<[u32; 3]> = (0..nm).map(|_| c.three()).collect::<Result<_, _>>()?;
+        (totals, read_columns(&mut c, nm, nt)?)
+    } else {
+        (vec![[0; 3]; nm], vec![vec![[0; 3]; nt]; nm])
+    };
+    check_counts(&queries, &counts, &model_totals, &anon, &anon_totals)?;
     if c.at != b.len() {
         return Err(format!(
             "{} unread bytes at the end of the body",
@@ -385,7 +392,10 @@ fn parse_body(b: &[u8]) -> std::result::Result<Store, String> {
         query_index,
         counts,
         model_totals,
+        anon,
+        anon_totals,
         tag_queries: Vec::new(),
+        total_tag_queries: 0,
         scores: Vec::new(),
     };
     store.recompute();
@@ -393,6 +403,27 @@ fn parse_body(b: &[u8]) -> std::result::Result<Store, String> {
         return Err("tags carried by no query".into());
     }
     Ok(store)
+}
+
+/// `n_models` columns of `n_tags` triples each, model-major.
+fn read_columns(
+    c: &mut Cursor<'_>,
+    nm: usize,
+    nt: usize,
+) -> std::result::Result<Vec<Vec<[u32; 3]>>, String> {
+    let mut cols = Vec::with_capacity(nm);
+    for _ in 0..nm {
+        let raw = c.take(nt * 12)?;
+        cols.push(
+            raw.chunks_exact(12)
+                .map(|x| {
+                    let u = |i: usize| u32::from_le_bytes([x[i], x[i + 1], x[i + 2], x[i + 3]]);
+                    [u(0), u(4), u(8)]
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    Ok(cols)
 }
 
 /// The per-(tag, model) counts and per-model totals are sums over the queries' outcomes. The file
@@ -403,6 +434,8 @@ fn check_counts(
     queries: &[Query],
     counts: &[Vec<[u32; 3]>],
     model_totals: &[[u32; 3]],
+    anon: &[Vec<[u32; 3]>],
+    anon_totals: &[[u32; 3]],
 ) -> std::result::Result<(), String> {
     let add = |a: &mut [u32; 3], b: [u32; 3]| {
         for (x, y) in a.iter_mut().zip(b) {
@@ -410,9 +443,9 @@ fn check_counts(
             *x = x.saturating_add(y);
         }
     };
-    let nt = counts.first().map_or(0, Vec::len);
-    let mut want = vec![vec![[0_u32; 3]; nt]; counts.len()];
-    let mut totals = vec![[0_u32; 3]; model_totals.len()];
+    // Live outcomes are part of the counts; the named queries make up the rest.
+    let mut want = anon.to_vec();
+    let mut totals = anon_totals.to_vec();
     for q in queries {
         for &(m, c) in &q.judged {
             add(&mut totals[m as usize], c);
@@ -536,8 +569,45 @@ mod tests {
     #[test]
     fn other_version_names_both_versions() {
         let mut bytes = to_bytes(&store());
-        bytes[8] = 2;
+        bytes[8] = 3;
         let e = from_bytes(&bytes).unwrap_err();
-        assert!(e.contains("version 2") && e.contains("version 1"), "{e}");
+        assert!(e.contains("version 3") && e.contains("1 to 2"), "{e}");
+    }
+
+    #[test]
+    fn version_1_files_still_load() {
+        let s = store();
+        let v2 = to_bytes(&s);
+        // A version 1 file is the version 2 body without the live-outcome section.
+        let (nm, nt) = (s.n_models(), s.n_tags());
+        let anon_len = nm * 12 + nm * nt * 12;
+        let body_end = v2.len() - TRAILER_LEN - anon_len;
+        let mut v1 = v2[..body_end].to_vec();
+        v1[8..12].copy_from_slice(&1_u32.to_le_bytes());
+        let body_len = (body_end - HEADER_LEN) as u64;
+        v1[16..24].copy_from_slice(&body_len.to_le_bytes());
+        let crc = crc32fast::hash(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let back = from_bytes(&v1).unwrap();
+        assert_eq!(to_bytes(&back), v2);
+    }
+
+    #[test]
+    fn learned_outcomes_round_trip_and_are_checked() {
+        let mut s = store();
+        s.learn(&["a", "new tag"], "x", Outcome::Win);
+        s.learn(&["a"], "newcomer", Outcome::Loss);
+        s.recompute();
+        let bytes = to_bytes(&s);
+        let back = from_bytes(&bytes).unwrap();
+        assert_eq!(to_bytes(&back), bytes);
+        assert_eq!(back.n_learned(), 2);
+        assert_eq!(back.score_matrix(), s.score_matrix());
+        // Live counts larger than the counts they are part of: refused, not loaded.
+        let mut bad = bytes.clone();
+        let at = bad.len() - TRAILER_LEN - 12;
+        bad[at] = bad[at].wrapping_add(1);
+        let e = from_bytes(&reseal(bad)).unwrap_err();
+        assert!(e.contains("disagree"), "{e}");
     }
 }

@@ -6,6 +6,13 @@
 //! need no lock. The raw data kept per training query (its tag set and per-model outcome counts)
 //! is what makes updates exact: `count_t` counts distinct queries, so adding or removing a model
 //! must know which queries remain judged by anyone.
+//!
+//! Live outcomes (`learn`) are the exception to "a row per query": each is a query of its own,
+//! judged by one model, so it is kept only as counts, attributed to its model (`anon`): enough
+//! for `count_t`, for `without_model` (its queries go with it) and for `merged`, in
+//! O(its tags) per outcome and memory that does not grow with history. Counts are the state;
+//! scores are derived (`score_at`), either all at once (`compute_scores`, the value path) or per
+//! tag at decision time (`live::LiveStore`), by the same code, so both agree to the last bit.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasherDefault;
@@ -209,8 +216,16 @@ pub struct Store {
     /// Per model, outcome counts over records (each record once, whatever its number of tags):
     /// the model's global mean for the "shrunk" weighting, its ability for "difficulty".
     pub(crate) model_totals: Vec<[u32; 3]>,
-    /// `count_t`: distinct training queries carrying tag t. Derived from `queries`.
+    /// Live outcomes (`learn`), each an anonymous query judged by one model:
+    /// `anon[model][tag] = [win, tie, loss]` (already included in `counts`). Their number per
+    /// (model, tag) is their share of `count_t`, which goes with the model in `without_model`.
+    pub(crate) anon: Vec<Vec<[u32; 3]>>,
+    /// Per model, live outcomes by kind (already included in `model_totals`).
+    pub(crate) anon_totals: Vec<[u32; 3]>,
+    /// `count_t`: distinct queries carrying tag t (named ones and live outcomes).
     pub(crate) tag_queries: Vec<u32>,
+    /// `sum_t count_t`, the paper's shared denominator of `w_t`.
+    pub(crate) total_tag_queries: u64,
     /// `scores[tag * n_models + model]`. Derived.
     pub(crate) scores: Vec<f64>,
 }
@@ -315,6 +330,46 @@ impl Store {
             .sum()
     }
 
+    /// Number of live outcomes learned (`learn`), all models.
+    pub fn n_learned(&self) -> u64 {
+        self.anon_totals
+            .iter()
+            .flatten()
+            .map(|&c| u64::from(c))
+            .sum()
+    }
+
+    /// `[win, tie, loss]` live outcomes of `model` on `tag` (a part of `counts`).
+    pub fn learned_counts(&self, model: &str, tag: &str) -> Result<[u32; 3]> {
+        let m = self.require_model(model)?;
+        let t = self.require_tag(tag)?;
+        Ok(self.anon[m as usize][t as usize])
+    }
+
+    // ---- live learning (in place, O(tags x models)) ----
+
+    /// Adds one live outcome in place: an anonymous query carrying `tags` (duplicates count
+    /// once; tags and the model are added when new), judged once for `model`. Costs O(its tags),
+    /// plus O(models) for a new tag and O(tags) for a new model; never O(queries) or O(history).
+    /// Leaves the score matrix stale: live readers derive scores per tag (`score_at`), and
+    /// `LiveStore::snapshot` recomputes it for a value copy.
+    pub fn learn<S: AsRef<str>>(&mut self, tags: &[S], model: &str, outcome: Outcome) {
+        let m = self.intern_model(model) as usize;
+        let mut ids: Vec<u32> = tags.iter().map(|t| self.intern_tag(t.as_ref())).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let o = outcome as usize;
+        for &t in &ids {
+            let t = t as usize;
+            self.counts[m][t][o] += 1;
+            self.anon[m][t][o] += 1;
+            self.tag_queries[t] += 1;
+        }
+        self.total_tag_queries += ids.len() as u64;
+        self.model_totals[m][o] += 1;
+        self.anon_totals[m][o] += 1;
+    }
+
     // ---- updates (each returns a new store) ----
 
     /// Builds a store from outcome records.
@@ -374,6 +429,9 @@ impl Store {
         store.models.remove(m as usize);
         store.counts.remove(m as usize);
         store.model_totals.remove(m as usize);
+        // The model's live outcomes were queries judged by it alone: they leave `count_t` too.
+        store.anon.remove(m as usize);
+        store.anon_totals.remove(m as usize);
         store.model_index = index_of(&store.models);
         for q in &mut store.queries {
             q.judged.retain(|&(j, _)| j != m);
@@ -423,6 +481,17 @@ impl Store {
                 other.model_totals[om],
             );
         }
+        // Live outcomes are anonymous queries, so they never collide: counts add.
+        for (om, col) in other.anon.iter().enumerate() {
+            let target = &mut store.anon[model_map[om] as usize];
+            for (ot, c) in col.iter().enumerate() {
+                add3(&mut target[tag_map[ot] as usize], *c);
+            }
+            add3(
+                &mut store.anon_totals[model_map[om] as usize],
+                other.anon_totals[om],
+            );
+        }
         store.recompute();
         Ok(store)
     }
@@ -438,6 +507,8 @@ impl Store {
         self.model_index.insert(model.into(), m);
         self.counts.push(vec![[0; 3]; self.tags.len()]);
         self.model_totals.push([0; 3]);
+        self.anon.push(vec![[0; 3]; self.tags.len()]);
+        self.anon_totals.push([0; 3]);
         m
     }
 
@@ -448,9 +519,11 @@ impl Store {
         let t = to_u32(self.tags.len());
         self.tags.push(tag.into());
         self.tag_index.insert(tag.into(), t);
-        for col in &mut self.counts {
+        for col in self.counts.iter_mut().chain(self.anon.iter_mut()) {
             col.push([0; 3]);
         }
+        // Kept in step with `tags` so that `learn` can count the new tag at once.
+        self.tag_queries.push(0);
         t
     }
 
@@ -495,10 +568,16 @@ impl Store {
                 tq[t as usize] += 1;
             }
         }
+        for col in &self.anon {
+            for (n, c) in tq.iter_mut().zip(col) {
+                *n += c[0] + c[1] + c[2];
+            }
+        }
         if tq.contains(&0) {
             self.drop_unused_tags(&tq);
             tq.retain(|&c| c > 0);
         }
+        self.total_tag_queries = tq.iter().map(|&c| u64::from(c)).sum();
         self.tag_queries = tq;
         self.compute_scores();
     }
@@ -519,7 +598,7 @@ impl Store {
             keep(i - 1)
         });
         self.tag_index = index_of(&self.tags);
-        for col in &mut self.counts {
+        for col in self.counts.iter_mut().chain(self.anon.iter_mut()) {
             let mut i = 0;
             col.retain(|_| {
                 i += 1;
@@ -532,107 +611,151 @@ impl Store {
         }
     }
 
-    fn compute_scores(&mut self) {
-        let p = self.params;
+    pub(crate) fn compute_scores(&mut self) {
         let nm = self.models.len();
         let nt = self.tags.len();
+        let g = self.globals();
+        let base: Vec<f64> = (0..nm).map(|m| self.model_base(&g, m)).collect();
         let mut scores = vec![0.0_f64; nt * nm];
-        match p.weighting {
-            Weighting::Paper | Weighting::None => {
-                // The paper's denominator runs over all tags of the store.
-                let total: f64 = self.tag_queries.iter().map(|&c| f64::from(c)).sum();
-                for (t, row) in scores.chunks_exact_mut(nm.max(1)).enumerate().take(nt) {
-                    let w = match p.weighting {
-                        Weighting::Paper => (1.0 - (-f64::from(self.tag_queries[t])).exp()) / total,
-                        _ => 1.0,
-                    };
-                    for (m, s) in row.iter_mut().enumerate() {
-                        *s = w * p.outcome_sum(self.counts[m][t]);
-                    }
-                }
-            }
-            Weighting::Shrunk => {
-                let k = p.prior_strength;
-                let mu: Vec<f64> = self
-                    .model_totals
-                    .iter()
-                    .map(|&c| {
-                        let n = f64::from(c[0]) + f64::from(c[1]) + f64::from(c[2]);
-                        if n > 0.0 {
-                            p.outcome_sum(c) / n
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                for (t, row) in scores.chunks_exact_mut(nm.max(1)).enumerate().take(nt) {
-                    for (m, s) in row.iter_mut().enumerate() {
-                        let c = self.counts[m][t];
-                        let n = f64::from(c[0]) + f64::from(c[1]) + f64::from(c[2]);
-                        let denom = n + k;
-                        // With no evidence and no prior the mean is undefined; its limit as the
-                        // prior vanishes is the model's global mean.
-                        *s = if denom > 0.0 {
-                            (p.outcome_sum(c) + k * mu[m]) / denom
-                        } else {
-                            mu[m]
-                        };
-                    }
-                }
-            }
-            Weighting::Difficulty => {
-                let k = p.prior_strength;
-                let range = p.s_win - p.s_loss;
-                // Mean outcome scores are put on a [0, 1] rate scale, where ability and
-                // difficulty add on the logit (the Rasch model).
-                let logit_rate = |x: f64| logit(clip_rate((x - p.s_loss) / range));
-                let (mut sum, mut n_all) = (0.0_f64, 0.0_f64);
-                for &c in &self.model_totals {
-                    sum += p.outcome_sum(c);
-                    n_all += n3(c);
-                }
-                let grand = if n_all > 0.0 { sum / n_all } else { 0.0 };
-                let logit_grand = logit_rate(grand);
-                // A model with no records has no ability of its own: it is taken as average.
-                let ability: Vec<f64> = self
-                    .model_totals
-                    .iter()
-                    .map(|&c| {
-                        let n = n3(c);
-                        logit_rate(if n > 0.0 { p.outcome_sum(c) / n } else { grand })
-                    })
-                    .collect();
-                for (t, row) in scores.chunks_exact_mut(nm.max(1)).enumerate().take(nt) {
-                    // Difficulty comes from every model of the store, reference models included,
-                    // so a candidate with no evidence on a tag still inherits how hard it is.
-                    // The tag's mean is itself shrunk towards the grand mean so that a rare tag
-                    // is not called hard on one loss.
-                    let (mut a, mut n_t) = (0.0_f64, 0.0_f64);
-                    for col in &self.counts {
-                        a += p.outcome_sum(col[t]);
-                        n_t += n3(col[t]);
-                    }
-                    let g_t = if n_t + k > 0.0 {
-                        (a + k * grand) / (n_t + k)
-                    } else {
-                        grand
-                    };
-                    let delta = logit_rate(g_t) - logit_grand;
-                    for (m, s) in row.iter_mut().enumerate() {
-                        let prior = p.s_loss + range * sigmoid(ability[m] + delta);
-                        let c = self.counts[m][t];
-                        let denom = n3(c) + k;
-                        *s = if denom > 0.0 {
-                            (p.outcome_sum(c) + k * prior) / denom
-                        } else {
-                            prior
-                        };
-                    }
-                }
+        for (t, row) in scores.chunks_exact_mut(nm.max(1)).enumerate().take(nt) {
+            let ctx = self.tag_ctx(&g, t);
+            for (m, s) in row.iter_mut().enumerate() {
+                *s = self.score_at(ctx, base[m], m, t);
             }
         }
         self.scores = scores;
     }
+
+    // ---- scores derived from counts ----
+    // One definition, used by `compute_scores` (the whole matrix, the value path) and by live
+    // deciders (the tags of one query, at decision time): the same operations on the same counts
+    // in the same order, so a store that learned outcomes one at a time and one built from them
+    // at once give bit-identical scores.
+
+    /// What every score shares: O(models) from the per-model totals.
+    pub(crate) fn globals(&self) -> Globals {
+        let p = self.params;
+        let mut g = Globals {
+            // The paper's denominator runs over all tags of the store. Integers below 2^53 are
+            // exact in f64, so this equals the float sum of the `count_t`s.
+            total: self.total_tag_queries as f64,
+            grand: 0.0,
+            logit_grand: 0.0,
+        };
+        if p.weighting == Weighting::Difficulty {
+            let (mut sum, mut n_all) = (0.0_f64, 0.0_f64);
+            for &c in &self.model_totals {
+                sum += p.outcome_sum(c);
+                n_all += n3(c);
+            }
+            g.grand = if n_all > 0.0 { sum / n_all } else { 0.0 };
+            g.logit_grand = self.logit_rate(g.grand);
+        }
+        g
+    }
+
+    /// Mean outcome scores on a [0, 1] rate scale, where ability and difficulty add on the logit
+    /// (the Rasch model).
+    #[inline]
+    fn logit_rate(&self, x: f64) -> f64 {
+        let p = self.params;
+        logit(clip_rate((x - p.s_loss) / (p.s_win - p.s_loss)))
+    }
+
+    /// The per-model part of a score: the global mean ("shrunk"), the ability ("difficulty").
+    #[inline]
+    #[allow(clippy::many_single_char_names)] // the paper's symbols
+    pub(crate) fn model_base(&self, g: &Globals, m: usize) -> f64 {
+        let p = self.params;
+        let c = self.model_totals[m];
+        let n = n3(c);
+        match p.weighting {
+            Weighting::Paper | Weighting::None => 0.0,
+            Weighting::Shrunk => {
+                if n > 0.0 {
+                    p.outcome_sum(c) / n
+                } else {
+                    0.0
+                }
+            }
+            // A model with no records has no ability of its own: it is taken as average.
+            Weighting::Difficulty => self.logit_rate(if n > 0.0 {
+                p.outcome_sum(c) / n
+            } else {
+                g.grand
+            }),
+        }
+    }
+
+    /// The per-tag part of a score: `w_t` ("paper", "none"), the difficulty ("difficulty").
+    #[inline]
+    #[allow(clippy::many_single_char_names)] // the paper's symbols
+    pub(crate) fn tag_ctx(&self, g: &Globals, t: usize) -> f64 {
+        let p = self.params;
+        match p.weighting {
+            Weighting::Paper => (1.0 - (-f64::from(self.tag_queries[t])).exp()) / g.total,
+            Weighting::None => 1.0,
+            Weighting::Shrunk => 0.0,
+            Weighting::Difficulty => {
+                // Difficulty comes from every model of the store, reference models included, so
+                // a candidate with no evidence on a tag still inherits how hard it is. The tag's
+                // mean is itself shrunk towards the grand mean so that a rare tag is not called
+                // hard on one loss.
+                let k = p.prior_strength;
+                let (mut a, mut n_t) = (0.0_f64, 0.0_f64);
+                for col in &self.counts {
+                    a += p.outcome_sum(col[t]);
+                    n_t += n3(col[t]);
+                }
+                let g_t = if n_t + k > 0.0 {
+                    (a + k * g.grand) / (n_t + k)
+                } else {
+                    g.grand
+                };
+                self.logit_rate(g_t) - g.logit_grand
+            }
+        }
+    }
+
+    /// `score(M, t)` from the counts, given `tag_ctx(t)` and `model_base(m)`.
+    #[inline]
+    #[allow(clippy::many_single_char_names)] // the paper's symbols
+    pub(crate) fn score_at(&self, ctx: f64, base: f64, m: usize, t: usize) -> f64 {
+        let p = self.params;
+        let c = self.counts[m][t];
+        match p.weighting {
+            Weighting::Paper | Weighting::None => ctx * p.outcome_sum(c),
+            Weighting::Shrunk => {
+                let k = p.prior_strength;
+                let denom = n3(c) + k;
+                // With no evidence and no prior the mean is undefined; its limit as the prior
+                // vanishes is the model's global mean.
+                if denom > 0.0 {
+                    (p.outcome_sum(c) + k * base) / denom
+                } else {
+                    base
+                }
+            }
+            Weighting::Difficulty => {
+                let k = p.prior_strength;
+                let prior = p.s_loss + (p.s_win - p.s_loss) * sigmoid(base + ctx);
+                let denom = n3(c) + k;
+                if denom > 0.0 {
+                    (p.outcome_sum(c) + k * prior) / denom
+                } else {
+                    prior
+                }
+            }
+        }
+    }
+}
+
+/// The store-wide quantities every score of one store state shares (see `Store::globals`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Globals {
+    total: f64,
+    grand: f64,
+    logit_grand: f64,
 }
 
 // ==== Ingesting records ====

@@ -550,6 +550,16 @@ class OutcomeStore:
         self._sync(seq)
         return self._apply(pending)
 
+    def _learn(self, records: list[Record]) -> None:
+        """Adds outcomes to the router in O(their tags) (`TagRouter.learn`: counts, no query
+        row per outcome). A router standing in for replicas (`learn_records`) also wants the
+        decision ids, to count each outcome once across them."""
+        by_id = getattr(self.router, "learn_records", None)
+        if by_id is not None:
+            by_id(records)
+        else:
+            self.router.learn([(list(tags), model, label) for _q, tags, model, label in records])
+
     def _check_writable_locked(self) -> None:
         if self._closed:
             raise OutcomeStoreError("the outcome store is closed")
@@ -597,7 +607,7 @@ class OutcomeStore:
                         batch.append(self._unapplied.popleft())
                 if batch:
                     try:
-                        self.router.add_records([p.record for p in batch])
+                        self._learn([p.record for p in batch])
                     except Exception as e:
                         # Records are checked at remember(); reaching here is a bug or a store
                         # the router refuses. Durable but unapplied: a restart replays them.
@@ -847,7 +857,7 @@ class OutcomeStore:
         records, last_seq = self._replay_journal(segments, snap_seq)
         if records:
             try:
-                self.router.add_records(records)
+                self._learn(records)
             except Exception as e:
                 raise StateError(
                     f"{d}: replaying {len(records)} journal entries failed: {e}"

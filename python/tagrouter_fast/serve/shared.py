@@ -130,6 +130,11 @@ class _Entry:
     def record(self) -> Record:
         return (self.qid, list(self.tags), self.model, self.outcome)
 
+    @property
+    def learned(self) -> tuple[list[str], str, str]:
+        """The outcome as the store learns it: counts, no query row."""
+        return (list(self.tags), self.model, self.outcome)
+
     def to_json(self) -> dict[str, Any]:
         return {"q": self.qid, "tags": list(self.tags), "model": self.model, "o": self.outcome}
 
@@ -244,8 +249,8 @@ class _JournalRouter:
     def swap_store(self, scorer: TagScorer) -> None:
         self._shared.router.swap_store(scorer)  # the outcome store's snapshot, on open
 
-    def add_records(self, records: Iterable[Record]) -> TagScorer:
-        return self._shared._add_local(list(records))
+    def learn_records(self, records: Iterable[Record]) -> None:
+        self._shared._add_local(list(records))
 
     def update_store(self, fn: Callable[[TagScorer], TagScorer]) -> TagScorer:
         return self._shared._update_base(fn)
@@ -458,18 +463,16 @@ class SharedCounts:
 
     # ---- composing the routed store ----
 
-    def _add_local(self, records: list[Record]) -> TagScorer:
+    def _add_local(self, records: list[Record]) -> None:
         entries = [_Entry(str(q), tuple(t), m, o) for q, t, m, o in records]
         with self._lock:
             # Already counted through the log (the same decision posted to another replica
             # first): the store has it once, and Redis would refuse it anyway.
             fresh = [e for e in entries if e.qid not in self._log_ids]
             self._outbox().add(fresh)  # durable before the outcome store acknowledges
-            out = self.router.scorer
             if fresh:
-                out = self.router.add_records([e.record for e in fresh])
+                self.router.learn([e.learned for e in fresh])
         self._publish_wanted.set()
-        return out
 
     def _update_base(self, fn: Callable[[TagScorer], TagScorer]) -> TagScorer:
         # Admin store changes (add/remove a model) are this replica's: they apply to its base
@@ -484,8 +487,8 @@ class SharedCounts:
     def _compose_locked(self) -> None:
         assert self._shared is not None
         own = {**self._confirmed, **self._outbox().pending}
-        extra = [e.record for q, e in own.items() if q not in self._log_ids]
-        store = self._shared.with_records(extra) if extra else self._shared
+        extra = [e.learned for q, e in own.items() if q not in self._log_ids]
+        store = self._shared.with_learned(extra) if extra else self._shared
         self.router.update_store(lambda _old: store)
 
     # ---- Redis side ----
@@ -560,7 +563,7 @@ class SharedCounts:
             shared = self._shared if self._shared is not None else self._base
             new = [e for e in entries if e.qid not in self._log_ids]
             if new:
-                shared = shared.with_records([e.record for e in new])
+                shared = shared.with_learned([e.learned for e in new])
             self._shared = shared
             self._n = start + len(raw)
             self._log_ids.update(e.qid for e in entries)

@@ -14,11 +14,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
 use super::errors::run;
-use super::input::{for_each_tag, tag_str, Flat, Ids};
-use super::scorer::PyStore;
+use super::input::{for_each_tag, live_outcomes, tag_str, Flat, Ids};
+use super::scorer::{wrap, PyStore};
 use crate::curve;
 use crate::decide::{Aggregation, Decider, Route};
 use crate::error::pyrepr;
+use crate::table::Outcome;
 use crate::tags::split_tags;
 use crate::theta;
 
@@ -64,12 +65,8 @@ impl PyDecider {
         known: Vec<Py<PyAny>>,
         unknown: Vec<Py<PyAny>>,
     ) -> PyDecision {
-        let (route, sums) = self.core.explain_ids(ids);
-        let n = self.core.n_models();
-        let mut contributions = vec![0.0; ids.len() * n];
-        for (&t, out) in ids.iter().zip(contributions.chunks_exact_mut(n)) {
-            self.core.tag_scores_into(t, out);
-        }
+        // One state of a live store for the scores and the contributions, so they add up.
+        let (route, sums, contributions) = self.core.explain_ids_with_rows(ids);
         PyDecision {
             route,
             theta: self.core.theta(),
@@ -121,9 +118,63 @@ impl PyDecider {
         })
     }
 
+    /// The store: the one the decider was built over or, for a live decider, a value copy of
+    /// its current state (O(store), computed per call).
     #[getter]
-    fn store(&self, py: Python<'_>) -> Py<PyStore> {
-        self.store.clone_ref(py)
+    fn store(&self, py: Python<'_>) -> PyResult<Py<PyStore>> {
+        match self.core.live() {
+            None => Ok(self.store.clone_ref(py)),
+            Some(live) => {
+                let live = Arc::clone(live);
+                let snap = py.detach(move || live.snapshot());
+                Py::new(py, wrap(snap))
+            }
+        }
+    }
+
+    /// The same decider over a live store started from its store (or sharing its live store):
+    /// `learn` then adds outcomes in place, seen by the next decision of every decider that
+    /// shares it (`with_theta` copies share it).
+    fn to_live(&self, py: Python<'_>) -> Self {
+        Self {
+            core: self.core.to_live(),
+            store: self.store.clone_ref(py),
+            pref_names: self.pref_names.iter().map(|n| n.clone_ref(py)).collect(),
+            out_names: Arc::clone(&self.out_names),
+        }
+    }
+
+    /// Whether the decider routes on a live store.
+    #[getter]
+    fn is_live(&self) -> bool {
+        self.core.is_live()
+    }
+
+    /// Changes the live store has applied (None for a snapshot decider).
+    #[getter]
+    fn live_version(&self) -> Option<u64> {
+        self.core.live().map(|l| l.version())
+    }
+
+    /// Adds `(tags, model, outcome)` outcomes to the live store, in place and all at once
+    /// (readers see all of them or none): each is an anonymous query judged once for `model`.
+    /// O(their tags); returns the live store's version after the change.
+    fn learn(&self, py: Python<'_>, outcomes: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let Some(live) = self.core.live() else {
+            return Err(PyValueError::new_err(
+                "learn() needs a live decider: call to_live() first",
+            ));
+        };
+        let owned = live_outcomes(outcomes)?;
+        let live = Arc::clone(live);
+        // Detached: the writer may wait for a detached batch reader to finish its query.
+        Ok(py.detach(move || {
+            let view: Vec<(&[String], &str, Outcome)> = owned
+                .iter()
+                .map(|(t, m, o)| (t.as_slice(), m.as_str(), *o))
+                .collect();
+            live.learn_many(&view)
+        })?)
     }
 
     #[getter]

@@ -1,10 +1,52 @@
 //! Reading tags and records out of Python objects without building intermediate ones.
 
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString, PyTuple};
 
+use crate::error::pyrepr;
+use crate::table::Outcome;
 use crate::tags::split_tags;
+
+/// Reads `(tags, model, outcome)` live outcomes into owned values (the learner then works
+/// detached).
+pub(crate) fn live_outcomes(
+    outcomes: &Bound<'_, PyAny>,
+) -> PyResult<Vec<(Vec<String>, String, Outcome)>> {
+    let mut owned = Vec::new();
+    for (i, item) in outcomes.try_iter()?.enumerate() {
+        let item = item?;
+        let bad = || {
+            PyValueError::new_err(format!(
+                "outcome {i}: expected a (tags, model, outcome) tuple"
+            ))
+        };
+        if item.len().map_err(|_| bad())? != 3 {
+            return Err(bad());
+        }
+        let mut tags = Vec::new();
+        for_each_tag(&item.get_item(0)?, |t| {
+            tags.push(tag_str(&t)?.to_owned());
+            Ok(())
+        })?;
+        let model: String = item
+            .get_item(1)?
+            .extract()
+            .map_err(|_| PyValueError::new_err(format!("outcome {i}: model must be a str")))?;
+        let label: String = item
+            .get_item(2)?
+            .extract()
+            .map_err(|_| PyValueError::new_err(format!("outcome {i}: outcome must be a str")))?;
+        let outcome = Outcome::parse(&label).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "outcome {i}: unknown outcome {}; expected 'win', 'tie' or 'loss'",
+                pyrepr(&label)
+            ))
+        })?;
+        owned.push((tags, model, outcome));
+    }
+    Ok(owned)
+}
 
 /// Calls `f` with each item of a tags argument: a list or tuple of str (fast paths) or any
 /// iterable of str. A bare str is refused: iterating it would route on its characters.

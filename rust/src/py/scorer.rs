@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 use super::errors::run;
+use super::input::live_outcomes;
 use super::input::{for_each_tag, tag_str};
 use crate::error::{pyrepr, RouterError};
 use crate::store_io;
@@ -22,7 +23,7 @@ pub struct PyStore {
     pub(crate) inner: Arc<Store>,
 }
 
-fn wrap(store: Store) -> PyStore {
+pub(crate) fn wrap(store: Store) -> PyStore {
     PyStore {
         inner: Arc::new(store),
     }
@@ -169,6 +170,21 @@ impl PyStore {
         Ok(wrap(store))
     }
 
+    /// This store plus `(tags, model, outcome)` live outcomes, each a query of its own kept as
+    /// counts (as `Decider.learn` adds them), not as a query row.
+    fn with_learned(&self, py: Python<'_>, outcomes: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let owned = live_outcomes(outcomes)?;
+        let inner = Arc::clone(&self.inner);
+        Ok(wrap(py.detach(move || {
+            let mut store = (*inner).clone();
+            for (tags, model, outcome) in &owned {
+                store.learn(tags, model, *outcome);
+            }
+            store.compute_scores();
+            store
+        })))
+    }
+
     /// This store plus a new model, from records that are all about that model.
     fn with_model(&self, py: Python<'_>, records: &Bound<'_, PyAny>) -> PyResult<Self> {
         let mut store = (*self.inner).clone();
@@ -293,6 +309,18 @@ impl PyStore {
     #[getter]
     fn n_queries(&self) -> usize {
         self.inner.n_queries()
+    }
+
+    /// Live outcomes learned (`Decider.learn`): kept as counts, not as queries.
+    #[getter]
+    fn n_learned(&self) -> u64 {
+        self.inner.n_learned()
+    }
+
+    /// `(win, tie, loss)` live outcomes of `model` on `tag` (a part of `counts`).
+    fn learned_counts(&self, model: &str, tag: &str) -> PyResult<(u32, u32, u32)> {
+        let [w, t, l] = self.inner.learned_counts(model, tag)?;
+        Ok((w, t, l))
     }
 
     #[getter]
