@@ -396,6 +396,8 @@ fn parse_body(b: &[u8], version: u32) -> std::result::Result<Store, String> {
         anon_totals,
         tag_queries: Vec::new(),
         total_tag_queries: 0,
+        tag_weight_num: Vec::new(),
+        outcome_sums: Vec::new(),
         scores: Vec::new(),
     };
     store.recompute();

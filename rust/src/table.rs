@@ -165,6 +165,12 @@ impl Params {
     }
 }
 
+/// `1 - exp(-count_t)`: the numerator of the paper's `w_t`.
+#[inline]
+fn weight_num(count: u32) -> f64 {
+    1.0 - (-f64::from(count)).exp()
+}
+
 /// Number of outcomes in a `[win, tie, loss]` triple.
 #[inline]
 fn n3(c: [u32; 3]) -> f64 {
@@ -226,6 +232,13 @@ pub struct Store {
     pub(crate) tag_queries: Vec<u32>,
     /// `sum_t count_t`, the paper's shared denominator of `w_t`.
     pub(crate) total_tag_queries: u64,
+    /// `1 - exp(-count_t)`, the numerator of the paper's `w_t`, kept with `count_t` so that a
+    /// live decision does not pay an `exp` per tag.
+    pub(crate) tag_weight_num: Vec<f64>,
+    /// `outcome_sums[model][tag] = sum_r count(t, M, r) * s_r`, kept with `counts` (the same
+    /// function of the same counts, so the same bits) so that a live decision reads one number
+    /// per (tag, model), as a snapshot decider does.
+    pub(crate) outcome_sums: Vec<Vec<f64>>,
     /// `scores[tag * n_models + model]`. Derived.
     pub(crate) scores: Vec<f64>,
 }
@@ -359,11 +372,14 @@ impl Store {
         ids.sort_unstable();
         ids.dedup();
         let o = outcome as usize;
+        let p = self.params;
         for &t in &ids {
             let t = t as usize;
             self.counts[m][t][o] += 1;
+            self.outcome_sums[m][t] = p.outcome_sum(self.counts[m][t]);
             self.anon[m][t][o] += 1;
             self.tag_queries[t] += 1;
+            self.tag_weight_num[t] = weight_num(self.tag_queries[t]);
         }
         self.total_tag_queries += ids.len() as u64;
         self.model_totals[m][o] += 1;
@@ -509,6 +525,7 @@ impl Store {
         self.model_totals.push([0; 3]);
         self.anon.push(vec![[0; 3]; self.tags.len()]);
         self.anon_totals.push([0; 3]);
+        self.outcome_sums.push(vec![0.0; self.tags.len()]);
         m
     }
 
@@ -522,8 +539,12 @@ impl Store {
         for col in self.counts.iter_mut().chain(self.anon.iter_mut()) {
             col.push([0; 3]);
         }
+        for col in &mut self.outcome_sums {
+            col.push(0.0);
+        }
         // Kept in step with `tags` so that `learn` can count the new tag at once.
         self.tag_queries.push(0);
+        self.tag_weight_num.push(weight_num(0));
         t
     }
 
@@ -578,7 +599,14 @@ impl Store {
             tq.retain(|&c| c > 0);
         }
         self.total_tag_queries = tq.iter().map(|&c| u64::from(c)).sum();
+        self.tag_weight_num = tq.iter().map(|&c| weight_num(c)).collect();
         self.tag_queries = tq;
+        let p = self.params;
+        self.outcome_sums = self
+            .counts
+            .iter()
+            .map(|col| col.iter().map(|&c| p.outcome_sum(c)).collect())
+            .collect();
         self.compute_scores();
     }
 
@@ -693,7 +721,7 @@ impl Store {
     pub(crate) fn tag_ctx(&self, g: &Globals, t: usize) -> f64 {
         let p = self.params;
         match p.weighting {
-            Weighting::Paper => (1.0 - (-f64::from(self.tag_queries[t])).exp()) / g.total,
+            Weighting::Paper => self.tag_weight_num[t] / g.total,
             Weighting::None => 1.0,
             Weighting::Shrunk => 0.0,
             Weighting::Difficulty => {
@@ -724,7 +752,7 @@ impl Store {
         let p = self.params;
         let c = self.counts[m][t];
         match p.weighting {
-            Weighting::Paper | Weighting::None => ctx * p.outcome_sum(c),
+            Weighting::Paper | Weighting::None => ctx * self.outcome_sums[m][t],
             Weighting::Shrunk => {
                 let k = p.prior_strength;
                 let denom = n3(c) + k;

@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
 use super::errors::run;
-use super::input::{for_each_tag, live_outcomes, tag_str, Flat, Ids};
+use super::input::{for_each_tag, live_outcomes, tag_str, with_tag_items, Flat, Ids};
 use super::scorer::{wrap, PyStore};
 use crate::curve;
 use crate::decide::{Aggregation, Decider, Route};
@@ -218,25 +218,34 @@ impl PyDecider {
     /// The model for one query's tags.
     fn route_tags(&self, py: Python<'_>, tags: &Bound<'_, PyAny>) -> PyResult<Py<PyString>> {
         // Too little work to be worth detaching: the whole call is a few hundred nanoseconds.
-        let mut ids = Ids::new();
-        for_each_tag(tags, |item| {
-            if let Some(id) = self.core.tag_id(tag_str(&item)?) {
-                ids.push(id);
-            }
-            Ok(())
+        // Lookups and the decision under one reader (one entry to a live store); the items are
+        // iterated inside it only when that runs no Python code (list, tuple).
+        let j = with_tag_items(tags, |items| {
+            self.core.reader(|r| {
+                let mut ids = Ids::new();
+                for item in items {
+                    if let Some(id) = r.tag_id(tag_str(&item)?) {
+                        ids.push(id);
+                    }
+                }
+                Ok(r.route_pref(ids.as_slice()))
+            })
         })?;
-        Ok(self.pref_names[self.core.route_pref(ids.as_slice())].clone_ref(py))
+        Ok(self.pref_names[j].clone_ref(py))
     }
 
     /// The model for a tag generator's raw output, `"a, b, c"`, split here.
     fn route_tag_string(&self, py: Python<'_>, raw: &str) -> Py<PyString> {
-        let mut ids = Ids::new();
-        for t in split_tags(raw) {
-            if let Some(id) = self.core.tag_id(t) {
-                ids.push(id);
+        let j = self.core.reader(|r| {
+            let mut ids = Ids::new();
+            for t in split_tags(raw) {
+                if let Some(id) = r.tag_id(t) {
+                    ids.push(id);
+                }
             }
-        }
-        self.pref_names[self.core.route_pref(ids.as_slice())].clone_ref(py)
+            r.route_pref(ids.as_slice())
+        });
+        self.pref_names[j].clone_ref(py)
     }
 
     /// The model for each query of a batch of tag lists.

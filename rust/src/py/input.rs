@@ -73,6 +73,26 @@ pub(crate) fn for_each_tag<'py>(
     Ok(())
 }
 
+/// Calls `f` with an iterator over the items of a tags argument. A list or tuple is iterated in
+/// place (which runs no Python code, so `f` may hold a live store's reader meanwhile); any other
+/// iterable is collected first. A bare str is refused, as in `for_each_tag`.
+#[inline]
+pub(crate) fn with_tag_items<'py, R>(
+    tags: &Bound<'py, PyAny>,
+    f: impl FnOnce(&mut dyn Iterator<Item = Bound<'py, PyAny>>) -> PyResult<R>,
+) -> PyResult<R> {
+    if let Ok(list) = tags.cast::<PyList>() {
+        f(&mut list.iter())
+    } else if let Ok(tuple) = tags.cast::<PyTuple>() {
+        f(&mut tuple.iter())
+    } else if tags.cast::<PyString>().is_ok() {
+        Err(bare_str())
+    } else {
+        let items = tags.try_iter()?.collect::<PyResult<Vec<_>>>()?;
+        f(&mut items.into_iter())
+    }
+}
+
 /// The text of one tag.
 #[inline]
 pub(crate) fn tag_str<'a>(item: &'a Bound<'_, PyAny>) -> PyResult<&'a str> {
