@@ -35,6 +35,7 @@ from test_bench_gateway import (  # noqa: E402
     _pct,
     _wait_ready,
 )
+
 from tagrouter_fast.serve.fake_backend import BackendProcess, free_port  # noqa: E402
 
 pytestmark = pytest.mark.needs_release
