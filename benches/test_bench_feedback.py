@@ -55,7 +55,8 @@ router = demo_router("keyword")
 history = int(sys.argv[3])
 tags, models = list(router.scorer.tags), list(router.decider.models)
 rng = random.Random(0)
-batch = [(rng.sample(tags, min(3, len(tags))), rng.choice(models), rng.choice(("win", "tie", "loss")))
+labels = ("win", "tie", "loss")
+batch = [(rng.sample(tags, min(3, len(tags))), rng.choice(models), rng.choice(labels))
          for _ in range(50_000)]
 done = 0
 while done < history:
