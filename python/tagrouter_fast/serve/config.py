@@ -177,8 +177,8 @@ class SharedConfig:
     pubsub: bool = True
     #: Socket timeout of every Redis call: how long Redis may stall a feedback request.
     timeout_s: float = 1.0
-    #: Put each decision in Redis (for ``feedback.decision_ttl_s``) so feedback may reach any
-    #: replica, not only the one that routed.
+    #: No effect since decision tokens (any replica verifies any replica's decision from its
+    #: token, docs/scaling.md); accepted so that existing configs still load.
     share_decisions: bool = True
 
 
