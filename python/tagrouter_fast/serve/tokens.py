@@ -211,8 +211,7 @@ class DecisionTokens:
         self._ttl = max(1, int(round(ttl_s)))
         self._clock = clock
         self._tables: OrderedDict[bytes, tuple[str, ...]] = OrderedDict()
-        self._fp = b""
-        self._index: dict[str, int] = {}
+        self._current: tuple[bytes, dict[str, int]] = (b"", {})
         self.use_tags(tags)
 
     def use_tags(self, tags: Sequence[str]) -> None:
@@ -224,23 +223,24 @@ class DecisionTokens:
         self._tables.move_to_end(fp)
         while len(self._tables) > OLD_TABLES + 1:
             self._tables.popitem(last=False)
-        self._fp = fp
-        self._index = {t: i for i, t in enumerate(table)}
+        # One reference swapped whole (an admin reload runs beside requests): `issue` never
+        # pairs one table's fingerprint with another's numbers. The table is verifiable first.
+        self._current = (fp, {t: i for i, t in enumerate(table)})
 
     def _mac(self, secret: bytes, body: bytes) -> bytes:
-        return hmac.new(secret, _DOMAIN + body, hashlib.sha256).digest()[:MAC_BYTES]
+        return hmac.digest(secret, _DOMAIN + body, "sha256")[:MAC_BYTES]  # one-shot, in C
 
     def issue(self, key: str, model: str, tags: Sequence[str]) -> str | None:
         """A signed token for the decision, or None when it would exceed `MAX_TOKEN_CHARS`."""
+        fp, index = self._current
         out = bytearray((VERSION,))
         out += secrets.token_bytes(NONCE_BYTES)
         _put_varint(out, int(self._clock() * 1000))
         _put_varint(out, self._ttl)
-        out += self._fp
+        out += fp
         _put_str(out, key)
         _put_str(out, model)
         _put_varint(out, len(tags))
-        index = self._index
         for t in tags:
             i = index.get(t)
             if i is not None:
@@ -268,19 +268,17 @@ class DecisionTokens:
             raise NotAToken("decision_id: not a decision token of this gateway (answers that "
                             "cannot be scored carry a plain id)")
         text = token[len(PREFIX):]
-        forged = ForgedToken("decision_id: not signed by this gateway (tampered, made up, or "
-                             "signed with a secret it no longer holds)")
         if len(text) > MAX_TOKEN_CHARS:
-            raise forged
+            raise _forged()
         try:
             raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         except (binascii.Error, ValueError):
-            raise forged from None
+            raise _forged() from None
         if len(raw) < 1 + NONCE_BYTES + MAC_BYTES or raw[0] != VERSION:
-            raise forged
+            raise _forged()
         body, mac = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
         if not any(hmac.compare_digest(self._mac(s, body), mac) for s in self._secrets):
-            raise forged
+            raise _forged()
         # Signed by us: what follows was written by `issue`, so a decoding error is a bug.
         r = _Reader(body, 1)
         nonce = r.take(NONCE_BYTES)
@@ -308,6 +306,11 @@ class DecisionTokens:
             raise StaleToken("decision_id: decided on a store this gateway no longer routes with "
                              "(the bundle was reloaded)")
         return DecisionClaims(nonce.hex(), key, model, tuple(tags), issued, expires)
+
+
+def _forged() -> ForgedToken:
+    return ForgedToken("decision_id: not signed by this gateway (tampered, made up, or signed "
+                       "with a secret it no longer holds)")
 
 
 # ==== Secrets ====
