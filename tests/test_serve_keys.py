@@ -114,10 +114,10 @@ def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def keyed_config(fakes: dict[str, Fake], state_dir: Path, keys_file: Path, **sections: Any
                  ) -> Config:
     urls = {"small": fakes["small"].url, "big": fakes["big"].url}
+    sections.setdefault("admin", {"token_env": "KEYS_TEST_ADMIN_TOKEN"})
     return gateway_config(
         urls, feedback={"state_dir": str(state_dir)},
-        auth={"keys_file": str(keys_file), **sections.pop("auth", {})},
-        admin={"token_env": "KEYS_TEST_ADMIN_TOKEN"}, **sections,
+        auth={"keys_file": str(keys_file), **sections.pop("auth", {})}, **sections,
     )
 
 
@@ -221,6 +221,24 @@ def test_outcomes_only_for_the_keys_own_decisions(gateway: RunningGateway) -> No
     assert did.startswith("trd_") and r.headers["x-tagrouter-model"] == "big"
     assert err(feedback(g, did, "win", "app")) == (403, "not_your_decision")
     assert feedback(g, did, "win", "other").status_code == 200
+
+
+def test_scoring_a_passthrough_is_an_override(fakes: dict[str, Fake], keys_file: Path,
+                                              tmp_path: Path) -> None:
+    """With learn_passthrough, a passthrough answer can teach; the client chose the model, so
+    only a key with the override scope gets a token for it (else: pick small, report wins)."""
+    cfg = keyed_config(fakes, tmp_path / "state", keys_file, router={"learn_passthrough": True},
+                       admin={})
+    body = {"model": "small", "messages": [{"role": "user", "content": EQUATION}]}
+    with running_gateway(cfg) as g:
+        r = post(g, "/v1/chat/completions", body, "app")
+        assert r.status_code == 200 and r.headers["x-tagrouter-reason"] == "passthrough"
+        did = r.headers["x-tagrouter-decision-id"]
+        assert not did.startswith("trd_")  # answered, but not scorable
+        assert err(feedback(g, did, "win", "app")) == (404, "unknown_decision")
+        r = post(g, "/v1/chat/completions", body, "tuner")
+        assert feedback(g, r.headers["x-tagrouter-decision-id"], "win", "tuner").status_code \
+            == 200
 
 
 # ==== Keys ====
