@@ -25,6 +25,9 @@ from tagrouter_fast.serve.fake_backend import (
     wait_for,
 )
 
+#: ``[auth]`` of a gateway open to anonymous callers with every /v1 scope.
+OPEN_AUTH = {"allow_anonymous": True, "anonymous_feedback": True, "anonymous_override": True}
+
 POEM = "Write a short poem about the sea"
 MATH = "Solve the equation 3x + 4 = 6"
 
@@ -86,6 +89,10 @@ def gateway_config(
         b.update((backend_overrides or {}).get(name, {}))
         backends.append(b)
     raw: dict[str, Any] = {"backends": backends, "router": {}, "server": {"access_log": True}}
+    if "auth" not in sections:
+        # Tests of other things run as the gateway did before client keys: anyone may route,
+        # override and teach. tests/test_serve_keys.py passes its own [auth].
+        raw["auth"] = OPEN_AUTH
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **copy.deepcopy(v)}
     return Config.from_dict(raw)

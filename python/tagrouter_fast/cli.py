@@ -380,6 +380,54 @@ def _add_serve_parser(sub: Any) -> None:
     s.set_defaults(func=_cmd_serve)
 
 
+def _cmd_keys_new(args: argparse.Namespace) -> int:
+    from tagrouter_fast.serve.keys import KeySpecError, new_key
+
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    try:
+        secret, key = new_key(args.id, scopes, feedback_per_s=args.feedback_per_s,
+                              feedback_burst=args.feedback_burst)
+    except KeySpecError as e:
+        raise ValueError(f"keys new: --{e.field.replace('_', '-')}: {e.problem}") from None
+    # The record on stdout (`>> keys.jsonl` appends it), the secret on stderr only: it is shown
+    # once and never stored.
+    print(f"tagrouter: the key (shown once; give it to the client as its API key):\n{secret}",
+          file=sys.stderr)
+    print(key.line())
+    return 0
+
+
+def _cmd_keys_secret(args: argparse.Namespace) -> int:
+    from tagrouter_fast.serve.tokens import new_secret
+
+    print(new_secret())
+    return 0
+
+
+def _add_keys_parser(sub: Any) -> None:
+    k = sub.add_parser("keys", help="make client keys and the decision secret of the gateway "
+                       "(docs/serving.md, Trust)")
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    n = ks.add_parser(
+        "new", help="a new client key: the key on stderr (once), its keys-file line on stdout",
+        description="Prints the new key (once) on stderr and the line for [auth] keys_file on "
+        "stdout, e.g. `tagrouter keys new --id app1 --scopes route,feedback >> keys.jsonl`. "
+        "Only the key's sha256 goes into the file.",
+    )
+    n.add_argument("--id", required=True, help="the key's id (journal lines name it): 1-64 of "
+                   "A-Z a-z 0-9 _ -")
+    n.add_argument("--scopes", required=True, help="comma-separated: route, feedback, override, "
+                   "admin")
+    n.add_argument("--feedback-per-s", type=float, metavar="RATE",
+                   help="feedback posts per second (token bucket; default: unlimited)")
+    n.add_argument("--feedback-burst", type=int, metavar="N",
+                   help="posts allowed at once (default: the rate, at least 1)")
+    n.set_defaults(func=_cmd_keys_new)
+    sec = ks.add_parser("secret", help="a new decision secret (for [auth] decision_secret_file "
+                        "or _env; replicas share one)")
+    sec.set_defaults(func=_cmd_keys_secret)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tagrouter_fast.build.variants import DEFAULT_VARIANT, VARIANTS
 
@@ -471,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_route_parser(sub)
     _add_judge_parser(sub)
     _add_serve_parser(sub)
+    _add_keys_parser(sub)
 
     try:
         from tagrouter_fast.eval.cli import add_eval_parser

@@ -3,7 +3,9 @@ router and forwards it to the chosen backend, learning from feedback.
 
 Endpoints (see docs/serving.md): ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``POST /v1/route``, ``POST /v1/feedback``, ``GET /v1/models``, ``/admin/*`` (bearer token),
-``GET /metrics``, ``GET /healthz``, ``GET /readyz``.
+``GET /metrics``, ``GET /healthz``, ``GET /readyz``. ``/v1`` callers present a client key
+(`tagrouter_fast.serve.keys`) unless the config allows anonymous calls; every scored decision
+id is a signed decision token (`tagrouter_fast.serve.tokens`).
 
 Per request the event loop does: read the body (bounded), check it, tag the latest user turn
 (in a worker thread when tagging is slow enough to be worth the hop), decide on the current
@@ -15,7 +17,6 @@ a disk.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 import math
@@ -52,8 +53,24 @@ from tagrouter_fast.serve.config import (
     ConfigError,
     backend_from_dict,
 )
+from tagrouter_fast.serve.keys import (
+    ADMIN,
+    FEEDBACK,
+    OVERRIDE,
+    ROUTE,
+    ClientKey,
+    Forbidden,
+    Unauthenticated,
+    keyring_from_config,
+)
 from tagrouter_fast.serve.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from tagrouter_fast.serve.sessions import SessionTable, in_tool_loop, keep_or_switch
+from tagrouter_fast.serve.tokens import (
+    DecisionClaims,
+    DecisionTokens,
+    TokenError,
+    load_secrets,
+)
 
 if TYPE_CHECKING:
     from tagrouter_fast.router import TagRouter
@@ -298,6 +315,17 @@ class Gateway:
             if not token:
                 raise ConfigError("admin.token_env", f"environment variable {env} is not set")
             self.admin_token = token.encode()
+        self.keyring = keyring_from_config(config.auth, self.admin_token, log=log)
+        auth, fb = config.auth, config.feedback
+        decision_secrets, where = load_secrets(
+            file=auth.decision_secret_file, env=auth.decision_secret_env,
+            state_dir=fb.state_dir, replicas=config.shared is not None,
+        )
+        log.info("decision tokens signed with the secret from %s", where)
+        # The bundle's tags (the same on every replica) are the tag table of the tokens.
+        self.tokens = DecisionTokens(decision_secrets, self.router.scorer.tags,
+                                     ttl_s=fb.decision_ttl_s)
+        self._token_warned = 0.0
 
     def _apply_costs(self, router: TagRouter) -> None:
         """A backend's configured cost overrides the bundle's, and makes a store model that the
@@ -481,12 +509,13 @@ class Gateway:
 
     async def route_request(
         self, request: Request, body: dict[str, Any], text: str,
-        messages: Sequence[Mapping[str, Any]] | None,
+        messages: Sequence[Mapping[str, Any]] | None, caller: ClientKey,
     ) -> Routed:
         model = body.get("model")
         if not isinstance(model, str):
             raise _bad("model", "missing" if model is None else "must be a string")
         theta, share = _route_options(body, request)
+        self._check_override(caller, theta, share)
         if model not in self.aliases:
             b = self.passthrough(model)
             if b is None:
@@ -495,8 +524,10 @@ class Gateway:
                                param="model", code="model_not_found")
             fb = self.config.fallback.passthrough
             tags: list[str] = []
-            if self.config.router.learn_passthrough and b.name in self.router.decider.models:
-                # Tagged only to learn from the outcome: the model is the client's choice.
+            if self.config.router.learn_passthrough and b.name in self.router.decider.models \
+                    and OVERRIDE in caller.scopes:
+                # Tagged only to learn from the outcome: the model is the client's choice, so
+                # scoring it is an override (else "pick small, report a win" teaches the router).
                 tags, _ = await self.decide(text, None)
             return Routed(self.chain(b.name, fallback=fb), "passthrough", tags)
         key = request.headers.get("x-session-id")
@@ -522,18 +553,45 @@ class Gateway:
                 reason = "session"
         return Routed(self.chain(chosen, fallback=True), reason, tags, d, key)
 
-    def remember(self, decision_id: str, tags: Sequence[str], model: str) -> None:
-        store = self.outcomes
-        if store is None:
-            return
+    # ---- keys and decision tokens ----
+
+    def authenticate(self, request: Request, scope: str, what: str) -> ClientKey:
+        """The caller's key, which must hold ``scope`` (401 / 403 otherwise)."""
         try:
-            store.remember(decision_id, tags, model)
-        except Exception as e:  # e.g. closed during a reload: the answer matters more
-            log.warning("decision %s not remembered (%s); its feedback will get 404",
-                        decision_id, e)
-            return
-        if self.shared is not None:
-            self.shared.remember(decision_id, tags, model)
+            key = self.keyring.authenticate(request.headers.get("authorization"))
+            self.keyring.require(key, scope, what)
+        except Unauthenticated as e:
+            self.metrics.rejected.labels("unauthenticated").inc()
+            raise ApiError(401, str(e), kind="authentication_error", code=e.code,
+                           headers={"www-authenticate": "Bearer"}) from None
+        except Forbidden as e:
+            self.metrics.rejected.labels("forbidden").inc()
+            raise ApiError(403, str(e), kind="permission_error", code=e.code) from None
+        return key
+
+    def _check_override(self, key: ClientKey, theta: float | None, share: float | None) -> None:
+        if theta is not None or share is not None:
+            try:
+                self.keyring.require(key, OVERRIDE, "a per-request theta or llm_share")
+            except Forbidden as e:
+                self.metrics.rejected.labels("forbidden").inc()
+                raise ApiError(403, str(e), kind="permission_error", code=e.code,
+                               param="tagrouter.theta" if theta is not None
+                               else "tagrouter.llm_share") from None
+
+    def remember(self, decision_id: str, tags: Sequence[str], model: str, key: ClientKey) -> str:
+        """The id of a decision that may be scored: a signed token carrying the tags, the
+        model and the key (any replica verifies it; nothing is stored until an outcome comes).
+        ``decision_id`` (a plain id) when the token would be too long."""
+        token = self.tokens.issue(key.id, model, tags)
+        if token is None:
+            now = time.monotonic()
+            if now - self._token_warned > 60.0:
+                self._token_warned = now
+                log.warning("decision %s: %d tags make a decision token over the size limit; "
+                            "this answer cannot be scored", decision_id, len(tags))
+            return decision_id
+        return token
 
     # ---- headers ----
 
@@ -567,6 +625,7 @@ class Gateway:
     # ---- completions ----
 
     async def completion(self, request: Request, *, chat: bool) -> Response:
+        key = self.authenticate(request, ROUTE, f"POST /v1/{'chat/' if chat else ''}completions")
         body = await read_json(request, self.config.limits.max_body_bytes)
         if chat:
             text, messages = chat_turn(body)
@@ -575,7 +634,8 @@ class Gateway:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise _bad("stream", "must be a boolean")
-        routed = await self.route_request(request, body, text, messages)
+        routed = await self.route_request(request, body, text, messages, key)
+        # A plain id until the answer is in: only an answered decision gets a token to score.
         decision_id = uuid.uuid4().hex
         path = "/chat/completions" if chat else "/completions"
 
@@ -605,14 +665,14 @@ class Gateway:
             ) from None
         answered = opened.backend.name
         if isinstance(opened, Answer):
-            headers = self.headers(request, decision_id, routed, answered, errors)
             if opened.status == 200:
-                self._answered(decision_id, routed, answered, errors)
+                decision_id = self._answered(decision_id, routed, answered, errors, key)
+            headers = self.headers(request, decision_id, routed, answered, errors)
             return Response(opened.body, status_code=opened.status, headers=headers,
                             media_type=opened.content_type)
         try:
+            decision_id = self._answered(decision_id, routed, answered, errors, key)
             headers = self.headers(request, decision_id, routed, answered, errors)
-            self._answered(decision_id, routed, answered, errors)
         except BaseException:
             # Nothing will relay this stream: its connection goes back now.
             with anyio.CancelScope(shield=True):
@@ -623,21 +683,25 @@ class Gateway:
         return _Relay(self.forwarder.relay(opened), opened, headers=headers,
                       media_type="text/event-stream")
 
-    def _answered(self, decision_id: str, routed: Routed, answered: str, errors: Sequence[Any]
-                  ) -> None:
+    def _answered(self, decision_id: str, routed: Routed, answered: str, errors: Sequence[Any],
+                  key: ClientKey) -> str:
+        """Book-keeping of an answered request; returns the id its headers carry."""
         self.metrics.routed.labels(answered, "failover" if errors else routed.reason).inc()
         if routed.reason != "passthrough" or (routed.tags and not errors):
             # A passthrough is remembered only when tagged (learn_passthrough) and answered by
             # the model the client asked for.
-            self.remember(decision_id, routed.tags, answered)
+            decision_id = self.remember(decision_id, routed.tags, answered, key)
         if routed.session is not None:
             self.sessions.put(routed.session, answered, routed.tags)
+        return decision_id
 
     # ---- /v1/route ----
 
     async def route_only(self, request: Request) -> Response:
+        key = self.authenticate(request, ROUTE, "POST /v1/route")
         body = await read_json(request, self.config.limits.max_body_bytes)
         theta, share = _route_options(body, request)
+        self._check_override(key, theta, share)
         extra = sorted(set(body) - {"query", "queries"})
         if extra:
             raise _bad(extra[0], "unknown field (known: query, queries, tagrouter)")
@@ -649,7 +713,7 @@ class Gateway:
                 raise _bad("query", "must be a string")
             theta = await self.request_theta(theta, share)
             tags, d = await self.decide(q, theta)
-            return JSONResponse(self._route_answer(tags, d))
+            return JSONResponse(self._route_answer(tags, d, key))
         qs = body["queries"]
         if not isinstance(qs, list) or not qs:
             raise _bad("queries", "must be a non-empty array of strings")
@@ -661,7 +725,7 @@ class Gateway:
                 raise _bad(f"queries[{i}]", "must be a string")
         theta = await self.request_theta(theta, share)
         results = await anyio.to_thread.run_sync(self._decide_many, qs, theta)
-        return JSONResponse({"decisions": [self._route_answer(t, d) for t, d in results]})
+        return JSONResponse({"decisions": [self._route_answer(t, d, key) for t, d in results]})
 
     def _decide_many(self, qs: list[str], theta: float | None) -> list[tuple[list[str], Decision]]:
         router = self.router
@@ -673,12 +737,11 @@ class Gateway:
         self.metrics.decision_seconds.observe((time.perf_counter() - t0) / len(qs))
         return out
 
-    def _route_answer(self, tags: list[str], d: Decision) -> dict[str, Any]:
-        decision_id = uuid.uuid4().hex
+    def _route_answer(self, tags: list[str], d: Decision, key: ClientKey) -> dict[str, Any]:
         self._note(tags)
         # Remembered like a forwarded decision: a client that calls the model itself can
         # still report the outcome.
-        self.remember(decision_id, tags, d.model)
+        decision_id = self.remember(uuid.uuid4().hex, tags, d.model, key)
         self.metrics.routed.labels(d.model, d.reason).inc()
         return {
             "decision_id": decision_id, "model": d.model, "reason": d.reason, "tags": tags,
@@ -694,6 +757,7 @@ class Gateway:
             UnknownDecision,
         )
 
+        key = self.authenticate(request, FEEDBACK, "POST /v1/feedback")
         body = await read_json(request, self.config.limits.max_body_bytes)
         store = self.outcomes
         if store is None:
@@ -714,16 +778,30 @@ class Gateway:
         if isinstance(outcome, bool) or not isinstance(outcome, (str, int, float)):
             self.metrics.feedback.labels("invalid").inc()
             raise _bad("outcome", "must be win, tie, loss or a number")
+        wait = self.keyring.feedback_wait(key)
+        if wait > 0:
+            self.metrics.feedback.labels("rate_limited").inc()
+            raise ApiError(429, f"feedback rate limit of key {key.id!r} "
+                           f"({key.feedback_per_s:g}/s): retry in {wait:.2f} s",
+                           kind="rate_limit_error", code="feedback_rate_limit",
+                           headers={"retry-after": str(max(1, math.ceil(wait)))})
+        claims = self._verify_decision(did, key)
+        decision = (claims.tags, claims.model, claims.issued)
         try:
             shared = self.shared
-            if shared is not None:  # Redis-wide idempotency, decisions of other replicas
-                version = await anyio.to_thread.run_sync(shared.feedback, store, did, outcome)
+            if shared is not None:  # Redis-wide idempotency
+                version = await anyio.to_thread.run_sync(
+                    lambda: shared.feedback(store, claims.id, outcome, decision=decision,
+                                            key=key.id))
             else:
-                version = await anyio.to_thread.run_sync(store.feedback, did, outcome)
-        except UnknownDecision:
-            self.metrics.feedback.labels("unknown").inc()
-            raise ApiError(404, f"decision_id: unknown or expired decision {did!r}",
-                           param="decision_id", code="unknown_decision") from None
+                version = await anyio.to_thread.run_sync(
+                    lambda: store.feedback(claims.id, outcome, decision=decision, key=key.id))
+        except UnknownDecision as e:
+            # With the decision in hand the store only refuses one past its idempotency window
+            # (decision_ttl_s, or evicted by max_decisions): counting it could count it twice.
+            self.metrics.feedback.labels("expired").inc()
+            raise ApiError(410, f"decision_id: {e}", param="decision_id",
+                           code="expired_decision") from None
         except DuplicateOutcome:
             self.metrics.feedback.labels("duplicate").inc()
             raise ApiError(409, f"decision_id: decision {did!r} already has an outcome",
@@ -737,20 +815,45 @@ class Gateway:
         self.metrics.feedback.labels("accepted").inc()
         return JSONResponse({"decision_id": did, "outcome": outcome, "version": version})
 
+    def _verify_decision(self, did: str, key: ClientKey) -> DecisionClaims:
+        """The claims of ``did``, a decision token issued to ``key`` for a model still routed.
+        No lookup: any replica holding the secret verifies any replica's token at once."""
+        try:
+            claims = self.tokens.verify(did)
+        except TokenError as e:
+            self.metrics.feedback.labels(e.code.removesuffix("_decision")).inc()
+            raise ApiError(e.status, str(e), param="decision_id", code=e.code) from None
+        if claims.key != key.id:
+            self.metrics.feedback.labels("forbidden").inc()
+            raise ApiError(403, f"decision_id: issued to another key than {key.id!r}; a key "
+                           "may post outcomes only for its own decisions", param="decision_id",
+                           kind="permission_error", code="not_your_decision")
+        if claims.model not in self.router.scorer.models:
+            self.metrics.feedback.labels("stale").inc()
+            raise ApiError(410, f"decision_id: its model {claims.model!r} is no longer in the "
+                           "store", param="decision_id", code="stale_decision")
+        return claims
+
     # ---- admin ----
 
     def check_admin(self, request: Request) -> None:
-        token = self.admin_token
-        if token is None:
+        """The admin token (``[admin] token_env``) or a client key with the ``admin`` scope;
+        never an anonymous caller. Hashes are compared in constant time (`Keyring`)."""
+        if not self.keyring.any_with(ADMIN):
             raise ApiError(403, "admin endpoints are off: set [admin] token_env in the config "
-                           "and that environment variable", kind="permission_error")
-        got = request.headers.get("authorization", "")
-        scheme, _, value = got.partition(" ")
-        # Constant-time: the comparison's duration says nothing about how much matched.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
+                           "and that environment variable, or give a key the admin scope",
+                           kind="permission_error")
+        try:
+            key = self.keyring.authenticate(request.headers.get("authorization"),
+                                            anonymous=False)
+        except Unauthenticated:
             raise ApiError(401, "admin: missing or wrong bearer token",
                            kind="authentication_error",
-                           headers={"www-authenticate": "Bearer"})
+                           headers={"www-authenticate": "Bearer"}) from None
+        try:
+            self.keyring.require(key, ADMIN, "an admin endpoint")
+        except Forbidden as e:
+            raise ApiError(403, str(e), kind="permission_error", code=e.code) from None
 
     def _update_decider(self, fn: Callable[[TagDecider], TagDecider]) -> TagDecider:
         """Replaces the router's decider (theta, candidates) without losing a concurrent store
@@ -930,6 +1033,7 @@ class Gateway:
         # The running tagger is kept (no second encoder load); the bundle's fingerprint check
         # still refuses a store built with another tagger.
         fresh = self._prepare_router(TagRouter.load(bundle, tagger=self.router.tagger))
+        bundle_tags = fresh.scorer.tags  # before the outcome store swaps in its snapshot
         old_store = self.outcomes
         if old_store is not None:
             # One process per state directory: the old store lets go before the new one opens
@@ -944,6 +1048,8 @@ class Gateway:
                 self.outcomes = self._open_outcomes(self.router)
                 raise ApiError(409, f"reload refused: {e}") from None
         self.router = fresh
+        # New decisions travel with the new bundle's tags; tokens on the old ones still verify.
+        self.tokens.use_tags(bundle_tags)
         return {"models": fresh.decider.models, "theta": fresh.decider.theta}
 
 
@@ -1065,6 +1171,7 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
         return await gw.completion(request, chat=False)
 
     async def models(request: Request) -> Response:
+        gw.authenticate(request, ROUTE, "GET /v1/models")
         now = int(time.time())
         ids = list(gw.config.router.aliases) + list(gw.backends)
         return JSONResponse({"object": "list", "data": [

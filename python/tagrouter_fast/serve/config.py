@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tagrouter_fast.serve.keys import ClientKey, KeySpecError, parse_key
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -35,6 +37,7 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "AdminConfig",
+    "AuthConfig",
     "BackendConfig",
     "Config",
     "ConfigError",
@@ -174,8 +177,8 @@ class SharedConfig:
     pubsub: bool = True
     #: Socket timeout of every Redis call: how long Redis may stall a feedback request.
     timeout_s: float = 1.0
-    #: Put each decision in Redis (for ``feedback.decision_ttl_s``) so feedback may reach any
-    #: replica, not only the one that routed.
+    #: No effect since decision tokens (any replica verifies any replica's decision from its
+    #: token, docs/scaling.md); accepted so that existing configs still load.
     share_decisions: bool = True
 
 
@@ -183,6 +186,33 @@ class SharedConfig:
 class AdminConfig:
     #: Environment variable holding the admin bearer token; admin endpoints are off without it.
     token_env: str | None = None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who may call ``/v1`` and post outcomes (docs/serving.md, "Trust"); the decision secret.
+
+    Keys come from ``keys`` (``[[auth.keys]]`` tables), ``keys_file`` and the variable named by
+    ``keys_env``, all together: each a record ``{id, hash, scopes, feedback_per_s?,
+    feedback_burst?}`` holding the key's sha256, never the key (`tagrouter keys new`)."""
+
+    keys: tuple[ClientKey, ...] = ()
+    #: One JSON key record per line (read at start-up).
+    keys_file: Path | None = None
+    #: Environment variable holding key records (lines, or one JSON array).
+    keys_env: str | None = None
+    #: Requests without a key are served (as the principal ``anonymous``), with scope
+    #: ``route`` only unless the two below say more.
+    allow_anonymous: bool = False
+    anonymous_feedback: bool = False
+    anonymous_override: bool = False
+    #: All anonymous callers' feedback posts together, per second (a token bucket).
+    anonymous_feedback_per_s: float | None = None
+    #: The secret that signs decision tokens (replicas must share it); one or more secrets
+    #: separated by whitespace or commas, the first signing. Without either, a single gateway
+    #: generates one in its state directory.
+    decision_secret_file: Path | None = None
+    decision_secret_env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +225,7 @@ class Config:
     sessions: SessionConfig = field(default_factory=SessionConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     shared: SharedConfig | None = None
     #: Where the config was read from (for messages).
     source: str = "<dict>"
@@ -417,6 +448,7 @@ def _parse(raw: Mapping[str, Any], base: Path) -> Config:
     a.done()
 
     shared = _shared(top, feedback)
+    auth = _auth(_section(raw, "auth", top), base)
 
     top.done()
     return Config(
@@ -428,8 +460,42 @@ def _parse(raw: Mapping[str, Any], base: Path) -> Config:
         sessions=sessions,
         feedback=feedback,
         admin=admin,
+        auth=auth,
         shared=shared,
     )
+
+
+def _auth(a: _Section, base: Path) -> AuthConfig:
+    raw_keys = a.get("keys", [])
+    if not isinstance(raw_keys, list):
+        raise ConfigError("auth.keys", "must be an array of tables ([[auth.keys]])")
+    keys = []
+    for i, item in enumerate(raw_keys):
+        try:
+            keys.append(parse_key(item))
+        except KeySpecError as e:
+            raise ConfigError(f"auth.keys[{i}].{e.field}", e.problem) from None
+    out = AuthConfig(
+        keys=tuple(keys),
+        keys_file=a.path("keys_file", base),
+        keys_env=a.str_("keys_env"),
+        allow_anonymous=a.bool_("allow_anonymous", False),
+        anonymous_feedback=a.bool_("anonymous_feedback", False),
+        anonymous_override=a.bool_("anonymous_override", False),
+        anonymous_feedback_per_s=a.number("anonymous_feedback_per_s", None, allow_none=True),
+        decision_secret_file=a.path("decision_secret_file", base),
+        decision_secret_env=a.str_("decision_secret_env"),
+    )
+    a.done()
+    for name in ("anonymous_feedback", "anonymous_override", "anonymous_feedback_per_s"):
+        if getattr(out, name) not in (None, False) and not out.allow_anonymous:
+            raise ConfigError(f"auth.{name}", "needs allow_anonymous = true")
+    if out.anonymous_feedback_per_s is not None and out.anonymous_feedback_per_s <= 0:
+        raise ConfigError("auth.anonymous_feedback_per_s", "must be > 0")
+    if out.decision_secret_file is not None and out.decision_secret_env is not None:
+        raise ConfigError("auth.decision_secret_env", "give decision_secret_file or "
+                          "decision_secret_env, not both")
+    return out
 
 
 def _shared(top: _Section, feedback: FeedbackConfig) -> SharedConfig | None:

@@ -616,6 +616,10 @@ def start_demo(
             "fallback": {"order": [router.decider.llm]
                          + [m for m in router.decider.models if m != router.decider.llm]},
             "feedback": {"state_dir": state_dir},
+            # A loopback toy: no keys to hand out, and every documented request (a theta
+            # override, feedback) works; start-up says so loudly.
+            "auth": {"allow_anonymous": True, "anonymous_feedback": True,
+                     "anonymous_override": True},
         }
         if admin_token_env and os.environ.get(admin_token_env):
             raw["admin"] = {"token_env": admin_token_env}

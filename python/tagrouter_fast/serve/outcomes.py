@@ -278,6 +278,8 @@ class _Cut:
     version: int
     store: TagScorer
     registry: list[tuple[str, _Decision]]
+    #: See `OutcomeStore._evicted_t`.
+    evicted_t: float = 0.0
 
 
 def _check_id(decision_id: object) -> str:
@@ -288,6 +290,15 @@ def _check_id(decision_id: object) -> str:
             f"decision_id must be 1-{MAX_DECISION_ID_CHARS} characters, got {len(decision_id)}"
         )
     return decision_id
+
+
+def _check_tags(tags: object) -> tuple[str, ...]:
+    if isinstance(tags, (str, bytes)) or not isinstance(tags, Sequence):
+        raise TypeError(f"tags must be a sequence of str, got {type(tags).__name__}")
+    tag_tuple = tuple(tags)
+    if len(tag_tuple) > MAX_TAGS or not all(isinstance(t, str) for t in tag_tuple):
+        raise TypeError(f"tags must be at most {MAX_TAGS} str, got {tags!r:.200}")
+    return tag_tuple
 
 
 def _check_decision_fields(
@@ -394,6 +405,11 @@ class OutcomeStore:
         #: manifest, so it only grows across restarts.
         self.version = 0
         self._failed: BaseException | None = None
+        #: The newest decision time among decisions evicted by ``max_decisions``: an outcome
+        #: brought with its decision (a decision token) that is not in the registry and not
+        #: newer than this may be one that was counted and evicted, so it is refused, never
+        #: counted twice. Persisted in the manifest.
+        self._evicted_t = 0.0
         self._closed = False
         self._journal_fd = -1
         self._journal_bytes = 0
@@ -433,11 +449,7 @@ class OutcomeStore:
             OutcomeStoreError: the store is closed.
         """
         _check_id(decision_id)
-        if isinstance(tags, (str, bytes)) or not isinstance(tags, Sequence):
-            raise TypeError(f"tags must be a sequence of str, got {type(tags).__name__}")
-        tag_tuple = tuple(tags)
-        if len(tag_tuple) > MAX_TAGS or not all(isinstance(t, str) for t in tag_tuple):
-            raise TypeError(f"tags must be at most {MAX_TAGS} str, got {tags!r:.200}")
+        tag_tuple = _check_tags(tags)
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty str, got {model!r}")
         now = self._clock()
@@ -449,8 +461,7 @@ class OutcomeStore:
             if decision_id in self._registry:
                 raise ValueError(f"decision id {decision_id!r} is already remembered")
             self._registry[decision_id] = _Decision(tag_tuple, model, now)
-            while len(self._registry) > self._max_decisions:
-                self._registry.popitem(last=False)
+            self._evict_over_max_locked()
             try:
                 _write_all(self._decisions_fd, line)
             except OSError as e:
@@ -463,6 +474,12 @@ class OutcomeStore:
                         "will not survive a restart",
                         e,
                     )
+
+    def _evict_over_max_locked(self) -> None:
+        reg = self._registry
+        while len(reg) > self._max_decisions:
+            _, d = reg.popitem(last=False)
+            self._evicted_t = max(self._evicted_t, d.t)
 
     def _expire_locked(self, now: float) -> None:
         # Insertion order is time order (up to clock steps), so expiry pops from the front.
@@ -494,8 +511,17 @@ class OutcomeStore:
             f"outcome must be 'win', 'tie', 'loss' or a score in [0, 1], got {outcome!r}"
         )
 
-    def feedback(self, decision_id: str, outcome: str | float) -> int:
-        """Counts one outcome for a remembered decision and returns the new store version.
+    def feedback(
+        self, decision_id: str, outcome: str | float, *,
+        decision: tuple[Sequence[str], str, float] | None = None, key: str | None = None,
+    ) -> int:
+        """Counts one outcome for a decision and returns the new store version.
+
+        The decision is a remembered one, or ``decision = (tags, model, decided at)`` brought
+        by the caller (the gateway's verified decision token: nothing needs remembering, so
+        any replica takes it). Idempotency holds either way: the registry marks the id, and a
+        brought decision that may have been marked and evicted since (``max_decisions``) is
+        refused as expired. ``key`` (the client key's id) goes into the journal line.
 
         The outcome is appended to the journal and (``fsync=True``) fsynced before it is
         applied and before this returns: once it returns, the outcome survives kill -9 and
@@ -506,15 +532,37 @@ class OutcomeStore:
             UnknownDecision: no such decision, or it expired.
             DuplicateOutcome: the decision already has an outcome (also after a restart).
             ValueError: a bad outcome or decision id.
+            TypeError: a bad ``decision``.
             OutcomeStoreError: the store is closed or failed earlier (journal write or fsync
                 error): nothing was counted.
         """
         label, score = self.outcome_label(outcome)
         _check_id(decision_id)
+        if decision is not None:
+            tags, model, t = decision
+            tag_tuple = _check_tags(tags)
+            if not isinstance(model, str) or not model:
+                raise ValueError(f"model must be a non-empty str, got {model!r}")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+                raise TypeError(f"decided-at must be a finite number, got {t!r}")
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"key must be a str, got {type(key).__name__}")
         now = self._clock()
         with self._lock:
             self._check_writable_locked()
             d = self._registry.get(decision_id)
+            if d is None and decision is not None:
+                if t <= self._evicted_t:
+                    raise UnknownDecision(
+                        f"decision id {decision_id!r} is older than the {self._max_decisions} "
+                        "decisions kept for idempotency (max_decisions)"
+                    )
+                if t + self._ttl <= now:
+                    raise UnknownDecision(
+                        f"decision id {decision_id!r} expired (older than {self._ttl:g} s)"
+                    )
+                d = self._registry[decision_id] = _Decision(tag_tuple, model, float(t))
+                self._evict_over_max_locked()
             if d is None:
                 raise UnknownDecision(f"unknown or expired decision id {decision_id!r}")
             if d.seq:
@@ -532,6 +580,8 @@ class OutcomeStore:
             }  # fmt: skip
             if score is not None:
                 entry["score"] = score
+            if key is not None:
+                entry["key"] = key
             line = _encode_line(entry)
             try:
                 _write_all(self._journal_fd, line)
@@ -721,7 +771,7 @@ class OutcomeStore:
                     os.close(old_journal)
                 with self._lock:
                     self._synced_seq = max(self._synced_seq, first - 1)
-        return _Cut(gen, seq, version, store, registry)
+        return _Cut(gen, seq, version, store, registry, self._evicted_t)
 
     def _persist(self, cut: _Cut) -> Path:
         d = self.state_dir
@@ -755,6 +805,7 @@ class OutcomeStore:
             "seq": cut.seq,
             "store_version": cut.version,
             "base_sha256": self._base_sha256,
+            "evicted_t": cut.evicted_t,
             "created": now,
         }
         _atomic_write(
@@ -851,6 +902,8 @@ class OutcomeStore:
                 raise StateError(f"{store_path}: cannot be routed with: {e}") from e
         gen, snap_seq = int(manifest["generation"]), int(manifest["seq"])
         self._generation, self._snap_seq = gen, snap_seq
+        evicted = manifest.get("evicted_t", 0.0)  # absent in manifests written before tokens
+        self._evicted_t = float(evicted) if isinstance(evicted, (int, float)) else 0.0
         now = self._clock()
 
         self._load_registry(manifest.get("registry"), gen)
@@ -866,8 +919,7 @@ class OutcomeStore:
         # Trim the registry to its bounds (the logs are unordered across files).
         for did in [k for k, v in self._registry.items() if v.t + self._ttl <= now]:
             del self._registry[did]
-        while len(self._registry) > self._max_decisions:
-            self._registry.popitem(last=False)
+        self._evict_over_max_locked()
 
         self._next_seq = last_seq + 1
         self._synced_seq = self._applied_seq = last_seq

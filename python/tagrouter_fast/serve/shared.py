@@ -417,11 +417,15 @@ class SharedCounts:
         )
         self._publish_wanted.set()
 
-    def feedback(self, store: OutcomeStore, decision_id: str, outcome: str | float) -> int:
+    def feedback(
+        self, store: OutcomeStore, decision_id: str, outcome: str | float, *,
+        decision: tuple[Sequence[str], str, float] | None = None, key: str | None = None,
+    ) -> int:
         """`OutcomeStore.feedback`, across replicas: an outcome Redis already counted is a
-        `DuplicateOutcome` (409); a decision another replica routed is taken from Redis. Redis
-        being down never fails feedback: the local journal takes it and the Lua script still
-        counts it once when it is replayed."""
+        `DuplicateOutcome` (409). The decision comes with the call (a verified decision token:
+        any replica's, at once, Redis up or down), else from this replica's registry, else from
+        Redis. Redis being down never fails feedback: the local journal takes it and the Lua
+        script still counts it once when it is replayed."""
         from tagrouter_fast.serve.outcomes import (
             QUERY_ID_PREFIX,
             DuplicateOutcome,
@@ -437,8 +441,10 @@ class SharedCounts:
                 f"decision {decision_id!r} already has an outcome (on another replica)"
             )
         try:
-            return store.feedback(decision_id, outcome)
+            return store.feedback(decision_id, outcome, decision=decision, key=key)
         except UnknownDecision:
+            if decision is not None:
+                raise  # the store refused the decision itself (expired): Redis cannot help
             raw = self._ask(lambda: self._redis.get(self._k_dec + decision_id))
             if not raw:
                 raise
