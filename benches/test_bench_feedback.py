@@ -72,6 +72,7 @@ def _gateway(backend: BackendProcess, tmp: Path, history: int) -> Iterator[tuple
     cfg = tmp / "gateway.toml"
     cfg.write_text(
         "[server]\naccess_log = false\n[limits]\nmax_concurrency = 4096\n"
+        "[auth]\nallow_anonymous = true\nanonymous_feedback = true\n"
         f'[[backends]]\nname = "small"\nbase_url = "{backend.url}/v1"\nmodel = "small-model"\n'
         f'[[backends]]\nname = "big"\nbase_url = "{big.url}/v1"\nmodel = "big-model"\n'
         f'[feedback]\nstate_dir = "{tmp / "state"}"\n'
