@@ -568,6 +568,12 @@ class TagDecider:
         live store's current state (O(store) per call)."""
         return TagScorer(self._core.store)
 
+    @property
+    def store_models(self) -> list[str]:
+        """Every model of the store, candidates or not, in store order (O(models): no
+        snapshot, unlike ``scorer.models`` on a live decider)."""
+        return self._core.store_models
+
     # ---- live learning ----
 
     def to_live(self) -> TagDecider:

@@ -524,6 +524,13 @@ impl Decider {
         self.with_view(|v| f(&Reader { d: self, v }))
     }
 
+    /// Every model of the store (candidates or not), in store order: O(models), no snapshot.
+    pub fn store_models(&self) -> Vec<String> {
+        self.with_view(|v| match v {
+            View::Static { store, .. } | View::Live { store, .. } => store.models().to_vec(),
+        })
+    }
+
     /// A tag's id. A live store only ever adds tags, so an id stays valid for its lifetime.
     #[inline]
     pub fn tag_id(&self, tag: &str) -> Option<u32> {

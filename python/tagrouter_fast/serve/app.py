@@ -828,7 +828,7 @@ class Gateway:
             raise ApiError(403, f"decision_id: issued to another key than {key.id!r}; a key "
                            "may post outcomes only for its own decisions", param="decision_id",
                            kind="permission_error", code="not_your_decision")
-        if claims.model not in self.router.scorer.models:
+        if claims.model not in self.router.decider.store_models:  # no store snapshot
             self.metrics.feedback.labels("stale").inc()
             raise ApiError(410, f"decision_id: its model {claims.model!r} is no longer in the "
                            "store", param="decision_id", code="stale_decision")

@@ -144,6 +144,13 @@ impl PyDecider {
         }
     }
 
+    /// Every model of the store (candidates or not): cheap, unlike `store.models` on a live
+    /// decider (a snapshot).
+    #[getter]
+    fn store_models(&self) -> Vec<String> {
+        self.core.store_models()
+    }
+
     /// Whether the decider routes on a live store.
     #[getter]
     fn is_live(&self) -> bool {
