@@ -938,3 +938,53 @@ def test_acked_follows_each_group_commit_without_a_second_fsync(
     assert json.loads((tmp_path / "ACKED").read_bytes()[9:])["acked"] == 3
     crash(s)
     assert json.loads((tmp_path / "ACKED").read_bytes()[9:])["acked"] == 3
+
+
+# ==== The local learner's seam ====
+
+
+def test_failure_says_why_no_outcome_can_be_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = OutcomeStore(make_router(), tmp_path)
+    assert s.writable and s.failure is None
+    s.remember("d0", ["Poem"], "big")
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(outcomes_mod, "_fsync", broken)
+    with pytest.raises(OutcomeStoreError):
+        s.feedback("d0", "win")
+    monkeypatch.undo()
+    assert not s.writable and "Input/output error" in (s.failure or "")
+    crash(s)
+    s = OutcomeStore(make_router(), tmp_path)
+    s.close()
+    assert not s.writable and "closed" in (s.failure or "")
+
+
+def test_journal_reader_follows_rotation_and_the_kept_journal(tmp_path: Path) -> None:
+    s = OutcomeStore(make_router(), tmp_path, keep_journal=True, snapshot_every=10_000)
+    reader = outcomes_mod.JournalReader(s, 0)
+    _post(s, range(3))
+    got = reader.read(s.applied_seq)
+    assert [seq for seq, _ in got] == [1, 2, 3]
+    d, tags, model, label = plan(0)
+    assert got[0][1] == (QUERY_ID_PREFIX + d, tags, model, label)
+    assert reader.read(2) == [] and reader.read(s.applied_seq) == []
+    s.snapshot()  # covers 1-3 and rotates; the journal is kept: nothing was released
+    _post(s, range(3, 5))
+    assert len(list(tmp_path.glob("journal-*.log"))) == 2
+    assert [seq for seq, _ in reader.read(s.applied_seq)] == [4, 5]
+    s.release_journal(5)
+    s.snapshot()
+    assert len(list(tmp_path.glob("journal-*.log"))) == 1  # released, then compacted
+    _post(s, range(5, 6))
+    assert [seq for seq, _ in reader.read(s.applied_seq)] == [6]
+    crash(s)
+    # After a restart a reader starts after its own mark, whatever compaction left.
+    s = OutcomeStore(make_router(), tmp_path, keep_journal=True)
+    assert [seq for seq, _ in outcomes_mod.JournalReader(s, 5).read(s.applied_seq)] == [6]
+    assert [seq for seq, _ in outcomes_mod.JournalReader(s, 0).read(s.applied_seq)] == [6]
+    s.close()

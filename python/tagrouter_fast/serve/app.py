@@ -57,6 +57,7 @@ from tagrouter_fast.serve.sessions import SessionTable, in_tool_loop, keep_or_sw
 
 if TYPE_CHECKING:
     from tagrouter_fast.router import TagRouter
+    from tagrouter_fast.serve.learner import Learner
 
 __all__ = ["ApiError", "Gateway", "create_app"]
 
@@ -285,8 +286,9 @@ class Gateway:
         self.aliases = frozenset(config.router.aliases)
         self.router = self._prepare_router(router)
         self.forwarder: Forwarder | None = None
-        self.outcomes: Any = None  # OutcomeStore, opened at start-up
-        self.shared: Any = None  # SharedCounts (Redis), opened with it when [shared] is set
+        #: Learns from /v1/feedback (local journal, or Redis-shared), opened at start-up; None:
+        #: feedback is off.
+        self.learner: Learner | None = None
         self.ready = False
         self.tag_in_thread = config.router.tag_in_thread is not False
         self.inflight = 0
@@ -334,54 +336,43 @@ class Gateway:
             await anyio.to_thread.run_sync(self._warm_up)
             fb = self.config.feedback
             if fb.state_dir is not None:
-                self.outcomes = await anyio.to_thread.run_sync(self._open_outcomes, self.router)
+                self.learner = await anyio.to_thread.run_sync(self._open_learner, self.router)
             self.ready = True
             yield
         finally:
             self.ready = False
             await client.aclose()
-            if self.outcomes is not None:
-                await anyio.to_thread.run_sync(self.outcomes.close)
-            if self.shared is not None:  # after the store: its close may still apply outcomes
-                await anyio.to_thread.run_sync(self.shared.close)
+            if self.learner is not None:
+                await anyio.to_thread.run_sync(self.learner.close)
 
-    def _open_outcomes(self, router: TagRouter) -> Any:
-        from tagrouter_fast.serve.outcomes import OutcomeStore
-
+    def _open_learner(self, router: TagRouter) -> Learner:
+        """The learner of ``[feedback]``: the local journal, owned by the Redis-shared learner
+        when ``[shared]`` is set."""
         fb = self.config.feedback
         assert fb.state_dir is not None
-        shared = None
-        if self.config.shared is not None:
-            from tagrouter_fast.serve.shared import SharedCounts
+        options: dict[str, Any] = {
+            "fsync": fb.fsync, "snapshot_every": fb.snapshot_every,
+            "decision_ttl_s": fb.decision_ttl_s, "max_decisions": fb.max_decisions,
+        }
+        learner: Learner
+        if self.config.shared is None:
+            from tagrouter_fast.serve.outcomes import OutcomeStore
 
-            if self.shared is not None:  # a reload: the previous link goes with its store
-                self.shared.close()
-                self.shared = None
-            # The outcome store writes through the shared link (outbox first, then the store).
-            shared = SharedCounts(self.config.shared, router, fb.state_dir, fsync=fb.fsync,
-                                  decision_ttl_s=fb.decision_ttl_s)
-        try:
-            store = OutcomeStore(
-                shared.journal_router if shared is not None else router, fb.state_dir,
-                fsync=fb.fsync, snapshot_every=fb.snapshot_every,
-                decision_ttl_s=fb.decision_ttl_s, max_decisions=fb.max_decisions,
-            )
-        except BaseException:
-            if shared is not None:
-                shared.close(flush_s=0)
-            raise
-        if shared is not None:
+            learner = OutcomeStore(router, fb.state_dir, **options)
+        else:
+            from tagrouter_fast.serve.shared import SharedLearner
+
+            shared = SharedLearner(self.config.shared, router, fb.state_dir, **options)
             try:
                 shared.start()  # routes on base + shared increments from the first request
             except BaseException:
-                store.close()
                 shared.close(flush_s=0)
                 raise
-            self.shared = shared
+            learner = shared
         self._apply_costs(router)
-        self.metrics.track_store_version(lambda: float(self.outcomes.version)
-                                         if self.outcomes is not None else 0.0)
-        return store
+        self.metrics.track_store_version(lambda: float(self.learner.version)
+                                         if self.learner is not None else 0.0)
+        return learner
 
     def _warm_up(self) -> None:
         """Loads the tagger's model (and aligner) before the first request, and times it to
@@ -523,17 +514,14 @@ class Gateway:
         return Routed(self.chain(chosen, fallback=True), reason, tags, d, key)
 
     def remember(self, decision_id: str, tags: Sequence[str], model: str) -> None:
-        store = self.outcomes
-        if store is None:
+        learner = self.learner
+        if learner is None:
             return
         try:
-            store.remember(decision_id, tags, model)
+            learner.remember(decision_id, tags, model)
         except Exception as e:  # e.g. closed during a reload: the answer matters more
             log.warning("decision %s not remembered (%s); its feedback will get 404",
                         decision_id, e)
-            return
-        if self.shared is not None:
-            self.shared.remember(decision_id, tags, model)
 
     # ---- headers ----
 
@@ -695,8 +683,8 @@ class Gateway:
         )
 
         body = await read_json(request, self.config.limits.max_body_bytes)
-        store = self.outcomes
-        if store is None:
+        learner = self.learner
+        if learner is None:
             self.metrics.feedback.labels("unavailable").inc()
             raise ApiError(503, "feedback is off: set [feedback] state_dir in the config",
                            kind="server_error")
@@ -715,11 +703,7 @@ class Gateway:
             self.metrics.feedback.labels("invalid").inc()
             raise _bad("outcome", "must be win, tie, loss or a number")
         try:
-            shared = self.shared
-            if shared is not None:  # Redis-wide idempotency, decisions of other replicas
-                version = await anyio.to_thread.run_sync(shared.feedback, store, did, outcome)
-            else:
-                version = await anyio.to_thread.run_sync(store.feedback, did, outcome)
+            version = await anyio.to_thread.run_sync(learner.feedback, did, outcome)
         except UnknownDecision:
             self.metrics.feedback.labels("unknown").inc()
             raise ApiError(404, f"decision_id: unknown or expired decision {did!r}",
@@ -759,8 +743,8 @@ class Gateway:
         return self.router.update_decider(fn)
 
     def _update_store(self, fn: Callable[[Any], Any]) -> None:
-        if self.outcomes is not None:
-            self.outcomes.update_store(fn)
+        if self.learner is not None:
+            self.learner.update_store(fn)
         else:
             self.router.update_store(fn)
 
@@ -913,10 +897,11 @@ class Gateway:
         return {"theta": holder["theta"], "llm_share": share, "queries": len(sample)}
 
     def _admin_snapshot(self, body: dict[str, Any]) -> dict[str, Any]:
-        if self.outcomes is None:
+        learner = self.learner
+        if learner is None:
             raise ApiError(503, "feedback is off: set [feedback] state_dir in the config")
-        path = self.outcomes.snapshot()
-        return {"snapshot": str(path), "version": self.outcomes.version}
+        path = learner.snapshot()
+        return {"snapshot": str(path), "version": learner.version}
 
     def _admin_reload(self, body: dict[str, Any]) -> dict[str, Any]:
         from tagrouter_fast.router import TagRouter
@@ -930,18 +915,18 @@ class Gateway:
         # The running tagger is kept (no second encoder load); the bundle's fingerprint check
         # still refuses a store built with another tagger.
         fresh = self._prepare_router(TagRouter.load(bundle, tagger=self.router.tagger))
-        old_store = self.outcomes
-        if old_store is not None:
-            # One process per state directory: the old store lets go before the new one opens
+        old = self.learner
+        if old is not None:
+            # One process per state directory: the old learner lets go before the new one opens
             # (and replays the journal onto the fresh bundle). A state directory started on
             # another store refuses (its snapshot would replace the new bundle's): the old
-            # store reopens and the reload is refused with the reason.
-            old_store.close()
-            self.outcomes = None
+            # learner reopens and the reload is refused with the reason.
+            old.close()
+            self.learner = None
             try:
-                self.outcomes = self._open_outcomes(fresh)
+                self.learner = self._open_learner(fresh)
             except (StateError, SharedStateError) as e:
-                self.outcomes = self._open_outcomes(self.router)
+                self.learner = self._open_learner(self.router)
                 raise ApiError(409, f"reload refused: {e}") from None
         self.router = fresh
         return {"models": fresh.decider.models, "theta": fresh.decider.theta}
@@ -1080,10 +1065,12 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
     async def readyz(request: Request) -> Response:
         if not gw.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
+        learner = gw.learner
+        stats = learner.stats() if learner is not None else {}
         return JSONResponse({
             "status": "ready", "models": gw.router.decider.models,
-            "store_version": getattr(gw.outcomes, "version", None),
-            **({"shared": gw.shared.stats()} if gw.shared is not None else {}),
+            "store_version": learner.version if learner is not None else None,
+            **({"shared": stats["shared"]} if "shared" in stats else {}),
         })
 
     async def on_api_error(request: Request, exc: Exception) -> Response:

@@ -53,7 +53,7 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -72,6 +72,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "QUERY_ID_PREFIX",
+    "JournalReader",
     "DuplicateOutcome",
     "OutcomeStore",
     "OutcomeStoreError",
@@ -262,6 +263,9 @@ class OutcomeStore:
             loss. The defaults are the tie band of the AlpacaEval table (1/3, 2/3).
         check_base: refuse to open a state directory that was started on another store than
             the router's (the bundle changed): its snapshot would silently replace the new one.
+        keep_journal: keep every journal segment until `release_journal` says it may go, even
+            once a snapshot covers it: for a reader that follows the journal (the Redis link
+            publishes from it, `JournalReader`).
         clock: wall-clock seconds, for TTLs (tests pass a fake).
 
     Raises:
@@ -282,6 +286,7 @@ class OutcomeStore:
         win_at: float = 2 / 3,
         tie_above: float = 1 / 3,
         check_base: bool = True,
+        keep_journal: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         for name, value in (("snapshot_every", snapshot_every), ("max_decisions", max_decisions)):
@@ -330,6 +335,8 @@ class OutcomeStore:
         self._journal_fd = -1
         #: Size of the current journal segment: where a failed append is cut back to.
         self._journal_bytes = 0
+        #: Compaction keeps journal entries above this (None: what the snapshot covers goes).
+        self._journal_hold: int | None = 0 if keep_journal else None
         #: The ACKED watermark (durable stores only): last written and last fsynced values.
         self._acked: journal.Watermark | None = None
         self._acked_written = 0
@@ -748,10 +755,12 @@ class OutcomeStore:
         next open skips (and deletes)."""
         d = self.state_dir
         segments = _numbered(d, _JOURNAL_RE)
+        hold = self._journal_hold
+        upto = seq if hold is None else min(seq, hold)
         # A segment's entries all precede the next segment's first seq; the last (current)
         # segment is never deleted.
         for (_, path), (next_first, _) in zip(segments, segments[1:], strict=False):
-            if next_first - 1 <= seq:
+            if next_first - 1 <= upto:
                 path.unlink(missing_ok=True)
                 self._step("journal-compacted")
         for gen, path in _numbered(d, _DECISIONS_RE):
@@ -1067,6 +1076,31 @@ class OutcomeStore:
                 raise StateError(f"{path}: {key!r} must be a file name in the directory")
         return m
 
+    # ---- for a reader of the journal (the Redis link) ----
+
+    def release_journal(self, upto_seq: int) -> None:
+        """With ``keep_journal``: journal entries up to ``upto_seq`` may be compacted away once
+        a snapshot covers them (the reader is done with them). Takes effect at the next
+        compaction."""
+        if self._journal_hold is not None:
+            self._journal_hold = max(self._journal_hold, int(upto_seq))
+
+    @property
+    def applied_seq(self) -> int:
+        """Journal sequence number of the last outcome in the router's store: every entry up to
+        it is durable and applied (the outcomes applied are always a prefix of the journal)."""
+        return self._applied_seq
+
+    @contextlib.contextmanager
+    def hold_applies(self) -> Iterator[int]:
+        """Holds outcomes back from the router while the caller replaces the router's store by
+        one derived from the applied outcomes; yields `applied_seq`, which stays put meanwhile.
+        (The Redis link composes *shared log + this replica's outcomes* this way: without it,
+        an outcome applied between its read and its swap would vanish from the routed store.)
+        Feedback keeps being journaled meanwhile; only its acknowledgement waits."""
+        with self._apply_lock:
+            yield self._applied_seq
+
     # ---- introspection ----
 
     @property
@@ -1157,3 +1191,99 @@ class OutcomeStore:
     ) -> None:
         self.close()
 
+
+# ==== Following the journal ====
+
+
+class JournalReader:
+    """Follows the journal of an open `OutcomeStore` from a sequence number on, reading each
+    entry once the store has applied it.
+
+    The Redis link publishes this replica's outcomes from here: the journal is its outbox (one
+    fsync per group commit, no second file to keep in step). Open the store with
+    ``keep_journal=True`` and `OutcomeStore.release_journal` what Redis confirmed, so no entry
+    is compacted away before it was read and published.
+
+    Args:
+        store: the open store (the reader reads its files, never writes them).
+        after_seq: the last entry already taken care of; reading starts after it. Entries that
+            compaction removed before it started (published by an earlier process) are
+            skipped: the reader goes on from the oldest entry the journal still holds.
+    """
+
+    def __init__(self, store: OutcomeStore, after_seq: int) -> None:
+        self._dir = store.state_dir
+        #: The next entry to read: every entry before it was returned (or compacted before).
+        self.next_seq = after_seq + 1
+        self._path: Path | None = None
+        self._offset = 0
+        self._warned = False
+
+    def read(self, upto_seq: int) -> list[tuple[int, Record]]:
+        """The entries from `next_seq` up to ``upto_seq`` (pass `OutcomeStore.applied_seq`)
+        as ``(seq, record)``, in journal order; fewer if a line is damaged (logged once: the
+        store's next start reports it)."""
+        out: list[tuple[int, Record]] = []
+        while self.next_seq <= upto_seq:
+            if self._path is None:
+                self._path, self._offset = self._segment_for(self.next_seq), 0
+                if self._path is None:
+                    break
+            status = self._read_segment(upto_seq, out)
+            if status == "gone":
+                self._path = None  # compacted once read to its end: find the next one
+                continue
+            if status != "eof":
+                break
+            # The rest of the journal, if any, is in the segment named after the next entry.
+            nxt = self._dir / f"journal-{self.next_seq:012d}.log"
+            if nxt == self._path or not nxt.exists():
+                break
+            self._path, self._offset = nxt, 0
+        return out
+
+    def _segment_for(self, seq: int) -> Path | None:
+        segments = _numbered(self._dir, _JOURNAL_RE)
+        if not segments:
+            return None
+        before = [p for first, p in segments if first <= seq]
+        return before[-1] if before else segments[0][1]
+
+    def _read_segment(self, upto_seq: int, out: list[tuple[int, Record]]) -> str:
+        assert self._path is not None
+        try:
+            with open(self._path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return "gone"
+        pos, status = 0, "eof"
+        while True:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break  # the end, or a line being written: read again next time
+            obj = journal.decode_line(data[pos:nl])
+            try:
+                if obj is None or not isinstance(obj.get("seq"), int):
+                    raise StateError("corrupt line (checksum or JSON does not match)")
+                seq = obj["seq"]
+                did, tags, model, _ = _check_decision_fields(obj, f"{self._path}")
+                label = obj.get("outcome")
+                if label not in OUTCOME_LABELS:
+                    raise StateError(f"bad outcome {label!r}")
+            except StateError as e:
+                if not self._warned:
+                    self._warned = True
+                    log.error("%s: byte %d: %s; outcomes after it are not published until "
+                              "the journal is repaired", self._path, self._offset + pos, e)
+                status = "bad"
+                break
+            if seq > upto_seq:
+                status = "more"  # not applied yet: read again next time
+                break
+            if seq >= self.next_seq:
+                out.append((seq, (QUERY_ID_PREFIX + did, list(tags), model, label)))
+                self.next_seq = seq + 1
+            pos = nl + 1
+        self._offset += pos
+        return status
