@@ -282,10 +282,6 @@ def atomic_replace(
         fd = os.open(tmp, os.O_WRONLY)
         try:
             write_all(fd, data)
-            if durable:
-                # fsync here, on the descriptor that wrote, rather than in commit(): one open
-                # less on the snapshot path.
-                _fsync_of(fsync)(fd)
         finally:
             os.close(fd)
     except BaseException as e:
@@ -293,13 +289,7 @@ def atomic_replace(
             tmp.unlink()
         _name(e, path)
         raise
-    commit(tmp, path, durable=False)
-    if durable:
-        try:
-            fsync_dir(path.parent, fsync=fsync)
-        except OSError as e:
-            _name(e, path.parent)
-            raise
+    commit(tmp, path, durable=durable, fsync=fsync)
 
 
 def _name(e: BaseException, path: Path) -> None:
