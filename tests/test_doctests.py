@@ -11,6 +11,7 @@ MODULES = [
     "tagrouter_fast",
     "tagrouter_fast.router",
     "tagrouter_fast.core",
+    "tagrouter_fast.journal",
     "tagrouter_fast.tagging.taggers.default",
 ]
 

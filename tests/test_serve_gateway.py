@@ -678,7 +678,7 @@ def test_feedback_is_counted_once_and_seen_by_the_next_decision(
     r = post(gateway, "/v1/chat/completions", chat_body(POEM))
     did = r.headers["x-tagrouter-decision-id"]
     before = router.scorer.counts("small", "Poetry Writing")
-    version = gateway.gw.outcomes.version
+    version = gateway.gw.learner.version
     t0 = time.perf_counter()
     f = post(gateway, "/v1/feedback", {"decision_id": did, "outcome": "loss"})
     assert f.status_code == 200, f.text
@@ -782,14 +782,14 @@ def test_admin_add_and_remove_a_model(
                          feedback={"state_dir": str(tmp_path / "state")})
     table = _judgments(tmp_path / "mid-judgments", "mid-v1", 10)
     with running_gateway(cfg) as g:
-        v0 = g.gw.outcomes.version
+        v0 = g.gw.learner.version
         body = {"backend": {"name": "mid", "base_url": fakes["mid"].url + "/v1",
                             "model": "mid-model"},
                 "judgments": str(table), "table_model": "mid-v1", "cost": 0.5}
         r = admin(g, "/admin/models", body)
         assert r.status_code == 200, r.text
         assert r.json()["judgments"] == 10 and "mid" in r.json()["models"]
-        assert g.gw.outcomes.version > v0  # the store change went through the durable store
+        assert g.gw.learner.version > v0  # the store change went through the durable store
         # Routable at once: the poems now go to mid (more wins than small, and cheaper).
         r = post(g, "/v1/chat/completions", chat_body(POEM))
         assert r.headers["x-tagrouter-model"] == "mid"
@@ -926,7 +926,7 @@ def test_metrics_health_and_readiness(gateway: RunningGateway, fakes: dict[str, 
     assert 'tagrouter_feedback_total{result="accepted"}' in m
     assert 'tagrouter_feedback_total{result="unknown"}' in m
     version = [ln for ln in m.splitlines() if ln.startswith("tagrouter_store_version ")]
-    assert float(version[0].split()[1]) == gateway.gw.outcomes.version >= 1
+    assert float(version[0].split()[1]) == gateway.gw.learner.version >= 1
     assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(gateway.url + "/readyz")
     assert ready.status_code == 200 and sorted(ready.json()["models"]) == ["big", "small"]
@@ -1090,14 +1090,14 @@ def test_load_zero_errors_and_no_lost_feedback(
         return errors, accepted, queue.qsize()
 
     with running_gateway(cfg) as g:
-        v0, q0 = g.gw.outcomes.version, g.gw.router.scorer.n_learned
+        v0, q0 = g.gw.learner.version, g.gw.router.scorer.n_learned
         t0 = time.perf_counter()
         errors, accepted, left = asyncio.run(run(g))
         elapsed = time.perf_counter() - t0
         assert errors == [] and left == 0
         assert accepted == n_requests
         # Every acknowledged outcome is in the store, once: one new query per decision.
-        assert g.gw.outcomes.version - v0 == accepted
+        assert g.gw.learner.version - v0 == accepted
         assert g.gw.router.scorer.n_learned - q0 == accepted
         assert g.gw.inflight == 0
         assert leases_returned(g)

@@ -745,3 +745,247 @@ def test_kill9_while_a_snapshot_is_paused_loses_no_acknowledged_outcome(
                 s.feedback(plan(i)[0], "win")
         for k in range(2):
             s.feedback(f"pre-{k}", "win")
+
+
+# ==== Integrity at start-up: what is cut, what is refused ====
+# A torn tail that was never acknowledged is cut with a warning; anything that may have held an
+# acknowledged outcome stops the start with one line: the file, the byte offset, how to recover.
+# The files are left as they were, so the operator can still restore them.
+
+
+class _DiskFull:
+    """`os.write` as a disk with ``room`` bytes left for the files under ``root``: the write
+    that crosses it writes what fits (a torn line), the ones after it fail with ENOSPC. Other
+    files (pytest's own, pipes) write as usual."""
+
+    def __init__(self, root: Path, room: int) -> None:
+        self.root, self.room = str(root), room
+        self._write = os.write
+
+    def __call__(self, fd: int, data: Any) -> int:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if not target.startswith(self.root):
+            return self._write(fd, data)
+        if self.room <= 0:
+            raise OSError(28, "No space left on device")
+        n = min(len(data), self.room)
+        self.room -= n
+        return self._write(fd, bytes(data[:n]))
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+
+
+@needs_proc
+def test_disk_full_mid_append_then_snapshot_starts_once_space_is_freed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = OutcomeStore(make_router(), tmp_path)
+    counted = _post(s, range(3))
+    s.remember(*plan(3)[:3])
+    monkeypatch.setattr(os, "write", _DiskFull(tmp_path, room=20))  # part of the next line
+    with pytest.raises(OutcomeStoreError, match="append failed"):
+        s.feedback("d3", "win")
+    (seg,) = tmp_path.glob("journal-*.log")
+    assert seg.read_bytes().endswith(b"\n")  # the torn part was cut off at once
+    with pytest.raises(OSError, match="No space left"):
+        s.snapshot()  # what POST /admin/snapshot does, on the same full disk
+    crash(s)
+    monkeypatch.undo()  # space freed
+
+    router = make_router()
+    with OutcomeStore(router, tmp_path) as s:  # used to refuse: "damaged before its end"
+        assert canon(router.scorer) == expected(counted)
+        assert not s.has_outcome("d3")  # never acknowledged, never counted
+        s.feedback("d3", "win")
+        counted.append(plan(3)[:3] + ("win",))
+    router = make_router()
+    with OutcomeStore(router, tmp_path):
+        assert canon(router.scorer) == expected(counted)
+
+
+def _two_segments(tmp_path: Path) -> tuple[Path, Path, list[tuple[str, list[str], str, str]]]:
+    """Outcomes 1-3 in one journal segment, 4-5 in the next (a snapshot's rotation without the
+    snapshot), the process killed."""
+    s = OutcomeStore(make_router(), tmp_path, snapshot_every=10_000)
+    counted = _post(s, range(3))
+    s._capture()
+    counted += _post(s, range(3, 5))
+    crash(s)
+    first, second = sorted(tmp_path.glob("journal-*.log"))
+    return first, second, counted
+
+
+def test_torn_tail_of_an_older_segment_was_never_acknowledged_and_is_cut(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a failed append followed by a rotation left behind before this was fixed: the torn
+    # line's seq went to the next line, in the next segment, so it held nothing acknowledged.
+    s = OutcomeStore(make_router(), tmp_path, snapshot_every=10_000)
+    counted = _post(s, range(3))
+    s._capture()
+    crash(s)
+    first, _ = sorted(tmp_path.glob("journal-*.log"))
+    good = first.read_bytes()
+    with first.open("ab") as f:
+        f.write(good.splitlines(keepends=True)[-1][:30])
+    router = make_router()
+    with caplog.at_level("WARNING", "tagrouter.outcomes"), OutcomeStore(router, tmp_path) as s:
+        assert canon(router.scorer) == expected(counted)
+        assert first.read_bytes() == good  # cut back to its last whole line
+        counted += _post(s, range(3, 5))
+    assert "dropping a torn last line" in caplog.text
+    router = make_router()
+    with OutcomeStore(router, tmp_path):
+        assert canon(router.scorer) == expected(counted)
+
+
+def test_damaged_last_line_of_an_older_segment_held_an_acknowledged_outcome(
+    tmp_path: Path,
+) -> None:
+    first, _, _ = _two_segments(tmp_path)
+    lines = first.read_bytes().splitlines(keepends=True)
+    offset = len(b"".join(lines[:-1]))
+    lines[-1] = lines[-1].replace(b'"seq":3', b'"seq":8')  # outcome 3 unreadable
+    first.write_bytes(b"".join(lines))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(StateError) as e:
+        OutcomeStore(make_router(), tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert first.name in msg and f"byte {offset}" in msg and "outcomes 3..3" in msg
+    assert "To recover" in msg and "ACKED" in msg
+    # A refused start changes nothing: the operator can still restore the files.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def _last_line(seg: Path) -> tuple[bytes, int]:
+    data = seg.read_bytes()
+    lines = data.splitlines(keepends=True)
+    return lines[-1], len(data) - len(lines[-1])
+
+
+@pytest.mark.parametrize("damage", ["corrupt-last-line", "cut-on-a-line", "emptied", "deleted"])
+def test_lost_acknowledged_outcomes_at_the_journal_end_stop_the_start(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = OutcomeStore(make_router(), tmp_path)
+    counted = _post(s, range(3))
+    crash(s)
+    (seg,) = tmp_path.glob("journal-*.log")
+    last, offset = _last_line(seg)
+    if damage == "corrupt-last-line":
+        seg.write_bytes(seg.read_bytes()[:offset] + last.replace(b'"d2"', b'"x2"'))
+        lost, kept, where = "3..3", counted[:2], [seg.name, f"byte {offset}"]
+    elif damage == "cut-on-a-line":
+        seg.write_bytes(seg.read_bytes()[:offset])
+        lost, kept, where = "3..3", counted[:2], [seg.name, f"byte {offset}"]
+    elif damage == "emptied":
+        seg.write_bytes(b"")
+        lost, kept, where = "1..3", [], [seg.name, "is empty"]
+    else:
+        seg.unlink()
+        lost, kept, where = "1..3", [], [str(tmp_path), "no journal file"]
+    with pytest.raises(StateError) as e:
+        OutcomeStore(make_router(), tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"outcomes {lost} are lost" in msg and all(w in msg for w in where), msg
+    assert f"delete {tmp_path / 'ACKED'}" in msg
+    # The documented way to accept the loss: delete ACKED. The start then warns, and counts
+    # what the journal still holds.
+    (tmp_path / "ACKED").unlink()
+    router = make_router()
+    with caplog.at_level("WARNING", "tagrouter.outcomes"), OutcomeStore(router, tmp_path) as s:
+        assert canon(router.scorer) == expected(kept)
+        kept += _post(s, range(3, 5))
+    if damage != "deleted":
+        assert "no ACKED watermark" in caplog.text
+    router = make_router()
+    with OutcomeStore(router, tmp_path):  # and from then on, checked again
+        assert canon(router.scorer) == expected(kept)
+
+
+def test_a_journal_the_snapshot_covers_may_go(tmp_path: Path) -> None:
+    # Not every missing journal is a loss: after a clean close the snapshot covers everything.
+    s = OutcomeStore(make_router(), tmp_path)
+    counted = _post(s, range(3))
+    s.close()
+    for seg in tmp_path.glob("journal-*.log"):
+        seg.unlink()
+    router = make_router()
+    with OutcomeStore(router, tmp_path) as s:
+        assert canon(router.scorer) == expected(counted)
+        assert s.stats()["acked_seq"] == 3
+
+
+def test_acked_follows_each_group_commit_without_a_second_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    s = OutcomeStore(make_router(), tmp_path)
+    monkeypatch.setattr(outcomes_mod, "_fsync", counting)
+    _post(s, range(3))
+    assert len(synced) == 3  # one fsync per outcome (sequential: one per group commit)
+    assert json.loads((tmp_path / "ACKED").read_bytes()[9:])["acked"] == 3
+    crash(s)
+    assert json.loads((tmp_path / "ACKED").read_bytes()[9:])["acked"] == 3
+
+
+# ==== The local learner's seam ====
+
+
+def test_failure_says_why_no_outcome_can_be_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = OutcomeStore(make_router(), tmp_path)
+    assert s.writable and s.failure is None
+    s.remember("d0", ["Poem"], "big")
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(outcomes_mod, "_fsync", broken)
+    with pytest.raises(OutcomeStoreError):
+        s.feedback("d0", "win")
+    monkeypatch.undo()
+    assert not s.writable and "Input/output error" in (s.failure or "")
+    crash(s)
+    s = OutcomeStore(make_router(), tmp_path)
+    s.close()
+    assert not s.writable and "closed" in (s.failure or "")
+
+
+def test_journal_reader_follows_rotation_and_the_kept_journal(tmp_path: Path) -> None:
+    s = OutcomeStore(make_router(), tmp_path, keep_journal=True, snapshot_every=10_000)
+    reader = outcomes_mod.JournalReader(s, 0)
+    _post(s, range(3))
+    got = reader.read(s.applied_seq)
+    assert [seq for seq, _ in got] == [1, 2, 3]
+    d, tags, model, label = plan(0)
+    assert got[0][1] == (QUERY_ID_PREFIX + d, tags, model, label)
+    assert reader.read(2) == [] and reader.read(s.applied_seq) == []
+    s.snapshot()  # covers 1-3 and rotates; the journal is kept: nothing was released
+    _post(s, range(3, 5))
+    assert len(list(tmp_path.glob("journal-*.log"))) == 2
+    assert [seq for seq, _ in reader.read(s.applied_seq)] == [4, 5]
+    s.release_journal(5)
+    s.snapshot()
+    assert len(list(tmp_path.glob("journal-*.log"))) == 1  # released, then compacted
+    _post(s, range(5, 6))
+    assert [seq for seq, _ in reader.read(s.applied_seq)] == [6]
+    crash(s)
+    # After a restart a reader starts after its own mark, whatever compaction left.
+    s = OutcomeStore(make_router(), tmp_path, keep_journal=True)
+    assert [seq for seq, _ in outcomes_mod.JournalReader(s, 5).read(s.applied_seq)] == [6]
+    assert [seq for seq, _ in outcomes_mod.JournalReader(s, 0).read(s.applied_seq)] == [6]
+    s.close()

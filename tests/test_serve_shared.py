@@ -11,6 +11,7 @@ import json
 import statistics
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,11 +35,12 @@ from serve_helpers import (  # noqa: E402
     running_gateway,
 )
 
+from tagrouter_fast import journal  # noqa: E402
 from tagrouter_fast.core import TagScorer  # noqa: E402
 from tagrouter_fast.serve.config import Config, ConfigError  # noqa: E402
 from tagrouter_fast.serve.fake_backend import demo_router, wait_for  # noqa: E402
 from tagrouter_fast.serve.outcomes import OutcomeStore, OutcomeStoreError  # noqa: E402
-from tagrouter_fast.serve.shared import SharedCounts, SharedStateError  # noqa: E402
+from tagrouter_fast.serve.shared import SharedLearner, SharedStateError  # noqa: E402
 
 TAG = "Poetry Writing"  # the keyword tagger's tag for POEM
 
@@ -106,9 +108,16 @@ def field(model: str, tag: str, outcome: str) -> str:
     return json.dumps(["c", model, tag, outcome], separators=(",", ":"))
 
 
+def link(g: RunningGateway) -> SharedLearner:
+    """The replica's learner: the Redis-shared one, owning its local journal."""
+    learner = g.gw.learner
+    assert isinstance(learner, SharedLearner)
+    return learner
+
+
 def converged(*gs: RunningGateway, n: int) -> bool:
     """Every replica routes on the same store, holding ``n`` shared outcomes."""
-    if any(g.gw.shared.version != n or g.gw.shared.pending() for g in gs):
+    if any(link(g).log_version != n or link(g).pending() for g in gs):
         return False
     first = gs[0].gw.router.scorer.to_bytes()
     return all(g.gw.router.scorer.to_bytes() == first for g in gs)
@@ -227,13 +236,13 @@ def test_redis_stopped_then_restarted_replays_pending_exactly_once(
             r = post(g, "/v1/feedback", {"decision_id": d, "outcome": "loss"})
             assert r.status_code == 200, r.text
         assert counts(a, model)[2] == before[2] + 5  # A sees its own outcomes at once
-        assert a.gw.shared.pending() == 5 and b.gw.shared.pending() == 3
-        assert not a.gw.shared.connected
+        assert link(a).pending() == 5 and link(b).pending() == 3
+        assert not link(a).connected
 
-    # Replica A restarts while Redis is still down: its outbox survives in the state dir.
+    # Replica A restarts while Redis is still down: its journal (the outbox) survives.
     with running_gateway(cfg_a) as a2:
         assert counts(a2, model)[2] == before[2] + 5
-        assert a2.gw.shared.pending() == 5
+        assert link(a2).pending() == 5
         redis_srv.start()  # same port, same AOF data
         with running_gateway(cfg_b) as b2:
             assert wait_for(lambda: converged(a2, b2, n=9), timeout_s=10.0)
@@ -242,26 +251,53 @@ def test_redis_stopped_then_restarted_replays_pending_exactly_once(
     assert red["queries"] == 9  # each pending outcome replayed exactly once
     # Restarted once more, with Redis up: nothing left to replay, nothing counted again.
     with running_gateway(cfg_a) as a3:
-        assert wait_for(lambda: a3.gw.shared.version == 9 and not a3.gw.shared.pending())
+        assert wait_for(lambda: link(a3).log_version == 9 and not link(a3).pending())
         assert counts(a3, model)[2] == before[2] + 5
         assert redis_counts(redis_srv.url)["queries"] == 9
 
 
-def test_lost_ack_resend_is_counted_once(redis_srv: RedisServer, tmp_path: Path) -> None:
+def test_lost_confirmation_resend_is_counted_once(redis_srv: RedisServer, tmp_path: Path) -> None:
     cfg = replica_config(redis_srv.url, tmp_path / "a")
-    with running_gateway(cfg) as a:
-        did, model = route(a)
-        assert post(a, "/v1/feedback", {"decision_id": did, "outcome": "tie"}).status_code == 200
-        assert wait_for(lambda: converged(a, n=1))
-        tie = counts(a, model)[1]
-    # Drop the confirmation lines, as if the process died before writing them.
-    outbox = tmp_path / "a" / "shared-outbox.log"
-    lines = outbox.read_bytes().splitlines(keepends=True)
-    outbox.write_bytes(b"".join(x for x in lines if b'"ack"' not in x))
+    state = tmp_path / "a"
+    assert cfg.shared is not None
+    learner = SharedLearner(cfg.shared, demo_router("keyword"), state)
+    learner.start()
+    learner.remember("d1", [TAG], "small")
+    learner.feedback("d1", "tie")
+    assert wait_for(lambda: learner.pending() == 0 and learner.log_version == 1)
+    tie = learner.router.scorer.counts("small", TAG)[1]
+    # Killed before the confirmation reached the disk: no final snapshot (the journal keeps the
+    # entry), and the published mark as it was before the send.
+    learner.close(flush_s=0, snapshot=False)
+    (state / "shared-published").write_bytes(journal.encode_line({"seq": 0}))
     with running_gateway(cfg) as a2:
-        assert wait_for(lambda: a2.gw.shared.pending() == 0 and a2.gw.shared.version == 1)
-        assert a2.gw.shared.stats()["duplicates"] == 1
-        assert counts(a2, model)[1] == tie
+        assert wait_for(lambda: link(a2).pending() == 0 and link(a2).log_version == 1)
+        assert link(a2).shared_stats()["duplicates"] == 1
+        assert counts(a2, "small")[1] == tie
+    assert redis_counts(redis_srv.url)["queries"] == 1
+
+
+def test_outbox_of_an_earlier_version_is_sent_once_then_removed(
+    redis_srv: RedisServer, tmp_path: Path
+) -> None:
+    # A state directory of an earlier version: the outcome is in the snapshot and in its
+    # shared-outbox.log (one line, as that version wrote it), not yet confirmed by Redis.
+    state = tmp_path / "a"
+    base = demo_router("keyword").scorer.counts("small", TAG)
+    with OutcomeStore(demo_router("keyword"), state) as s:
+        s.remember("d1", [TAG], "small")
+        s.feedback("d1", "loss")
+    entry = json.dumps({"q": "fb:d1", "tags": [TAG], "model": "small", "o": "loss"},
+                       separators=(",", ":")).encode()
+    ack = b'{"ack":"fb:d0"}'
+    (state / "shared-outbox.log").write_bytes(
+        b"%08x %s\n" % (zlib.crc32(ack), ack) + b"%08x %s\n" % (zlib.crc32(entry), entry)
+        + b"0123"  # a torn tail: never acknowledged
+    )
+    with running_gateway(replica_config(redis_srv.url, state)) as a:
+        assert wait_for(lambda: link(a).pending() == 0 and link(a).log_version == 1)
+        assert not (state / "shared-outbox.log").exists()
+        assert counts(a, "small")[2] == base[2] + 1  # once: the log's entry is its own
     assert redis_counts(redis_srv.url)["queries"] == 1
 
 
@@ -315,7 +351,7 @@ def test_new_replica_starts_from_the_shared_state(
     with running_gateway(replica_config(redis_srv.url, tmp_path / "c")) as c:
         # From its first request, without waiting: base bundle + shared increments.
         assert c.gw.router.scorer.to_bytes() == a.gw.router.scorer.to_bytes() != bundle_only
-        assert c.gw.shared.version == 6
+        assert link(c).log_version == 6
 
 
 # ==== Refusals and config ====
@@ -327,13 +363,13 @@ def test_another_base_store_refuses_to_share(redis_srv: RedisServer, tmp_path: P
 
     cfg = replica_config(redis_srv.url, tmp_path / "a")
     assert cfg.shared is not None
-    first = SharedCounts(cfg.shared, demo_router("keyword"), tmp_path / "a")
+    first = SharedLearner(cfg.shared, demo_router("keyword"), tmp_path / "a")
     first.start()
     first.close()
     other = TagRouter(TagDecider(TagScorer.from_records([("q", ["X"], "small", "win"),
                                                         ("q", ["X"], "big", "loss")]),
                                  {"small": 1.0, "big": 2.0}), align=False)
-    second = SharedCounts(cfg.shared, other, tmp_path / "b")
+    second = SharedLearner(cfg.shared, other, tmp_path / "b")
     with pytest.raises(SharedStateError, match="shared.key_prefix"):
         second.start()
     second.close()
@@ -372,15 +408,15 @@ def test_redis_that_lost_its_data_is_noticed_and_the_snapshot_kept(tmp_path: Pat
         learned = a.gw.router.scorer.to_bytes()
         srv.stop()
         srv.start()
-        assert wait_for(lambda: a.gw.shared.stats()["diverged"] is not None, timeout_s=10.0)
-        assert "shared state was lost" in a.gw.shared.stats()["diverged"]
+        assert wait_for(lambda: link(a).shared_stats()["diverged"] is not None, timeout_s=10.0)
+        assert "shared state was lost" in link(a).shared_stats()["diverged"]
         assert a.gw.router.scorer.to_bytes() == learned
         ready = httpx.get(a.url + "/readyz").json()
         assert ready["shared"]["diverged"]
-        # Feedback is still acknowledged locally (kept in the outbox, not sent to this Redis).
+        # Feedback is still acknowledged locally (kept in the journal, not sent to this Redis).
         d2, _ = route(a)
         assert post(a, "/v1/feedback", {"decision_id": d2, "outcome": "win"}).status_code == 200
-        assert a.gw.shared.pending() == 1
+        assert link(a).pending() == 1
 
 
 def test_polling_alone_propagates(redis_srv: RedisServer, tmp_path: Path) -> None:
@@ -397,27 +433,27 @@ def test_polling_alone_propagates(redis_srv: RedisServer, tmp_path: Path) -> Non
         assert time.perf_counter() - t0 < 0.1
 
 
-def test_second_process_on_a_state_dir_leaves_the_outbox_alone(
+def test_second_process_on_a_state_dir_changes_no_file(
     redis_srv: RedisServer, tmp_path: Path
 ) -> None:
     cfg = replica_config(redis_srv.url, tmp_path / "a")
+    state = tmp_path / "a"
     with running_gateway(cfg) as a:
         redis_srv.stop()
         did, _ = route(a)
         assert post(a, "/v1/feedback", {"decision_id": did, "outcome": "win"}).status_code == 200
-        outbox = tmp_path / "a" / "shared-outbox.log"
-        with open(outbox, "ab") as f:
+        segment = sorted(state.glob("journal-*.log"))[-1]
+        with open(segment, "ab") as f:
             f.write(b"0000")  # as if the owner were half-way through a line
-        data = outbox.read_bytes()
-        # What the gateway's start-up does: the link first, then the store (which refuses).
+        before = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+        # What the gateway's start-up does: the shared learner opens its local learner, which
+        # refuses before anything in the directory was touched.
         assert cfg.shared is not None and cfg.feedback.state_dir is not None
-        second = SharedCounts(cfg.shared, demo_router("keyword"), cfg.feedback.state_dir)
         with pytest.raises(OutcomeStoreError, match="in use"):
-            OutcomeStore(second.journal_router, cfg.feedback.state_dir)
-        second.close(flush_s=0)
-        assert outbox.read_bytes() == data
-        with open(outbox, "r+b") as f:
-            f.truncate(len(data) - 4)  # the owner "finishes" its line: nothing was lost
+            SharedLearner(cfg.shared, demo_router("keyword"), cfg.feedback.state_dir)
+        assert {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()} == before
+        with open(segment, "r+b") as f:
+            f.truncate(len(before[segment.name]) - 4)  # the owner "finishes" its line
         redis_srv.start()
-        assert wait_for(lambda: a.gw.shared.pending() == 0 and a.gw.shared.version == 1,
+        assert wait_for(lambda: link(a).pending() == 0 and link(a).log_version == 1,
                         timeout_s=10.0)

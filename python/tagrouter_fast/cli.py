@@ -7,7 +7,10 @@ import json
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tagrouter_fast.protocols import Tagger
 
 
 def _load_router(args: argparse.Namespace):  # noqa: ANN202 - TagRouter, imported lazily
@@ -35,6 +38,7 @@ def _finite(value: Any) -> Any:
 def _cmd_tag(args: argparse.Namespace) -> int:
     from tagrouter_fast.tagging.taggers import DefaultTagger
 
+    tagger: Tagger
     if args.generator:
         from tagrouter_fast.tagging.taggers import TagGeneratorTagger
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tagrouter_fast import journal
+
 if TYPE_CHECKING:
     from tagrouter_fast.protocols import Tagger
     from tagrouter_fast.router import TagRouter
@@ -256,8 +258,10 @@ def _to_arrow(cols: Columns) -> Any:
 
 
 class _Writer:
-    """One output file, written to a temporary name and renamed when complete, so an
-    interrupted run never leaves a plausible-looking partial file behind."""
+    """One output file, written to a temporary name and committed when complete
+    (`journal.temp_beside` / `journal.commit`: fsync, rename, fsync the directory), so an
+    interrupted run, or a power loss after it, never leaves a plausible-looking partial file
+    behind."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -265,9 +269,7 @@ class _Writer:
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             raise BatchError(f"--output {path}: directory {parent} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self.tmp = journal.temp_beside(path)
         self._jsonl: Any = None
         self._parquet: Any = None
         self._pending: list[Any] = []
@@ -305,7 +307,7 @@ class _Writer:
         else:
             self._flush()
             self._parquet.close()
-        os.replace(self.tmp, self.path)
+        journal.commit(self.tmp, self.path)
 
     def abort(self) -> None:
         try:

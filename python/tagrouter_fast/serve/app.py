@@ -74,6 +74,7 @@ from tagrouter_fast.serve.tokens import (
 
 if TYPE_CHECKING:
     from tagrouter_fast.router import TagRouter
+    from tagrouter_fast.serve.learner import Learner
 
 __all__ = ["ApiError", "Gateway", "create_app"]
 
@@ -302,8 +303,9 @@ class Gateway:
         self.aliases = frozenset(config.router.aliases)
         self.router = self._prepare_router(router)
         self.forwarder: Forwarder | None = None
-        self.outcomes: Any = None  # OutcomeStore, opened at start-up
-        self.shared: Any = None  # SharedCounts (Redis), opened with it when [shared] is set
+        #: Learns from /v1/feedback (local journal, or Redis-shared), opened at start-up; None:
+        #: feedback is off.
+        self.learner: Learner | None = None
         self.ready = False
         self.tag_in_thread = config.router.tag_in_thread is not False
         self.inflight = 0
@@ -362,54 +364,43 @@ class Gateway:
             await anyio.to_thread.run_sync(self._warm_up)
             fb = self.config.feedback
             if fb.state_dir is not None:
-                self.outcomes = await anyio.to_thread.run_sync(self._open_outcomes, self.router)
+                self.learner = await anyio.to_thread.run_sync(self._open_learner, self.router)
             self.ready = True
             yield
         finally:
             self.ready = False
             await client.aclose()
-            if self.outcomes is not None:
-                await anyio.to_thread.run_sync(self.outcomes.close)
-            if self.shared is not None:  # after the store: its close may still apply outcomes
-                await anyio.to_thread.run_sync(self.shared.close)
+            if self.learner is not None:
+                await anyio.to_thread.run_sync(self.learner.close)
 
-    def _open_outcomes(self, router: TagRouter) -> Any:
-        from tagrouter_fast.serve.outcomes import OutcomeStore
-
+    def _open_learner(self, router: TagRouter) -> Learner:
+        """The learner of ``[feedback]``: the local journal, owned by the Redis-shared learner
+        when ``[shared]`` is set."""
         fb = self.config.feedback
         assert fb.state_dir is not None
-        shared = None
-        if self.config.shared is not None:
-            from tagrouter_fast.serve.shared import SharedCounts
+        options: dict[str, Any] = {
+            "fsync": fb.fsync, "snapshot_every": fb.snapshot_every,
+            "decision_ttl_s": fb.decision_ttl_s, "max_decisions": fb.max_decisions,
+        }
+        learner: Learner
+        if self.config.shared is None:
+            from tagrouter_fast.serve.outcomes import OutcomeStore
 
-            if self.shared is not None:  # a reload: the previous link goes with its store
-                self.shared.close()
-                self.shared = None
-            # The outcome store writes through the shared link (outbox first, then the store).
-            shared = SharedCounts(self.config.shared, router, fb.state_dir, fsync=fb.fsync,
-                                  decision_ttl_s=fb.decision_ttl_s)
-        try:
-            store = OutcomeStore(
-                shared.journal_router if shared is not None else router, fb.state_dir,
-                fsync=fb.fsync, snapshot_every=fb.snapshot_every,
-                decision_ttl_s=fb.decision_ttl_s, max_decisions=fb.max_decisions,
-            )
-        except BaseException:
-            if shared is not None:
-                shared.close(flush_s=0)
-            raise
-        if shared is not None:
+            learner = OutcomeStore(router, fb.state_dir, **options)
+        else:
+            from tagrouter_fast.serve.shared import SharedLearner
+
+            shared = SharedLearner(self.config.shared, router, fb.state_dir, **options)
             try:
                 shared.start()  # routes on base + shared increments from the first request
             except BaseException:
-                store.close()
                 shared.close(flush_s=0)
                 raise
-            self.shared = shared
+            learner = shared
         self._apply_costs(router)
-        self.metrics.track_store_version(lambda: float(self.outcomes.version)
-                                         if self.outcomes is not None else 0.0)
-        return store
+        self.metrics.track_store_version(lambda: float(self.learner.version)
+                                         if self.learner is not None else 0.0)
+        return learner
 
     def _warm_up(self) -> None:
         """Loads the tagger's model (and aligner) before the first request, and times it to
@@ -759,8 +750,8 @@ class Gateway:
 
         key = self.authenticate(request, FEEDBACK, "POST /v1/feedback")
         body = await read_json(request, self.config.limits.max_body_bytes)
-        store = self.outcomes
-        if store is None:
+        learner = self.learner
+        if learner is None:
             self.metrics.feedback.labels("unavailable").inc()
             raise ApiError(503, "feedback is off: set [feedback] state_dir in the config",
                            kind="server_error")
@@ -788,14 +779,8 @@ class Gateway:
         claims = self._verify_decision(did, key)
         decision = (claims.tags, claims.model, claims.issued)
         try:
-            shared = self.shared
-            if shared is not None:  # Redis-wide idempotency
-                version = await anyio.to_thread.run_sync(
-                    lambda: shared.feedback(store, claims.id, outcome, decision=decision,
-                                            key=key.id))
-            else:
-                version = await anyio.to_thread.run_sync(
-                    lambda: store.feedback(claims.id, outcome, decision=decision, key=key.id))
+            version = await anyio.to_thread.run_sync(
+                lambda: learner.feedback(claims.id, outcome, decision=decision, key=key.id))
         except UnknownDecision as e:
             # With the decision in hand the store only refuses one past its idempotency window
             # (decision_ttl_s, or evicted by max_decisions): counting it could count it twice.
@@ -862,8 +847,8 @@ class Gateway:
         return self.router.update_decider(fn)
 
     def _update_store(self, fn: Callable[[Any], Any]) -> None:
-        if self.outcomes is not None:
-            self.outcomes.update_store(fn)
+        if self.learner is not None:
+            self.learner.update_store(fn)
         else:
             self.router.update_store(fn)
 
@@ -1016,10 +1001,11 @@ class Gateway:
         return {"theta": holder["theta"], "llm_share": share, "queries": len(sample)}
 
     def _admin_snapshot(self, body: dict[str, Any]) -> dict[str, Any]:
-        if self.outcomes is None:
+        learner = self.learner
+        if learner is None:
             raise ApiError(503, "feedback is off: set [feedback] state_dir in the config")
-        path = self.outcomes.snapshot()
-        return {"snapshot": str(path), "version": self.outcomes.version}
+        path = learner.snapshot()
+        return {"snapshot": str(path), "version": learner.version}
 
     def _admin_reload(self, body: dict[str, Any]) -> dict[str, Any]:
         from tagrouter_fast.router import TagRouter
@@ -1033,19 +1019,19 @@ class Gateway:
         # The running tagger is kept (no second encoder load); the bundle's fingerprint check
         # still refuses a store built with another tagger.
         fresh = self._prepare_router(TagRouter.load(bundle, tagger=self.router.tagger))
-        bundle_tags = fresh.scorer.tags  # before the outcome store swaps in its snapshot
-        old_store = self.outcomes
-        if old_store is not None:
-            # One process per state directory: the old store lets go before the new one opens
+        bundle_tags = fresh.scorer.tags  # before the learner swaps in its snapshot
+        old = self.learner
+        if old is not None:
+            # One process per state directory: the old learner lets go before the new one opens
             # (and replays the journal onto the fresh bundle). A state directory started on
             # another store refuses (its snapshot would replace the new bundle's): the old
-            # store reopens and the reload is refused with the reason.
-            old_store.close()
-            self.outcomes = None
+            # learner reopens and the reload is refused with the reason.
+            old.close()
+            self.learner = None
             try:
-                self.outcomes = self._open_outcomes(fresh)
+                self.learner = self._open_learner(fresh)
             except (StateError, SharedStateError) as e:
-                self.outcomes = self._open_outcomes(self.router)
+                self.learner = self._open_learner(self.router)
                 raise ApiError(409, f"reload refused: {e}") from None
         self.router = fresh
         # New decisions travel with the new bundle's tags; tokens on the old ones still verify.
@@ -1187,10 +1173,12 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
     async def readyz(request: Request) -> Response:
         if not gw.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
+        learner = gw.learner
+        stats = learner.stats() if learner is not None else {}
         return JSONResponse({
             "status": "ready", "models": gw.router.decider.models,
-            "store_version": getattr(gw.outcomes, "version", None),
-            **({"shared": gw.shared.stats()} if gw.shared is not None else {}),
+            "store_version": learner.version if learner is not None else None,
+            **({"shared": stats["shared"]} if "shared" in stats else {}),
         })
 
     async def on_api_error(request: Request, exc: Exception) -> Response:

@@ -3,7 +3,7 @@
 The gateway routes a query, `OutcomeStore.remember`\\ s the decision (its id, tags and model) and
 later receives ``POST /v1/feedback {decision_id, outcome}``; `OutcomeStore.feedback` appends the
 outcome to a journal, makes it durable, and only then adds the record ``(decision, tags, model,
-outcome)`` to the router's store (`TagRouter.add_records`: a lock-free swap for readers), so the
+outcome)`` to the router's counts (`TagRouter.learn`: O(its tags); readers never block), so the
 next decision sees it. On start the store loads the latest snapshot and replays the journal
 after it. docs/feedback.md describes the files, the fsync policy and the recovery rules.
 
@@ -14,12 +14,17 @@ State directory::
     registry-<gen>.log         the decision registry at that snapshot (with "already has an
                                outcome" marks), so idempotency survives journal compaction
     journal-<first seq>.log    outcomes, one self-checking line each, fsynced before the ack
+    ACKED                      the last acknowledged journal sequence number (a watermark)
     decisions-<gen>.log        remembered decisions, appended without fsync (see below)
     LOCK                       held (flock) by the one process that owns the directory
 
-Every line of the journal and logs is ``<crc32 of payload, 8 hex> <JSON payload>\\n``, so a torn
-last line (a write that a crash cut short) is recognised and dropped, while a bad line anywhere
-else in the journal is an error naming the file and line, never silently wrong counts.
+Every line of the journal and logs is ``<crc32 of payload, 8 hex> <JSON payload>\\n``
+(`tagrouter_fast.journal` owns the codec, the scan and the atomic writes). The snapshot says
+which sequence number it covers, the journal's sequence numbers run without gaps and ``ACKED``
+says where they must at least reach, so a torn, never-acknowledged tail (a write that a crash
+or a full disk cut short) is cut with a warning, while damage that may hold an acknowledged
+outcome stops the start with a `StateError` naming the file, the byte offset and how to
+recover: never silently wrong counts.
 
 >>> import tempfile
 >>> from tagrouter_fast.core import TagDecider, TagScorer
@@ -47,14 +52,14 @@ import os
 import re
 import threading
 import time
-import zlib
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from tagrouter_fast import journal
 from tagrouter_fast.core import Record, TagScorer
 
 if TYPE_CHECKING:
@@ -67,6 +72,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "QUERY_ID_PREFIX",
+    "JournalReader",
     "DuplicateOutcome",
     "OutcomeStore",
     "OutcomeStoreError",
@@ -80,6 +86,11 @@ STATE_FORMAT = "tagrouter-outcomes"
 STATE_VERSION = 1
 MANIFEST = "MANIFEST.json"
 LOCK_FILE = "LOCK"
+#: The watermark of acknowledged outcomes (`journal.Watermark`): rewritten in place after every
+#: group commit without an fsync of its own (one fsync per commit stays the journal's), fsynced
+#: every `ACKED_SYNC_S` seconds, at snapshots and on close.
+ACKED = "ACKED"
+ACKED_SYNC_S = 1.0
 #: A decision's outcome record uses ``QUERY_ID_PREFIX + decision_id`` as its query id, so it can
 #: never collide with a query id of the judgments the store was built from (a collision with
 #: another tag set would make `TagScorer.with_records` refuse the record).
@@ -93,7 +104,8 @@ _DECISIONS_RE = re.compile(r"decisions-(\d{8})\.log")
 _STORE_RE = re.compile(r"store-(\d{8})\.trs")
 _REGISTRY_RE = re.compile(r"registry-(\d{8})\.log")
 
-# Indirection so tests can make fsync fail without patching the os module for everyone.
+# Indirection so tests can make fsync fail without patching the os module for everyone: every
+# file call of this module passes it to tagrouter_fast.journal.
 _fsync = os.fsync
 
 
@@ -118,108 +130,34 @@ class OutcomeStoreError(RuntimeError):
     until it is reopened (the gateway answers 503)."""
 
 
-# ==== Self-checking lines ====
-
-
-def _encode_line(obj: dict[str, Any]) -> bytes:
-    payload = json.dumps(
-        obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
-    ).encode("utf-8")
-    return b"%08x " % zlib.crc32(payload) + payload + b"\n"
-
-
-def _decode_line(raw: bytes) -> dict[str, Any] | None:
-    """The payload of one line (without its newline), or None if it fails its check."""
-    if len(raw) < 10 or raw[8:9] != b" ":
-        return None
-    try:
-        crc = int(raw[:8], 16)
-    except ValueError:
-        return None
-    payload = raw[9:]
-    if zlib.crc32(payload) != crc:
-        return None
-    try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
+# ==== Files (the discipline itself lives in tagrouter_fast.journal) ====
 
 
 def _scan(path: Path, *, strict: bool, last: bool) -> tuple[list[tuple[int, dict[str, Any]]], int]:
     """The good lines of a log as ``(line number, payload)``, and the byte offset where the
     good part ends.
 
-    A bad final line of the ``last`` file is a torn write (the crash came before the ack, which
-    waits for fsync) and ends the good part. Any other bad line is a `StateError` when
-    ``strict`` (the journal), else skipped with a warning (the unsynced decisions logs, where a
-    lost decision only means a later 404).
+    A bad final line of the ``last`` file is a torn write and ends the good part. Any other bad
+    line is a `StateError` when ``strict`` (a file written atomically), else skipped with a
+    warning (the unsynced decisions logs, where a lost decision only means a later 404). The
+    journal has its own, stricter rules (`OutcomeStore._replay_journal`).
     """
-    data = path.read_bytes()
+    lines = journal.scan(path)
     out: list[tuple[int, dict[str, Any]]] = []
-    pos, lineno = 0, 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        lineno += 1
-        obj = _decode_line(data[pos:nl]) if nl >= 0 else None
-        if obj is None:
-            at_end = nl < 0 or nl == len(data) - 1
-            if at_end and last:
-                return out, pos
-            if strict:
-                raise StateError(
-                    f"{path}:{lineno}: corrupt line (checksum or JSON does not match); the "
-                    "journal is damaged before its end, refusing to guess the counts"
-                )
-            log.warning("%s:%d: skipping a corrupt line of an unsynced decisions log", path, lineno)
-            pos = len(data) if nl < 0 else nl + 1
+    for i, line in enumerate(lines):
+        if line.payload is not None:
+            out.append((line.number, line.payload))
             continue
-        out.append((lineno, obj))
-        pos = nl + 1
-    return out, pos
-
-
-# ==== Files ====
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        _fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, *, durable: bool) -> None:
-    """Temp file in the same directory, (fsync), rename, (fsync the directory): readers and a
-    restart after a crash see the old file or the new one whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, data)
-            if durable:
-                _fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    if durable:
-        _fsync_dir(path.parent)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _open_append(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if last and i == len(lines) - 1:
+            return out, line.offset
+        if strict:
+            raise StateError(
+                f"{path}:{line.number}: corrupt line at byte {line.offset} (checksum or JSON "
+                "does not match); refusing to guess"
+            )
+        log.warning("%s:%d: skipping a corrupt line of an unsynced decisions log", path,
+                    line.number)
+    return out, lines[-1].end if lines else 0
 
 
 def _numbered(d: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
@@ -231,15 +169,10 @@ def _numbered(d: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def _truncate(path: Path, size: int, *, durable: bool) -> None:
-    log.warning("%s: dropping a torn last line (%d bytes)", path, path.stat().st_size - size)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.ftruncate(fd, size)
-        if durable:
-            _fsync(fd)
-    finally:
-        os.close(fd)
+def _cut(path: Path, size: int, *, durable: bool) -> None:
+    log.warning("%s: dropping a torn last line at byte %d (%d bytes, never acknowledged)", path,
+                size, path.stat().st_size - size)
+    journal.truncate(path, size, durable=durable, fsync=_fsync)
 
 
 # ==== Registry ====
@@ -341,6 +274,9 @@ class OutcomeStore:
             loss. The defaults are the tie band of the AlpacaEval table (1/3, 2/3).
         check_base: refuse to open a state directory that was started on another store than
             the router's (the bundle changed): its snapshot would silently replace the new one.
+        keep_journal: keep every journal segment until `release_journal` says it may go, even
+            once a snapshot covers it: for a reader that follows the journal (the Redis link
+            publishes from it, `JournalReader`).
         clock: wall-clock seconds, for TTLs (tests pass a fake).
 
     Raises:
@@ -361,6 +297,7 @@ class OutcomeStore:
         win_at: float = 2 / 3,
         tie_above: float = 1 / 3,
         check_base: bool = True,
+        keep_journal: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         for name, value in (("snapshot_every", snapshot_every), ("max_decisions", max_decisions)):
@@ -412,7 +349,14 @@ class OutcomeStore:
         self._evicted_t = 0.0
         self._closed = False
         self._journal_fd = -1
+        #: Size of the current journal segment: where a failed append is cut back to.
         self._journal_bytes = 0
+        #: Compaction keeps journal entries above this (None: what the snapshot covers goes).
+        self._journal_hold: int | None = 0 if keep_journal else None
+        #: The ACKED watermark (durable stores only): last written and last fsynced values.
+        self._acked: journal.Watermark | None = None
+        self._acked_written = 0
+        self._acked_synced = 0
         self._decisions_fd = -1
         self._lock_fd = -1
         self._last_log_warning = 0.0
@@ -453,7 +397,9 @@ class OutcomeStore:
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be a non-empty str, got {model!r}")
         now = self._clock()
-        line = _encode_line({"id": decision_id, "tags": list(tag_tuple), "model": model, "t": now})
+        line = journal.encode_line(
+            {"id": decision_id, "tags": list(tag_tuple), "model": model, "t": now}
+        )
         with self._lock:
             if self._closed:
                 raise OutcomeStoreError("the outcome store is closed")
@@ -463,7 +409,7 @@ class OutcomeStore:
             self._registry[decision_id] = _Decision(tag_tuple, model, now)
             self._evict_over_max_locked()
             try:
-                _write_all(self._decisions_fd, line)
+                journal.write_all(self._decisions_fd, line)
             except OSError as e:
                 # Routing must not fail because the decisions log cannot grow: the decision
                 # works in this process, it only would not survive a restart.
@@ -582,11 +528,19 @@ class OutcomeStore:
                 entry["score"] = score
             if key is not None:
                 entry["key"] = key
-            line = _encode_line(entry)
+            line = journal.encode_line(entry)
             try:
-                _write_all(self._journal_fd, line)
+                journal.write_all(self._journal_fd, line)
             except OSError as e:
-                # A partly written line would sit in the middle of the journal: stop here.
+                # A full disk may have taken part of the line. Cut it off now (shrinking a file
+                # needs no space), so the journal ends on a whole line; if that fails too, the
+                # next start cuts it: a torn tail was never acknowledged. Either way no more
+                # appends: a later line after a torn one would be damage inside the journal.
+                try:
+                    os.ftruncate(self._journal_fd, self._journal_bytes)
+                except OSError as e2:
+                    log.error("cannot cut the failed append off the journal (%s); the next "
+                              "start will", e2)
                 self._fail_locked(e)
                 raise OutcomeStoreError(f"journal append failed: {e}") from e
             self._next_seq = seq + 1
@@ -601,14 +555,9 @@ class OutcomeStore:
         return self._apply(pending)
 
     def _learn(self, records: list[Record]) -> None:
-        """Adds outcomes to the router in O(their tags) (`TagRouter.learn`: counts, no query
-        row per outcome). A router standing in for replicas (`learn_records`) also wants the
-        decision ids, to count each outcome once across them."""
-        by_id = getattr(self.router, "learn_records", None)
-        if by_id is not None:
-            by_id(records)
-        else:
-            self.router.learn([(list(tags), model, label) for _q, tags, model, label in records])
+        """Adds outcomes to the router's counts in O(their tags) (`TagRouter.learn`): no query
+        row per outcome; the decision id stays in the journal and the registry."""
+        self.router.learn([(list(tags), model, label) for _q, tags, model, label in records])
 
     def _check_writable_locked(self) -> None:
         if self._closed:
@@ -645,6 +594,38 @@ class OutcomeStore:
                 raise OutcomeStoreError(f"journal fsync failed: {e}") from e
             with self._lock:
                 self._synced_seq = max(self._synced_seq, target)
+            self._mark_acked(target)
+
+    def _mark_acked(self, seq: int) -> None:
+        """Raises the ACKED watermark to ``seq`` (caller holds _sync_lock; every line up to
+        ``seq`` is fsynced). One pwrite, no fsync: it survives kill -9 at once and power loss
+        within `ACKED_SYNC_S`. It only ever says less than the journal holds, so it never makes
+        a sound journal look damaged."""
+        if self._acked is None or seq <= self._acked_written:
+            return
+        try:
+            self._acked.write({"acked": seq})
+            self._acked_written = seq
+        except OSError as e:
+            # A detector, not the data: the outcome is durable in the journal. Failing the
+            # store for it would refuse outcomes that are safe; say so and go on.
+            now = self._clock()
+            if now - self._last_log_warning > 60.0:
+                self._last_log_warning = now
+                log.warning("%s: cannot update (%s); a later loss of the newest outcomes may go "
+                            "undetected at the next start", self._acked.path, e)
+
+    def _sync_acked(self) -> None:
+        """fsyncs the ACKED watermark if it moved (snapshot thread, every `ACKED_SYNC_S`)."""
+        mark, written = self._acked, self._acked_written
+        if mark is None or written <= self._acked_synced:
+            return
+        try:
+            mark.sync(fsync=_fsync)
+            self._acked_synced = written
+        except OSError as e:
+            log.warning("%s: fsync failed (%s); it may say less than the journal holds after "
+                        "a power loss", mark.path, e)
 
     def _apply(self, pending: _Pending | None) -> int:
         """Applies every durable outcome not yet applied (in journal order, one batch: one
@@ -722,10 +703,11 @@ class OutcomeStore:
 
     def _snapshot_worker(self) -> None:
         while True:
-            self._snap_wanted.wait()
+            self._snap_wanted.wait(timeout=ACKED_SYNC_S if self._acked is not None else None)
             self._snap_wanted.clear()
             if self._stopping:
                 return
+            self._sync_acked()
             if self._applied_seq - self._snap_seq < self._snapshot_every:
                 continue
             try:
@@ -747,11 +729,14 @@ class OutcomeStore:
                 self._expire_locked(now)
                 seq, version, store = self._applied_seq, self.version, self.router.scorer
                 registry = list(self._registry.items())  # C-speed copy; encoded outside
-                new_decisions = _open_append(self.state_dir / f"decisions-{gen:08d}.log")
+                new_decisions = journal.open_append(self.state_dir / f"decisions-{gen:08d}.log")
                 old_decisions, self._decisions_fd = self._decisions_fd, new_decisions
-                if self._journal_bytes:
+                # After a failed append or fsync nothing more goes into the journal, so there
+                # is nothing to rotate for; and a new segment would make a torn tail of the old
+                # one look like damage inside the journal.
+                if self._journal_bytes and self._failed is None:
                     first = self._next_seq
-                    fd = _open_append(self.state_dir / f"journal-{first:012d}.log")
+                    fd = journal.open_append(self.state_dir / f"journal-{first:012d}.log")
                     old_journal, self._journal_fd = self._journal_fd, fd
                     self._journal_bytes = 0
             os.close(old_decisions)  # the registry dump covers it
@@ -762,7 +747,7 @@ class OutcomeStore:
                 try:
                     if self._durable:
                         _fsync(old_journal)
-                        _fsync_dir(self.state_dir)
+                        journal.fsync_dir(self.state_dir, fsync=_fsync)
                 except OSError as e:
                     with self._lock:
                         self._fail_locked(e)
@@ -771,6 +756,7 @@ class OutcomeStore:
                     os.close(old_journal)
                 with self._lock:
                     self._synced_seq = max(self._synced_seq, first - 1)
+                self._mark_acked(first - 1)
         return _Cut(gen, seq, version, store, registry, self._evicted_t)
 
     def _persist(self, cut: _Cut) -> Path:
@@ -778,7 +764,7 @@ class OutcomeStore:
         store_name = f"store-{cut.generation:08d}.trs"
         registry_name = f"registry-{cut.generation:08d}.log"
         data = cut.store.to_bytes()
-        _atomic_write(d / store_name, data, durable=self._durable)
+        journal.atomic_replace(d / store_name, data, durable=self._durable, fsync=_fsync)
         self._step("store-written")
         now = self._clock()
         lines = []
@@ -792,8 +778,10 @@ class OutcomeStore:
             row = {"id": did, "tags": list(dec.tags), "model": dec.model, "t": dec.t}
             if done:
                 row["done"] = True
-            lines.append(_encode_line(row))
-        _atomic_write(d / registry_name, b"".join(lines), durable=self._durable)
+            lines.append(journal.encode_line(row))
+        journal.atomic_replace(
+            d / registry_name, b"".join(lines), durable=self._durable, fsync=_fsync
+        )
         self._step("registry-written")
         manifest = {
             "format": STATE_FORMAT,
@@ -808,8 +796,9 @@ class OutcomeStore:
             "evicted_t": cut.evicted_t,
             "created": now,
         }
-        _atomic_write(
-            d / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"), durable=self._durable
+        journal.atomic_replace(
+            d / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"), durable=self._durable,
+            fsync=_fsync,
         )
         self._step("manifest-written")
         self._snap_seq, self._generation = cut.seq, cut.generation
@@ -822,10 +811,12 @@ class OutcomeStore:
         next open skips (and deletes)."""
         d = self.state_dir
         segments = _numbered(d, _JOURNAL_RE)
+        hold = self._journal_hold
+        upto = seq if hold is None else min(seq, hold)
         # A segment's entries all precede the next segment's first seq; the last (current)
         # segment is never deleted.
         for (_, path), (next_first, _) in zip(segments, segments[1:], strict=False):
-            if next_first - 1 <= seq:
+            if next_first - 1 <= upto:
                 path.unlink(missing_ok=True)
                 self._step("journal-compacted")
         for gen, path in _numbered(d, _DECISIONS_RE):
@@ -863,11 +854,13 @@ class OutcomeStore:
         self._base_sha256 = base_sha
         manifest_path = d / MANIFEST
         segments = _numbered(d, _JOURNAL_RE)
+        acked = self._read_acked()
         if not manifest_path.is_file():
-            if segments or _numbered(d, _REGISTRY_RE):
+            if segments or _numbered(d, _REGISTRY_RE) or acked:
                 raise StateError(
-                    f"{d}: journal or registry files without {MANIFEST}; the state directory "
-                    "is damaged (restore the manifest, or move the directory away to start over)"
+                    f"{d}: journal, registry or {ACKED} files without {MANIFEST}; the state "
+                    "directory is damaged (restore the manifest, or move the directory away to "
+                    "start over)"
                 )
             # A fresh directory pins the router's current store as generation 0, so a restart
             # replays onto exactly the store these outcomes were counted on.
@@ -906,8 +899,14 @@ class OutcomeStore:
         self._evicted_t = float(evicted) if isinstance(evicted, (int, float)) else 0.0
         now = self._clock()
 
+        if acked is None and self._durable and manifest_path.is_file() and segments:
+            log.warning(
+                "%s: no %s watermark (a state directory of an older version, or it was deleted "
+                "to accept a loss): this start cannot tell whether acknowledged outcomes at the "
+                "end of the journal are missing", d, ACKED,
+            )
         self._load_registry(manifest.get("registry"), gen)
-        records, last_seq = self._replay_journal(segments, snap_seq)
+        records, last_seq = self._replay_journal(segments, snap_seq, acked)
         if records:
             try:
                 self._learn(records)
@@ -931,17 +930,40 @@ class OutcomeStore:
             if segments:
                 segments[-1][1].unlink()  # empty and misnamed: nothing in it
             jpath = d / f"journal-{self._next_seq:012d}.log"
-        self._journal_fd = _open_append(jpath)
+        self._journal_fd = journal.open_append(jpath)
         self._journal_bytes = jpath.stat().st_size
         if self._durable:
-            _fsync_dir(d)
+            # What the journal holds now is counted: it is the new floor. Durable before the
+            # first acknowledgement, like the journal segment's name (one directory fsync).
+            self._acked = journal.Watermark(d / ACKED)
+            self._acked.write({"acked": last_seq})
+            self._acked.sync(fsync=_fsync)
+            self._acked_written = self._acked_synced = last_seq
+            journal.fsync_dir(d, fsync=_fsync)
         existing = [g for g, _ in _numbered(d, _DECISIONS_RE)]
         dgen = max([gen, *existing])
-        self._decisions_fd = _open_append(d / f"decisions-{dgen:08d}.log")
+        self._decisions_fd = journal.open_append(d / f"decisions-{dgen:08d}.log")
         self._next_generation = max([dgen, *(g for g, _ in _numbered(d, _STORE_RE))]) + 1
         for tmp in d.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)  # a write that a crash interrupted
         self._compact(gen, snap_seq)
+
+    def _read_acked(self) -> int | None:
+        """The ACKED watermark, or None when there is none to check against (missing, or a torn
+        write: it only ever helps to detect a loss, so its own loss is a warning)."""
+        path = self.state_dir / ACKED
+        try:
+            rec = journal.Watermark.read(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StateError(f"{path}: cannot read: {e}") from e
+        value = rec.get("acked") if rec is not None else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            log.warning("%s: unreadable (a torn write?); this start cannot tell whether "
+                        "acknowledged outcomes at the end of the journal are missing", path)
+            return None
+        return value
 
     def _load_registry(self, dump: str | None, gen: int) -> None:
         """The snapshot's registry file, then the decisions logs written since it."""
@@ -962,22 +984,51 @@ class OutcomeStore:
                     continue
                 self._registry.setdefault(did, _Decision(tags, model, t))
             if last and good < path.stat().st_size:
-                _truncate(path, good, durable=False)
+                _cut(path, good, durable=False)
 
     def _replay_journal(
-        self, segments: list[tuple[int, Path]], snap_seq: int
+        self, segments: list[tuple[int, Path]], snap_seq: int, acked: int | None
     ) -> tuple[list[Record], int]:
         """The records of every journal entry after the snapshot (marking their decisions) and
-        the last sequence number seen. Entries must be strictly consecutive."""
+        the last sequence number seen.
+
+        Entries must be strictly consecutive, from at most ``snap_seq + 1`` up to at least
+        ``acked`` (the ACKED watermark; None when there is none to check against). A bad line
+        followed by good ones is damage inside the journal. A bad *last* line of a segment is
+        cut, with a warning, when the sequence numbers show that it held nothing acknowledged:
+        the next segment goes on from the line before it (a failed append leaves its seq to the
+        next line), or it ends the journal at or after ``acked``. Anything else stops the
+        start with one line naming the file, the byte offset and how to recover; nothing is
+        cut before every check passed, so a refused start leaves the files as they were.
+        """
         records: list[Record] = []
         last_seq = snap_seq
         expect: int | None = None
         replayed: set[str] = set()
-        for i, (first, path) in enumerate(segments):
-            last = i == len(segments) - 1
-            lines, good = _scan(path, strict=True, last=last)
-            for n, (lineno, obj) in enumerate(lines):
-                where = f"{path}:{lineno}"
+        torn: list[tuple[Path, journal.Line]] = []  # bad last lines, cut once all checks pass
+        # The last segment, and the offset where its good part ends.
+        end: tuple[Path | None, int] = (None, 0)
+        for first, path in segments:
+            try:
+                lines = journal.scan(path)
+            except OSError as e:
+                raise StateError(f"{path}: cannot read: {e}") from e
+            if lines and lines[-1].payload is None:
+                torn.append((path, lines[-1]))
+                lines = lines[:-1]
+            for k, line in enumerate(lines):
+                if line.payload is None:
+                    raise StateError(
+                        f"{path}:{line.number}: corrupt line at byte {line.offset} (checksum or "
+                        f"JSON does not match) with {len(lines) - k} more lines after it: the "
+                        "journal is damaged before its end and the outcomes from there on "
+                        "cannot be trusted. To recover: restore the file from a backup, or "
+                        + self._accept_loss(path, line.offset, segments)
+                    )
+            for n, line in enumerate(lines):
+                obj = line.payload
+                assert obj is not None
+                where = f"{path}:{line.number}"
                 seq, label = obj.get("seq"), obj.get("outcome")
                 did, tags, model, t = _check_decision_fields(obj, where)
                 if not isinstance(seq, int) or label not in OUTCOME_LABELS:
@@ -990,11 +1041,20 @@ class OutcomeStore:
                     if seq > snap_seq + 1:
                         raise StateError(
                             f"{where}: journal entries {snap_seq + 1}..{seq - 1} after the "
-                            f"snapshot of {MANIFEST} are missing"
+                            f"snapshot of {MANIFEST} are missing: they were acknowledged. To "
+                            "recover: restore the journal files from a backup, or "
+                            + self._accept_loss(path, 0, segments)
                         )
                 elif seq != expect:
+                    prev = end[0]
+                    hint = ""
+                    if torn and prev is not None and torn[-1][0] == prev:
+                        hint = f" ({prev.name} ends in a damaged line at byte {torn[-1][1].offset})"
                     raise StateError(
-                        f"{where}: seq {seq} follows {expect - 1}; entries are missing or reordered"
+                        f"{where}: seq {seq} follows {expect - 1}: entries are missing or "
+                        f"reordered{hint}, and outcomes {expect}..{seq - 1} were acknowledged. "
+                        "To recover: restore the journal files from a backup, or "
+                        + self._accept_loss(path, line.offset, segments)
                     )
                 expect = seq + 1
                 last_seq = max(last_seq, seq)
@@ -1013,9 +1073,35 @@ class OutcomeStore:
                     )
                 dec.seq, dec.applied = seq, True
                 records.append((QUERY_ID_PREFIX + did, list(tags), model, label))
-            if last and good < path.stat().st_size:
-                _truncate(path, good, durable=self._durable)
+            end = (path, lines[-1].end if lines else 0)
+        if acked is not None and acked > last_seq:
+            last_path, offset = end
+            if last_path is None:
+                what = f"{self.state_dir}: no journal file holds them"
+            elif torn and torn[-1][0] == last_path:
+                what = f"{last_path}: ends in a damaged line at byte {offset}"
+            elif offset == 0:
+                what = f"{last_path}: is empty"
+            else:
+                what = f"{last_path}: ends at byte {offset} with seq {last_seq}"
+            raise StateError(
+                f"{what}, but {ACKED} says outcomes up to seq {acked} were acknowledged: "
+                f"outcomes {last_seq + 1}..{acked} are lost (a journal cut, emptied, deleted or "
+                "damaged at its end). To recover: restore the journal files from a backup, or "
+                f"delete {self.state_dir / ACKED} to start without them"
+            )
+        for path, line in torn:
+            _cut(path, line.offset, durable=self._durable)
         return records, last_seq
+
+    def _accept_loss(self, path: Path, offset: int, segments: list[tuple[int, Path]]) -> str:
+        """How to start without the outcomes from ``offset`` of ``path`` on (one line)."""
+        later = [p.name for _, p in segments if p.name > path.name]
+        steps = [f"truncate -s {offset} {path}" if offset else f"rm {path}"]
+        if later:
+            steps.append(f"remove the later journal files ({', '.join(later)})")
+        steps.append(f"rm {self.state_dir / ACKED}")
+        return "to start without those outcomes: " + "; ".join(steps)
 
     def _lines(self, path: Path, *, strict: bool, last: bool) -> list[tuple[str, dict[str, Any]]]:
         try:
@@ -1047,7 +1133,46 @@ class OutcomeStore:
                 raise StateError(f"{path}: {key!r} must be a file name in the directory")
         return m
 
+    # ---- for a reader of the journal (the Redis link) ----
+
+    def release_journal(self, upto_seq: int) -> None:
+        """With ``keep_journal``: journal entries up to ``upto_seq`` may be compacted away once
+        a snapshot covers them (the reader is done with them). Takes effect at the next
+        compaction."""
+        if self._journal_hold is not None:
+            self._journal_hold = max(self._journal_hold, int(upto_seq))
+
+    @property
+    def applied_seq(self) -> int:
+        """Journal sequence number of the last outcome in the router's store: every entry up to
+        it is durable and applied (the outcomes applied are always a prefix of the journal)."""
+        return self._applied_seq
+
+    @contextlib.contextmanager
+    def hold_applies(self) -> Iterator[int]:
+        """Holds outcomes back from the router while the caller replaces the router's store by
+        one derived from the applied outcomes; yields `applied_seq`, which stays put meanwhile.
+        (The Redis link composes *shared log + this replica's outcomes* this way: without it,
+        an outcome applied between its read and its swap would vanish from the routed store.)
+        Feedback keeps being journaled meanwhile; only its acknowledgement waits."""
+        with self._apply_lock:
+            yield self._applied_seq
+
     # ---- introspection ----
+
+    @property
+    def failure(self) -> str | None:
+        """Why the store accepts no outcome (closed, or a journal write/fsync failed), or None
+        while it does."""
+        if self._closed:
+            return "the outcome store is closed"
+        failed = self._failed
+        return None if failed is None else f"the outcome journal failed: {failed}"
+
+    @property
+    def writable(self) -> bool:
+        """Whether `feedback` can record outcomes (`failure` says why not)."""
+        return self.failure is None
 
     def has_outcome(self, decision_id: str) -> bool:
         """Whether a remembered (unexpired) decision already has an outcome."""
@@ -1063,6 +1188,7 @@ class OutcomeStore:
                 "journal_seq": self._next_seq - 1,
                 "applied_seq": self._applied_seq,
                 "snapshot_seq": self._snap_seq,
+                "acked_seq": self._acked_written,
                 "decisions": len(self._registry),
                 "failed": int(self._failed is not None),
             }
@@ -1088,6 +1214,8 @@ class OutcomeStore:
                 if self._failed is None:
                     with self._lock:
                         self._synced_seq = max(self._synced_seq, target)
+                    self._mark_acked(target)
+                self._sync_acked()
             self._apply(None)
             if snapshot and self._failed is None and self._applied_seq > self._snap_seq:
                 self._snapshot_now()
@@ -1099,6 +1227,9 @@ class OutcomeStore:
                 self._close_files()
 
     def _close_files(self) -> None:
+        if self._acked is not None:
+            self._acked.close()
+            self._acked = None
         for name in ("_journal_fd", "_decisions_fd", "_lock_fd"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -1116,3 +1247,100 @@ class OutcomeStore:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# ==== Following the journal ====
+
+
+class JournalReader:
+    """Follows the journal of an open `OutcomeStore` from a sequence number on, reading each
+    entry once the store has applied it.
+
+    The Redis link publishes this replica's outcomes from here: the journal is its outbox (one
+    fsync per group commit, no second file to keep in step). Open the store with
+    ``keep_journal=True`` and `OutcomeStore.release_journal` what Redis confirmed, so no entry
+    is compacted away before it was read and published.
+
+    Args:
+        store: the open store (the reader reads its files, never writes them).
+        after_seq: the last entry already taken care of; reading starts after it. Entries that
+            compaction removed before it started (published by an earlier process) are
+            skipped: the reader goes on from the oldest entry the journal still holds.
+    """
+
+    def __init__(self, store: OutcomeStore, after_seq: int) -> None:
+        self._dir = store.state_dir
+        #: The next entry to read: every entry before it was returned (or compacted before).
+        self.next_seq = after_seq + 1
+        self._path: Path | None = None
+        self._offset = 0
+        self._warned = False
+
+    def read(self, upto_seq: int) -> list[tuple[int, Record]]:
+        """The entries from `next_seq` up to ``upto_seq`` (pass `OutcomeStore.applied_seq`)
+        as ``(seq, record)``, in journal order; fewer if a line is damaged (logged once: the
+        store's next start reports it)."""
+        out: list[tuple[int, Record]] = []
+        while self.next_seq <= upto_seq:
+            if self._path is None:
+                self._path, self._offset = self._segment_for(self.next_seq), 0
+                if self._path is None:
+                    break
+            status = self._read_segment(upto_seq, out)
+            if status == "gone":
+                self._path = None  # compacted once read to its end: find the next one
+                continue
+            if status != "eof":
+                break
+            # The rest of the journal, if any, is in the segment named after the next entry.
+            nxt = self._dir / f"journal-{self.next_seq:012d}.log"
+            if nxt == self._path or not nxt.exists():
+                break
+            self._path, self._offset = nxt, 0
+        return out
+
+    def _segment_for(self, seq: int) -> Path | None:
+        segments = _numbered(self._dir, _JOURNAL_RE)
+        if not segments:
+            return None
+        before = [p for first, p in segments if first <= seq]
+        return before[-1] if before else segments[0][1]
+
+    def _read_segment(self, upto_seq: int, out: list[tuple[int, Record]]) -> str:
+        assert self._path is not None
+        try:
+            with open(self._path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return "gone"
+        pos, status = 0, "eof"
+        while True:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break  # the end, or a line being written: read again next time
+            obj = journal.decode_line(data[pos:nl])
+            try:
+                if obj is None or not isinstance(obj.get("seq"), int):
+                    raise StateError("corrupt line (checksum or JSON does not match)")
+                seq = obj["seq"]
+                did, tags, model, _ = _check_decision_fields(obj, f"{self._path}")
+                label = obj.get("outcome")
+                if label not in OUTCOME_LABELS:
+                    raise StateError(f"bad outcome {label!r}")
+            except StateError as e:
+                if not self._warned:
+                    self._warned = True
+                    log.error("%s: byte %d: %s; outcomes after it are not published until "
+                              "the journal is repaired", self._path, self._offset + pos, e)
+                status = "bad"
+                break
+            if seq > upto_seq:
+                status = "more"  # not applied yet: read again next time
+                break
+            if seq >= self.next_seq:
+                out.append((seq, (QUERY_ID_PREFIX + did, list(tags), model, label)))
+                self.next_seq = seq + 1
+            pos = nl + 1
+        self._offset += pos
+        return status

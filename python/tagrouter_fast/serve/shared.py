@@ -1,7 +1,13 @@
-"""Gateway replicas share what they learn through Redis.
+"""Gateway replicas share what they learn through Redis: `SharedLearner`.
 
-Each replica keeps its durable local outcome journal (`OutcomeStore`) and routes on a local,
-immutable store snapshot; Redis holds what all replicas learned, as additive increments:
+A `SharedLearner` is the gateway's `Learner` when ``[shared]`` is set. It owns the replica's
+local learner (`OutcomeStore`: durable journal + snapshots) and composes one way::
+
+    request -> SharedLearner -> OutcomeStore (journal, fsync) -> router
+    publisher thread: that journal -> Redis;  refresher thread: Redis's log -> router
+
+Each replica routes on a local, immutable store snapshot; Redis holds what all replicas learned,
+as additive increments:
 
 - ``<prefix>:log``: one list entry per counted outcome (the record itself, JSON), in the one order
   every replica applies them: a replica's store is *base bundle + this log + its own outcomes not
@@ -21,40 +27,54 @@ immutable store snapshot; Redis holds what all replicas learned, as additive inc
 
 One Lua script checks the mark and does the increments, the log append, the version bump and
 the publish atomically: a replay, a retry, or the same decision posted to two replicas counts
-once. Outcomes go to Redis from a durable outbox (``shared-outbox.log`` in the state
-directory), written before the local acknowledgement and trimmed only once Redis confirmed, so
-an outage or a restart loses none: they are replayed when Redis is back.
+once. **The local journal is the outbox**: a publisher thread follows it (`JournalReader`) from
+the last entry Redis confirmed (``shared-published`` in the state directory, rewritten without
+fsync: a lost update only re-sends entries that Redis then refuses as duplicates), and the local
+store keeps every journal segment holding an entry Redis has not confirmed. So an outage or a
+restart loses no outcome, and an acknowledgement costs the journal's one fsync, not a second one
+for an outbox file. (Earlier versions kept a separate ``shared-outbox.log``; its pending entries
+are read and sent once at start, then the file is removed.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
+from tagrouter_fast import journal
 from tagrouter_fast.core import Record, TagScorer
+from tagrouter_fast.serve.outcomes import (
+    QUERY_ID_PREFIX,
+    DuplicateOutcome,
+    JournalReader,
+    OutcomeStore,
+    UnknownDecision,
+)
 
 if TYPE_CHECKING:
     from tagrouter_fast.router import TagRouter
     from tagrouter_fast.serve.config import SharedConfig
-    from tagrouter_fast.serve.outcomes import OutcomeStore
 
-__all__ = ["SharedCounts", "SharedStateError"]
+__all__ = ["SharedLearner", "SharedStateError", "count_fields"]
 
 log = logging.getLogger("tagrouter.shared")
 
-OUTBOX = "shared-outbox.log"
+#: The last journal entry Redis confirmed (every entry up to it is in Redis).
+PUBLISHED = "shared-published"
+#: The outbox file of earlier versions: read once at start, removed once Redis has it all.
+LEGACY_OUTBOX = "shared-outbox.log"
 #: Log entries fetched per LRANGE when catching up (a new replica reads the whole log).
 FETCH_CHUNK = 10_000
 #: Outcomes sent per pipelined round trip.
@@ -99,24 +119,8 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-# ==== The outbox: outcomes acknowledged locally, not yet confirmed by Redis ====
 
-
-def _line(obj: dict[str, Any]) -> bytes:
-    payload = _dumps(obj).encode("utf-8")
-    return b"%08x " % zlib.crc32(payload) + payload + b"\n"
-
-
-def _parse(raw: bytes) -> dict[str, Any] | None:
-    if len(raw) < 10 or raw[8:9] != b" ":
-        return None
-    try:
-        if int(raw[:8], 16) != zlib.crc32(raw[9:]):
-            return None
-        obj = json.loads(raw[9:])
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
+# ==== Outcomes on their way to Redis ====
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ class _Entry:
     tags: tuple[str, ...]
     model: str
     outcome: str
+    #: Its local journal sequence number; None for a shared log entry or a legacy outbox entry.
+    seq: int | None = None
 
     @property
     def record(self) -> Record:
@@ -132,10 +138,12 @@ class _Entry:
 
     @property
     def learned(self) -> tuple[list[str], str, str]:
-        """The outcome as the store learns it: counts, no query row."""
+        """The outcome as the store learns it: counts, no query row (the qid is only the
+        idempotency key)."""
         return (list(self.tags), self.model, self.outcome)
 
     def to_json(self) -> dict[str, Any]:
+        """The shared log's entry (no local seq: every replica reads the same bytes)."""
         return {"q": self.qid, "tags": list(self.tags), "model": self.model, "o": self.outcome}
 
     @classmethod
@@ -149,133 +157,80 @@ class _Entry:
         return cls(q, tuple(tags), model, o)
 
 
-class _Outbox:
-    """Append-only file of ``<crc32> <JSON>`` lines: outcomes (``{"q": ...}``) and Redis
-    confirmations (``{"ack": qid}``). Outcomes are fsynced before the local ack (they are
-    written from inside the outcome store's apply step); acks are not (a lost ack only means one
-    idempotent re-send). Rewritten without the confirmed ones once they dominate."""
-
-    def __init__(self, path: Path, *, durable: bool) -> None:
-        self.path = path
-        self.durable = durable
-        self.pending: dict[str, _Entry] = {}
-        self.known: set[str] = set()  # ids in the file (pending or confirmed since the rewrite)
-        acked = 0
-        if path.exists():
-            data = path.read_bytes()
-            pos = 0
-            while pos < len(data):
-                nl = data.find(b"\n", pos)
-                obj = _parse(data[pos:nl]) if nl >= 0 else None
-                if obj is None:
-                    # A torn tail was being written when the process died: never acknowledged.
-                    log.warning("%s: dropping a bad line at byte %d", path, pos)
-                    if nl < 0:
-                        break
-                    pos = nl + 1
-                    continue
-                pos = nl + 1
-                if "ack" in obj:
-                    self.pending.pop(str(obj["ack"]), None)
-                    acked += 1
-                    continue
-                e = _Entry.from_json(obj)
-                if e is not None:
-                    self.known.add(e.qid)
-                    self.pending[e.qid] = e
-            if pos != len(data):
-                with open(path, "r+b") as f:
-                    f.truncate(pos)
-        self._acked = acked
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def add(self, entries: Sequence[_Entry]) -> None:
-        new = [e for e in entries if e.qid not in self.known]
-        if not new:
-            return
-        os.write(self._fd, b"".join(_line(e.to_json()) for e in new))
-        if self.durable:
-            os.fsync(self._fd)
-        for e in new:
-            self.known.add(e.qid)
-            self.pending[e.qid] = e
-
-    def ack(self, qids: Sequence[str]) -> None:
-        done = [q for q in qids if self.pending.pop(q, None) is not None]
-        if not done:
-            return
-        os.write(self._fd, b"".join(_line({"ack": q}) for q in done))
-        self._acked += len(done)
-        if self._acked > 1000 and self._acked > 4 * len(self.pending):
-            self._rewrite()
-
-    def _rewrite(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(b"".join(_line(e.to_json()) for e in self.pending.values()))
-            f.flush()
-            if self.durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self.known = set(self.pending)
-        self._acked = 0
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                if self.durable:
-                    os.fsync(self._fd)
-                os.close(self._fd)
-            self._fd = -1
+def _read_published(path: Path) -> int:
+    """The last journal entry Redis confirmed; 0 (re-send everything the journal holds: Redis
+    refuses the duplicates) when the file is missing or unreadable."""
+    try:
+        lines = journal.scan(path)
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        log.warning("%s: cannot read (%s); re-sending the journal to Redis", path, e)
+        return 0
+    seq = lines[0].payload.get("seq") if lines and lines[0].payload is not None else None
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        log.warning("%s: unreadable; re-sending the journal to Redis (duplicates are refused)",
+                    path)
+        return 0
+    return seq
 
 
-# ==== What the outcome store writes through ====
+def _read_legacy_outbox(path: Path) -> dict[str, _Entry]:
+    """The entries an earlier version's ``shared-outbox.log`` still had to send: outcome lines
+    minus their ``{"ack": qid}`` confirmations. Bad lines are skipped (a torn tail was never
+    acknowledged; an entry is also in the journal, or re-sent as a duplicate)."""
+    pending: dict[str, _Entry] = {}
+    try:
+        lines = journal.scan(path)
+    except FileNotFoundError:
+        return pending
+    for line in lines:
+        obj = line.payload
+        if obj is None:
+            log.warning("%s: skipping a bad line at byte %d", path, line.offset)
+            continue
+        if "ack" in obj:
+            pending.pop(str(obj["ack"]), None)
+            continue
+        e = _Entry.from_json(obj)
+        if e is not None:
+            pending[e.qid] = e
+    return pending
 
 
-class _JournalRouter:
-    """Stands in for the `TagRouter` the `OutcomeStore` writes to: every outcome it applies
-    (after its journal fsync, before its ack) goes to the outbox first, then onto the routed
-    store, under the same lock as the Redis refreshes, so a refresh never drops one."""
-
-    def __init__(self, shared: SharedCounts) -> None:
-        self._shared = shared
-
-    @property
-    def scorer(self) -> TagScorer:
-        return self._shared.router.scorer
-
-    def swap_store(self, scorer: TagScorer) -> None:
-        self._shared.router.swap_store(scorer)  # the outcome store's snapshot, on open
-
-    def learn_records(self, records: Iterable[Record]) -> None:
-        self._shared._add_local(list(records))
-
-    def update_store(self, fn: Callable[[TagScorer], TagScorer]) -> TagScorer:
-        return self._shared._update_base(fn)
+# ==== The shared learner ====
 
 
-# ==== The shared counts ====
+class SharedLearner:
+    """The `Learner` of a replica that shares its counts through Redis.
 
-
-class SharedCounts:
-    """One replica's link to the shared counts in Redis.
+    It owns the replica's local learner (an `OutcomeStore` on ``state_dir``, opened here with
+    ``keep_journal=True``): feedback goes request -> this -> the local learner's journal ->
+    router, and a publisher thread sends what that journal acknowledged to Redis. The router's
+    store is, once Redis answered, *base bundle + shared log + this replica's outcomes not yet
+    in the log*.
 
     Args:
         config: the ``[shared]`` table.
-        router: the replica's router; its store at construction is the base (the bundle's).
-        state_dir: the outcome store's directory (the outbox lives beside its journal).
-        fsync: fsync the outbox like the journal.
-        decision_ttl_s: how long a shared decision accepts feedback on any replica.
+        router: the replica's router; its store at construction is the base (the bundle's),
+            before the local learner replaces it with its snapshot.
+        state_dir: the local learner's state directory.
+        fsync, snapshot_every, decision_ttl_s, max_decisions, **local: the local learner's
+            options (`OutcomeStore`). ``decision_ttl_s`` is also how long a decision shared
+            through Redis accepts feedback on any replica.
 
-    Use: ``shared = SharedCounts(...)``; ``OutcomeStore(shared.journal_router, ...)``;
-    ``shared.start()``; ... ``shared.close()`` after the outcome store's close.
+    Use: ``learner = SharedLearner(...)``; ``learner.start()`` (joins Redis); ...
+    ``learner.close()``.
+
+    Raises:
+        ConfigError: the redis package is missing, or a bad ``redis_url``.
+        StateError, OutcomeStoreError: from opening the local learner.
     """
 
     def __init__(
         self, config: SharedConfig, router: TagRouter, state_dir: str | os.PathLike[str], *,
-        fsync: bool = True, decision_ttl_s: float = 3600.0,
+        fsync: bool = True, snapshot_every: int = 1000, decision_ttl_s: float = 3600.0,
+        max_decisions: int = 100_000, **local: Any,
     ) -> None:
         try:
             import redis
@@ -309,21 +264,46 @@ class SharedCounts:
         self._script = self._redis.register_script(_PUBLISH_LUA)
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
-        # _lock guards the composition state below and every swap of the routed store.
+        state = Path(state_dir)
+        self._published_path = state / PUBLISHED
+        self._legacy_path = state / LEGACY_OUTBOX
+        # Read before the local learner takes the directory's lock, and only read: a second
+        # process pointed at the same directory fails there without having changed a file.
+        published = _read_published(self._published_path)
+        try:
+            self.local = OutcomeStore(
+                router, state, fsync=fsync, snapshot_every=snapshot_every,
+                decision_ttl_s=decision_ttl_s, max_decisions=max_decisions, keep_journal=True,
+                **local,
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._redis.close()
+            raise
+
+        # _lock guards the composition state below and every swap of the routed store. Lock
+        # order: the local learner's apply lock (`OutcomeStore.hold_applies`), then _lock;
+        # nothing holding _lock calls into the local learner's locks.
         self._lock = threading.Lock()
-        self._outbox_path, self._fsync = Path(state_dir) / OUTBOX, fsync
-        self._opened: _Outbox | None = None
+        self._published = published
+        self.local.release_journal(published)
+        self._reader = JournalReader(self.local, published)
+        #: Outcomes to send, in journal order (legacy outbox entries first).
+        self._pending: dict[str, _Entry] = _read_legacy_outbox(self._legacy_path)
+        self._legacy = set(self._pending)
+        #: (seq, qid) of the journal entries read, oldest first, until Redis confirmed them.
+        self._seqs: deque[tuple[int, str]] = deque()
         self._shared: TagScorer | None = None  # base + log[:n], once synced
         self._n = 0  # log entries in _shared
         self._log_ids: set[str] = set()
         #: Confirmed by Redis, their log entries not applied yet.
         self._confirmed: dict[str, _Entry] = {}
+        self._recompose = False
         self._epoch: bytes | None = None
         self._diverged: str | None = None
         self._decisions: deque[tuple[str, bytes]] = deque(maxlen=MAX_QUEUED_DECISIONS)
 
         self.connected = False
-        self.journal_router = cast("TagRouter", _JournalRouter(self))
         self._stop = threading.Event()
         self._publish_wanted = threading.Event()
         self._refresh_wanted = threading.Event()
@@ -340,15 +320,13 @@ class SharedCounts:
         Raises:
             SharedStateError: Redis holds the counts of another base store.
         """
-        with self._lock:
-            self._outbox()
         try:
             self._refresh()
             self._publish()
             self._refresh()
         except self._errors as e:
             log.warning("Redis at %s unavailable (%s); routing on the local state, outcomes "
-                        "are kept in the outbox until it is back", self._where(), e)
+                        "wait in the journal until it is back", self._where(), e)
         for name, target in (("publish", self._publisher), ("refresh", self._refresher)):
             t = threading.Thread(target=target, name=f"tagrouter-shared-{name}", daemon=True)
             t.start()
@@ -359,9 +337,10 @@ class SharedCounts:
             t.start()
             self._threads.append(t)
 
-    def close(self, flush_s: float = 1.0) -> None:
-        """Tries to send what is pending for ``flush_s`` (the rest stays in the outbox for the
-        next start), stops the threads, closes the outbox."""
+    def close(self, flush_s: float = 1.0, *, snapshot: bool = True) -> None:
+        """Tries to send what is pending for ``flush_s`` (the rest waits in the journal for the
+        next start), stops the threads, closes the local learner (``snapshot``: with a final
+        snapshot) and the Redis connection. Idempotent."""
         deadline = time.monotonic() + flush_s
         while self.connected and time.monotonic() < deadline and self.pending():
             self._publish_wanted.set()
@@ -371,45 +350,33 @@ class SharedCounts:
         self._refresh_wanted.set()
         for t in self._threads:
             t.join(timeout=2.0 + self.config.timeout_s)
+        self._threads.clear()
         with self._lock:
-            if self._opened is not None:
-                self._opened.close()
+            self._write_published_locked()
+        self.local.close(snapshot=snapshot)
         with contextlib.suppress(Exception):
             self._redis.close()
-
-    def _outbox(self) -> _Outbox:
-        # Opened on first use, which comes after the outcome store took the state directory's
-        # lock (its journal replay, or start()): a second process pointed at the same
-        # directory must not read, let alone truncate, the owner's outbox.
-        if self._opened is None:
-            self._outbox_path.parent.mkdir(parents=True, exist_ok=True)
-            self._opened = _Outbox(self._outbox_path, durable=self._fsync)
-        return self._opened
 
     def _where(self) -> str:
         return f"shared.redis_url ({self.config.key_prefix!r})"
 
-    # ---- introspection ----
-
-    def pending(self) -> int:
-        """Outcomes acknowledged locally and not yet confirmed by Redis."""
-        with self._lock:
-            return len(self._outbox().pending)
+    # ---- the Learner interface ----
 
     @property
     def version(self) -> int:
-        """Shared log entries this replica routes on."""
-        return self._n
+        return self.local.version
 
-    def stats(self) -> dict[str, Any]:
-        with self._lock:
-            return {**self._stats, "version": self._n, "pending": len(self._outbox().pending),
-                    "connected": self.connected, "diverged": self._diverged}
+    @property
+    def failure(self) -> str | None:
+        return self.local.failure
 
-    # ---- routing side ----
+    @property
+    def writable(self) -> bool:
+        return self.local.writable
 
     def remember(self, decision_id: str, tags: Sequence[str], model: str) -> None:
-        """Queues the decision for sharing (never waits on Redis)."""
+        """Remembers the decision locally, then queues it for sharing (never waits on Redis)."""
+        self.local.remember(decision_id, tags, model)
         if not self.config.share_decisions:
             return
         self._decisions.append(
@@ -418,30 +385,26 @@ class SharedCounts:
         self._publish_wanted.set()
 
     def feedback(
-        self, store: OutcomeStore, decision_id: str, outcome: str | float, *,
+        self, decision_id: str, outcome: str | float, *,
         decision: tuple[Sequence[str], str, float] | None = None, key: str | None = None,
     ) -> int:
         """`OutcomeStore.feedback`, across replicas: an outcome Redis already counted is a
         `DuplicateOutcome` (409). The decision comes with the call (a verified decision token:
         any replica's, at once, Redis up or down), else from this replica's registry, else from
         Redis. Redis being down never fails feedback: the local journal takes it and the Lua
-        script still counts it once when it is replayed."""
-        from tagrouter_fast.serve.outcomes import (
-            QUERY_ID_PREFIX,
-            DuplicateOutcome,
-            UnknownDecision,
-        )
-
-        store.outcome_label(outcome)  # a bad outcome is a 400 before any Redis round trip
+        script still counts it once when it is sent."""
+        local = self.local
+        local.outcome_label(outcome)  # a bad outcome is a 400 before any Redis round trip
         qid = QUERY_ID_PREFIX + decision_id
-        if not store.has_outcome(decision_id) and self._ask(
-            lambda: self._redis.hexists(self._k_decided, qid)
+        if not local.has_outcome(decision_id) and (
+            qid in self._log_ids
+            or self._ask(lambda: self._redis.hexists(self._k_decided, qid))
         ):
             raise DuplicateOutcome(
                 f"decision {decision_id!r} already has an outcome (on another replica)"
             )
         try:
-            return store.feedback(decision_id, outcome, decision=decision, key=key)
+            version = local.feedback(decision_id, outcome, decision=decision, key=key)
         except UnknownDecision:
             if decision is not None:
                 raise  # the store refused the decision itself (expired): Redis cannot help
@@ -454,8 +417,53 @@ class SharedCounts:
             except (ValueError, KeyError, TypeError):
                 raise UnknownDecision(f"shared decision {decision_id!r} is unreadable") from None
             with contextlib.suppress(ValueError):  # remembered meanwhile by a concurrent post
-                store.remember(decision_id, tags, model)
-            return store.feedback(decision_id, outcome)
+                local.remember(decision_id, tags, model)
+            version = local.feedback(decision_id, outcome)
+        self._publish_wanted.set()
+        return version
+
+    def update_store(self, fn: Callable[[TagScorer], TagScorer]) -> int:
+        """`OutcomeStore.update_store`; the change applies to this replica's base too, so later
+        refreshes keep it (admin store changes are per replica)."""
+
+        def both(store: TagScorer) -> TagScorer:
+            new = fn(store)
+            # Runs under the local learner's apply lock, so no refresh composes in between.
+            with self._lock:
+                self._base = fn(self._base)
+                if self._shared is not None:
+                    self._shared = fn(self._shared)
+            return new
+
+        return self.local.update_store(both)
+
+    def snapshot(self) -> Path:
+        return self.local.snapshot()
+
+    def stats(self) -> dict[str, Any]:
+        """The local learner's numbers, and under ``"shared"``: ``version`` (log entries routed
+        on), ``pending`` (outcomes not yet confirmed by Redis), ``connected``, ``published``,
+        ``duplicates``, ``applied``, ``errors``, ``diverged``."""
+        return {**self.local.stats(), "shared": self.shared_stats()}
+
+    # ---- introspection ----
+
+    def pending(self) -> int:
+        """Outcomes acknowledged locally and not yet confirmed by Redis."""
+        with self._lock:
+            self._catch_up_locked(self.local.applied_seq)
+            return len(self._pending)
+
+    @property
+    def log_version(self) -> int:
+        """Shared log entries this replica routes on."""
+        return self._n
+
+    def shared_stats(self) -> dict[str, Any]:
+        pending = self.pending()
+        with self._lock:
+            return {**self._stats, "version": self._n, "pending": pending,
+                    "connected": self.connected, "diverged": self._diverged}
 
     def _ask(self, fn: Callable[[], Any]) -> Any:
         """A request-path Redis call: None when Redis is down (the caller goes on locally)."""
@@ -467,33 +475,57 @@ class SharedCounts:
             self._lost(e)
             return None
 
+    # ---- the journal as the outbox ----
+
+    def _catch_up_locked(self, upto_seq: int) -> None:
+        """Takes the local journal's entries up to ``upto_seq`` into the pending ones."""
+        for seq, (q, tags, model, outcome) in self._reader.read(upto_seq):
+            e = _Entry(str(q), tuple(tags), model, outcome, seq)
+            self._seqs.append((seq, e.qid))
+            self._pending.setdefault(e.qid, e)
+
+    def _confirm_locked(self, batch: Sequence[_Entry]) -> None:
+        """Redis has ``batch``: advance the published mark over every entry it completes."""
+        for e in batch:
+            self._pending.pop(e.qid, None)
+        seqs = self._seqs
+        while seqs and seqs[0][1] not in self._pending:
+            seqs.popleft()
+        published = seqs[0][0] - 1 if seqs else self._reader.next_seq - 1
+        if published > self._published:
+            self._published = published
+            # Compaction may now delete what Redis has (the journal stays the outbox of the
+            # rest); the mark itself is written when it is cheap to lose (see PUBLISHED).
+            self.local.release_journal(published)
+        if self._legacy and not self._legacy & self._pending.keys():
+            self._legacy.clear()
+            with contextlib.suppress(OSError):
+                self._legacy_path.unlink()
+                log.info("%s: every entry is in Redis; removed", self._legacy_path)
+
+    def _write_published_locked(self) -> None:
+        # No fsync: after a power loss an older mark only re-sends entries, which the Lua
+        # script refuses as duplicates; an fsync here would be a second one per batch.
+        try:
+            journal.atomic_replace(self._published_path,
+                                   journal.encode_line({"seq": self._published}), durable=False)
+        except OSError as e:
+            log.warning("%s: cannot write (%s); the next start re-sends more", self._published_path,
+                        e)
+
     # ---- composing the routed store ----
 
-    def _add_local(self, records: list[Record]) -> None:
-        entries = [_Entry(str(q), tuple(t), m, o) for q, t, m, o in records]
-        with self._lock:
-            # Already counted through the log (the same decision posted to another replica
-            # first): the store has it once, and Redis would refuse it anyway.
-            fresh = [e for e in entries if e.qid not in self._log_ids]
-            self._outbox().add(fresh)  # durable before the outcome store acknowledges
-            if fresh:
-                self.router.learn([e.learned for e in fresh])
-        self._publish_wanted.set()
-
-    def _update_base(self, fn: Callable[[TagScorer], TagScorer]) -> TagScorer:
-        # Admin store changes (add/remove a model) are this replica's: they apply to its base
-        # too, so that later refreshes keep them.
-        with self._lock:
-            new = self.router.update_store(fn)
-            self._base = fn(self._base)
-            if self._shared is not None:
-                self._shared = fn(self._shared)
-            return new
-
-    def _compose_locked(self) -> None:
+    def _compose_locked(self, applied_seq: int) -> None:
+        """Routes on the shared store plus this replica's outcomes not in the log yet. Caller
+        holds the local learner's apply lock (so ``applied_seq`` is exactly what the router
+        holds of the journal) and _lock."""
         assert self._shared is not None
-        own = {**self._confirmed, **self._outbox().pending}
-        extra = [e.learned for q, e in own.items() if q not in self._log_ids]
+        self._catch_up_locked(applied_seq)
+        own = {**self._confirmed, **self._pending}
+        extra = [
+            e.learned for q, e in own.items()
+            if q not in self._log_ids and (e.seq is None or e.seq <= applied_seq)
+        ]
         store = self._shared.with_learned(extra) if extra else self._shared
         self.router.update_store(lambda _old: store)
 
@@ -544,12 +576,14 @@ class SharedCounts:
         if self._diverged is not None:
             return
         v = int(version or 0)
-        if self._shared is not None and v == self._n:
+        with self._lock:
+            n, synced, recompose = self._n, self._shared is not None, self._recompose
+        if synced and v == n and not recompose:
             return
-        if v < self._n:
+        if v < n:
             self._check_epoch(b"<lost>")
             return
-        start = self._n if self._shared is not None else 0
+        start = n if synced else 0
         raw: list[bytes] = []
         while start + len(raw) < v:
             lo = start + len(raw)
@@ -563,7 +597,7 @@ class SharedCounts:
             if e is None:
                 raise SharedStateError(f"{self._k_log}[{start + i}]: not an outcome entry")
             entries.append(e)
-        with self._lock:
+        with self.local.hold_applies() as applied_seq, self._lock:
             if start != (self._n if self._shared is not None else 0):
                 return  # another refresh got here first
             shared = self._shared if self._shared is not None else self._base
@@ -576,10 +610,11 @@ class SharedCounts:
             for e in entries:
                 self._confirmed.pop(e.qid, None)
             self._stats["applied"] += len(new)
-            self._compose_locked()
+            self._recompose = False
+            self._compose_locked(applied_seq)
 
     def _publish(self) -> None:
-        """Sends the outbox and the queued decisions; confirms what Redis took."""
+        """Sends the queued decisions and the pending outcomes; confirms what Redis took."""
         if not self.connected:
             self._refresh()  # rejoins (checks base and epoch) before sending anything
         if self._diverged is not None:
@@ -592,11 +627,13 @@ class SharedCounts:
             for did, val in decisions:
                 pipe.set(self._k_dec + did, val, ex=self._ttl_s)
             pipe.execute()
+        sent = False
         while True:
             with self._lock:
-                batch = list(self._outbox().pending.values())[:PUBLISH_CHUNK]
+                self._catch_up_locked(self.local.applied_seq)
+                batch = list(itertools.islice(self._pending.values(), PUBLISH_CHUNK))
             if not batch:
-                return
+                break
             pipe = self._redis.pipeline(transaction=False)
             keys = [self._k_decided, self._k_log, self._k_counts, self._k_version]
             for e in batch:
@@ -606,14 +643,22 @@ class SharedCounts:
             results = pipe.execute()
             dup = sum(1 for res in results if int(res[0]) == 0)
             with self._lock:
-                self._outbox().ack([e.qid for e in batch])
+                self._confirm_locked(batch)
                 # Routed on until the refresh brings their log entries (no gap in between).
                 self._confirmed.update((e.qid, e) for e in batch if e.qid not in self._log_ids)
                 self._stats["published"] += len(batch) - dup
                 self._stats["duplicates"] += dup
+                if dup:
+                    # Counted before (another replica, or a confirmation this replica lost):
+                    # the routed store may hold it twice until it is composed again.
+                    self._recompose = True
+            sent = True
             self._refresh_wanted.set()
             if self._stop.is_set():
-                return
+                break
+        if sent:
+            with self._lock:
+                self._write_published_locked()
 
     def _publisher(self) -> None:
         backoff = 0.05
@@ -643,7 +688,7 @@ class SharedCounts:
             try:
                 self._refresh()
                 if not was and self.connected:
-                    self._publish_wanted.set()  # back: replay what waited in the outbox
+                    self._publish_wanted.set()  # back: send what waited in the journal
             except self._errors as e:
                 self._lost(e)
             except Exception:

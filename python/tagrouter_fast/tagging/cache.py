@@ -2,8 +2,8 @@
 
 Encoding a dataset's queries or tagging them with a generator takes seconds to hours; both are
 pure functions of (model files, texts), so results are stored under :func:`cache_dir` and reused
-across processes. Writers go through a temporary file in the same directory and ``os.replace``,
-which is atomic on POSIX and Windows, so concurrent writers of the same key never leave a torn file
+across processes. Writers go through `tagrouter_fast.journal.atomic_replace` (a temporary file in
+the same directory, then a rename), so concurrent writers of the same key never leave a torn file
 (the last one wins; both wrote the same content).
 """
 
@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from tagrouter_fast import journal
 
 if TYPE_CHECKING:
     from tagrouter_fast.protocols import Encoder, Tagger
@@ -84,34 +85,18 @@ def texts_key(fingerprint: str, texts: Sequence[str], *, salt: str = "") -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = False) -> None:
-    """Write ``data`` to ``path`` via a unique same-directory temp file and ``os.replace``, so
-    readers see the old or the new file whole, and concurrent writers never share a temp file.
+    """Write ``data`` to ``path`` (creating its directory) with `journal.atomic_replace`:
+    readers see the old or the new file whole, concurrent writers never share a temp file.
 
     Args:
         path: Destination; its parent is created.
         data: The bytes.
         durable: fsync the file before the rename and the directory after it (bundles: the
-            rename must not reach the disk before the data).
+            rename must not reach the disk before the data). Cache entries need not: a lost one
+            is recomputed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache entries may be shared
-        os.replace(tmp, path)
-        if durable:
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    journal.atomic_replace(path, data, durable=durable)
 
 
 # Every cache entry is MAGIC + sha256(payload) + payload: a corrupted but still parseable file

@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from tagrouter_fast import journal
 
 __all__ = [
     "MANIFEST_NAME",
@@ -178,16 +179,10 @@ def write_manifest(
     body["files"] = hashes
     body["fingerprint"] = _fingerprint(kind, hashes, body)
     d.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(body, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; manifests are shared read-only
-        os.replace(tmp, d / MANIFEST_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(body, indent=2, sort_keys=True) + "\n"
+    # Durable: a manifest names the files a model directory is trusted by; after a power loss it
+    # must be the old one or the new one, never an empty file under its name.
+    journal.atomic_replace(d / MANIFEST_NAME, text.encode("utf-8"))
     return d / MANIFEST_NAME
 
 

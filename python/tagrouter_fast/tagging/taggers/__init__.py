@@ -7,9 +7,14 @@ TagGenerator LLM exported to ONNX. Both have ``.tag(query) -> list[str]``,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tagrouter_fast.tagging.taggers.default import DefaultTagger
+
+if TYPE_CHECKING:
+    # The type checker sees the class itself, not whatever __getattr__ returns: through
+    # __getattr__ mypy typed it "Any?" (not callable) once tagging/ imports tagrouter_fast.journal.
+    from tagrouter_fast.tagging.taggers.generator import TagGeneratorTagger
 
 __all__ = ["DefaultTagger", "TagGeneratorTagger"]
 
