@@ -610,7 +610,7 @@ def test_feedback_at_the_other_replica_before_anything_reached_redis(
             did = route(a, "app", POEM if i % 2 else MATH).json()["decision_id"]
             r = feedback(b, did, "loss", "app")
             assert r.status_code == 200, (i, r.text)
-        assert wait_for(lambda: not b.gw.shared.pending(), timeout_s=10.0)
+        assert wait_for(lambda: not b.gw.learner.pending(), timeout_s=10.0)
         # Redis down: A's decisions cannot have reached it; B takes them all the same.
         redis_srv.stop()
         down = [route(a, "app").json()["decision_id"] for _ in range(5)]
@@ -618,10 +618,10 @@ def test_feedback_at_the_other_replica_before_anything_reached_redis(
             assert feedback(b, did, "win", "app").status_code == 200
         assert err(feedback(b, route(a, "other").json()["decision_id"], "win", "app")) == \
             (403, "not_your_decision")
-        assert b.gw.shared.pending() == 5
+        assert b.gw.learner.pending() == 5
         redis_srv.start()
-        assert wait_for(lambda: a.gw.shared.version == 35 == b.gw.shared.version
-                        and not b.gw.shared.pending(), timeout_s=10.0)
+        assert wait_for(lambda: a.gw.learner.log_version == 35 == b.gw.learner.log_version
+                        and not b.gw.learner.pending(), timeout_s=10.0)
         assert a.gw.router.scorer.to_bytes() == b.gw.router.scorer.to_bytes()
         # Idempotency stays in Redis: the same decisions posted to A now are duplicates.
         for did in down[:2]:
