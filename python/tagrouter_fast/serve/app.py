@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tagrouter_fast.core import Decision, TagDecider
+from tagrouter_fast.core import Decision, TagDecider, TagRouterError
 from tagrouter_fast.serve.backends import (
     AllBackendsFailed,
     Answer,
@@ -105,6 +106,11 @@ def _bad(param: str, problem: str) -> ApiError:
     return ApiError(400, f"{param}: {problem}", param=param)
 
 
+def _too_deep() -> ApiError:
+    return ApiError(400, "body: nested too deeply (JSON deeper than the parser recurses, about "
+                    "900 levels)", param="body", code="json_too_deep")
+
+
 def _finite(value: Any) -> Any:
     """JSON has no NaN: a Delta_q with no known tag becomes null."""
     if isinstance(value, float):
@@ -139,12 +145,17 @@ async def read_json(request: Request, limit: int, *, allow_empty: bool = False) 
                            kind="request_too_large")
     parts: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is over the {limit}-byte limit",
-                           kind="request_too_large")
-        parts.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is over the {limit}-byte limit",
+                               kind="request_too_large")
+            parts.append(chunk)
+    except ClientDisconnect:
+        # Nobody will read the answer; a 400 keeps a client's hang-up out of the error log.
+        raise ApiError(400, "body: the client went away before sending all of it",
+                       param="body") from None
     raw = b"".join(parts)
     if allow_empty and not raw.strip():
         return {}
@@ -152,6 +163,10 @@ async def read_json(request: Request, limit: int, *, allow_empty: bool = False) 
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"body: not valid JSON ({e})", param="body") from None
+    except RecursionError:
+        # ~1,000 levels fit in a 2 KB body. Python recovers from the recursion limit, so the
+        # interpreter's own bound is the check: no walk over every body to count its depth.
+        raise _too_deep() from None
     if not isinstance(body, dict):
         raise _bad("body", f"must be a JSON object, got {type(body).__name__}")
     return body
@@ -581,7 +596,12 @@ class Gateway:
 
         def payload_for(b: Backend) -> bytes:
             body["model"] = b.model
-            return json.dumps(body, separators=(",", ":")).encode()
+            try:
+                return json.dumps(body, separators=(",", ":")).encode()
+            except RecursionError:
+                # Parsed a few frames up the stack, encoded deeper: a body just under the
+                # parser's limit can be over the encoder's.
+                raise _too_deep() from None
 
         assert self.forwarder is not None
         try:
@@ -775,14 +795,25 @@ class Gateway:
             ("POST", "reload"): self._admin_reload,
         }.get((request.method, action))
         if handler is None:
-            raise ApiError(404, f"no admin endpoint {request.method} /admin/{action}")
+            raise ApiError(404, f"no admin endpoint {request.method} /admin/{action}",
+                           code="not_found")
+        from tagrouter_fast.serve.outcomes import OutcomeStoreError
+
         try:
             result = await anyio.to_thread.run_sync(self._locked, handler, body)
-        except (ConfigError, KeyError) as e:
-            raise ApiError(400, str(e.args[0] if isinstance(e, KeyError) and e.args else e)) \
-                from None
-        except ValueError as e:
+        except ConfigError as e:
+            raise ApiError(400, str(e), param=e.key) from None
+        except KeyError as e:
+            raise ApiError(400, str(e.args[0] if e.args else e)) from None
+        except (ValueError, TagRouterError) as e:
             raise ApiError(400, str(e)) from None
+        except OutcomeStoreError as e:
+            raise ApiError(503, f"admin {action}: {e}", kind="server_error") from None
+        except OSError as e:
+            # A file of the gateway's own (a snapshot on a failing disk): the operator's to
+            # fix, named in the answer; not a bug, so no traceback.
+            raise ApiError(500, f"admin {action}: {e}", kind="server_error",
+                           code="file_error") from None
         return JSONResponse(_finite(result))
 
     async def admin_remove(self, request: Request) -> Response:
@@ -828,7 +859,11 @@ class Gateway:
             raise _bad("cost", f"missing or not a finite number >= 0: {cost!r}")
         table_model = body.get("table_model", name)
         backend = Backend.from_config(cfg, "backend")
-        table = None if judgments is None else load_table(Path(judgments))
+        try:
+            table = None if judgments is None else load_table(Path(judgments))
+        except OSError as e:
+            raise _bad("judgments", f"cannot read {e.filename or judgments} "
+                       f"({e.strerror or e})") from None
         if table is not None and table_model not in table.models:
             raise _bad("table_model", f"{table_model!r} is not in {judgments} (models: "
                        f"{table.models})")
@@ -929,7 +964,12 @@ class Gateway:
 
         # The running tagger is kept (no second encoder load); the bundle's fingerprint check
         # still refuses a store built with another tagger.
-        fresh = self._prepare_router(TagRouter.load(bundle, tagger=self.router.tagger))
+        try:
+            loaded = TagRouter.load(bundle, tagger=self.router.tagger)
+        except (ValueError, TagRouterError, OSError) as e:
+            raise ApiError(409, f"reload refused: {e}; still routing with the previous bundle",
+                           code="reload_refused") from None
+        fresh = self._prepare_router(loaded)
         old_store = self.outcomes
         if old_store is not None:
             # One process per state directory: the old store lets go before the new one opens
@@ -1090,6 +1130,27 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
         assert isinstance(exc, ApiError)
         return exc.response()
 
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        # Starlette's own 404 (no route) and 405 (route, other method), in our error shape.
+        assert isinstance(exc, HTTPException)
+        where = f"{request.method} {request.url.path[:200]}"
+        if exc.status_code == 404:
+            return ApiError(404, f"no endpoint {where} (see docs/serving.md)",
+                            code="not_found").response()
+        if exc.status_code == 405:
+            allowed = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"),
+                           "")
+            return ApiError(405, f"{where}: method not allowed (allowed: {allowed})",
+                            code="method_not_allowed", headers=exc.headers).response()
+        return ApiError(exc.status_code, f"{where}: {exc.detail}",
+                        headers=exc.headers).response()
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        # A bug: the client gets the documented shape and nothing of the internals; starlette
+        # re-raises after this answer, so the server logs the traceback once.
+        return ApiError(500, "internal error in the gateway (logged on the server)",
+                        kind="server_error", code="internal_error").response()
+
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat, methods=["POST"]),
@@ -1103,7 +1164,8 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],
-        exception_handlers={ApiError: on_api_error},
+        exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
+                            Exception: on_unexpected},
         lifespan=gw.lifespan,
     )
     app.state.gateway = gw
