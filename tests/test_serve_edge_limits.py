@@ -31,7 +31,7 @@ from serve_helpers import (  # noqa: E402
 )
 
 from tagrouter_fast.serve import outcomes as outcomes_mod  # noqa: E402
-from tagrouter_fast.serve.config import Config  # noqa: E402
+from tagrouter_fast.serve.config import Config, ConfigError  # noqa: E402
 from tagrouter_fast.serve.fake_backend import demo_router  # noqa: E402
 
 ADMIN_TOKEN = "edge-admin-token-for-tests"
@@ -218,3 +218,34 @@ def test_an_unexpected_exception_is_a_json_500_without_internals(
         # The server keeps serving; the bug is logged once, with its traceback, for its fixer.
         assert httpx.post(g.url + "/v1/route", json={"query": MATH}).status_code == 200
     assert len(tracebacks) == 1 and "secret" in str(tracebacks[0].exc_info or tracebacks[0].msg)
+
+
+# ==== Backend names ====
+
+BAD_NAMES = ["evil\r\nx-injected: 1", "tab\tname", "nul\x00", "del\x7f", "c1\x85", " padded "]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_backend_name_with_control_characters_is_refused_in_the_config(name: str) -> None:
+    raw = {"router": {}, "backends": [{"name": name, "base_url": "http://127.0.0.1:1/v1"}]}
+    with pytest.raises(ConfigError, match=r"backends\[0\]\.name") as e:
+        Config.from_dict(raw)
+    assert e.value.key == "backends[0].name"
+
+
+def test_a_backend_name_with_control_characters_is_refused_by_admin(
+    fakes: dict[str, Fake], tmp_path: Path
+) -> None:
+    with running_gateway(edge_config(fakes, tmp_path)) as g:
+        for name in BAD_NAMES:
+            r = httpx.post(g.url + "/admin/models", headers=AUTH, timeout=10, json={
+                "backend": {"name": name, "base_url": fakes["small"].url + "/v1"},
+                "like": "small", "cost": 1.0})
+            err = api_error(r, 400)
+            assert err["param"] == "backend.name", err
+            assert name not in g.gw.backends and name not in g.gw.router.scorer.models
+        # A name with letters beyond ASCII that a header can carry (latin-1) is fine.
+        r = httpx.post(g.url + "/admin/models", headers=AUTH, timeout=10, json={
+            "backend": {"name": "modèle-2", "base_url": fakes["small"].url + "/v1"},
+            "like": "small", "cost": 1.0})
+        assert r.status_code == 200, r.text

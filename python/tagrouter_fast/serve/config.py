@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -461,8 +462,33 @@ def _shared(top: _Section, feedback: FeedbackConfig) -> SharedConfig | None:
     return out
 
 
+#: Longest backend name: it travels in a response header and a metric label.
+MAX_NAME_CHARS = 200
+
+
+def _check_name(key: str, name: str) -> None:
+    """A backend name goes out in the ``x-tagrouter-model`` header (latin-1, one line), in
+    metric labels and log lines: control characters (CR/LF would split the header), characters
+    a header cannot carry and surrounding blanks (a client would read another name) are
+    refused here, not found in every response."""
+    bad = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise ConfigError(key, f"must not contain control characters (found {bad!r}), got "
+                          f"{name!r}")
+    if name != name.strip():
+        raise ConfigError(key, f"must not start or end with a blank, got {name!r}")
+    if len(name) > MAX_NAME_CHARS:
+        raise ConfigError(key, f"must be at most {MAX_NAME_CHARS} characters, got {len(name)}")
+    try:
+        name.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError(key, f"must be latin-1 text (it is sent in a response header), got "
+                          f"{name!r}") from None
+
+
 def _backend(b: _Section) -> BackendConfig:
     name = b.str_("name", required=True)
+    _check_name(b.key("name"), name)
     url = b.str_("base_url", required=True)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
