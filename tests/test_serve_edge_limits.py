@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -249,3 +250,55 @@ def test_a_backend_name_with_control_characters_is_refused_by_admin(
             "backend": {"name": "modèle-2", "base_url": fakes["small"].url + "/v1"},
             "like": "small", "cost": 1.0})
         assert r.status_code == 200, r.text
+
+
+# ==== Size of a backend's answer ====
+
+
+def test_an_answer_over_the_cap_is_a_502_naming_it_and_is_never_read_whole(
+    fakes: dict[str, Fake], tmp_path: Path, tracebacks: list[logging.LogRecord]
+) -> None:
+    cap = 1 << 20
+    cfg = edge_config(fakes, tmp_path, limits={"max_answer_bytes": cap},
+                      fallback={"order": ["small"], "max_attempts": 1})
+    with running_gateway(cfg) as g:
+        small = fakes["small"]
+        small.backend.command(mode="huge", size_bytes=cap - 4096)
+        r = httpx.post(g.url + "/v1/chat/completions", json=chat_body(POEM), timeout=10)
+        assert r.status_code == 200 and len(r.content) > cap - 8192  # under the cap: whole
+        # 64 MiB, streamed by the fake: the gateway stops reading past the cap and hangs up.
+        # The servers run in this process: the most memory held at once during the call
+        # (traced) shows whether the answer was ever buffered whole.
+        small.backend.command(mode="huge", size_bytes=64 << 20)
+        tracemalloc.start()
+        try:
+            r = httpx.post(g.url + "/v1/chat/completions", json=chat_body(POEM), timeout=10)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        err = api_error(r, 502)
+        assert str(cap) in err["message"] and "small" in err["message"], err
+        assert "limits.max_answer_bytes" in err["message"] and err["code"] == "upstream_too_large"
+        assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB held at once"
+        m = httpx.get(g.url + "/metrics").text
+        assert 'tagrouter_backend_errors_total{backend="small",kind="too_large"}' in m
+    assert tracebacks == []
+
+
+def test_an_answer_over_the_cap_falls_back_to_the_next_backend(
+    fakes: dict[str, Fake], tmp_path: Path
+) -> None:
+    cfg = edge_config(fakes, tmp_path, limits={"max_answer_bytes": 1 << 20})
+    with running_gateway(cfg) as g:
+        fakes["small"].backend.command(mode="huge", size_bytes=8 << 20)
+        r = httpx.post(g.url + "/v1/chat/completions", json=chat_body(POEM), timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-tagrouter-reason"] == "failover"
+        assert r.headers["x-tagrouter-attempts"] == "small,big"
+
+
+def test_the_answer_cap_is_a_checked_config_key() -> None:
+    raw: dict[str, Any] = {"router": {}, "backends": [{"name": "a", "base_url": "http://h/v1"}]}
+    assert Config.from_dict(raw).limits.max_answer_bytes == 32 << 20
+    with pytest.raises(ConfigError, match=r"limits\.max_answer_bytes"):
+        Config.from_dict({**raw, "limits": {"max_answer_bytes": 0}})

@@ -343,8 +343,9 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        client = ClientPool(self.config.limits.max_connections, self.config.limits.keepalive_s)
-        self.forwarder = Forwarder(client, self.metrics)
+        lim = self.config.limits
+        client = ClientPool(lim.max_connections, lim.keepalive_s)
+        self.forwarder = Forwarder(client, self.metrics, max_answer_bytes=lim.max_answer_bytes)
         try:
             await anyio.to_thread.run_sync(self._warm_up)
             fb = self.config.feedback
@@ -615,11 +616,13 @@ class Gateway:
                 )
                 opened = answer
         except AllBackendsFailed as e:
+            last = e.errors[-1].kind if e.errors else None
             raise ApiError(
                 e.http_status,
                 f"no backend answered: {e}",
                 kind="upstream_error",
-                code="upstream_timeout" if e.http_status == 504 else "upstream_error",
+                code="upstream_timeout" if e.http_status == 504
+                else "upstream_too_large" if last == "too_large" else "upstream_error",
                 headers={"x-tagrouter-decision-id": decision_id,
                          "x-tagrouter-reason": routed.reason},
             ) from None

@@ -131,6 +131,9 @@ class FallbackConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     max_body_bytes: int = 1 << 20
+    #: Largest non-streaming backend answer (body bytes, after decompression); reading stops
+    #: there and the call fails (502, or the next backend of the fallback chain).
+    max_answer_bytes: int = 32 << 20
     #: Requests in flight on the /v1 endpoints; more get 429 at once (no queue).
     max_concurrency: int = 256
     #: Pooled upstream connections, all backends together.
@@ -389,6 +392,7 @@ def _parse(raw: Mapping[str, Any], base: Path) -> Config:
     lim = _section(raw, "limits", top)
     limits = LimitsConfig(
         max_body_bytes=lim.int_("max_body_bytes", 1 << 20),
+        max_answer_bytes=lim.int_("max_answer_bytes", 32 << 20),
         max_concurrency=lim.int_("max_concurrency", 256),
         max_connections=lim.int_("max_connections", 512),
         keepalive_s=lim.positive("keepalive_s", 4.0),
