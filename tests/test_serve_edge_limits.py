@@ -302,3 +302,33 @@ def test_the_answer_cap_is_a_checked_config_key() -> None:
     assert Config.from_dict(raw).limits.max_answer_bytes == 32 << 20
     with pytest.raises(ConfigError, match=r"limits\.max_answer_bytes"):
         Config.from_dict({**raw, "limits": {"max_answer_bytes": 0}})
+
+
+# ==== Readiness when feedback cannot be recorded ====
+
+
+def test_readyz_reports_degraded_while_the_outcome_journal_cannot_be_written(
+    fakes: dict[str, Fake], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running_gateway(edge_config(fakes, tmp_path)) as g:
+        r = httpx.get(g.url + "/readyz")
+        assert r.status_code == 200 and r.json()["status"] == "ready"
+        d1 = httpx.post(g.url + "/v1/route", json={"query": POEM}).json()["decision_id"]
+
+        def broken(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(outcomes_mod, "_fsync", broken)
+        r = httpx.post(g.url + "/v1/feedback", json={"decision_id": d1, "outcome": "win"})
+        assert r.status_code == 503
+        monkeypatch.undo()  # the disk is back; the store still refuses until restarted
+        r = httpx.get(g.url + "/readyz")
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert body["status"] == "degraded"
+        assert "Input/output error" in body["reason"] and "feedback" in body["reason"]
+        assert isinstance(g.gw.outcomes.failure, OSError)
+        # Routing still works and liveness holds: only the learner is down.
+        assert httpx.get(g.url + "/healthz").status_code == 200
+        assert httpx.post(g.url + "/v1/chat/completions", json=chat_body(POEM)).status_code \
+            == 200

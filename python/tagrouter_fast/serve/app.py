@@ -1123,11 +1123,23 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
     async def readyz(request: Request) -> Response:
         if not gw.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
-        return JSONResponse({
-            "status": "ready", "models": gw.router.decider.models,
-            "store_version": getattr(gw.outcomes, "version", None),
+        store = gw.outcomes
+        state = {
+            "models": gw.router.decider.models,
+            "store_version": getattr(store, "version", None),
             **({"shared": gw.shared.stats()} if gw.shared is not None else {}),
-        })
+        }
+        failure = store.failure if store is not None else None
+        if failure is not None:
+            # Routing still works, but every feedback gets 503 until a restart: a replica that
+            # cannot learn is taken out of rotation rather than silently dropping outcomes.
+            return JSONResponse({
+                "status": "degraded",
+                "reason": f"feedback cannot be recorded: the outcome journal failed ({failure});"
+                          " restart the gateway once its state directory is writable",
+                **state,
+            }, status_code=503)
+        return JSONResponse({"status": "ready", **state})
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)

@@ -993,6 +993,12 @@ class OutcomeStore:
             d = self._registry.get(decision_id)
             return d is not None and d.seq != 0
 
+    @property
+    def failure(self) -> BaseException | None:
+        """The journal write or fsync error after which the store refuses every outcome until
+        it is reopened; None while it accepts them (the gateway's readiness reports it)."""
+        return self._failed  # one reference, set once: read without the lock
+
     def stats(self) -> dict[str, int]:
         """Numbers for /metrics: version, journal position, snapshot position, decisions."""
         with self._lock:
