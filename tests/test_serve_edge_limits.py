@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +37,7 @@ from serve_helpers import (  # noqa: E402
 
 from tagrouter_fast.serve import outcomes as outcomes_mod  # noqa: E402
 from tagrouter_fast.serve.config import Config, ConfigError  # noqa: E402
-from tagrouter_fast.serve.fake_backend import demo_router  # noqa: E402
+from tagrouter_fast.serve.fake_backend import demo_router, free_port  # noqa: E402
 
 ADMIN_TOKEN = "edge-admin-token-for-tests"
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -332,3 +336,58 @@ def test_readyz_reports_degraded_while_the_outcome_journal_cannot_be_written(
         assert httpx.get(g.url + "/healthz").status_code == 200
         assert httpx.post(g.url + "/v1/chat/completions", json=chat_body(POEM)).status_code \
             == 200
+
+
+# ==== Start-up failures of `tagrouter serve` ====
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1] / "python")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    return env
+
+
+def _cli_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tagrouter_fast.cli", "serve", *args],
+                          capture_output=True, text=True, timeout=120, env=_env())
+
+
+def _one_line(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tagrouter serve: error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_start_up_failure_bad_config_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text('[server]\nprot = 1\n[[backends]]\nname = "a"\nbase_url = "http://h/v1"\n')
+    _one_line(_cli_serve("--config", str(cfg)), "server.prot", "unknown key")
+
+
+def test_start_up_failure_state_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.write_text("not a directory")
+    _one_line(_cli_serve("--demo", "--demo-tagger", "keyword", "--state-dir", str(state),
+                         "--port", str(free_port())), "feedback.state_dir", str(state))
+
+
+def test_start_up_failure_damaged_state_is_one_line(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / outcomes_mod.MANIFEST).write_text("{garbage")
+    _one_line(_cli_serve("--demo", "--demo-tagger", "keyword", "--state-dir", str(state),
+                         "--port", str(free_port())), outcomes_mod.MANIFEST)
+
+
+def test_start_up_failure_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _cli_serve("--demo", "--demo-tagger", "keyword", "--state-dir",
+                       str(tmp_path / "state"), "--port", str(port))
+    _one_line(r, f"127.0.0.1:{port}", "in use")

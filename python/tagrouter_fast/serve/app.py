@@ -15,11 +15,13 @@ a disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import uuid
@@ -59,7 +61,7 @@ from tagrouter_fast.serve.sessions import SessionTable, in_tool_loop, keep_or_sw
 if TYPE_CHECKING:
     from tagrouter_fast.router import TagRouter
 
-__all__ = ["ApiError", "Gateway", "create_app"]
+__all__ = ["ApiError", "Gateway", "StartupError", "create_app", "serve"]
 
 access_log = logging.getLogger("tagrouter.access")
 log = logging.getLogger("tagrouter.serve")
@@ -109,6 +111,12 @@ def _bad(param: str, problem: str) -> ApiError:
 def _too_deep() -> ApiError:
     return ApiError(400, "body: nested too deeply (JSON deeper than the parser recurses, about "
                     "900 levels)", param="body", code="json_too_deep")
+
+
+class StartupError(ValueError):
+    """`serve` could not start: the message names the config key, file or address. A
+    ValueError, like `ConfigError`: a given value cannot be used (the CLI prints one line and
+    exits 2)."""
 
 
 def _finite(value: Any) -> Any:
@@ -303,6 +311,7 @@ class Gateway:
         self.outcomes: Any = None  # OutcomeStore, opened at start-up
         self.shared: Any = None  # SharedCounts (Redis), opened with it when [shared] is set
         self.ready = False
+        self._started = False
         self.tag_in_thread = config.router.tag_in_thread is not False
         self.inflight = 0
         self._admin_lock = threading.Lock()  # admin writers, one at a time
@@ -347,19 +356,37 @@ class Gateway:
         client = ClientPool(lim.max_connections, lim.keepalive_s)
         self.forwarder = Forwarder(client, self.metrics, max_answer_bytes=lim.max_answer_bytes)
         try:
-            await anyio.to_thread.run_sync(self._warm_up)
-            fb = self.config.feedback
-            if fb.state_dir is not None:
-                self.outcomes = await anyio.to_thread.run_sync(self._open_outcomes, self.router)
+            if not self._started:  # `serve` starts the gateway before uvicorn runs
+                await anyio.to_thread.run_sync(self.start)
             self.ready = True
             yield
         finally:
             self.ready = False
             await client.aclose()
-            if self.outcomes is not None:
-                await anyio.to_thread.run_sync(self.outcomes.close)
-            if self.shared is not None:  # after the store: its close may still apply outcomes
-                await anyio.to_thread.run_sync(self.shared.close)
+            await anyio.to_thread.run_sync(self.stop)
+
+    def start(self) -> None:
+        """The blocking part of start-up: the outcome store (its journal replayed) first, the
+        quick check that fails most often, then the tagger's warm-up. Idempotent.
+
+        Raises:
+            StateError, OutcomeStoreError, SharedStateError, OSError: the state directory
+                cannot be used (the message names the file).
+        """
+        if self._started:
+            return
+        if self.config.feedback.state_dir is not None:
+            self.outcomes = self._open_outcomes(self.router)
+        self._started = True
+        self._warm_up()
+
+    def stop(self) -> None:
+        """Closes the outcome store (a final snapshot) and the shared link. Idempotent."""
+        if self.outcomes is not None:
+            self.outcomes.close()
+        if self.shared is not None:  # after the store: its close may still apply outcomes
+            self.shared.close()
+            self.shared = None
 
     def _open_outcomes(self, router: TagRouter) -> Any:
         from tagrouter_fast.serve.outcomes import OutcomeStore
@@ -1207,25 +1234,106 @@ def configure_logging(config: Config) -> None:
             lg.setLevel(logging.INFO)
 
 
+def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to (as uvicorn would bind them),
+    made before the slow part of start-up, so that a port in use is reported at once.
+
+    Raises:
+        StartupError: the host does not resolve, or an address cannot be bound.
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise StartupError(f"cannot listen on {where}: {e.strerror} (server.host / --host)") \
+            from None
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # "::" and "0.0.0.0" may both be bound, separately
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        reason = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+        raise StartupError(f"cannot listen on {where}: {reason} (server.host, server.port / "
+                           "--host, --port)") from None
+    return socks
+
+
+def _start_error(config: Config, e: BaseException) -> StartupError:
+    """One line for a start-up failure of the state directory, naming the key and the path."""
+    state = config.feedback.state_dir
+    if isinstance(e, OSError) and state is not None:
+        if state.exists() and not state.is_dir():
+            return StartupError(f"feedback.state_dir: {state} is not a directory")
+        return StartupError(f"feedback.state_dir: cannot use {state}: {e}")
+    return StartupError(" ".join(str(e).split()) or type(e).__name__)
+
+
 def serve(
     config: Config, *, router: TagRouter | None = None, host: str | None = None,
-    port: int | None = None,
+    port: int | None = None, on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Runs the gateway under uvicorn (one worker: the outcome store owns its state directory
-    and the router lives in this process) until interrupted."""
+    and the router lives in this process) until interrupted.
+
+    The start-up that can fail runs before uvicorn does: bind the port, load the router, open
+    the outcome store, warm up the tagger. Then uvicorn serves on the bound sockets.
+
+    Args:
+        on_ready: called once the gateway is listening and started, before it serves (the
+            demo prints how to try it).
+
+    Raises:
+        StartupError: the port, the config, the bundle or the state directory cannot be used;
+            the message names which (the CLI prints it as one line and exits 2).
+    """
     import uvicorn
 
+    from tagrouter_fast.serve.outcomes import OutcomeStoreError
+    from tagrouter_fast.serve.shared import SharedStateError
+
     configure_logging(config)
-    app = create_app(config, router=router)
-    uvicorn.run(
-        app,
-        host=host or config.server.host,
-        port=config.server.port if port is None else port,
-        workers=1,
-        lifespan="on",
-        access_log=False,  # ours is the structured one, with the decision id
-        log_level="info",
-        timeout_graceful_shutdown=10,
-        timeout_keep_alive=config.server.keepalive_s,
-        backlog=4096,
-    )
+    host = config.server.host if host is None else host
+    port = config.server.port if port is None else port
+    backlog = 4096
+    sockets = _listen(host, port, backlog)
+    gw: Gateway | None = None
+    try:
+        try:
+            app = create_app(config, router=router)
+        except (ValueError, TagRouterError, OSError) as e:
+            raise StartupError(" ".join(str(e).split())) from None
+        gw = app.state.gateway
+        try:
+            gw.start()
+        except (ValueError, TagRouterError, OSError, OutcomeStoreError, SharedStateError) as e:
+            raise _start_error(config, e) from None
+        server = uvicorn.Server(uvicorn.Config(
+            app,
+            lifespan="on",  # opens the backend pool, and closes everything at the end
+            access_log=False,  # ours is the structured one, with the decision id
+            log_level="info",
+            timeout_graceful_shutdown=10,
+            timeout_keep_alive=config.server.keepalive_s,
+            backlog=backlog,
+        ))
+        for sock in sockets:
+            name = sock.getsockname()
+            log.info("listening on http://%s:%d", *name[:2])
+        if on_ready is not None:
+            on_ready()
+        with contextlib.suppress(KeyboardInterrupt):  # the SIGINT uvicorn stopped on, raised
+            server.run(sockets=sockets)               # again for the caller: a clean stop
+    finally:
+        for sock in sockets:
+            sock.close()
+        if gw is not None:
+            gw.stop()  # after a normal stop the lifespan did it already
