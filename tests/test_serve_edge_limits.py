@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +39,7 @@ from serve_helpers import (  # noqa: E402
 
 from tagrouter_fast.serve import outcomes as outcomes_mod  # noqa: E402
 from tagrouter_fast.serve.config import Config, ConfigError  # noqa: E402
-from tagrouter_fast.serve.fake_backend import demo_router, free_port  # noqa: E402
+from tagrouter_fast.serve.fake_backend import demo_router, free_port, stop_process  # noqa: E402
 
 ADMIN_TOKEN = "edge-admin-token-for-tests"
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -338,7 +340,16 @@ def test_readyz_reports_degraded_while_the_outcome_journal_cannot_be_written(
             == 200
 
 
-# ==== Start-up failures of `tagrouter serve` ====
+# ==== `tagrouter serve` as a process: listening limits, start-up failures ====
+
+_SERVE = """
+import json, sys
+from tagrouter_fast.serve.app import serve
+from tagrouter_fast.serve.config import Config
+from tagrouter_fast.serve.fake_backend import demo_router
+serve(Config.from_dict(json.loads(sys.argv[1])), router=demo_router("keyword"),
+      port=int(sys.argv[2]))
+"""
 
 
 def _env() -> dict[str, str]:
@@ -346,6 +357,224 @@ def _env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[1] / "python")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
     return env
+
+
+class ServeProcess:
+    """``serve()`` in a child process (its own file descriptor limit, its own signals)."""
+
+    def __init__(self, raw: dict[str, Any], *, nofile: int | None = None) -> None:
+        def limit() -> None:
+            if nofile is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVE, json.dumps(raw), str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+            preexec_fn=limit,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"gateway did not start:\n{self.output}")
+            time.sleep(0.05)
+
+    output = ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.output, _ = self.proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                stop_process(self.proc)
+                self.output, _ = self.proc.communicate()
+        elif self.proc.stdout is not None:
+            self.output = self.proc.stdout.read()
+
+
+def _serve_raw(fakes: dict[str, Fake], tmp_path: Path, **server: Any) -> dict[str, Any]:
+    return {
+        "router": {},
+        "backends": [{"name": n, "base_url": fakes[n].url + "/v1", "model": f"{n}-model"}
+                     for n in ("small", "big")],
+        "server": {"access_log": False, **server},
+        "feedback": {"state_dir": str(tmp_path / "state")},
+    }
+
+
+#: The start of a request whose headers never end.
+_PARTIAL = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: "
+
+
+def _slow_clients(port: int, n: int) -> list[socket.socket]:
+    out = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(_PARTIAL)
+        s.setblocking(False)
+        out.append(s)
+    return out
+
+
+def _closed_by_server(s: socket.socket, got: dict[int, bytes]) -> bool:
+    """Whether the server closed ``s`` (EOF or reset); what it sent before is kept in ``got``."""
+    try:
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return True
+            got[s.fileno()] = got.get(s.fileno(), b"") + data
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _drip(socks: list[socket.socket]) -> None:
+    """One more header byte on each socket still open: a slow client, never a silent one."""
+    for s in socks:
+        try:
+            s.send(b"a")
+        except OSError:
+            pass
+
+
+def test_slow_header_clients_are_timed_out_while_normal_requests_go_through(
+    fakes: dict[str, Fake], tmp_path: Path
+) -> None:
+    raw = _serve_raw(fakes, tmp_path, header_timeout_s=1.0)
+    gw = ServeProcess(raw)
+    socks: list[socket.socket] = []
+    try:
+        t0 = time.monotonic()
+        socks = _slow_clients(gw.port, 20)
+        got: dict[int, bytes] = {}
+        closed: dict[int, float] = {}
+        served = None
+        while len(closed) < len(socks) and time.monotonic() - t0 < 8:
+            _drip([s for s in socks if s.fileno() not in closed])
+            if served is None and time.monotonic() - t0 > 0.3:
+                # The slow clients hold their connections: a normal request is served at once.
+                t1 = time.monotonic()
+                r = httpx.post(gw.url + "/v1/chat/completions", json=chat_body(POEM), timeout=5)
+                served = (r.status_code, time.monotonic() - t1)
+            for s in socks:
+                if s.fileno() not in closed and _closed_by_server(s, got):
+                    closed[s.fileno()] = time.monotonic() - t0
+            time.sleep(0.1)
+        assert served is not None and served[0] == 200 and served[1] < 1.0, served
+        assert len(closed) == len(socks), f"{len(socks) - len(closed)} slow clients still open"
+        # Dripping bytes does not reset the clock: each went at the timeout (+ scheduling).
+        assert all(0.9 <= t < 3.0 for t in closed.values()), sorted(closed.values())
+        answers = list(got.values())
+        assert len(answers) == len(socks)
+        for a in answers:
+            head, _, body = a.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408"), a[:200]
+            assert json.loads(body)["error"]["code"] == "header_timeout"
+    finally:
+        for s in socks:
+            s.close()
+        gw.stop()
+    assert gw.proc.returncode == 0, gw.output
+
+
+def test_connection_count_is_bounded_so_slow_clients_cannot_take_every_descriptor(
+    fakes: dict[str, Fake], tmp_path: Path
+) -> None:
+    # The failure of issue 21: 256 descriptors, a few hundred clients sending headers slowly,
+    # and no request got through. Now connections beyond the bound push out the longest
+    # waiting one, and the gateway keeps descriptors for its backends and its journal.
+    raw = _serve_raw(fakes, tmp_path, header_timeout_s=60.0, max_client_connections=64)
+    gw = ServeProcess(raw, nofile=256)
+    socks: list[socket.socket] = []
+    try:
+        socks = _slow_clients(gw.port, 300)
+        got: dict[int, bytes] = {}
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            open_ = [s for s in socks if not _closed_by_server(s, got)]
+            if len(open_) <= 64:
+                break
+            time.sleep(0.05)
+        assert len(open_) <= 64, f"{len(open_)} connections held open, over the bound of 64"
+        for _ in range(3):
+            t1 = time.monotonic()
+            r = httpx.post(gw.url + "/v1/chat/completions", json=chat_body(POEM), timeout=5)
+            assert r.status_code == 200 and time.monotonic() - t1 < 2.0
+            did = r.headers["x-tagrouter-decision-id"]
+            f = httpx.post(gw.url + "/v1/feedback", json={"decision_id": did, "outcome": "win"},
+                           timeout=5)
+            assert f.status_code == 200, f.text  # the journal still gets its descriptors
+    finally:
+        for s in socks:
+            s.close()
+        gw.stop()
+    assert gw.proc.returncode == 0, gw.output
+
+
+def _answer(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (5 s at most)."""
+    s.settimeout(5)
+    got = b""
+    while True:
+        try:
+            data = s.recv(65536)
+        except OSError:
+            return got
+        if not data:
+            return got
+        got += data
+
+
+def _error_code(answer: bytes, status: int) -> str:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer[:300]
+    assert b"content-type: application/json" in head.lower()
+    return str(json.loads(body)["error"]["code"])
+
+
+def test_oversized_headers_and_non_http_get_json_errors_and_are_closed(
+    fakes: dict[str, Fake], tmp_path: Path
+) -> None:
+    gw = ServeProcess(_serve_raw(fakes, tmp_path, max_header_bytes=16384))
+    try:
+        # uvicorn's parser buffers a header of any length: 200 MiB took a server to 440 MB.
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+            s.sendall(_PARTIAL + b"a" * (64 << 10))
+            assert _error_code(_answer(s), 431) == "headers_too_large"
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+            s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            assert _error_code(_answer(s), 400) == "invalid_http"
+        # Headers under the bound with a body far over it in the same reads: served.
+        big = chat_body(POEM + " " + "x" * (512 << 10))
+        r = httpx.post(gw.url + "/v1/chat/completions", json=big, timeout=10,
+                       headers={"x-note": "n" * 8000})
+        assert r.status_code == 200, r.text[:300]
+    finally:
+        gw.stop()
+    assert gw.proc.returncode == 0, gw.output
+
+
+def test_listening_limits_are_checked_config_keys() -> None:
+    raw: dict[str, Any] = {"router": {}, "backends": [{"name": "a", "base_url": "http://h/v1"}]}
+    cfg = Config.from_dict(raw)
+    assert cfg.server.header_timeout_s == 10.0 and cfg.server.max_client_connections == 1024
+    assert cfg.server.max_header_bytes == 65536
+    for key, value in (("header_timeout_s", 0), ("max_client_connections", 0),
+                       ("max_header_bytes", 100)):
+        with pytest.raises(ConfigError, match=rf"server\.{key}"):
+            Config.from_dict({**raw, "server": {key: value}})
 
 
 def _cli_serve(*args: str) -> subprocess.CompletedProcess[str]:

@@ -1234,6 +1234,11 @@ def configure_logging(config: Config) -> None:
             lg.setLevel(logging.INFO)
 
 
+#: Descriptors kept beyond the connections (clients and backends): journal, snapshots,
+#: registry, tagger files, the event loop's own.
+FD_RESERVE = 64
+
+
 def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
     """Listening sockets on every address ``host`` resolves to (as uvicorn would bind them),
     made before the slow part of start-up, so that a port in use is reported at once.
@@ -1267,6 +1272,31 @@ def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
     return socks
 
 
+def _raise_fd_limit(config: Config) -> None:
+    """Raises the soft descriptor limit towards what the connection limits may use (up to the
+    hard limit, as Go's runtime does); warns when even that is short, since running out of
+    descriptors stops accepting clients, connecting to backends and writing the journal."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    need = config.server.max_client_connections + config.limits.max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft < need:
+        log.warning(
+            "the descriptor limit (%d, ulimit -n) is below server.max_client_connections (%d) "
+            "+ limits.max_connections (%d) + %d: lower those or raise the limit, or the gateway "
+            "may run out of descriptors under load", soft,
+            config.server.max_client_connections, config.limits.max_connections, FD_RESERVE)
+
+
 def _start_error(config: Config, e: BaseException) -> StartupError:
     """One line for a start-up failure of the state directory, naming the key and the path."""
     state = config.feedback.state_dir
@@ -1285,7 +1315,8 @@ def serve(
     and the router lives in this process) until interrupted.
 
     The start-up that can fail runs before uvicorn does: bind the port, load the router, open
-    the outcome store, warm up the tagger. Then uvicorn serves on the bound sockets.
+    the outcome store, warm up the tagger. Then uvicorn serves on the bound sockets with the
+    listening limits of `serve.listener` (header timeout and size, connection bound).
 
     Args:
         on_ready: called once the gateway is listening and started, before it serves (the
@@ -1297,6 +1328,7 @@ def serve(
     """
     import uvicorn
 
+    from tagrouter_fast.serve.listener import http_protocol
     from tagrouter_fast.serve.outcomes import OutcomeStoreError
     from tagrouter_fast.serve.shared import SharedStateError
 
@@ -1316,8 +1348,12 @@ def serve(
             gw.start()
         except (ValueError, TagRouterError, OSError, OutcomeStoreError, SharedStateError) as e:
             raise _start_error(config, e) from None
+        _raise_fd_limit(config)
         server = uvicorn.Server(uvicorn.Config(
             app,
+            http=http_protocol(config.server.header_timeout_s,
+                               config.server.max_client_connections,
+                               config.server.max_header_bytes),
             lifespan="on",  # opens the backend pool, and closes everything at the end
             access_log=False,  # ours is the structured one, with the decision id
             log_level="info",

@@ -71,6 +71,18 @@ class ServerConfig:
     #: (httpx, hence the openai SDK: 5 s), so that a client never reuses a connection the
     #: gateway is closing (a reset on the client's side).
     keepalive_s: int = 75
+    #: A client that has not sent a request's complete headers this long after connecting (or
+    #: after its first byte, on a kept-alive connection) gets 408 and is disconnected: a slow
+    #: client must not hold a connection, and its descriptor, for ever.
+    header_timeout_s: float = 10.0
+    #: Client connections open at once. One more pushes out the connection that has waited
+    #: longest for its next request (idle or still sending headers), or is refused with 503
+    #: when every connection has a request in flight. Keep it, plus
+    #: ``limits.max_connections``, below the process's descriptor limit (``ulimit -n``).
+    max_client_connections: int = 1024
+    #: A request's line and headers together; beyond it 431 and the connection is closed
+    #: (uvicorn's httptools parser buffers a header of any length).
+    max_header_bytes: int = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -337,6 +349,9 @@ def _parse(raw: Mapping[str, Any], base: Path) -> Config:
         port=s.int_("port", 8000, lo=0, hi=65535),
         access_log=s.bool_("access_log", True),
         keepalive_s=s.int_("keepalive_s", 75),
+        header_timeout_s=s.positive("header_timeout_s", 10.0),
+        max_client_connections=s.int_("max_client_connections", 1024, hi=1_000_000),
+        max_header_bytes=s.int_("max_header_bytes", 64 << 10, lo=1024),
     )
     s.done()
 
