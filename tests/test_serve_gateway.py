@@ -1127,7 +1127,7 @@ def test_tagrouter_serve_bad_config_is_one_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "tagrouter_fast.cli", "serve", "--config",
                         str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
-    assert r.stderr.strip() == "tagrouter: error: config error: backends[0].base_url: missing"
+    assert r.stderr.strip() == "tagrouter serve: error: config error: backends[0].base_url: missing"
 
 
 @pytest.mark.parametrize("name", ["tagrouter_fast.serve.config", "tagrouter_fast.serve.sessions",

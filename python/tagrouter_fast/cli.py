@@ -339,14 +339,17 @@ def _serve_demo(args: argparse.Namespace, serve: Any) -> int:
                     state_dir=args.state_dir, real_model=args.real_model) as (config, router):
         real = [b.name for b in config.backends if not b.model.endswith("-demo")]
         fake = [b.name for b in config.backends if b.model.endswith("-demo")]
-        print(f"tagrouter demo: fake backends {fake}"
-              + (f", a real model (llama.cpp) for {real}" if real else "")
-              + " on loopback; try\n  curl -s localhost:"
-              f"{args.port or config.server.port}/v1/chat/completions -H "
-              "'content-type: application/json' -d '{\"model\": \"tagrouter\", "
-              "\"messages\": [{\"role\": \"user\", \"content\": \"Write a poem\"}]}'",
-              file=sys.stderr, flush=True)
-        serve(config, router=router, host=args.host, port=args.port)
+
+        def banner() -> None:  # once it is listening: a failed start prints only its error
+            print(f"tagrouter demo: fake backends {fake}"
+                  + (f", a real model (llama.cpp) for {real}" if real else "")
+                  + " on loopback; try\n  curl -s localhost:"
+                  f"{args.port or config.server.port}/v1/chat/completions -H "
+                  "'content-type: application/json' -d '{\"model\": \"tagrouter\", "
+                  "\"messages\": [{\"role\": \"user\", \"content\": \"Write a poem\"}]}'",
+                  file=sys.stderr, flush=True)
+
+        serve(config, router=router, host=args.host, port=args.port, on_ready=banner)
     return 0
 
 
@@ -549,19 +552,23 @@ def _stdin_queries() -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI. Every expected failure (bad input, bad file, bad bundle or store) is one
-    line ``tagrouter: error: ...`` on stderr and exit code 2, never a traceback."""
+    line ``tagrouter: error: ...`` on stderr and exit code 2, never a traceback; ``serve``'s
+    say ``tagrouter serve: error: ...`` (as argparse does for its usage errors), start-up
+    failures (config, port, state directory) included."""
     from tagrouter_fast.core import TagRouterError
 
     args = build_parser().parse_args(argv)
+    prog = "tagrouter serve" if args.command == "serve" else "tagrouter"
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    # BundleError, DataError and UnicodeDecodeError are ValueErrors; KeyError is an unknown
-    # model or pool. Anything else (TypeError, AttributeError, ...) is a bug: it propagates.
+    # BundleError, DataError, ConfigError, the gateway's StartupError and UnicodeDecodeError
+    # are ValueErrors; KeyError is an unknown model or pool. Anything else (TypeError,
+    # AttributeError, ...) is a bug: it propagates.
     except (TagRouterError, ValueError, KeyError, OSError) as e:
         msg = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
-        print(f"tagrouter: error: {' '.join(msg.split()) or type(e).__name__}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(msg.split()) or type(e).__name__}", file=sys.stderr)
         return 2
 
 

@@ -17,10 +17,12 @@ a disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import uuid
@@ -33,12 +35,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tagrouter_fast.core import Decision, TagDecider
+from tagrouter_fast.core import Decision, TagDecider, TagRouterError
 from tagrouter_fast.serve.backends import (
     AllBackendsFailed,
     Answer,
@@ -76,7 +79,7 @@ if TYPE_CHECKING:
     from tagrouter_fast.router import TagRouter
     from tagrouter_fast.serve.learner import Learner
 
-__all__ = ["ApiError", "Gateway", "create_app"]
+__all__ = ["ApiError", "Gateway", "StartupError", "create_app", "serve"]
 
 access_log = logging.getLogger("tagrouter.access")
 log = logging.getLogger("tagrouter.serve")
@@ -123,6 +126,17 @@ def _bad(param: str, problem: str) -> ApiError:
     return ApiError(400, f"{param}: {problem}", param=param)
 
 
+def _too_deep() -> ApiError:
+    return ApiError(400, "body: nested too deeply (JSON deeper than the parser recurses, about "
+                    "900 levels)", param="body", code="json_too_deep")
+
+
+class StartupError(ValueError):
+    """`serve` could not start: the message names the config key, file or address. A
+    ValueError, like `ConfigError`: a given value cannot be used (the CLI prints one line and
+    exits 2)."""
+
+
 def _finite(value: Any) -> Any:
     """JSON has no NaN: a Delta_q with no known tag becomes null."""
     if isinstance(value, float):
@@ -157,12 +171,17 @@ async def read_json(request: Request, limit: int, *, allow_empty: bool = False) 
                            kind="request_too_large")
     parts: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is over the {limit}-byte limit",
-                           kind="request_too_large")
-        parts.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is over the {limit}-byte limit",
+                               kind="request_too_large")
+            parts.append(chunk)
+    except ClientDisconnect:
+        # Nobody will read the answer; a 400 keeps a client's hang-up out of the error log.
+        raise ApiError(400, "body: the client went away before sending all of it",
+                       param="body") from None
     raw = b"".join(parts)
     if allow_empty and not raw.strip():
         return {}
@@ -170,6 +189,10 @@ async def read_json(request: Request, limit: int, *, allow_empty: bool = False) 
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"body: not valid JSON ({e})", param="body") from None
+    except RecursionError:
+        # ~1,000 levels fit in a 2 KB body. Python recovers from the recursion limit, so the
+        # interpreter's own bound is the check: no walk over every body to count its depth.
+        raise _too_deep() from None
     if not isinstance(body, dict):
         raise _bad("body", f"must be a JSON object, got {type(body).__name__}")
     return body
@@ -307,6 +330,7 @@ class Gateway:
         #: feedback is off.
         self.learner: Learner | None = None
         self.ready = False
+        self._started = False
         self.tag_in_thread = config.router.tag_in_thread is not False
         self.inflight = 0
         self._admin_lock = threading.Lock()  # admin writers, one at a time
@@ -358,20 +382,38 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        client = ClientPool(self.config.limits.max_connections, self.config.limits.keepalive_s)
-        self.forwarder = Forwarder(client, self.metrics)
+        lim = self.config.limits
+        client = ClientPool(lim.max_connections, lim.keepalive_s)
+        self.forwarder = Forwarder(client, self.metrics, max_answer_bytes=lim.max_answer_bytes)
         try:
-            await anyio.to_thread.run_sync(self._warm_up)
-            fb = self.config.feedback
-            if fb.state_dir is not None:
-                self.learner = await anyio.to_thread.run_sync(self._open_learner, self.router)
+            if not self._started:  # `serve` starts the gateway before uvicorn runs
+                await anyio.to_thread.run_sync(self.start)
             self.ready = True
             yield
         finally:
             self.ready = False
             await client.aclose()
-            if self.learner is not None:
-                await anyio.to_thread.run_sync(self.learner.close)
+            await anyio.to_thread.run_sync(self.stop)
+
+    def start(self) -> None:
+        """The blocking part of start-up: the learner (its journal replayed) first, the
+        quick check that fails most often, then the tagger's warm-up. Idempotent.
+
+        Raises:
+            StateError, OutcomeStoreError, SharedStateError, OSError: the state directory
+                cannot be used (the message names the file).
+        """
+        if self._started:
+            return
+        if self.config.feedback.state_dir is not None:
+            self.learner = self._open_learner(self.router)
+        self._started = True
+        self._warm_up()
+
+    def stop(self) -> None:
+        """Closes the learner (a final snapshot; the shared link after it). Idempotent."""
+        if self.learner is not None:
+            self.learner.close()
 
     def _open_learner(self, router: TagRouter) -> Learner:
         """The learner of ``[feedback]``: the local journal, owned by the Redis-shared learner
@@ -632,7 +674,12 @@ class Gateway:
 
         def payload_for(b: Backend) -> bytes:
             body["model"] = b.model
-            return json.dumps(body, separators=(",", ":")).encode()
+            try:
+                return json.dumps(body, separators=(",", ":")).encode()
+            except RecursionError:
+                # Parsed a few frames up the stack, encoded deeper: a body just under the
+                # parser's limit can be over the encoder's.
+                raise _too_deep() from None
 
         assert self.forwarder is not None
         try:
@@ -646,11 +693,13 @@ class Gateway:
                 )
                 opened = answer
         except AllBackendsFailed as e:
+            last = e.errors[-1].kind if e.errors else None
             raise ApiError(
                 e.http_status,
                 f"no backend answered: {e}",
                 kind="upstream_error",
-                code="upstream_timeout" if e.http_status == 504 else "upstream_error",
+                code="upstream_timeout" if e.http_status == 504
+                else "upstream_too_large" if last == "too_large" else "upstream_error",
                 headers={"x-tagrouter-decision-id": decision_id,
                          "x-tagrouter-reason": routed.reason},
             ) from None
@@ -863,14 +912,25 @@ class Gateway:
             ("POST", "reload"): self._admin_reload,
         }.get((request.method, action))
         if handler is None:
-            raise ApiError(404, f"no admin endpoint {request.method} /admin/{action}")
+            raise ApiError(404, f"no admin endpoint {request.method} /admin/{action}",
+                           code="not_found")
+        from tagrouter_fast.serve.outcomes import OutcomeStoreError
+
         try:
             result = await anyio.to_thread.run_sync(self._locked, handler, body)
-        except (ConfigError, KeyError) as e:
-            raise ApiError(400, str(e.args[0] if isinstance(e, KeyError) and e.args else e)) \
-                from None
-        except ValueError as e:
+        except ConfigError as e:
+            raise ApiError(400, str(e), param=e.key) from None
+        except KeyError as e:
+            raise ApiError(400, str(e.args[0] if e.args else e)) from None
+        except (ValueError, TagRouterError) as e:
             raise ApiError(400, str(e)) from None
+        except OutcomeStoreError as e:
+            raise ApiError(503, f"admin {action}: {e}", kind="server_error") from None
+        except OSError as e:
+            # A file of the gateway's own (a snapshot on a failing disk): the operator's to
+            # fix, named in the answer; not a bug, so no traceback.
+            raise ApiError(500, f"admin {action}: {e}", kind="server_error",
+                           code="file_error") from None
         return JSONResponse(_finite(result))
 
     async def admin_remove(self, request: Request) -> Response:
@@ -916,7 +976,11 @@ class Gateway:
             raise _bad("cost", f"missing or not a finite number >= 0: {cost!r}")
         table_model = body.get("table_model", name)
         backend = Backend.from_config(cfg, "backend")
-        table = None if judgments is None else load_table(Path(judgments))
+        try:
+            table = None if judgments is None else load_table(Path(judgments))
+        except OSError as e:
+            raise _bad("judgments", f"cannot read {e.filename or judgments} "
+                       f"({e.strerror or e})") from None
         if table is not None and table_model not in table.models:
             raise _bad("table_model", f"{table_model!r} is not in {judgments} (models: "
                        f"{table.models})")
@@ -1018,7 +1082,12 @@ class Gateway:
 
         # The running tagger is kept (no second encoder load); the bundle's fingerprint check
         # still refuses a store built with another tagger.
-        fresh = self._prepare_router(TagRouter.load(bundle, tagger=self.router.tagger))
+        try:
+            loaded = TagRouter.load(bundle, tagger=self.router.tagger)
+        except (ValueError, TagRouterError, OSError) as e:
+            raise ApiError(409, f"reload refused: {e}; still routing with the previous bundle",
+                           code="reload_refused") from None
+        fresh = self._prepare_router(loaded)
         bundle_tags = fresh.scorer.tags  # before the learner swaps in its snapshot
         old = self.learner
         if old is not None:
@@ -1175,15 +1244,47 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
             return JSONResponse({"status": "starting"}, status_code=503)
         learner = gw.learner
         stats = learner.stats() if learner is not None else {}
-        return JSONResponse({
-            "status": "ready", "models": gw.router.decider.models,
+        state = {
+            "models": gw.router.decider.models,
             "store_version": learner.version if learner is not None else None,
             **({"shared": stats["shared"]} if "shared" in stats else {}),
-        })
+        }
+        failure = learner.failure if learner is not None else None
+        if failure is not None:
+            # Routing still works, but every feedback gets 503 until a restart: a replica that
+            # cannot learn is taken out of rotation rather than silently dropping outcomes.
+            return JSONResponse({
+                "status": "degraded",
+                "reason": f"feedback cannot be recorded: {failure}; restart the gateway once "
+                          "its state directory is writable",
+                **state,
+            }, status_code=503)
+        return JSONResponse({"status": "ready", **state})
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         return exc.response()
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        # Starlette's own 404 (no route) and 405 (route, other method), in our error shape.
+        assert isinstance(exc, HTTPException)
+        where = f"{request.method} {request.url.path[:200]}"
+        if exc.status_code == 404:
+            return ApiError(404, f"no endpoint {where} (see docs/serving.md)",
+                            code="not_found").response()
+        if exc.status_code == 405:
+            allowed = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"),
+                           "")
+            return ApiError(405, f"{where}: method not allowed (allowed: {allowed})",
+                            code="method_not_allowed", headers=exc.headers).response()
+        return ApiError(exc.status_code, f"{where}: {exc.detail}",
+                        headers=exc.headers).response()
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        # A bug: the client gets the documented shape and nothing of the internals; starlette
+        # re-raises after this answer, so the server logs the traceback once.
+        return ApiError(500, "internal error in the gateway (logged on the server)",
+                        kind="server_error", code="internal_error").response()
 
     app = Starlette(
         routes=[
@@ -1198,7 +1299,8 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],
-        exception_handlers={ApiError: on_api_error},
+        exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
+                            Exception: on_unexpected},
         lifespan=gw.lifespan,
     )
     app.state.gateway = gw
@@ -1225,25 +1327,142 @@ def configure_logging(config: Config) -> None:
             lg.setLevel(logging.INFO)
 
 
+#: Descriptors kept beyond the connections (clients and backends): journal, snapshots,
+#: registry, tagger files, the event loop's own.
+FD_RESERVE = 64
+
+
+def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to (as uvicorn would bind them),
+    made before the slow part of start-up, so that a port in use is reported at once.
+
+    Raises:
+        StartupError: the host does not resolve, or an address cannot be bound.
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise StartupError(f"cannot listen on {where}: {e.strerror} (server.host / --host)") \
+            from None
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # "::" and "0.0.0.0" may both be bound, separately
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        reason = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+        raise StartupError(f"cannot listen on {where}: {reason} (server.host, server.port / "
+                           "--host, --port)") from None
+    return socks
+
+
+def _raise_fd_limit(config: Config) -> None:
+    """Raises the soft descriptor limit towards what the connection limits may use (up to the
+    hard limit, as Go's runtime does); warns when even that is short, since running out of
+    descriptors stops accepting clients, connecting to backends and writing the journal."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    need = config.server.max_client_connections + config.limits.max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft < need:
+        log.warning(
+            "the descriptor limit (%d, ulimit -n) is below server.max_client_connections (%d) "
+            "+ limits.max_connections (%d) + %d: lower those or raise the limit, or the gateway "
+            "may run out of descriptors under load", soft,
+            config.server.max_client_connections, config.limits.max_connections, FD_RESERVE)
+
+
+def _start_error(config: Config, e: BaseException) -> StartupError:
+    """One line for a start-up failure of the state directory, naming the key and the path."""
+    state = config.feedback.state_dir
+    if isinstance(e, OSError) and state is not None:
+        if state.exists() and not state.is_dir():
+            return StartupError(f"feedback.state_dir: {state} is not a directory")
+        return StartupError(f"feedback.state_dir: cannot use {state}: {e}")
+    return StartupError(" ".join(str(e).split()) or type(e).__name__)
+
+
 def serve(
     config: Config, *, router: TagRouter | None = None, host: str | None = None,
-    port: int | None = None,
+    port: int | None = None, on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Runs the gateway under uvicorn (one worker: the outcome store owns its state directory
-    and the router lives in this process) until interrupted."""
+    and the router lives in this process) until interrupted.
+
+    The start-up that can fail runs before uvicorn does: bind the port, load the router, open
+    the outcome store, warm up the tagger. Then uvicorn serves on the bound sockets with the
+    listening limits of `serve.listener` (header timeout and size, connection bound).
+
+    Args:
+        on_ready: called once the gateway is listening and started, before it serves (the
+            demo prints how to try it).
+
+    Raises:
+        StartupError: the port, the config, the bundle or the state directory cannot be used;
+            the message names which (the CLI prints it as one line and exits 2).
+    """
     import uvicorn
 
+    from tagrouter_fast.serve.listener import http_protocol
+    from tagrouter_fast.serve.outcomes import OutcomeStoreError
+    from tagrouter_fast.serve.shared import SharedStateError
+
     configure_logging(config)
-    app = create_app(config, router=router)
-    uvicorn.run(
-        app,
-        host=host or config.server.host,
-        port=config.server.port if port is None else port,
-        workers=1,
-        lifespan="on",
-        access_log=False,  # ours is the structured one, with the decision id
-        log_level="info",
-        timeout_graceful_shutdown=10,
-        timeout_keep_alive=config.server.keepalive_s,
-        backlog=4096,
-    )
+    host = config.server.host if host is None else host
+    port = config.server.port if port is None else port
+    backlog = 4096
+    sockets = _listen(host, port, backlog)
+    gw: Gateway | None = None
+    try:
+        try:
+            app = create_app(config, router=router)
+        except (ValueError, TagRouterError, OSError) as e:
+            raise StartupError(" ".join(str(e).split())) from None
+        gw = app.state.gateway
+        try:
+            gw.start()
+        except (ValueError, TagRouterError, OSError, OutcomeStoreError, SharedStateError) as e:
+            raise _start_error(config, e) from None
+        _raise_fd_limit(config)
+        server = uvicorn.Server(uvicorn.Config(
+            app,
+            http=http_protocol(config.server.header_timeout_s,
+                               config.server.max_client_connections,
+                               config.server.max_header_bytes),
+            lifespan="on",  # opens the backend pool, and closes everything at the end
+            access_log=False,  # ours is the structured one, with the decision id
+            log_level="info",
+            timeout_graceful_shutdown=10,
+            timeout_keep_alive=config.server.keepalive_s,
+            backlog=backlog,
+        ))
+        for sock in sockets:
+            name = sock.getsockname()
+            log.info("listening on http://%s:%d", *name[:2])
+        if on_ready is not None:
+            on_ready()
+        with contextlib.suppress(KeyboardInterrupt):  # the SIGINT uvicorn stopped on, raised
+            server.run(sockets=sockets)               # again for the caller: a clean stop
+    finally:
+        for sock in sockets:
+            sock.close()
+        if gw is not None:
+            gw.stop()  # after a normal stop the lifespan did it already

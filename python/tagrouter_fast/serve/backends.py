@@ -2,9 +2,10 @@
 `serve.transport`), deadlines, the fallback chain and SSE passthrough.
 
 A failure is one :class:`BackendError` with a ``kind``: ``timeout``, ``connect`` (refused or
-unreachable), ``reset`` (the connection dropped), ``status`` (5xx, 408 or 429) or
-``malformed`` (a 200 whose body is not an API answer). Those are retried on the next backend of
-the chain; any other 4xx is the client's own error and is passed back unchanged.
+unreachable), ``reset`` (the connection dropped), ``status`` (5xx, 408 or 429),
+``malformed`` (a 200 whose body is not an API answer) or ``too_large`` (a body over
+``limits.max_answer_bytes``, never read past it). Those are retried on the next backend of the
+chain; any other 4xx is the client's own error and is passed back unchanged.
 
 Streams are opened *up to their first complete event* before the client sees anything: a
 backend that fails before that point is still retried, and after it nothing is retried (the
@@ -231,15 +232,39 @@ def _check_first_events(name: str, first: bytes) -> None:
 
 
 class Forwarder:
-    """Sends requests to backends on the app's pooled connections and records their metrics."""
+    """Sends requests to backends on the app's pooled connections and records their metrics.
 
-    def __init__(self, client: ClientPool, metrics: GatewayMetrics) -> None:
+    A body read whole (a non-streaming answer, an error's body) stops at ``max_answer_bytes``:
+    a runaway or hostile backend costs the gateway that much memory per call at most."""
+
+    def __init__(self, client: ClientPool, metrics: GatewayMetrics,
+                 max_answer_bytes: int = 32 << 20) -> None:
         self.client = client
         self.metrics = metrics
+        self.max_answer_bytes = max_answer_bytes
 
     def _fail(self, err: BackendError) -> BackendError:
         self.metrics.backend_errors.labels(err.backend, err.kind).inc()
         return err
+
+    async def _read(self, backend: Backend, resp: httpx.Response) -> bytes:
+        """The whole body, counted as it arrives (after decompression: a small compressed body
+        cannot expand past the cap either).
+
+        Raises:
+            BackendError: ``too_large``; the caller closes the response, which drops the
+                connection instead of reading on.
+        """
+        limit = self.max_answer_bytes
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in resp.aiter_raw():
+            size += len(chunk)
+            if size > limit:
+                raise BackendError(backend.name, "too_large",
+                                   f"answer over the {limit}-byte cap (limits.max_answer_bytes)")
+            parts.append(chunk)
+        return b"".join(parts)
 
     # ---- non-streaming ----
 
@@ -258,7 +283,9 @@ class Forwarder:
                     "POST", backend.url(path), payload, backend.headers,
                     backend.timeout(stream=False),
                 )
-                await resp.aread()
+                content = await self._read(backend, resp)
+        except BackendError as e:
+            raise self._fail(e) from None
         except (TimeoutError, httpx.HTTPError) as e:
             raise self._fail(_classify(backend.name, e)) from e
         finally:
@@ -271,21 +298,21 @@ class Forwarder:
         status = resp.status_code
         ctype = resp.headers.get("content-type", "application/json")
         if status >= 500 or status in _RETRYABLE_STATUS:
-            raise self._fail(BackendError(
-                backend.name, "status", f"HTTP {status}: {resp.text[:200]}", status
-            ))
+            text = content[:200].decode("utf-8", "replace")
+            raise self._fail(BackendError(backend.name, "status", f"HTTP {status}: {text}",
+                                          status))
         if status != 200:
             # The client's own error (bad parameters, context too long): theirs to see.
-            return Answer(backend, status, resp.content, ctype)
+            return Answer(backend, status, content, ctype)
         try:
-            obj = json.loads(resp.content)
-        except ValueError:
+            obj = json.loads(content)
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
             obj = None
         if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
             raise self._fail(BackendError(
-                backend.name, "malformed", f"not an API answer: {resp.content[:80]!r}"
+                backend.name, "malformed", f"not an API answer: {content[:80]!r}"
             ))
-        return Answer(backend, status, resp.content, "application/json")
+        return Answer(backend, status, content, "application/json")
 
     async def complete_chain(
         self, chain: Sequence[Backend], path: str, payload_for: Callable[[Backend], bytes]
@@ -319,7 +346,7 @@ class Forwarder:
                 )
                 status = resp.status_code
                 if status != 200:
-                    body = await resp.aread()
+                    body = await self._read(backend, resp)
                     if status >= 500 or status in _RETRYABLE_STATUS:
                         raise BackendError(backend.name, "status", f"HTTP {status}", status)
                     await resp.aclose()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -73,6 +74,18 @@ class ServerConfig:
     #: (httpx, hence the openai SDK: 5 s), so that a client never reuses a connection the
     #: gateway is closing (a reset on the client's side).
     keepalive_s: int = 75
+    #: A client that has not sent a request's complete headers this long after connecting (or
+    #: after its first byte, on a kept-alive connection) gets 408 and is disconnected: a slow
+    #: client must not hold a connection, and its descriptor, for ever.
+    header_timeout_s: float = 10.0
+    #: Client connections open at once. One more pushes out the connection that has waited
+    #: longest for its next request (idle or still sending headers), or is refused with 503
+    #: when every connection has a request in flight. Keep it, plus
+    #: ``limits.max_connections``, below the process's descriptor limit (``ulimit -n``).
+    max_client_connections: int = 1024
+    #: A request's line and headers together; beyond it 431 and the connection is closed
+    #: (uvicorn's httptools parser buffers a header of any length).
+    max_header_bytes: int = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,9 @@ class FallbackConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     max_body_bytes: int = 1 << 20
+    #: Largest non-streaming backend answer (body bytes, after decompression); reading stops
+    #: there and the call fails (502, or the next backend of the fallback chain).
+    max_answer_bytes: int = 32 << 20
     #: Requests in flight on the /v1 endpoints; more get 429 at once (no queue).
     max_concurrency: int = 256
     #: Pooled upstream connections, all backends together.
@@ -364,6 +380,9 @@ def _parse(raw: Mapping[str, Any], base: Path) -> Config:
         port=s.int_("port", 8000, lo=0, hi=65535),
         access_log=s.bool_("access_log", True),
         keepalive_s=s.int_("keepalive_s", 75),
+        header_timeout_s=s.positive("header_timeout_s", 10.0),
+        max_client_connections=s.int_("max_client_connections", 1024, hi=1_000_000),
+        max_header_bytes=s.int_("max_header_bytes", 64 << 10, lo=1024),
     )
     s.done()
 
@@ -419,6 +438,7 @@ def _parse(raw: Mapping[str, Any], base: Path) -> Config:
     lim = _section(raw, "limits", top)
     limits = LimitsConfig(
         max_body_bytes=lim.int_("max_body_bytes", 1 << 20),
+        max_answer_bytes=lim.int_("max_answer_bytes", 32 << 20),
         max_concurrency=lim.int_("max_concurrency", 256),
         max_connections=lim.int_("max_connections", 512),
         keepalive_s=lim.positive("keepalive_s", 4.0),
@@ -527,8 +547,33 @@ def _shared(top: _Section, feedback: FeedbackConfig) -> SharedConfig | None:
     return out
 
 
+#: Longest backend name: it travels in a response header and a metric label.
+MAX_NAME_CHARS = 200
+
+
+def _check_name(key: str, name: str) -> None:
+    """A backend name goes out in the ``x-tagrouter-model`` header (latin-1, one line), in
+    metric labels and log lines: control characters (CR/LF would split the header), characters
+    a header cannot carry and surrounding blanks (a client would read another name) are
+    refused here, not found in every response."""
+    bad = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise ConfigError(key, f"must not contain control characters (found {bad!r}), got "
+                          f"{name!r}")
+    if name != name.strip():
+        raise ConfigError(key, f"must not start or end with a blank, got {name!r}")
+    if len(name) > MAX_NAME_CHARS:
+        raise ConfigError(key, f"must be at most {MAX_NAME_CHARS} characters, got {len(name)}")
+    try:
+        name.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError(key, f"must be latin-1 text (it is sent in a response header), got "
+                          f"{name!r}") from None
+
+
 def _backend(b: _Section) -> BackendConfig:
     name = b.str_("name", required=True)
+    _check_name(b.key("name"), name)
     url = b.str_("base_url", required=True)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:

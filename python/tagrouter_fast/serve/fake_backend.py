@@ -55,8 +55,10 @@ __all__ = [
 #: ``ok`` answers; ``slow`` waits ``delay_s`` first; ``hang`` never answers; ``error`` answers
 #: ``status`` with an OpenAI-style error; ``reset`` drops the connection (non-streaming: part way
 #: through the body; streaming: after ``reset_after`` events); ``malformed`` answers truncated
-#: JSON (streaming: a first event that is not JSON); ``garbage`` answers binary noise as HTML.
-MODES = ("ok", "slow", "hang", "error", "reset", "malformed", "garbage")
+#: JSON (streaming: a first event that is not JSON); ``garbage`` answers binary noise as HTML;
+#: ``huge`` (non-streaming) answers a valid completion whose text makes the body ``size_bytes``
+#: long, sent in pieces without a content-length (a runaway model, a hostile upstream).
+MODES = ("ok", "slow", "hang", "error", "reset", "malformed", "garbage", "huge")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class FakeBehaviour:
     chunks: int = 4
     chunk_delay_s: float = 0.0
     reset_after: int = 1
+    #: Body size of a ``huge`` answer.
+    size_bytes: int = 1 << 20
     #: Requests this behaviour applies to before the backend reverts to ``ok``; -1: all.
     times: int = -1
 
@@ -207,6 +211,9 @@ class FakeBackend:
             return Response(b'{"id": "chatcmpl-1", "choices": [', media_type="application/json")
         if b.mode == "reset":
             return _ResetAfterStart()  # type: ignore[return-value]
+        if b.mode == "huge":
+            return StreamingResponse(self._huge(model, b.size_bytes, chat=chat),
+                                     media_type="application/json")
         self.state.completed += 1
         return JSONResponse(_completion(model, text, chat=chat))
 
@@ -236,6 +243,19 @@ class FakeBackend:
         except (anyio.get_cancelled_exc_class(), GeneratorExit):
             self.state.cancelled += 1
             raise
+
+    async def _huge(self, model: str, size: int, *, chat: bool) -> AsyncIterator[bytes]:
+        """A completion padded to ``size`` bytes, made and sent piece by piece (the fake never
+        holds it whole)."""
+        head, tail = json.dumps(_completion(model, "@PAD@", chat=chat)).encode().split(b"@PAD@")
+        piece = b"a" * (64 << 10)
+        left = max(0, size - len(head) - len(tail))
+        yield head
+        while left > 0:
+            yield piece[:left]
+            left -= len(piece)
+        yield tail
+        self.state.completed += 1  # only once the client has taken every byte
 
 
 def _prompt_text(body: dict[str, Any], chat: bool) -> str:
