@@ -64,6 +64,7 @@ from tagrouter_fast.serve.keys import (
     ClientKey,
     Forbidden,
     Unauthenticated,
+    announce,
     keyring_from_config,
 )
 from tagrouter_fast.serve.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
@@ -341,13 +342,13 @@ class Gateway:
             if not token:
                 raise ConfigError("admin.token_env", f"environment variable {env} is not set")
             self.admin_token = token.encode()
-        self.keyring = keyring_from_config(config.auth, self.admin_token, log=log)
+        self.keyring = keyring_from_config(config.auth, self.admin_token)
         auth, fb = config.auth, config.feedback
         decision_secrets, where = load_secrets(
             file=auth.decision_secret_file, env=auth.decision_secret_env,
             state_dir=fb.state_dir, replicas=config.shared is not None,
         )
-        log.info("decision tokens signed with the secret from %s", where)
+        self._secret_from = where  # said once started (a failing start stays one line)
         # The bundle's tags (the same on every replica) are the tag table of the tokens.
         self.tokens = DecisionTokens(decision_secrets, self.router.scorer.tags,
                                      ttl_s=fb.decision_ttl_s)
@@ -409,6 +410,8 @@ class Gateway:
             self.learner = self._open_learner(self.router)
         self._started = True
         self._warm_up()
+        announce(self.keyring, log)
+        log.info("decision tokens signed with the secret from %s", self._secret_from)
 
     def stop(self) -> None:
         """Closes the learner (a final snapshot; the shared link after it). Idempotent."""
@@ -1435,7 +1438,8 @@ def serve(
         try:
             app = create_app(config, router=router)
         except (ValueError, TagRouterError, OSError) as e:
-            raise StartupError(" ".join(str(e).split())) from None
+            # The decision secret is kept in the state directory: its errors name that key.
+            raise _start_error(config, e) from None
         gw = app.state.gateway
         try:
             gw.start()

@@ -58,6 +58,7 @@ __all__ = [
     "Keyring",
     "Unauthenticated",
     "hash_secret",
+    "announce",
     "keyring_from_config",
     "new_key",
     "parse_key",
@@ -374,8 +375,24 @@ class Keyring:
         return b.take(now)
 
 
+def announce(ring: Keyring, log: Any) -> None:
+    """Says at start-up who may call: loudly when requests without a key are served. Called
+    once the gateway has started, so that a start-up failure stays one line."""
+    anonymous = ring.anonymous
+    if anonymous is not None:
+        # Loud on purpose: anyone who can reach the port may route (and maybe teach).
+        log.warning(
+            "[auth] allow_anonymous = true: requests WITHOUT A KEY are served (%s)%s",
+            ", ".join(s for s in SCOPES if s in anonymous.scopes),
+            "; anonymous callers may post outcomes that change everyone's routing"
+            if FEEDBACK in anonymous.scopes else "",
+        )
+    log.info("auth: %d client key(s)%s", len(ring),
+             ", admin token on" if ring.admin_token is not None else "")
+
+
 def keyring_from_config(
-    auth: AuthConfig, admin_token: bytes | None, *, log: Any = None
+    auth: AuthConfig, admin_token: bytes | None
 ) -> Keyring:
     """The gateway's keyring: the config's keys, its keys file and keys variable (read now),
     the anonymous principal when allowed, and the admin token.
@@ -423,15 +440,4 @@ def keyring_from_config(
         ring = Keyring(keys, anonymous, admin_token)
     except KeySpecError as e:
         raise ConfigError(f"auth.keys.{e.field}", e.problem) from None
-    if log is not None:
-        if anonymous is not None:
-            # Loud on purpose: anyone who can reach the port may route (and maybe teach).
-            log.warning(
-                "[auth] allow_anonymous = true: requests WITHOUT A KEY are served (%s)%s",
-                ", ".join(s for s in SCOPES if s in anonymous.scopes),
-                "; anonymous callers may post outcomes that change everyone's routing"
-                if FEEDBACK in anonymous.scopes else "",
-            )
-        log.info("auth: %d client key(s)%s", len(ring),
-                 ", admin token on" if admin_token is not None else "")
     return ring
