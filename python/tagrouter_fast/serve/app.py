@@ -831,8 +831,10 @@ class Gateway:
         claims = self._verify_decision(did, key)
         decision = (claims.tags, claims.model, claims.issued)
         try:
-            version = await anyio.to_thread.run_sync(
-                lambda: learner.feedback(claims.id, outcome, decision=decision, key=key.id))
+            # The local learner appends on the loop and waits for its group commit (no worker
+            # thread per request); the shared one checks Redis in a worker thread.
+            version = await learner.feedback_async(claims.id, outcome, decision=decision,
+                                                   key=key.id)
         except UnknownDecision as e:
             # With the decision in hand the store only refuses one past its idempotency window
             # (decision_ttl_s, or evicted by max_decisions): counting it could count it twice.

@@ -69,6 +69,14 @@ class Learner(Protocol):
         Returns the store version that includes it."""
         ...
 
+    async def feedback_async(
+        self, decision_id: str, outcome: str | float, *,
+        decision: tuple[Sequence[str], str, float] | None = None, key: str | None = None,
+    ) -> int:
+        """`feedback` from an event loop (the gateway): the same contract, without blocking
+        the loop on the fsync."""
+        ...
+
     def update_store(self, fn: Callable[[TagScorer], TagScorer]) -> int:
         """Replaces the router's store by ``fn(store)`` durably (admin: add or remove a model);
         returns the new version."""

@@ -192,6 +192,18 @@ class _Decision:
         self.applied = seq != 0
 
 
+def _resolve_group(items: list[tuple[Any, _Pending]], error: BaseException | None) -> None:
+    """Wakes the callers of one group commit (on their event loop)."""
+    for fut, p in items:
+        if fut.done():  # the caller was cancelled; its outcome is counted all the same
+            continue
+        if error is not None:
+            fut.set_exception(error if isinstance(error, OutcomeStoreError)
+                              else OutcomeStoreError(f"journal commit failed: {error}"))
+        else:
+            fut.set_result(p.version)
+
+
 class _Pending:
     """An outcome that is in the journal but not yet in the router's store."""
 
@@ -372,6 +384,11 @@ class OutcomeStore:
             raise
         self._snap_wanted = threading.Event()
         self._stopping = False
+        # `feedback_async`'s group commit: waiting outcomes and their futures, one thread.
+        self._commit_cv = threading.Condition()
+        self._waiters: list[tuple[_Pending, Any]] = []
+        self._committer: threading.Thread | None = None
+        self._commit_stop = False
         self._worker = threading.Thread(
             target=self._snapshot_worker, name="tagrouter-outcomes-snapshot", daemon=True
         )
@@ -482,6 +499,64 @@ class OutcomeStore:
             OutcomeStoreError: the store is closed or failed earlier (journal write or fsync
                 error): nothing was counted.
         """
+        pending = self._append(decision_id, outcome, decision, key)
+        self._sync(pending.seq)
+        return self._apply(pending)
+
+    async def feedback_async(
+        self, decision_id: str, outcome: str | float, *,
+        decision: tuple[Sequence[str], str, float] | None = None, key: str | None = None,
+    ) -> int:
+        """`feedback` for an event loop: the same checks, journal line and durability, without
+        a worker thread per call. The line is appended at once (one write), then the call waits
+        for the committer thread, which fsyncs once for every outcome waiting (group commit),
+        applies them to the router in one change and wakes their callers with one callback per
+        loop. Same errors as `feedback`; an fsync failure raises `OutcomeStoreError` for every
+        outcome of that group."""
+        import asyncio
+
+        pending = self._append(decision_id, outcome, decision, key)
+        if self._synced_seq >= pending.seq:  # fsync off: written is all that was asked
+            return self._apply(pending)
+        fut = asyncio.get_running_loop().create_future()
+        with self._commit_cv:
+            if self._committer is None:
+                self._committer = threading.Thread(
+                    target=self._commit_worker, name="tagrouter-commit", daemon=True
+                )
+                self._committer.start()
+            self._waiters.append((pending, fut))
+            self._commit_cv.notify()
+        return int(await fut)
+
+    def _commit_worker(self) -> None:
+        """Group commit for `feedback_async`: one fsync and one apply for all waiting outcomes,
+        then one wake-up callback per event loop."""
+        while True:
+            with self._commit_cv:
+                while not self._waiters and not self._commit_stop:
+                    self._commit_cv.wait()
+                if not self._waiters:
+                    return  # stopping, nothing left
+                batch, self._waiters = self._waiters, []
+            error: BaseException | None = None
+            try:
+                self._sync(max(p.seq for p, _ in batch))
+                self._apply(None)
+            except BaseException as e:  # every waiter of the group hears it
+                error = e
+            by_loop: dict[Any, list[tuple[Any, _Pending]]] = {}
+            for p, fut in batch:
+                by_loop.setdefault(fut.get_loop(), []).append((fut, p))
+            for loop, items in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(_resolve_group, items, error)
+
+    def _append(
+        self, decision_id: str, outcome: str | float,
+        decision: tuple[Sequence[str], str, float] | None, key: str | None,
+    ) -> _Pending:
+        """Checks an outcome and appends its journal line (no fsync); see `feedback`."""
         label, score = self.outcome_label(outcome)
         _check_id(decision_id)
         if decision is not None:
@@ -551,8 +626,7 @@ class OutcomeStore:
             self._unapplied.append(pending)
             if not self._durable:
                 self._synced_seq = seq  # "written" is all the durability asked for
-        self._sync(seq)
-        return self._apply(pending)
+        return pending
 
     def _learn(self, records: list[Record]) -> None:
         """Adds outcomes to the router's counts in O(their tags) (`TagRouter.learn`): no query
@@ -722,12 +796,16 @@ class OutcomeStore:
         that compaction can later delete whole files."""
         gen = self._next_generation
         self._next_generation += 1
+        # The store copy (O(store)) outside the locks that feedback's appends take: under
+        # _apply_lock (held by the caller) nothing is applied meanwhile, so it is the state at
+        # _applied_seq all the same.
+        store = self.router.scorer
         with self._sync_lock:
             old_journal = -1
             with self._lock:
                 now = self._clock()
                 self._expire_locked(now)
-                seq, version, store = self._applied_seq, self.version, self.router.scorer
+                seq, version = self._applied_seq, self.version
                 registry = list(self._registry.items())  # C-speed copy; encoded outside
                 new_decisions = journal.open_append(self.state_dir / f"decisions-{gen:08d}.log")
                 old_decisions, self._decisions_fd = self._decisions_fd, new_decisions
@@ -1203,6 +1281,11 @@ class OutcomeStore:
                 return
             self._closed = True  # refuses new outcomes; ones in flight finish below
         self._stopping = True
+        with self._commit_cv:  # outcomes already waiting are committed first
+            self._commit_stop = True
+            self._commit_cv.notify()
+        if self._committer is not None:
+            self._committer.join()
         self._snap_wanted.set()
         self._worker.join()
         try:

@@ -422,6 +422,16 @@ class SharedLearner:
         self._publish_wanted.set()
         return version
 
+    async def feedback_async(
+        self, decision_id: str, outcome: str | float, *,
+        decision: tuple[Sequence[str], str, float] | None = None, key: str | None = None,
+    ) -> int:
+        """`feedback` in a worker thread: its Redis idempotency check is a blocking call."""
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(
+            lambda: self.feedback(decision_id, outcome, decision=decision, key=key))
+
     def update_store(self, fn: Callable[[TagScorer], TagScorer]) -> int:
         """`OutcomeStore.update_store`; the change applies to this replica's base too, so later
         refreshes keep it (admin store changes are per replica)."""
