@@ -6,8 +6,13 @@ benches/test_bench_feedback.py --benchmark-enable -s`).
 
 Goals (this 2-core machine): >= 2,000 acknowledged outcomes/s with p99 <= 20 ms at 64 concurrent
 writers, the same after 10^6 outcomes of history; outcome visible to the next decision p50 <= 5 ms
-at any history size. The history is learned by the gateway's router before it serves (the state
-a long-running gateway reaches; each outcome costs the same O(its tags) however it arrived).
+at any history size. Two loads, one after the other on the same gateway: saturation (closed
+loop, each of the 64 writers posts as soon as its previous outcome is acknowledged: the most the
+gateway acknowledges per second, and the latency of a saturated server, which is 64 / that rate
+on average) and the goal's load (open loop: 2,000 outcomes/s offered over the 64 writers, each
+latency counted from when the outcome was due). The history is learned by the gateway's router
+before it serves (the state a long-running gateway reaches; each outcome costs the same O(its
+tags) however it arrived).
 The client is aiohttp (httpx's pool rescans connections per request at high concurrency); its
 CPU time is reported beside the gateway's.
 """
@@ -42,6 +47,8 @@ pytestmark = pytest.mark.needs_release
 
 WRITERS = 64
 N_OUTCOMES = 6_000
+#: The goal's rate: acknowledged outcomes per second, offered open-loop.
+RATE = 2_000.0
 HISTORIES = (0, 10**6)
 OUT = Path(".benchmarks") / "feedback.json"
 
@@ -110,6 +117,35 @@ async def _decisions(base: str, n: int) -> list[str]:
         return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
+async def _post_paced(base: str, ids: list[str], rate: float) -> tuple[list[float], int]:
+    """Open loop: outcome i is due at ``i / rate`` seconds, posted by one of WRITERS writers;
+    its latency counts from when it was due (a writer that falls behind its schedule adds its
+    delay: no coordinated omission)."""
+    conn = aiohttp.TCPConnector(limit=WRITERS)
+    lat: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=conn) as s:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time() + 0.05
+
+        async def writer(w: int) -> None:
+            nonlocal errors
+            for i in range(w, len(ids), WRITERS):
+                due = t0 + i / rate
+                delay = due - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                async with s.post(f"{base}/feedback",
+                                  json={"decision_id": ids[i], "outcome": "win"}) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                lat.append(loop.time() - due)
+
+        await asyncio.gather(*(writer(w) for w in range(WRITERS)))
+    return lat, errors
+
+
 async def _post_all(base: str, ids: list[str]) -> tuple[list[float], float, int]:
     conn = aiohttp.TCPConnector(limit=WRITERS)
     lat: list[float] = []
@@ -159,17 +195,23 @@ def test_feedback_throughput_by_history(benchmark: Any, backend: BackendProcess,
     rows = []
     for history in HISTORIES:
         for base, pid in _gateway(backend, tmp_path_factory.mktemp("fb"), history):
-            ids = asyncio.run(_decisions(base, N_OUTCOMES))
+            ids = asyncio.run(_decisions(base, 2 * N_OUTCOMES))
+            # Saturation (closed loop: each writer posts as soon as its last one is answered).
             cpu0, me0 = _cpu_seconds(pid), time.process_time()
-            lat, wall, errors = asyncio.run(_post_all(base, ids))
+            lat, wall, errors = asyncio.run(_post_all(base, ids[:N_OUTCOMES]))
             cpu1, me1 = _cpu_seconds(pid), time.process_time()
+            # The goal's load (open loop at RATE outcomes/s over the same 64 writers).
+            paced, paced_errors = asyncio.run(_post_paced(base, ids[N_OUTCOMES:], RATE))
+            errors += paced_errors
             spans = _visible(base)
             rows.append({
-                "history": history, "outcomes/s": round(len(ids) / wall),
+                "history": history, "outcomes/s": round(N_OUTCOMES / wall),
                 "ack p50 ms": round(_pct(lat, 0.5), 2),
                 "ack p99 ms": round(_pct(lat, 0.99), 2), "errors": errors,
-                "gateway CPU ms/outcome": round((cpu1 - cpu0) / len(ids) * 1e3, 3),
-                "client CPU ms/outcome": round((me1 - me0) / len(ids) * 1e3, 3),
+                f"at {RATE:,.0f}/s p50 ms": round(_pct(paced, 0.5), 2),
+                f"at {RATE:,.0f}/s p99 ms": round(_pct(paced, 0.99), 2),
+                "gateway CPU ms/outcome": round((cpu1 - cpu0) / N_OUTCOMES * 1e3, 3),
+                "client CPU ms/outcome": round((me1 - me0) / N_OUTCOMES * 1e3, 3),
                 "visible p50 ms": round(_pct(spans, 0.5), 2),
                 "visible p99 ms": round(_pct(spans, 0.99), 2),
             })  # fmt: skip
