@@ -989,3 +989,100 @@ def test_journal_reader_follows_rotation_and_the_kept_journal(tmp_path: Path) ->
     assert [seq for seq, _ in outcomes_mod.JournalReader(s, 5).read(s.applied_seq)] == [6]
     assert [seq for seq, _ in outcomes_mod.JournalReader(s, 0).read(s.applied_seq)] == [6]
     s.close()
+
+
+# ==== feedback_async: the gateway's path (group commit without a thread per outcome) ====
+
+
+@pytest.mark.parametrize("path", ["on-loop", "committer-thread"])
+def test_feedback_async_commits_groups_durably_and_counts_each_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    import asyncio
+
+    fsyncs = []
+
+    def counting(fd: int) -> None:
+        fsyncs.append(fd)
+        os.fsync(fd)
+
+    monkeypatch.setattr(outcomes_mod, "_fsync", counting)
+    router = make_router()
+    n = 200
+    with OutcomeStore(router, tmp_path) as s:
+        if path == "committer-thread":
+            s._fsync_s = 1.0  # a slow disk, as measured: the loop never waits on its fsync
+        before = len(fsyncs)
+
+        async def post_all() -> list[int]:
+            return list(await asyncio.gather(*(
+                s.feedback_async(f"a{i}", plan(i)[3], decision=(plan(i)[1], plan(i)[2], s._clock()))
+                for i in range(n)
+            )))
+
+        versions = asyncio.run(post_all())
+        # Every outcome acknowledged once, each with its own version; fewer fsyncs than
+        # outcomes: they were committed in groups.
+        assert sorted(versions) == list(range(1, n + 1))
+        assert len(fsyncs) - before < n
+        assert s.stats()["applied_seq"] == n
+        # The same outcome again is a duplicate, on either path.
+        with pytest.raises(DuplicateOutcome):
+            asyncio.run(s.feedback_async("a0", "win", decision=(["Poem"], "small", s._clock())))
+    # Acknowledged means durable: a restart counts exactly these.
+    expected_counts = canon(make_router_with(
+        [(f"a{i}", plan(i)[1], plan(i)[2], plan(i)[3]) for i in range(n)]))
+    r2 = make_router()
+    with OutcomeStore(r2, tmp_path):
+        assert canon(r2.scorer) == expected_counts
+
+
+def make_router_with(counted: list[tuple[str, list[str], str, str]]) -> TagScorer:
+    router = make_router()
+    router.learn([(tags, m, label) for _d, tags, m, label in counted])
+    return router.scorer
+
+
+def test_feedback_async_fsync_failure_fails_the_group_and_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    router = make_router()
+    with OutcomeStore(router, tmp_path) as s:
+        monkeypatch.setattr(outcomes_mod, "_fsync", broken)
+
+        async def post(i: int) -> int:
+            return await s.feedback_async(f"b{i}", "win", decision=(["Poem"], "small",
+                                                                     s._clock()))
+
+        async def post_all() -> list[Any]:
+            return list(await asyncio.gather(*(post(i) for i in range(5)),
+                                             return_exceptions=True))
+
+        results = asyncio.run(post_all())
+        assert all(isinstance(r, OutcomeStoreError) for r in results), results
+        assert s.failure is not None and router.scorer.n_learned == 0
+        monkeypatch.undo()
+
+
+def test_background_snapshots_take_a_bounded_share_of_the_time(tmp_path: Path) -> None:
+    router = make_router()
+    with OutcomeStore(router, tmp_path, snapshot_every=1) as s:
+        s.remember("c0", ["Poem"], "small")
+        s.feedback("c0", "win")
+        assert wait_for_snapshot(s)
+        # After a snapshot the next one waits SNAPSHOT_DUTY - 1 times its cost.
+        assert s._next_snapshot_at > 0.0
+
+
+def wait_for_snapshot(s: OutcomeStore, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if s.stats()["snapshot_seq"] >= 1:
+            return True
+        time.sleep(0.01)
+    return False

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import logging
 import math
@@ -410,6 +411,11 @@ class Gateway:
             self.learner = self._open_learner(self.router)
         self._started = True
         self._warm_up()
+        # What start-up built (router, tagger, config, modules) lives as long as the process:
+        # out of the collector's generations, so a full collection under load scans only what
+        # requests made (measured: the tail of feedback latency under load shrinks).
+        gc.collect()
+        gc.freeze()
         announce(self.keyring, log)
         log.info("decision tokens signed with the secret from %s", self._secret_from)
 

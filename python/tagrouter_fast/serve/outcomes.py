@@ -91,6 +91,13 @@ LOCK_FILE = "LOCK"
 #: every `ACKED_SYNC_S` seconds, at snapshots and on close.
 ACKED = "ACKED"
 ACKED_SYNC_S = 1.0
+#: `feedback_async` fsyncs on the event loop itself while the journal's fsyncs take less than
+#: this (moving average): a fast fsync on the loop costs less than handing the group to a thread,
+#: whose every return to the GIL waits up to the switch interval (5 ms) behind a busy loop. A
+#: slower disk gets the committer thread, so the loop never stalls on it.
+INLINE_FSYNC_MAX_S = 0.001
+#: Background snapshots run at most 1/SNAPSHOT_DUTY of the time (see `_snapshot_worker`).
+SNAPSHOT_DUTY = 20
 #: A decision's outcome record uses ``QUERY_ID_PREFIX + decision_id`` as its query id, so it can
 #: never collide with a query id of the judgments the store was built from (a collision with
 #: another tag set would make `TagScorer.with_records` refuse the record).
@@ -375,6 +382,11 @@ class OutcomeStore:
         # Tests inject crashes between the snapshot steps through this hook.
         self._fault: Callable[[str], None] | None = None
 
+        # Waiters of `feedback_async`'s on-loop group commit (one event loop: the gateway's),
+        # and the moving average of the journal's fsync time that chooses it over the thread.
+        self._loop_waiters: list[tuple[_Pending, Any]] = []
+        self._fsync_s = 0.0
+
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._take_dir_lock()
         try:
@@ -384,6 +396,7 @@ class OutcomeStore:
             raise
         self._snap_wanted = threading.Event()
         self._stopping = False
+        self._next_snapshot_at = 0.0
         # `feedback_async`'s group commit: waiting outcomes and their futures, one thread.
         self._commit_cv = threading.Condition()
         self._waiters: list[tuple[_Pending, Any]] = []
@@ -518,7 +531,15 @@ class OutcomeStore:
         pending = self._append(decision_id, outcome, decision, key)
         if self._synced_seq >= pending.seq:  # fsync off: written is all that was asked
             return self._apply(pending)
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if self._fsync_s < INLINE_FSYNC_MAX_S:
+            # On the loop: after the callbacks ready now (outcomes arriving together share the
+            # fsync), one fsync, one apply, every waiter woken directly.
+            self._loop_waiters.append((pending, fut))
+            if len(self._loop_waiters) == 1:
+                loop.call_soon(self._commit_on_loop)
+            return int(await fut)
         with self._commit_cv:
             if self._committer is None:
                 self._committer = threading.Thread(
@@ -528,6 +549,16 @@ class OutcomeStore:
             self._waiters.append((pending, fut))
             self._commit_cv.notify()
         return int(await fut)
+
+    def _commit_on_loop(self) -> None:
+        batch, self._loop_waiters = self._loop_waiters, []
+        error: BaseException | None = None
+        try:
+            self._sync(max(p.seq for p, _ in batch))
+            self._apply(None)
+        except BaseException as e:  # every waiter of the group hears it
+            error = e
+        _resolve_group([(fut, p) for p, fut in batch], error)
 
     def _commit_worker(self) -> None:
         """Group commit for `feedback_async`: one fsync and one apply for all waiting outcomes,
@@ -660,12 +691,14 @@ class OutcomeStore:
             with self._lock:
                 self._check_writable_locked()
                 target, fd = self._next_seq - 1, self._journal_fd
+            t0 = time.perf_counter()
             try:
                 _fsync(fd)
             except OSError as e:
                 with self._lock:
                     self._fail_locked(e)
                 raise OutcomeStoreError(f"journal fsync failed: {e}") from e
+            self._fsync_s += (time.perf_counter() - t0 - self._fsync_s) * 0.1
             with self._lock:
                 self._synced_seq = max(self._synced_seq, target)
             self._mark_acked(target)
@@ -784,11 +817,20 @@ class OutcomeStore:
             self._sync_acked()
             if self._applied_seq - self._snap_seq < self._snapshot_every:
                 continue
+            if time.monotonic() < self._next_snapshot_at:
+                continue  # woken again by the next outcome, or within ACKED_SYNC_S
+            t0 = time.monotonic()
             try:
                 self._snapshot_now()
             except Exception:
                 # Nothing is lost: the journal still holds every outcome since the last one.
                 log.exception("background snapshot failed; will retry after more outcomes")
+            # A snapshot's cost grows with the registry (up to max_decisions entries: ~0.6 s
+            # at 100,000), and it competes with the event loop for the GIL: background
+            # snapshots take at most 1/SNAPSHOT_DUTY of the time, whatever snapshot_every says.
+            # The journal holds what they defer; a restart replays it.
+            self._next_snapshot_at = time.monotonic() + (time.monotonic() - t0) * (
+                SNAPSHOT_DUTY - 1)
 
     def _capture(self) -> _Cut:
         """The cut of one snapshot (caller holds _snapshot_lock and _apply_lock): the store and
