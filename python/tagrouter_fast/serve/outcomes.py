@@ -188,10 +188,14 @@ def _cut(path: Path, size: int, *, durable: bool) -> None:
 class _Decision:
     """One remembered decision."""
 
-    __slots__ = ("tags", "model", "t", "seq", "applied")
+    __slots__ = ("tags", "model", "t", "seq", "applied", "lines")
 
     def __init__(self, tags: tuple[str, ...], model: str, t: float, seq: int = 0) -> None:
         self.tags, self.model, self.t = tags, model, t
+        #: Its registry-file line without and with ``done``, encoded at its first snapshot and
+        #: reused by the later ones (a decision lives through many): a snapshot then joins
+        #: bytes instead of encoding JSON per entry (0.6 s at 100,000 entries, in the GIL).
+        self.lines: list[bytes | None] = [None, None]
         #: Journal sequence number of its outcome; 0 while it has none, -1 when it got one
         #: before the snapshot its registry entry was loaded from. Set once, never cleared:
         #: that is what makes a retried POST a DuplicateOutcome instead of a second count.
@@ -895,10 +899,13 @@ class OutcomeStore:
             # seq < 0 done before an earlier snapshot;
             # an outcome after the cut is replayed from the journal, which marks it again.
             done = dec.seq < 0 or 0 < dec.seq <= cut.seq
-            row = {"id": did, "tags": list(dec.tags), "model": dec.model, "t": dec.t}
-            if done:
-                row["done"] = True
-            lines.append(journal.encode_line(row))
+            line = dec.lines[done]
+            if line is None:
+                row = {"id": did, "tags": list(dec.tags), "model": dec.model, "t": dec.t}
+                if done:
+                    row["done"] = True
+                line = dec.lines[done] = journal.encode_line(row)
+            lines.append(line)
         journal.atomic_replace(
             d / registry_name, b"".join(lines), durable=self._durable, fsync=_fsync
         )
