@@ -174,7 +174,7 @@ class FeedbackConfig:
     #: Where the outcome journal and snapshots live; feedback is off without it.
     state_dir: Path | None = None
     fsync: bool = True
-    snapshot_every: int = 1000
+    snapshot_every: int = 50_000
     decision_ttl_s: float = 3600.0
     max_decisions: int = 100_000
 
@@ -457,7 +457,7 @@ def _parse(raw: Mapping[str, Any], base: Path) -> Config:
     feedback = FeedbackConfig(
         state_dir=fb.path("state_dir", base),
         fsync=fb.bool_("fsync", True),
-        snapshot_every=fb.int_("snapshot_every", 1000),
+        snapshot_every=fb.int_("snapshot_every", 50_000),
         decision_ttl_s=fb.positive("decision_ttl_s", 3600.0),
         max_decisions=fb.int_("max_decisions", 100_000),
     )

@@ -44,6 +44,7 @@ recover: never silently wrong counts.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -188,19 +189,36 @@ def _cut(path: Path, size: int, *, durable: bool) -> None:
 class _Decision:
     """One remembered decision."""
 
-    __slots__ = ("tags", "model", "t", "seq", "applied", "lines")
+    __slots__ = ("tags", "model", "t", "seq", "applied", "line_open", "line_done")
 
     def __init__(self, tags: tuple[str, ...], model: str, t: float, seq: int = 0) -> None:
         self.tags, self.model, self.t = tags, model, t
-        #: Its registry-file line without and with ``done``, encoded at its first snapshot and
-        #: reused by the later ones (a decision lives through many): a snapshot then joins
-        #: bytes instead of encoding JSON per entry (0.6 s at 100,000 entries, in the GIL).
-        self.lines: list[bytes | None] = [None, None]
+        #: Its registry-file line without and with ``done``, encoded once (when it gets its
+        #: outcome, or at its first snapshot) and reused by the snapshots after: a snapshot
+        #: joins bytes instead of encoding JSON per entry (0.6 s at 100,000 entries, in the
+        #: GIL). Bytes, not a list: the collector does not track them.
+        self.line_open: bytes | None = None
+        self.line_done: bytes | None = None
         #: Journal sequence number of its outcome; 0 while it has none, -1 when it got one
         #: before the snapshot its registry entry was loaded from. Set once, never cleared:
         #: that is what makes a retried POST a DuplicateOutcome instead of a second count.
         self.seq = seq
         self.applied = seq != 0
+
+
+def _registry_line(did: str, dec: _Decision, done: bool) -> bytes:
+    """The decision's line in a snapshot's registry file, encoded once and kept."""
+    line = dec.line_done if done else dec.line_open
+    if line is None:
+        row: dict[str, Any] = {"id": did, "tags": list(dec.tags), "model": dec.model, "t": dec.t}
+        if done:
+            row["done"] = True
+        line = journal.encode_line(row)
+        if done:
+            dec.line_done = line
+        else:
+            dec.line_open = line
+    return line
 
 
 def _resolve_group(items: list[tuple[Any, _Pending]], error: BaseException | None) -> None:
@@ -545,24 +563,38 @@ class OutcomeStore:
                 loop.call_soon(self._commit_on_loop)
             return int(await fut)
         with self._commit_cv:
-            if self._committer is None:
-                self._committer = threading.Thread(
-                    target=self._commit_worker, name="tagrouter-commit", daemon=True
-                )
-                self._committer.start()
+            self._start_committer_locked()
             self._waiters.append((pending, fut))
             self._commit_cv.notify()
         return int(await fut)
 
     def _commit_on_loop(self) -> None:
         batch, self._loop_waiters = self._loop_waiters, []
+        # The event loop must never wait for a snapshot: its capture holds the sync and apply
+        # locks (a store copy, file rotation, two fsyncs). Holding the snapshot lock keeps one
+        # from starting; while one runs, this group goes to the committer thread instead.
+        if not self._snapshot_lock.acquire(blocking=False):
+            with self._commit_cv:
+                self._start_committer_locked()
+                self._waiters.extend(batch)
+                self._commit_cv.notify()
+            return
         error: BaseException | None = None
         try:
             self._sync(max(p.seq for p, _ in batch))
             self._apply(None)
         except BaseException as e:  # every waiter of the group hears it
             error = e
+        finally:
+            self._snapshot_lock.release()
         _resolve_group([(fut, p) for p, fut in batch], error)
+
+    def _start_committer_locked(self) -> None:
+        if self._committer is None:
+            self._committer = threading.Thread(
+                target=self._commit_worker, name="tagrouter-commit", daemon=True
+            )
+            self._committer.start()
 
     def _commit_worker(self) -> None:
         """Group commit for `feedback_async`: one fsync and one apply for all waiting outcomes,
@@ -656,6 +688,9 @@ class OutcomeStore:
             self._next_seq = seq + 1
             self._journal_bytes += len(line)
             d.seq = seq
+            # Its snapshot line now, a few microseconds per outcome, rather than all of them in
+            # the snapshot thread at once (which starved the event loop for ~0.4 s per 50,000).
+            _registry_line(decision_id, d, True)
             record = (QUERY_ID_PREFIX + decision_id, list(d.tags), d.model, label)
             pending = _Pending(seq, record, d)
             self._unapplied.append(pending)
@@ -852,7 +887,16 @@ class OutcomeStore:
                 now = self._clock()
                 self._expire_locked(now)
                 seq, version = self._applied_seq, self.version
-                registry = list(self._registry.items())  # C-speed copy; encoded outside
+                # A C-speed copy, encoded outside the lock; with the collector paused: its
+                # 100,000 new tuples would otherwise set off a full collection here (measured:
+                # 70 ms with the event loop waiting on this lock).
+                was = gc.isenabled()
+                gc.disable()
+                try:
+                    registry = list(self._registry.items())
+                finally:
+                    if was:
+                        gc.enable()
                 new_decisions = journal.open_append(self.state_dir / f"decisions-{gen:08d}.log")
                 old_decisions, self._decisions_fd = self._decisions_fd, new_decisions
                 # After a failed append or fsync nothing more goes into the journal, so there
@@ -892,20 +936,19 @@ class OutcomeStore:
         self._step("store-written")
         now = self._clock()
         lines = []
-        for did, dec in cut.registry:
+        for i, (did, dec) in enumerate(cut.registry):
+            if i % 1024 == 1023:
+                # This thread holds the GIL while it walks the registry (tens of ms at 100,000
+                # decisions); sleeping a moment hands it to the event loop, which would
+                # otherwise stall for the whole walk.
+                time.sleep(1e-4)
             if dec.t + self._ttl <= now:
                 continue
             # 0 < seq <= cut.seq means applied before the cut (applied is a journal prefix),
             # seq < 0 done before an earlier snapshot;
             # an outcome after the cut is replayed from the journal, which marks it again.
             done = dec.seq < 0 or 0 < dec.seq <= cut.seq
-            line = dec.lines[done]
-            if line is None:
-                row = {"id": did, "tags": list(dec.tags), "model": dec.model, "t": dec.t}
-                if done:
-                    row["done"] = True
-                line = dec.lines[done] = journal.encode_line(row)
-            lines.append(line)
+            lines.append(_registry_line(did, dec, done))
         journal.atomic_replace(
             d / registry_name, b"".join(lines), durable=self._durable, fsync=_fsync
         )
