@@ -63,9 +63,9 @@ class TagAligner:
         ef_construction: hnswlib build breadth.
         cache_size: Maximum cached raw tags; the oldest half is evicted when full.
 
-    >>> from tagrouter_fast.tagging.encoder import default_encoder  # doctest: +SKIP
-    >>> al = TagAligner(["Text Rewriting", "Geometry"], default_encoder())  # doctest: +SKIP
-    >>> al.align(["text-rewriting", "triangle geometry", "zzzz"]).tags  # doctest: +SKIP
+    >>> from tagrouter_fast.tagging.encoder import default_encoder
+    >>> al = TagAligner(["Text Rewriting", "Geometry"], default_encoder())
+    >>> al.align(["text-rewriting", "triangle geometry", "zzzz"]).tags
     ['Text Rewriting', 'Geometry']
     """
 
