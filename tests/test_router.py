@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tagrouter_fast import TagRouter
+from tagrouter_fast import TagDecider, TagRouter, TagScorer
 from tagrouter_fast.build.table import load_table
 from tagrouter_fast.cli import main
 from tagrouter_fast.router import BundleError
@@ -316,3 +316,15 @@ def test_build_normalizes_open_vocabulary_tags(table_dir: Path, tmp_path: Path) 
         "small",
         "big",
     ]
+
+
+def test_decider_is_read_only_and_updates_go_through_the_locked_path() -> None:
+    recs = [("q1", ["Poem"], "big", "win"), ("q1", ["Poem"], "small", "loss")]
+    r = TagRouter(TagDecider(TagScorer.from_records(recs), {"big": 2.0, "small": 1.0}),
+                  align=False)
+    with pytest.raises(AttributeError):
+        r.decider = r.decider.with_theta(1.0)  # type: ignore[misc]
+    r.learn([(["Poem"], "small", "win")])
+    # A theta change through the locked path keeps the learning store.
+    r.update_decider(lambda d: d.with_theta(0.5))
+    assert r.decider.theta == 0.5 and r.decider.is_live and r.scorer.n_learned == 1

@@ -20,7 +20,8 @@ def _load_router(args: argparse.Namespace):  # noqa: ANN202 - TagRouter, importe
         return TagRouter.load(args.router, theta=args.theta)
     router = default_router()
     if args.theta is not None:
-        router.decider = router.decider.with_theta(args.theta)
+        theta = args.theta
+        router.update_decider(lambda d: d.with_theta(theta))
     return router
 
 

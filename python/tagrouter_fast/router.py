@@ -183,7 +183,7 @@ class TagRouter:
         normalization: TagNormalization | None = None,
         encoder: Encoder | None = None,
     ) -> None:
-        self.decider = decider
+        self._decider = decider
         self.tagger = tagger
         self.normalization = normalization
         self._align = align
@@ -200,6 +200,13 @@ class TagRouter:
         self._store_lock = threading.Lock()
 
     @property
+    def decider(self) -> TagDecider:
+        """The current decider (read once per routing call). Read-only: changes go through
+        `update_decider`, `update_store`, `swap_store` or `learn`, which serialise writers and
+        keep a learning router learning."""
+        return self._decider
+
+    @property
     def scorer(self) -> TagScorer:
         return self.decider.scorer
 
@@ -213,12 +220,12 @@ class TagRouter:
         self._set_decider_locked(self.decider.with_store(scorer))
 
     def _set_decider_locked(self, new: TagDecider) -> None:
-        old = self.decider
+        old = self._decider
         if old.is_live and not new.is_live:
             # A router that learns keeps learning across store swaps (admin add/remove model,
             # reloads): the new store becomes the live one (one O(store) copy per swap).
             new = new.to_live()
-        self.decider = new  # the atomic swap readers see
+        self._decider = new  # the atomic swap readers see
         if self._aligner is not None and list(old.scorer.tags) != list(new.scorer.tags):
             # The aligner indexes the store's tags; rebuild it lazily over the new tag set.
             with self._aligner_lock:

@@ -361,9 +361,8 @@ def _build_bundle(
             assert router.tagger is not None
             raw_tags = tag_cached(router.tagger, table.texts)
         tags = router.align_tags(raw_tags)
-        router.decider = router.decider.with_theta(
-            router.decider.theta_for_llm_share(tags, llm_share)
-        )
+        share_theta = router.decider.theta_for_llm_share(tags, llm_share)
+        router.update_decider(lambda d: d.with_theta(share_theta))
         if show_progress:
             print(
                 f"tagrouter: theta = {router.decider.theta:.6g} sends at most "

@@ -371,7 +371,8 @@ class Gateway:
         cfg = self.config
         self._apply_costs(router)
         if cfg.router.theta is not None:
-            router.decider = router.decider.with_theta(cfg.router.theta)
+            theta = cfg.router.theta
+            router.update_decider(lambda d: d.with_theta(theta))
         missing = [m for m in router.decider.models if m not in self.backends]
         if missing:
             raise ConfigError(
