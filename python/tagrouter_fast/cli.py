@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,17 +22,6 @@ def _load_router(args: argparse.Namespace):  # noqa: ANN202 - TagRouter, importe
         theta = args.theta
         router.update_decider(lambda d: d.with_theta(theta))
     return router
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/Infinity: non-finite floats (e.g. Delta_q of a fallback) become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _cmd_tag(args: argparse.Namespace) -> int:
@@ -56,13 +44,15 @@ def _cmd_tag(args: argparse.Namespace) -> int:
 
 
 def _cmd_route(args: argparse.Namespace) -> int:
+    from tagrouter_fast.core import finite_for_json
+
     router = _load_router(args)
     queries = args.query or _stdin_queries()
     for q in queries:
         if args.explain or args.json:
             d = router.decide(q)
             if args.json:
-                print(json.dumps(_finite({"query": q, **d.to_dict()}), allow_nan=False))
+                print(json.dumps(finite_for_json({"query": q, **d.to_dict()}), allow_nan=False))
             else:
                 print(d.explain())
         else:

@@ -47,6 +47,7 @@ from tagrouter_fast._core import Store as _Store
 __all__ = [
     "Decision",
     "DecisionArrays",
+    "finite_for_json",
     "InconsistentRecordsError",
     "Record",
     "StoreFormatError",
@@ -1022,6 +1023,22 @@ def _some(ids: Sequence[str], shown: int = 10) -> str:
     """The first few ids, for error messages about possibly thousands of them."""
     head = ", ".join(repr(q) for q in ids[:shown])
     return head + (f", ... ({len(ids)} in all)" if len(ids) > shown else "")
+
+
+def finite_for_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf; e.g. the Delta_q of a query with no
+    known tag) replaced by None, through dicts, lists and tuples: JSON has no NaN.
+
+    >>> finite_for_json({"delta": float("nan"), "scores": [1.5, float("inf")]})
+    {'delta': None, 'scores': [1.5, None]}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_for_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_for_json(v) for v in value]
+    return value
 
 
 split_tags = _core.split_tags

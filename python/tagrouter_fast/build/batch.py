@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tagrouter_fast import journal
+from tagrouter_fast.core import finite_for_json
 
 if TYPE_CHECKING:
     from tagrouter_fast.protocols import Tagger
@@ -355,10 +355,6 @@ def pack_bundle(path: str | os.PathLike[str]) -> dict[str, bytes]:
     return files
 
 
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
 class ChunkRouter:
     """Tags and routes chunks of queries: the work of one process or one Ray worker.
 
@@ -399,12 +395,12 @@ class ChunkRouter:
             d = decide(t)
             cols["model"].append(d.model)
             cols["reason"].append(d.reason)
-            cols["delta"].append(_finite(d.delta))
+            cols["delta"].append(finite_for_json(d.delta))
             cols["theta"].append(d.theta)
             cols["slm"].append(d.slm)
             cols["known_tags"].append(list(d.known_tags))
             cols["scores"].append(
-                json.dumps({m: _finite(s) for m, s in d.scores.items()}, allow_nan=False)
+                json.dumps({m: finite_for_json(s) for m, s in d.scores.items()}, allow_nan=False)
             )
         return cols
 

@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tagrouter_fast.core import Decision, TagDecider, TagRouterError
+from tagrouter_fast.core import Decision, TagDecider, TagRouterError, finite_for_json
 from tagrouter_fast.serve.backends import (
     AllBackendsFailed,
     Answer,
@@ -139,19 +139,8 @@ class StartupError(ValueError):
     exits 2)."""
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: a Delta_q with no known tag becomes null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _explanation(d: Decision, tags: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = _finite(d.to_dict())
+    out: dict[str, Any] = finite_for_json(d.to_dict())
     out["tags"] = list(tags)
     return out
 
@@ -656,7 +645,7 @@ class Gateway:
             # Compact and ASCII (header values are latin-1): tags, per-model scores, Delta_q
             # and each tag's contribution per model.
             h["x-tagrouter-explanation"] = json.dumps(
-                _finite({
+                finite_for_json({
                     "model": d.model, "reason": d.reason, "tags": routed.tags,
                     "scores": d.scores, "delta": d.delta, "theta": d.theta,
                     "contributions": d.contributions,
@@ -943,7 +932,7 @@ class Gateway:
             # fix, named in the answer; not a bug, so no traceback.
             raise ApiError(500, f"admin {action}: {e}", kind="server_error",
                            code="file_error") from None
-        return JSONResponse(_finite(result))
+        return JSONResponse(finite_for_json(result))
 
     async def admin_remove(self, request: Request) -> Response:
         self.check_admin(request)
