@@ -1086,3 +1086,30 @@ def wait_for_snapshot(s: OutcomeStore, timeout_s: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_feedback_async_from_two_event_loops_at_once(tmp_path: Path) -> None:
+    """Each loop commits and wakes only its own waiters (futures are not thread-safe)."""
+    import asyncio
+
+    router = make_router()
+    n = 150
+    results: dict[int, list[int]] = {}
+    with OutcomeStore(router, tmp_path) as s:
+
+        def run(k: int) -> None:
+            async def post_all() -> list[int]:
+                return list(await asyncio.gather(*(
+                    s.feedback_async(f"l{k}-{i}", "win", decision=(["Poem"], "small", s._clock()))
+                    for i in range(n)
+                )))
+
+            results[k] = asyncio.run(post_all())
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(results[0] + results[1]) == list(range(1, 2 * n + 1))
+        assert router.scorer.learned_counts("small", "Poem") == (2 * n, 0, 0)

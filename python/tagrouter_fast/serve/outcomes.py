@@ -406,7 +406,9 @@ class OutcomeStore:
 
         # Waiters of `feedback_async`'s on-loop group commit (one event loop: the gateway's),
         # and the moving average of the journal's fsync time that chooses it over the thread.
-        self._loop_waiters: list[tuple[_Pending, Any]] = []
+        # Per event loop (a library user may run several, in several threads), under
+        # _commit_cv: each loop commits and wakes only its own waiters.
+        self._loop_waiters: dict[Any, list[tuple[_Pending, Any]]] = {}
         self._fsync_s = 0.0
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -558,9 +560,12 @@ class OutcomeStore:
         if self._fsync_s < INLINE_FSYNC_MAX_S:
             # On the loop: after the callbacks ready now (outcomes arriving together share the
             # fsync), one fsync, one apply, every waiter woken directly.
-            self._loop_waiters.append((pending, fut))
-            if len(self._loop_waiters) == 1:
-                loop.call_soon(self._commit_on_loop)
+            with self._commit_cv:
+                group = self._loop_waiters.setdefault(loop, [])
+                group.append((pending, fut))
+                first = len(group) == 1
+            if first:
+                loop.call_soon(self._commit_on_loop, loop)
             return int(await fut)
         with self._commit_cv:
             self._start_committer_locked()
@@ -568,8 +573,11 @@ class OutcomeStore:
             self._commit_cv.notify()
         return int(await fut)
 
-    def _commit_on_loop(self) -> None:
-        batch, self._loop_waiters = self._loop_waiters, []
+    def _commit_on_loop(self, loop: Any) -> None:
+        with self._commit_cv:
+            batch = self._loop_waiters.pop(loop, [])
+        if not batch:
+            return
         # The event loop must never wait for a snapshot: its capture holds the sync and apply
         # locks (a store copy, file rotation, two fsyncs). Holding the snapshot lock keeps one
         # from starting; while one runs, this group goes to the committer thread instead.
