@@ -9,7 +9,7 @@ import pytest
 from fake_taggers import CountingTagger
 
 from tagrouter_fast import TagDecider, TagRouter, TagScorer
-from tagrouter_fast.cli import _finite
+from tagrouter_fast.core import finite_for_json
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_blank_query_goes_to_fallback_without_tagging(router: TagRouter, blank: 
 def test_decision_json_is_valid_json(router: TagRouter) -> None:
     d = router.decide("")  # fallback: Delta_q is NaN
     assert "NaN" in json.dumps(d.to_dict())  # what `route --json` used to print
-    text = json.dumps(_finite({"query": "", **d.to_dict()}), allow_nan=False)
+    text = json.dumps(finite_for_json({"query": "", **d.to_dict()}), allow_nan=False)
     assert "NaN" not in text
     assert json.loads(text)["reason"] == "fallback"
 
