@@ -287,20 +287,6 @@ impl Decider {
         Ok(d)
     }
 
-    /// A decider over a live store: it routes on the store's counts as they are at each
-    /// decision, so outcomes the store learns are seen by the next decision with no rebuild.
-    pub fn new_live(
-        live: Arc<LiveStore>,
-        costs: &[(String, f64)],
-        llm: Option<&str>,
-        theta: f64,
-        fallback: Option<&str>,
-    ) -> Result<Self> {
-        let (mut d, models) = live.read(|s| Self::build(s, costs, llm, theta, fallback))?;
-        d.source = Source::Live { live, models };
-        Ok(d)
-    }
-
     /// Whether this decider routes on a live store.
     pub fn is_live(&self) -> bool {
         matches!(self.source, Source::Live { .. })
@@ -337,7 +323,8 @@ impl Decider {
         }
     }
 
-    /// Everything but the score source; and the candidates' store indices, preference order.
+    /// Everything but the score source (`new` and `to_live` set it); and the candidates' store
+    /// indices, preference order.
     fn build(
         store: &Store,
         costs: &[(String, f64)],
@@ -668,8 +655,8 @@ impl Decider {
         self.with_view(|v| self.explain_ids_in(v, ids))
     }
 
-    /// `explain_ids` and each tag's contribution (`tag_scores_into`) from one state of a live
-    /// store, so that the contributions add up to the scores.
+    /// `explain_ids` and each tag's contribution (candidates' scores on it, `models()` order)
+    /// from one state of a live store, so that the contributions add up to the scores.
     pub fn explain_ids_with_rows(&self, ids: &[u32]) -> (Route, Vec<f64>, Vec<f64>) {
         self.with_view(|v| {
             let (route, sums) = self.explain_ids_in(v, ids);
@@ -698,15 +685,6 @@ impl Decider {
             sums[self.pref_to_out[j]] = *s;
         }
         (route, sums)
-    }
-
-    /// Writes the candidates' scores on tag `t` (its contribution) into `out`, `models()` order.
-    pub fn tag_scores_into(&self, t: u32, out: &mut [f64]) {
-        let mut pref = vec![0.0; self.n];
-        self.with_view(|v| v.row_into(t, &mut pref));
-        for (j, s) in pref.iter().enumerate() {
-            out[self.pref_to_out[j]] = *s;
-        }
     }
 
     /// Aggregates the rows of the distinct ids into a (stack) buffer and hands `S` to `f`, with
