@@ -487,27 +487,19 @@ impl Store {
                 add_judged(&mut entry.judged, model_map[m as usize], c);
             }
         }
-        for (om, col) in other.counts.iter().enumerate() {
-            let target = &mut store.counts[model_map[om] as usize];
-            for (ot, c) in col.iter().enumerate() {
-                add3(&mut target[tag_map[ot] as usize], *c);
-            }
-            add3(
-                &mut store.model_totals[model_map[om] as usize],
-                other.model_totals[om],
-            );
-        }
+        add_columns(
+            (&mut store.counts, &mut store.model_totals),
+            (&other.counts, &other.model_totals),
+            &model_map,
+            &tag_map,
+        );
         // Live outcomes are anonymous queries, so they never collide: counts add.
-        for (om, col) in other.anon.iter().enumerate() {
-            let target = &mut store.anon[model_map[om] as usize];
-            for (ot, c) in col.iter().enumerate() {
-                add3(&mut target[tag_map[ot] as usize], *c);
-            }
-            add3(
-                &mut store.anon_totals[model_map[om] as usize],
-                other.anon_totals[om],
-            );
-        }
+        add_columns(
+            (&mut store.anon, &mut store.anon_totals),
+            (&other.anon, &other.anon_totals),
+            &model_map,
+            &tag_map,
+        );
         store.recompute();
         Ok(store)
     }
@@ -854,6 +846,27 @@ fn add_judged(judged: &mut Vec<(u32, [u32; 3])>, m: u32, c: [u32; 3]) {
         add3(have, c);
     } else {
         judged.push((m, c));
+    }
+}
+
+/// Per-(model, tag) count columns and per-model totals (the counts, or the live outcomes).
+type Columns<'a> = (&'a [Vec<[u32; 3]>], &'a [[u32; 3]]);
+
+/// Adds another store's columns and totals into this one's, through its model and tag index
+/// maps (`merged`).
+fn add_columns(
+    dst: (&mut [Vec<[u32; 3]>], &mut [[u32; 3]]),
+    src: Columns<'_>,
+    model_map: &[u32],
+    tag_map: &[u32],
+) {
+    let (cols, totals) = dst;
+    for (om, col) in src.0.iter().enumerate() {
+        let target = &mut cols[model_map[om] as usize];
+        for (ot, c) in col.iter().enumerate() {
+            add3(&mut target[tag_map[ot] as usize], *c);
+        }
+        add3(&mut totals[model_map[om] as usize], src.1[om]);
     }
 }
 
