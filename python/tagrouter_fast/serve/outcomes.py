@@ -567,10 +567,7 @@ class OutcomeStore:
             if first:
                 loop.call_soon(self._commit_on_loop, loop)
             return int(await fut)
-        with self._commit_cv:
-            self._start_committer_locked()
-            self._waiters.append((pending, fut))
-            self._commit_cv.notify()
+        self._to_committer([(pending, fut)])
         return int(await fut)
 
     def _commit_on_loop(self, loop: Any) -> None:
@@ -582,27 +579,33 @@ class OutcomeStore:
         # locks (a store copy, file rotation, two fsyncs). Holding the snapshot lock keeps one
         # from starting; while one runs, this group goes to the committer thread instead.
         if not self._snapshot_lock.acquire(blocking=False):
-            with self._commit_cv:
-                self._start_committer_locked()
-                self._waiters.extend(batch)
-                self._commit_cv.notify()
+            self._to_committer(batch)
             return
-        error: BaseException | None = None
         try:
-            self._sync(max(p.seq for p, _ in batch))
-            self._apply(None)
-        except BaseException as e:  # every waiter of the group hears it
-            error = e
+            error = self._commit(batch)
         finally:
             self._snapshot_lock.release()
         _resolve_group([(fut, p) for p, fut in batch], error)
 
-    def _start_committer_locked(self) -> None:
-        if self._committer is None:
-            self._committer = threading.Thread(
-                target=self._commit_worker, name="tagrouter-commit", daemon=True
-            )
-            self._committer.start()
+    def _commit(self, batch: list[tuple[_Pending, Any]]) -> BaseException | None:
+        """One fsync and one apply for a group; the error every waiter of it hears, if any."""
+        try:
+            self._sync(max(p.seq for p, _ in batch))
+            self._apply(None)
+        except BaseException as e:
+            return e
+        return None
+
+    def _to_committer(self, batch: list[tuple[_Pending, Any]]) -> None:
+        """Hands waiting outcomes to the committer thread (started on first use)."""
+        with self._commit_cv:
+            if self._committer is None:
+                self._committer = threading.Thread(
+                    target=self._commit_worker, name="tagrouter-commit", daemon=True
+                )
+                self._committer.start()
+            self._waiters.extend(batch)
+            self._commit_cv.notify()
 
     def _commit_worker(self) -> None:
         """Group commit for `feedback_async`: one fsync and one apply for all waiting outcomes,
@@ -614,12 +617,7 @@ class OutcomeStore:
                 if not self._waiters:
                     return  # stopping, nothing left
                 batch, self._waiters = self._waiters, []
-            error: BaseException | None = None
-            try:
-                self._sync(max(p.seq for p, _ in batch))
-                self._apply(None)
-            except BaseException as e:  # every waiter of the group hears it
-                error = e
+            error = self._commit(batch)
             by_loop: dict[Any, list[tuple[Any, _Pending]]] = {}
             for p, fut in batch:
                 by_loop.setdefault(fut.get_loop(), []).append((fut, p))
