@@ -35,6 +35,7 @@ from serve_helpers import (  # noqa: E402
     Fake,
     fake_backends,
     gateway_config,
+    reset_fakes,  # noqa: F401 (autouse fixture)
     running_gateway,
 )
 
@@ -53,13 +54,6 @@ AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 def fakes() -> Iterator[dict[str, Fake]]:
     with fake_backends("small", "big") as f:
         yield f
-
-
-@pytest.fixture(autouse=True)
-def _reset_fakes(request: pytest.FixtureRequest) -> None:
-    if "fakes" in request.fixturenames:
-        for f in request.getfixturevalue("fakes").values():
-            f.backend.command()
 
 
 @pytest.fixture(autouse=True)

@@ -31,6 +31,7 @@ from serve_helpers import (  # noqa: E402
     dead_url,
     fake_backends,
     gateway_config,
+    reset_fakes,  # noqa: F401 (autouse fixture)
     running_gateway,
 )
 
@@ -49,13 +50,6 @@ ADMIN_TOKEN = "s3cret-admin-token-for-tests"
 def fakes() -> Iterator[dict[str, Fake]]:
     with fake_backends("small", "big", "mid") as f:
         yield f
-
-
-@pytest.fixture(autouse=True)
-def _reset_fakes(request: pytest.FixtureRequest) -> None:
-    if "fakes" in request.fixturenames:
-        for f in request.getfixturevalue("fakes").values():
-            f.backend.command()
 
 
 @pytest.fixture(scope="module")
