@@ -54,7 +54,9 @@ N_OUTCOMES = 6_000
 #: part of the tail a long-running gateway shows.
 RATE = 2_000.0
 PACED_S = 30
-SNAPSHOT_EVERY = 50_000
+#: The gateway default; TAGROUTER_BENCH_SNAPSHOT_EVERY overrides it (e.g. 1000000: no snapshot
+#: inside the run, to see what snapshots add to the tail).
+SNAPSHOT_EVERY = int(os.environ.get("TAGROUTER_BENCH_SNAPSHOT_EVERY", "50000"))
 HISTORIES = (0, 10**6)
 OUT = Path(".benchmarks") / "feedback.json"
 
