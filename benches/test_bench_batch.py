@@ -105,10 +105,10 @@ def _time(fn, *args, **kwargs) -> float:
 
 
 def test_batch_route_throughput(benchmark, tmp_path, monkeypatch):
-    from tagrouter_fast.build.batch import ChunkRouter, iter_chunks, pack_bundle, route_file
-    from tagrouter_fast.build.bundle import build_router
-    from tagrouter_fast.build.table import load_table
-    from tagrouter_fast.eval.pools import resolve_pool
+    from tagrouter_fast.batch import ChunkRouter, iter_chunks, pack_bundle, route_file
+    from tagrouter_fast.builder.bundle import build_router
+    from tagrouter_fast.data.pools import resolve_pool
+    from tagrouter_fast.data.table import load_table
 
     table = load_table(DATA)
     models, llm = resolve_pool(table, pool="five-api")

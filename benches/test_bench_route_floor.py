@@ -105,8 +105,8 @@ def _semantic_router(enc: Any, max_tokens: int) -> Any:
     from semantic_router import IndexedRouter, Route
     from semantic_router.encoders import DenseEncoder
 
-    from tagrouter_fast.build.table import load_table
-    from tagrouter_fast.eval.pools import resolve_pool
+    from tagrouter_fast.data.pools import resolve_pool
+    from tagrouter_fast.data.table import load_table
 
     class SameEncoder(DenseEncoder):  # type: ignore[misc]
         name: str = "tagrouter-default-encoder"
@@ -196,7 +196,7 @@ class Harness:
 @pytest.fixture(scope="module")
 def harness(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Harness:
     from tagrouter_fast import TagRouter
-    from tagrouter_fast.build.bundle import build_bundle
+    from tagrouter_fast.builder.bundle import build_bundle
     from tagrouter_fast.tagging.encoder import default_encoder
 
     bs = getattr(request.config, "_benchmarksession", None)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tagrouter_fast import TagRouter
-from tagrouter_fast.build.table import load_table
-from tagrouter_fast.eval.pools import resolve_pool
+from tagrouter_fast import TagRouter, build_router
+from tagrouter_fast.data.pools import resolve_pool
+from tagrouter_fast.data.table import load_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
 if not (DATA / "outcomes.csv").is_file():
@@ -28,7 +28,7 @@ pytestmark = [
 def router_and_queries() -> tuple[TagRouter, list[str]]:
     table = load_table(DATA)
     models, llm = resolve_pool(table, pool="five-api")
-    router = TagRouter.build(table, models, llm=llm)
+    router = build_router(table, models, llm=llm)
     router.route(table.texts[0])  # builds the aligner and warms the encoder session
     return router, table.texts
 

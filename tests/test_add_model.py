@@ -1,5 +1,5 @@
 """Adding a model to a router from its judgments (issue 12 "Build"): `TagRouter.add_model`,
-`tagrouter_fast.build.add_model`, ``tagrouter add-model``."""
+`tagrouter_fast.add_model`, ``tagrouter add-model``."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 
 from tagrouter_fast import cli
-from tagrouter_fast.build.add_model import (
+from tagrouter_fast.add_model import (
     AddModelError,
     ModelExistsError,
     add_model,
     judgments_for_model,
     suggest_judgments,
 )
-from tagrouter_fast.build.table import DataError, load_table
 from tagrouter_fast.core import TagDecider, TagScorer
+from tagrouter_fast.data.table import DataError, load_table
 from tagrouter_fast.router import TagRouter
 
 POEMS = [f"Write a short poem about the {w}" for w in ["sea", "moon", "rain", "forest"]]
@@ -364,7 +364,7 @@ def test_add_model_function_takes_a_directory_and_an_update_hook(tmp_path: Path)
 def test_runtime_does_not_import_build_code() -> None:
     code = (
         "import sys, tagrouter_fast.router\n"
-        "assert 'tagrouter_fast.build.add_model' not in sys.modules, 'imported'\n"
+        "assert 'tagrouter_fast.add_model' not in sys.modules, 'imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

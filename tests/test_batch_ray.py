@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tagrouter_fast.build.batch import BatchError, iter_chunks, read_output, route_file
-from tagrouter_fast.build.bundle import build_router
-from tagrouter_fast.build.shard import build_router_sharded, merge_stores, shard_bounds
-from tagrouter_fast.build.table import load_table
+from tagrouter_fast.batch import BatchError, iter_chunks, read_output, route_file
+from tagrouter_fast.builder.bundle import build_router
+from tagrouter_fast.builder.shard import build_router_sharded, merge_stores, shard_bounds
 from tagrouter_fast.cli import main
 from tagrouter_fast.core import TagScorer
+from tagrouter_fast.data.table import load_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
 MODELS = ["small", "mid", "big"]
@@ -343,7 +343,7 @@ def test_cli_custom_tagger_bundle_is_refused_before_routing(tmp_path, capsys, bu
 def test_shard_docstring_examples():
     import doctest
 
-    import tagrouter_fast.build.shard as shard
+    import tagrouter_fast.builder.shard as shard
 
     result = doctest.testmod(shard)
     assert result.attempted > 0 and result.failed == 0

@@ -247,8 +247,8 @@ class _KindTagger:
 
 
 def test_plus_difficulty_stores_every_model_but_routes_only_the_pool(tmp_path):
-    from tagrouter_fast.build.bundle import build_router
-    from tagrouter_fast.build.table import load_table
+    from tagrouter_fast.builder.bundle import build_router
+    from tagrouter_fast.data.table import load_table
 
     rng = np.random.default_rng(0)
     q, o = ["query_id,query_text"], ["query_id,model,outcome,cost_usd"]

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tagrouter_fast.build.table import DataError, load_table
-from tagrouter_fast.eval.pools import POOLS, resolve_pool
+from tagrouter_fast.data.pools import POOLS, resolve_pool
+from tagrouter_fast.data.table import DataError, load_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from tagrouter_fast import TagRouter
-from tagrouter_fast.build.bundle import build_router
-from tagrouter_fast.build.folds import stratified_folds
-from tagrouter_fast.build.table import load_table
+from tagrouter_fast.builder.bundle import build_router
+from tagrouter_fast.builder.folds import stratified_folds
+from tagrouter_fast.data.table import load_table
 from tagrouter_fast.eval.features import Features
 from tagrouter_fast.eval.methods import fit_variant
 from tagrouter_fast.eval.protocol import PoolData
@@ -133,8 +133,8 @@ def test_tuning_needs_enough_queries(tmp_path):
 @pytest.mark.data
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data absent at {DATA}")
 def test_bundle_routes_like_the_harness_alpacaeval(tmp_path):
+    from tagrouter_fast.data.pools import resolve_pool
     from tagrouter_fast.eval.features import compute_features
-    from tagrouter_fast.eval.pools import resolve_pool
     from tagrouter_fast.tagging.taggers import DefaultTagger
 
     table = load_table(DATA)

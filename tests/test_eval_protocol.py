@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tagrouter_fast.build.table import load_table
+from tagrouter_fast.data.table import load_table
 from tagrouter_fast.eval.cli import build_result, main
 from tagrouter_fast.eval.features import Features
 from tagrouter_fast.eval.methods import (
@@ -313,7 +313,7 @@ def test_real_pool_end_to_end():
     res = build_result(DATA, pool="pair-api", folds=2, methods=methods, n_boot=50, progress=False)
     m = res["methods"]
     assert res["models"] == ["claude-2", "gpt-3.5-turbo-1106"] and res["llm"] == "claude-2"
-    assert res["scorer_impl"] == "tagrouter_fast.build.bundle.build_router"
+    assert res["scorer_impl"] == "tagrouter_fast.builder.bundle.build_router"
     json.dumps(res["methods"]["TagRouter"]["delta_auc_vs_best_baseline"])
     assert res["n_queries"] == 805
     assert abs(m["claude-2"]["ar"] - 0.183) < 0.01

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tagrouter_fast.build.table import load_table
+from tagrouter_fast.data.table import load_table
 from tagrouter_fast.eval.features import Features
 from tagrouter_fast.eval.methods import (
     Fitted,

@@ -129,12 +129,13 @@ def _table(d: Path, winner: str) -> Path:
 
 
 def test_default_bundle_remembers_its_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tagrouter_fast.build.bundle import build_bundle, data_source
-    from tagrouter_fast.router import default_bundle_dir, default_router
+    from tagrouter_fast.builder.bundle import build_bundle, data_source
+    from tagrouter_fast.builder.default import default_router
+    from tagrouter_fast.router import default_bundle_dir
 
     monkeypatch.setenv("TAGROUTER_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TAGROUTER_ROUTER", raising=False)
-    monkeypatch.setattr("tagrouter_fast.router._default_router", None)
+    monkeypatch.setattr("tagrouter_fast.builder.default._default_router", None)
     first = _table(tmp_path / "first", "big")
     out = build_bundle(first, models=["big", "small"], show_progress=False)
     assert out == default_bundle_dir()
@@ -143,14 +144,14 @@ def test_default_bundle_remembers_its_data(tmp_path: Path, monkeypatch: pytest.M
     assert default_router().source == data_source(first)  # same data: the cache is used
     # Other judgments now: the cached bundle is not used; rebuilding the default pool from a
     # table without its models is an error naming them, not a silent route on old data.
-    monkeypatch.setattr("tagrouter_fast.router._default_router", None)
+    monkeypatch.setattr("tagrouter_fast.builder.default._default_router", None)
     monkeypatch.setenv("TAGROUTER_DATA", str(_table(tmp_path / "second", "small")))
     with pytest.raises(KeyError, match="claude-2"):
         default_router()
 
 
 def test_tagrouter_data_that_is_not_a_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tagrouter_fast.build.bundle import data_dir_from_env
+    from tagrouter_fast.builder.bundle import data_dir_from_env
 
     monkeypatch.setenv("TAGROUTER_DATA", "/nonexistent")
     with pytest.raises(BundleError, match="TAGROUTER_DATA=/nonexistent: not a routing table"):
@@ -160,11 +161,12 @@ def test_tagrouter_data_that_is_not_a_table(monkeypatch: pytest.MonkeyPatch) -> 
 def test_default_router_with_missing_data_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tagrouter_fast.router import default_bundle_dir, default_router
+    from tagrouter_fast.builder.default import default_router
+    from tagrouter_fast.router import default_bundle_dir
 
     monkeypatch.setenv("TAGROUTER_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TAGROUTER_ROUTER", raising=False)
-    monkeypatch.setattr("tagrouter_fast.router._default_router", None)
+    monkeypatch.setattr("tagrouter_fast.builder.default._default_router", None)
     _router(5).save(default_bundle_dir())  # a cached default exists ...
     monkeypatch.setenv("TAGROUTER_DATA", "/nonexistent")  # ... but the data it names does not
     with pytest.raises(BundleError, match="TAGROUTER_DATA=/nonexistent"):

@@ -62,7 +62,7 @@ def test_cache_that_is_a_file(
     cache.write_text("x")
     monkeypatch.setenv("TAGROUTER_CACHE", str(cache))
     monkeypatch.delenv("TAGROUTER_ROUTER", raising=False)
-    monkeypatch.setattr("tagrouter_fast.router._default_router", None)
+    monkeypatch.setattr("tagrouter_fast.builder.default._default_router", None)
     _one_line_error(capsys, main(["route", "x"]), str(cache))
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fake_taggers import CountingTagger
 
-from tagrouter_fast import TagRouter
-from tagrouter_fast.build.table import DataError, load_table
+from tagrouter_fast import build_router
+from tagrouter_fast.data.table import DataError, load_table
 from tagrouter_fast.tagging import cache
 
 
@@ -44,7 +44,7 @@ def test_model_without_cost_is_an_error_naming_model_and_file(tmp_path: Path) ->
         table.mean_cost(["big", "free"])
     tagger = CountingTagger("hostile-table-tagger-v1")
     with pytest.raises(DataError, match="'free'"):
-        TagRouter.build(table, ["big", "free"], tagger=tagger)
+        build_router(table, ["big", "free"], tagger=tagger)
     assert tagger.seen == []  # refused before tagging the table
     priced = load_table(d, model_costs={"free": 0.5})
     assert priced.mean_cost(["big", "free"]) == {"big": 2.0, "free": 0.5}

@@ -30,7 +30,7 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, PlainTextResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
-from tagrouter_fast.build.judge import (  # noqa: E402
+from tagrouter_fast.builder.judge import (  # noqa: E402
     JudgeConfig,
     JudgeError,
     combine,
@@ -38,8 +38,8 @@ from tagrouter_fast.build.judge import (  # noqa: E402
     load_prompt,
     parse_verdict,
 )
-from tagrouter_fast.build.table import load_table  # noqa: E402
 from tagrouter_fast.cli import main  # noqa: E402
+from tagrouter_fast.data.table import load_table  # noqa: E402
 
 # ==== The fake judge ====
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tagrouter_fast.build.table import load_table
+from tagrouter_fast.data.table import load_table
 from tagrouter_fast.eval.features import Features
 from tagrouter_fast.eval.methods import fit_knn
 from tagrouter_fast.eval.newcomer import ALL, _masked, newcomer_report, plot_recovery, run_newcomer
@@ -214,8 +214,8 @@ def test_cli_add_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) 
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data absent at {DATA}")
 def test_real_pool_newcomer() -> None:
+    from tagrouter_fast.data.pools import resolve_pool
     from tagrouter_fast.eval.features import compute_features
-    from tagrouter_fast.eval.pools import resolve_pool
     from tagrouter_fast.tagging.taggers import DefaultTagger
 
     table = load_table(DATA)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tagrouter_fast import TagDecider, TagRouter, TagScorer
-from tagrouter_fast.build.table import load_table
+from tagrouter_fast import TagDecider, TagRouter, TagScorer, build_router
 from tagrouter_fast.cli import main
+from tagrouter_fast.data.table import load_table
 from tagrouter_fast.router import BundleError
 
 # Two query kinds with opposite winners: the small model wins poems, the big one wins maths.
@@ -58,7 +58,7 @@ def table_dir(tmp_path: Path) -> Path:
 
 def test_build_routes_by_tags_and_costs(table_dir: Path) -> None:
     table = load_table(table_dir)
-    router = TagRouter.build(table, ["big", "small"], tagger=KeywordTagger(), normalize=False)
+    router = build_router(table, ["big", "small"], tagger=KeywordTagger(), normalize=False)
     assert router.decider.llm == "big"  # the most expensive model by mean cost
     assert router.decider.costs == pytest.approx({"big": 0.010, "small": 0.001})
     assert router.route_tags(["Poetry Writing"]) == "small"
@@ -72,7 +72,7 @@ def test_build_routes_by_tags_and_costs(table_dir: Path) -> None:
 
 
 def test_no_known_tag_falls_back_to_llm(table_dir: Path) -> None:
-    router = TagRouter.build(
+    router = build_router(
         load_table(table_dir), ["big", "small"], tagger=KeywordTagger(), normalize=False
     )
     d = router.decide_tags(["Cooking"])
@@ -82,14 +82,14 @@ def test_no_known_tag_falls_back_to_llm(table_dir: Path) -> None:
 def test_build_on_training_ids_only(table_dir: Path) -> None:
     table = load_table(table_dir)
     train = table.query_ids[:3] + table.query_ids[-3:]
-    router = TagRouter.build(
+    router = build_router(
         table, ["big", "small"], tagger=KeywordTagger(), query_ids=train, normalize=False
     )
     assert router.scorer.n_queries == len(train)
 
 
 def test_bundle_round_trip(table_dir: Path, tmp_path: Path) -> None:
-    router = TagRouter.build(
+    router = build_router(
         load_table(table_dir),
         ["big", "small"],
         tagger=KeywordTagger(),
@@ -110,7 +110,7 @@ def test_bundle_round_trip(table_dir: Path, tmp_path: Path) -> None:
 
 
 def test_bundle_keeps_the_aggregation(table_dir: Path, tmp_path: Path) -> None:
-    router = TagRouter.build(
+    router = build_router(
         load_table(table_dir),
         ["big", "small"],
         tagger=KeywordTagger(),
@@ -138,7 +138,7 @@ def test_bundle_keeps_the_aggregation(table_dir: Path, tmp_path: Path) -> None:
 def test_bundle_errors(tmp_path: Path, table_dir: Path) -> None:
     with pytest.raises(BundleError, match="not a router bundle"):
         TagRouter.load(tmp_path)
-    router = TagRouter.build(
+    router = build_router(
         load_table(table_dir), ["big", "small"], tagger=KeywordTagger(), normalize=False
     )
     path = router.save(tmp_path / "b")
@@ -155,13 +155,13 @@ def test_bundle_errors(tmp_path: Path, table_dir: Path) -> None:
 def test_build_rejects_unknown_and_empty_models(table_dir: Path) -> None:
     table = load_table(table_dir)
     with pytest.raises(KeyError, match="nope"):
-        TagRouter.build(table, ["big", "nope"], tagger=KeywordTagger(), normalize=False)
+        build_router(table, ["big", "nope"], tagger=KeywordTagger(), normalize=False)
     with pytest.raises(ValueError, match="empty model set"):
-        TagRouter.build(table, [], tagger=KeywordTagger(), normalize=False)
+        build_router(table, [], tagger=KeywordTagger(), normalize=False)
 
 
 def test_router_without_tagger_says_so(table_dir: Path) -> None:
-    router = TagRouter.build(
+    router = build_router(
         load_table(table_dir), ["big", "small"], tagger=KeywordTagger(), normalize=False
     )
     bare = TagRouter(router.decider)
@@ -260,7 +260,7 @@ def test_cli_build_store_llm_share(
 def test_default_bundle_dirs_name_their_variant(
     table_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tagrouter_fast.build.bundle import build_bundle
+    from tagrouter_fast.builder.bundle import build_bundle
     from tagrouter_fast.router import DEFAULT_VARIANT, default_bundle_dir
 
     monkeypatch.setenv("TAGROUTER_CACHE", str(tmp_path / "cache"))
@@ -300,7 +300,7 @@ class MessyTagger(KeywordTagger):
 
 
 def test_build_normalizes_open_vocabulary_tags(table_dir: Path, tmp_path: Path) -> None:
-    router = TagRouter.build(load_table(table_dir), ["big", "small"], tagger=MessyTagger())
+    router = build_router(load_table(table_dir), ["big", "small"], tagger=MessyTagger())
     assert router.normalization is not None
     # "poetry-writing" and "Poetry Writing" are one canonical tag after rule aggregation.
     assert "Poetry Writing" in router.scorer.tags

@@ -158,7 +158,7 @@ def test_admin_file_errors_answer_json_without_a_traceback(
     fakes: dict[str, Fake], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     tracebacks: list[logging.LogRecord],
 ) -> None:
-    import tagrouter_fast.build.table as table_mod
+    import tagrouter_fast.data.table as table_mod
     from tagrouter_fast.router import TagRouter
     from tagrouter_fast.serve.fake_backend import KeywordTagger
 

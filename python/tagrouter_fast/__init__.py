@@ -8,6 +8,8 @@
 """
 
 from tagrouter_fast._core import __version__
+from tagrouter_fast.builder.bundle import build_router
+from tagrouter_fast.builder.default import default_router, route
 from tagrouter_fast.core import (
     Decision,
     InconsistentRecordsError,
@@ -22,7 +24,7 @@ from tagrouter_fast.core import (
     sweep_curve,
     sweep_theta,
 )
-from tagrouter_fast.router import TagRouter, default_router, route
+from tagrouter_fast.router import TagRouter
 
 __all__ = [
     "Decision",
@@ -36,6 +38,7 @@ __all__ = [
     "UnknownModelError",
     "UnknownTagError",
     "__version__",
+    "build_router",
     "default_router",
     "route",
     "split_tags",

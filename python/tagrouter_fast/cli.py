@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 
 def _load_router(args: argparse.Namespace):  # noqa: ANN202 - TagRouter, imported lazily
-    from tagrouter_fast.router import TagRouter, default_router
+    from tagrouter_fast.builder.default import default_router
+    from tagrouter_fast.router import TagRouter
 
     if args.router:
         return TagRouter.load(args.router, theta=args.theta)
@@ -61,14 +62,14 @@ def _cmd_route(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_store(args: argparse.Namespace) -> int:
-    from tagrouter_fast.build.bundle import build_bundle
+    from tagrouter_fast.builder.bundle import build_bundle
 
     models = args.models.split(",") if args.models else None
     extra: dict[str, Any] = {}
     build: Any = build_bundle
     if args.ray:
         # Same builder, tagging and per-shard counting on Ray; the bundle is byte-identical.
-        from tagrouter_fast.build.shard import build_bundle_ray
+        from tagrouter_fast.builder.shard import build_bundle_ray
 
         build, extra = build_bundle_ray, {"ray_address": args.ray, "workers": args.workers}
     out = build(
@@ -173,7 +174,7 @@ def _add_add_model_parser(sub: Any) -> None:
 
 
 def _cmd_suggest_judgments(args: argparse.Namespace) -> int:
-    from tagrouter_fast.build.add_model import suggest_judgments
+    from tagrouter_fast.add_model import suggest_judgments
     from tagrouter_fast.router import TagRouter
 
     router = TagRouter.load(args.router)
@@ -186,12 +187,13 @@ def _cmd_suggest_judgments(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch_route(args: argparse.Namespace) -> int:
-    from tagrouter_fast.build.batch import route_file
+    from tagrouter_fast.batch import route_file
+    from tagrouter_fast.builder.default import default_bundle
 
     route_file(
         args.input,
         args.output,
-        router=args.router,
+        router=args.router or default_bundle(),
         ray=args.ray,
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
@@ -203,7 +205,7 @@ def _cmd_batch_route(args: argparse.Namespace) -> int:
 
 
 def _add_batch_route_parser(sub: Any) -> None:
-    from tagrouter_fast.build.batch import DEFAULT_BATCH_SIZE
+    from tagrouter_fast.batch import DEFAULT_BATCH_SIZE
 
     br = sub.add_parser(
         "batch-route",
@@ -240,7 +242,7 @@ def _add_batch_route_parser(sub: Any) -> None:
 def _cmd_judge(args: argparse.Namespace) -> int:
     import os
 
-    from tagrouter_fast.build.judge import JudgeConfig, JudgeError, judge_files
+    from tagrouter_fast.builder.judge import JudgeConfig, JudgeError, judge_files
 
     api_key = None
     if args.api_key_env:
@@ -427,7 +429,7 @@ def _add_keys_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tagrouter_fast.build.variants import DEFAULT_VARIANT, VARIANTS
+    from tagrouter_fast.builder.variants import DEFAULT_VARIANT, VARIANTS
 
     p = argparse.ArgumentParser(prog="tagrouter", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)

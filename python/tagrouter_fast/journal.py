@@ -3,7 +3,7 @@
 Every writer of state goes through this module, so the rules live in one place: the outcome
 journal, its snapshots, registry and decisions logs and MANIFEST (``serve/outcomes.py``), the Redis
 link's published mark (``serve/shared.py``), the tag cache (``tagging/cache.py``), model
-manifests (``tagging/manifest.py``), bundles (``router.py``) and batch outputs (``build/batch.py``).
+manifests (``tagging/manifest.py``), bundles (``router.py``) and batch outputs (``batch.py``).
 
 - **Checksummed lines** (`encode_line`, `decode_line`): ``<crc32 of the payload, 8 hex> <JSON>\\n``.
   A damaged line is recognised as damaged, never parsed into wrong data.

@@ -26,18 +26,18 @@ from tagrouter_fast.core import (
 from tagrouter_fast.tagging.normalize import TagNormalization
 
 if TYPE_CHECKING:
-    from tagrouter_fast.build.add_model import AddedModel
-    from tagrouter_fast.build.table import RoutingTable
+    from tagrouter_fast.add_model import AddedModel
     from tagrouter_fast.core import DecisionArrays
+    from tagrouter_fast.data.table import RoutingTable
     from tagrouter_fast.protocols import Aligner, Encoder, Tagger
 
 BUNDLE_FORMAT = "tagrouter-bundle"
 BUNDLE_VERSION = 1
 META_FILE = "router.json"
-#: The recipe (`tagrouter_fast.build.variants.VARIANTS`) of the default bundle that `route()`
+#: The recipe (`tagrouter_fast.builder.variants.VARIANTS`) of the default bundle that `route()`
 #: builds and caches, and `tagrouter build-store`'s default: TagRouter+, whose AUC is above the
 #: paper's TagRouter in paired comparisons on all four AlpacaEval pools (docs/eval-results.md).
-#: `TagRouter.build` defaults to the paper's recipe.
+#: `build_router` defaults to the paper's recipe.
 DEFAULT_VARIANT = "plus"
 
 
@@ -327,10 +327,10 @@ class TagRouter:
         candidate with per-query ``cost``, without retraining; routable at once, safe with
         concurrent routing and feedback. ``like=MODEL`` starts it from MODEL's counts (paper
         D.3; ``table_or_dir`` may then be None), ``like=[M1, M2, ...]`` from their average;
-        ``as_llm=True`` makes it M_LLM. See `tagrouter_fast.build.add_model.add_model` for the
+        ``as_llm=True`` makes it M_LLM. See `tagrouter_fast.add_model.add_model` for the
         errors."""
         # Imported here: the runtime does not import build code until it is used.
-        from tagrouter_fast.build.add_model import add_model
+        from tagrouter_fast.add_model import add_model
 
         return add_model(
             self,
@@ -438,41 +438,6 @@ class TagRouter:
             return self._aligner
 
     # ---- building and persistence ----
-
-    @classmethod
-    def build(
-        cls,
-        table: RoutingTable,
-        models: Sequence[str],
-        *,
-        variant: str | Any = "paper",
-        llm: str | None = None,
-        tagger: Tagger | None = None,
-        query_ids: Iterable[str] | None = None,
-        show_progress: bool = False,
-        **options: Any,
-    ) -> TagRouter:
-        """Build a router from judgments in the routing-table format: the builder that
-        `tagrouter build-store` and every TagRouter of `tagrouter eval` use
-        (`tagrouter_fast.build.bundle.build_router`; its docstring says what each argument does).
-
-        `variant` names a recipe (`"paper"`, `"paper-theta"`, `"plus"`; see
-        `tagrouter_fast.build.variants`); `options` replace single settings of it (`theta`,
-        `aggregation`, `weighting`, `prior_strength`, `s_tie`, `normalize`, `align_floor`, ...).
-        """
-        from tagrouter_fast.build.bundle import build_router
-
-        return build_router(
-            table,
-            models,
-            variant=variant,
-            llm=llm,
-            tagger=tagger,
-            query_ids=query_ids,
-            show_progress=show_progress,
-            router_cls=cls,
-            **options,
-        )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the bundle directory, all-or-nothing for readers and concurrent writers.
@@ -605,10 +570,6 @@ class TagRouter:
 # ==== The drop-in route() ====
 
 
-_default_router: TagRouter | None = None
-_default_lock = threading.Lock()
-
-
 def default_bundle_dir(variant: str = DEFAULT_VARIANT) -> Path:
     """Where the default bundle of ``variant`` is cached; ``route()`` uses
     :data:`DEFAULT_VARIANT`'s. The variant is in the name, so a bundle cached under another
@@ -617,44 +578,3 @@ def default_bundle_dir(variant: str = DEFAULT_VARIANT) -> Path:
 
     return cache_dir() / "routers" / f"default-{variant}"
 
-
-def default_router() -> TagRouter:
-    """The router `route()` uses: the default bundle, built on first use from the public table
-    when it is present; loaded once per process."""
-    global _default_router
-    if _default_router is None:
-        with _default_lock:
-            if _default_router is None:
-                path = Path(os.environ.get("TAGROUTER_ROUTER", default_bundle_dir()))
-                explicit = "TAGROUTER_ROUTER" in os.environ
-                stale = not (path / META_FILE).is_file()
-                if not stale and not explicit and os.environ.get("TAGROUTER_DATA"):
-                    from tagrouter_fast.build.bundle import data_source
-
-                    # A cached default built from other judgments than $TAGROUTER_DATA names
-                    # now is rebuilt, never silently used.
-                    try:
-                        built_from = json.loads((path / META_FILE).read_text()).get("source")
-                    except (OSError, ValueError, AttributeError):
-                        built_from = None  # unreadable: rebuilt below
-                    stale = built_from != data_source()
-                if stale:
-                    if explicit:
-                        raise BundleError(f"TAGROUTER_ROUTER={path}: not a router bundle")
-                    # The one place the runtime reaches build code: the first route() of a
-                    # fresh install converts $TAGROUTER_DATA into the default bundle.
-                    from tagrouter_fast.build.bundle import build_bundle
-
-                    build_bundle(out=path)
-                _default_router = TagRouter.load(path)
-    return _default_router
-
-
-def route(query: str) -> str:
-    """Drop-in: the model to send `query` to, using the default router (loaded once).
-
-    >>> from tagrouter_fast import route
-    >>> route("Write a haiku about autumn")  # doctest: +SKIP
-    'claude-instant-1.2'
-    """
-    return default_router().route(query)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tagrouter_fast.build.folds import stratified_folds
+from tagrouter_fast.builder.folds import stratified_folds
 from tagrouter_fast.eval.methods import (
     Fitted,
     Method,

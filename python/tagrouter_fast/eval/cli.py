@@ -115,7 +115,7 @@ def _add_pool_args(e: argparse.ArgumentParser) -> None:
         "--data", required=True, metavar="DIR", help="routing-table dir (queries.csv, outcomes.csv)"
     )
     g = e.add_mutually_exclusive_group(required=True)
-    g.add_argument("--pool", help="named pool (see tagrouter_fast.eval.pools.POOLS)")
+    g.add_argument("--pool", help="named pool (see tagrouter_fast.data.pools.POOLS)")
     g.add_argument("--models", help="comma-separated model names")
     e.add_argument("--llm", help="M_LLM (default: the pool's, else the most expensive model)")
     e.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
@@ -249,10 +249,10 @@ def build_result(
 ) -> dict[str, Any]:
     """Load, featurise, cross-validate and summarise; return the result dictionary (JSON schema
     of ``docs/eval.md``). ``tagger`` names a :data:`TAGGERS` entry."""
-    from tagrouter_fast.build.table import load_table
+    from tagrouter_fast.data.pools import resolve_pool
+    from tagrouter_fast.data.table import load_table
     from tagrouter_fast.eval.features import compute_features
     from tagrouter_fast.eval.methods import default_methods
-    from tagrouter_fast.eval.pools import resolve_pool
     from tagrouter_fast.eval.protocol import PoolData, evaluate, summarize
 
     t0 = time.perf_counter()
@@ -306,7 +306,7 @@ def build_result(
         "encoder": feats.encoder,
         "tagger": feats.tagger,
         "tagger_option": tagger,
-        "scorer_impl": "tagrouter_fast.build.bundle.build_router",
+        "scorer_impl": "tagrouter_fast.builder.bundle.build_router",
         "best_baseline": best,
         "seconds": {"features": t_feat, "total": time.perf_counter() - t0},
         "methods": ordered,
@@ -380,10 +380,10 @@ def _run_newcomer_cmd(
     args: argparse.Namespace, seeds: Sequence[int], models: list[str] | None
 ) -> int:
     """``tagrouter eval --add-model M``: the newcomer experiment on one pool."""
-    from tagrouter_fast.build.table import load_table
+    from tagrouter_fast.data.pools import resolve_pool
+    from tagrouter_fast.data.table import load_table
     from tagrouter_fast.eval.features import compute_features
     from tagrouter_fast.eval.newcomer import newcomer_report, plot_recovery, run_newcomer
-    from tagrouter_fast.eval.pools import resolve_pool
     from tagrouter_fast.eval.protocol import PoolData
     from tagrouter_fast.tagging.taggers import DefaultTagger
 
@@ -442,10 +442,10 @@ def _run_merged_cmd(
     args: argparse.Namespace, seeds: Sequence[int], models: list[str] | None
 ) -> int:
     """``tagrouter eval --merged``: the merged-stores experiment on one pool."""
-    from tagrouter_fast.build.table import load_table
+    from tagrouter_fast.data.pools import resolve_pool
+    from tagrouter_fast.data.table import load_table
     from tagrouter_fast.eval.features import compute_features
     from tagrouter_fast.eval.merged import merged_report, run_merged
-    from tagrouter_fast.eval.pools import resolve_pool
     from tagrouter_fast.eval.protocol import PoolData
     from tagrouter_fast.tagging.taggers import DefaultTagger
 

@@ -27,18 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tagrouter_fast.build.folds import stratified_folds
+from tagrouter_fast.builder.folds import stratified_folds
 from tagrouter_fast.eval import metrics as M
 from tagrouter_fast.eval.methods import TrainSet, _shared_encoder
 from tagrouter_fast.eval.newcomer import _boot_weights, _ci, _route_router
 from tagrouter_fast.eval.protocol import PoolData, _acc_cost, _reference, _score_fold
 
 if TYPE_CHECKING:
-    from tagrouter_fast.build.variants import Variant
+    from tagrouter_fast.builder.variants import Variant
 
 __all__ = ["POOLED", "SETS", "VARIANTS", "merged_report", "merged_summary", "run_merged"]
 
-#: TagRouter recipes measured (`tagrouter_fast.build.variants.VARIANTS`), by display name.
+#: TagRouter recipes measured (`tagrouter_fast.builder.variants.VARIANTS`), by display name.
 VARIANTS = {"TagRouter": "paper", "TagRouter+": "plus"}
 #: The stores built for a target source A, and how the report names them.
 SETS = {"alone": "A alone", "others": "others alone", "merged": "merged"}
@@ -61,7 +61,7 @@ class _Run:
 
 def _build(data: TrainSet, rows: np.ndarray, v: Variant, seed: int) -> Any:
     """The product's router of recipe ``v`` from ``rows`` (as `newcomer._run_fold` builds)."""
-    from tagrouter_fast.build.bundle import build_router
+    from tagrouter_fast.builder.bundle import build_router
 
     train = data.subset_rows(rows)
     return build_router(
@@ -77,8 +77,8 @@ def _build(data: TrainSet, rows: np.ndarray, v: Variant, seed: int) -> Any:
 
 
 def _resolve(variants: Mapping[str, str | Variant] | None) -> dict[str, Variant]:
-    from tagrouter_fast.build.variants import VARIANTS as RECIPES
-    from tagrouter_fast.build.variants import resolve_variant
+    from tagrouter_fast.builder.variants import VARIANTS as RECIPES
+    from tagrouter_fast.builder.variants import resolve_variant
 
     given = dict(VARIANTS if variants is None else variants)
     if not given:
@@ -103,7 +103,7 @@ def run_merged(
     Args:
         pool: the pool's evaluation rows; their ``subsets`` are the sources.
         folds, seeds: the cross-validation of each target source's queries.
-        variants: TagRouter recipes (names of `tagrouter_fast.build.variants.VARIANTS` or
+        variants: TagRouter recipes (names of `tagrouter_fast.builder.variants.VARIANTS` or
             `Variant` objects) by display name (default :data:`VARIANTS`).
         n_boot: bootstrap resamples of the intervals.
         progress: called with a short label after each fold.

@@ -12,7 +12,7 @@ Utility routers (MF, KNN, MLP, FORC-style) predict each model's accept probabili
 ``slm = argmax`` of ``u`` over the small models and ``pref = u_LLM - u_slm``.
 
 Every TagRouter variant is the product: a `TagRouter` built from the training fold by
-`tagrouter_fast.build.bundle.build_router` (the builder behind `tagrouter build-store`, which
+`tagrouter_fast.builder.bundle.build_router` (the builder behind `tagrouter build-store`, which
 also does the variant's tuning), routing test queries through `TagRouter.align_tags` and the
 Rust `TagDecider.decide_batch`: ``slm`` is the decider's M_SLM and ``pref = -Delta_q``, so the
 threshold ``t`` is ``-theta`` (paper 3.4: M_LLM iff ``Delta_q < theta``). The methods marked
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from tagrouter_fast.build.table import RoutingTable
-    from tagrouter_fast.build.variants import Variant
+    from tagrouter_fast.builder.variants import Variant
+    from tagrouter_fast.data.table import RoutingTable
     from tagrouter_fast.protocols import Encoder
     from tagrouter_fast.router import TagRouter
 
@@ -151,7 +151,7 @@ class TrainSet(QueryFeatures):
         builder reads (texts, subsets, outcomes, costs). Hidden labels (``known``) are missing
         cells. ``references``: also every other model of ``all_codes`` (judgments only; their
         costs are NaN, as reference models are never candidates)."""
-        from tagrouter_fast.build.table import RoutingTable
+        from tagrouter_fast.data.table import RoutingTable
 
         n = len(self.query_ids)
         codes = np.where(self.label_mask(), self.codes, -1).astype(np.int8)
@@ -481,7 +481,7 @@ class _RouterFitted(Fitted):
         )
 
     def route(self, x: QueryFeatures) -> tuple[np.ndarray, np.ndarray]:
-        from tagrouter_fast.build.tune import decisions_in_pool_order, preferences
+        from tagrouter_fast.builder.tune import decisions_in_pool_order, preferences
 
         r = self.router
         d = r.decider.decide_batch(r.align_tags(x.tags))
@@ -506,11 +506,11 @@ def fit_variant(
     train: TrainSet, seed: int, variant: str | Variant = "paper", **options: Any
 ) -> Fitted:
     """The product's router of ``variant`` (``build-store --variant``; ``options`` override
-    single settings, see `tagrouter_fast.build.variants.Variant`), built from the training fold
+    single settings, see `tagrouter_fast.builder.variants.Variant`), built from the training fold
     by `build_router` with the fold's cached tags; what it tunes is tuned on the training fold.
     """
-    from tagrouter_fast.build.bundle import build_router
-    from tagrouter_fast.build.variants import resolve_variant
+    from tagrouter_fast.builder.bundle import build_router
+    from tagrouter_fast.builder.variants import resolve_variant
 
     v = resolve_variant(variant).with_options(**options)
     needs_encoder = v.align or bool(v.normalize)
@@ -543,8 +543,8 @@ def _tag_accept_tables(
     Both come from the product scorer with ``weighting="none"`` (``w_t = 1``): scores
     ``s = (1, 1, 0)`` sum accepts, ``s = (1, 1, 1)`` sum judgments.
     """
-    from tagrouter_fast.build.table import RoutingTable
     from tagrouter_fast.core import TagScorer
+    from tagrouter_fast.data.table import RoutingTable
 
     codes = np.asarray(train.all_codes, dtype=np.int8)
     n = len(train.query_ids)
@@ -693,7 +693,7 @@ def out_of_fold(
     Returns:
         ``(splits, pref, slm)``: the inner test folds and the out-of-fold routes of all rows.
     """
-    from tagrouter_fast.build.folds import stratified_folds
+    from tagrouter_fast.builder.folds import stratified_folds
 
     n = len(train.query_ids)
     pref = np.zeros(n)

@@ -13,7 +13,7 @@ same test-fold curves, paired bootstrap over queries):
   other labels hidden (`TrainSet.known`).
 - The N judged queries are drawn at random from the training fold (``draws`` draws, nested:
   the first 10 of a draw are in its first 25), or chosen by
-  `tagrouter_fast.build.add_model.suggest_judgments` on the rest-of-pool store (``stratified``:
+  `tagrouter_fast.add_model.suggest_judgments` on the rest-of-pool store (``stratified``:
   a systematic sample over the queries ordered by tags, ``draws`` random starts;
   ``uncertainty``: the queries whose tags are most uncertain for the newcomer). ``N = all``
   gives the newcomer every training judgment: the full-data level the recovery is measured
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from tagrouter_fast.build.folds import stratified_folds
+from tagrouter_fast.builder.folds import stratified_folds
 from tagrouter_fast.eval import metrics as M
 from tagrouter_fast.eval.methods import (
     TrainSet,
@@ -63,7 +63,7 @@ __all__ = [
 
 #: ``N`` meaning "every training judgment of the newcomer".
 ALL = -1
-#: TagRouter recipes measured (`tagrouter_fast.build.variants.VARIANTS`), by display name.
+#: TagRouter recipes measured (`tagrouter_fast.builder.variants.VARIANTS`), by display name.
 VARIANTS = {"TagRouter": "paper", "TagRouter+": "plus", "TagRouter+D": "plus-difficulty"}
 #: Baselines retrained with the newcomer's N labels.
 BASELINES: dict[str, Callable[[TrainSet, int], Any]] = {
@@ -126,7 +126,7 @@ def _without(data: TrainSet, j: int) -> TrainSet:
 
 def _judgments_table(train: TrainSet, j: int, rows: np.ndarray) -> Any:
     """The newcomer's judgments of ``rows`` as a one-model routing table."""
-    from tagrouter_fast.build.table import RoutingTable
+    from tagrouter_fast.data.table import RoutingTable
 
     n = len(rows)
     return RoutingTable(
@@ -143,7 +143,7 @@ def _judgments_table(train: TrainSet, j: int, rows: np.ndarray) -> Any:
 
 
 def _route_router(router: Any, test: TrainSet) -> tuple[np.ndarray, np.ndarray]:
-    from tagrouter_fast.build.tune import decisions_in_pool_order, preferences
+    from tagrouter_fast.builder.tune import decisions_in_pool_order, preferences
 
     d = router.decider.decide_batch(router.align_tags(test.tags))
     d = decisions_in_pool_order(d, router.decider.models, test.models)
@@ -194,7 +194,7 @@ def run_newcomer(
         ValueError: the newcomer is not in the pool, an unknown recipe or selection, a pool
             of fewer than 3 models, ``draws`` < 1 or a negative N.
     """
-    from tagrouter_fast.build.variants import VARIANTS as RECIPES
+    from tagrouter_fast.builder.variants import VARIANTS as RECIPES
 
     data = pool.train_all
     if newcomer not in data.models:
@@ -286,9 +286,9 @@ def _run_fold(
     progress: Callable[[str], None] | None,
 ) -> None:
     """One outer fold: build the rest-of-pool routers, let the newcomer join each way, route."""
-    from tagrouter_fast.build.add_model import add_model, suggest_judgments
-    from tagrouter_fast.build.bundle import build_router
-    from tagrouter_fast.build.variants import resolve_variant
+    from tagrouter_fast.add_model import add_model, suggest_judgments
+    from tagrouter_fast.builder.bundle import build_router
+    from tagrouter_fast.builder.variants import resolve_variant
 
     newcomer = data.models[j]
     as_llm = j == data.llm

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from tagrouter_fast.build.folds import stratified_folds
-from tagrouter_fast.build.table import RoutingTable
+from tagrouter_fast.builder.folds import stratified_folds
+from tagrouter_fast.data.table import RoutingTable
 from tagrouter_fast.eval import metrics as M
 from tagrouter_fast.eval.features import Features
 from tagrouter_fast.eval.methods import Fitted, Method, TrainSet, out_of_fold

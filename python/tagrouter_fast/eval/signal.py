@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tagrouter_fast.build.folds import stratified_folds
+from tagrouter_fast.builder.folds import stratified_folds
 from tagrouter_fast.eval import metrics as M
 
 __all__ = [
@@ -269,9 +269,9 @@ def run_signal(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Every measurement of this module on one pool, as a JSON-ready dictionary."""
-    from tagrouter_fast.build.table import load_table
+    from tagrouter_fast.data.pools import resolve_pool
+    from tagrouter_fast.data.table import load_table
     from tagrouter_fast.eval.features import compute_features
-    from tagrouter_fast.eval.pools import resolve_pool
     from tagrouter_fast.eval.protocol import PoolData
 
     table = table if table is not None else load_table(data)

@@ -945,8 +945,8 @@ class Gateway:
             return fn(arg)
 
     def _admin_add_model(self, body: dict[str, Any]) -> dict[str, Any]:
-        from tagrouter_fast.build.add_model import AddModelError, ModelExistsError, add_model
-        from tagrouter_fast.build.table import load_table
+        from tagrouter_fast.add_model import AddModelError, ModelExistsError, add_model
+        from tagrouter_fast.data.table import load_table
 
         raw = body.get("backend")
         if not isinstance(raw, dict):

@@ -4,7 +4,7 @@ A model's answers are judged pairwise against the reference answers by an LLM ju
 OpenAI-compatible chat-completions endpoint, with the pairwise prompt of the TagRouter paper
 (Appendix H, "Prompt for Pairwise Comparison of Model Responses"), paraphrased in
 ``judge_prompt.txt``. The output is an ``outcomes.csv`` of the routing-table format
-(`tagrouter_fast.build.table`): with the queries' ``queries.csv`` beside it, `load_table` reads
+(`tagrouter_fast.data.table`): with the queries' ``queries.csv`` beside it, `load_table` reads
 it, and `TagScorer.with_model` / the gateway's add-model turn it into a routable model.
 
 Position bias: each pair is judged twice, the model's answer shown first (as A) and then second
@@ -90,7 +90,7 @@ def load_prompt(path: str | os.PathLike[str] | None = None) -> PromptTemplate:
     """
     if path is None:
         text = (
-            resources.files("tagrouter_fast.build")
+            resources.files("tagrouter_fast.builder")
             .joinpath("judge_prompt.txt")
             .read_text(encoding="utf-8")
         )

@@ -529,7 +529,7 @@ def route_file(
     input: str | os.PathLike[str],
     output: str | os.PathLike[str],
     *,
-    router: str | os.PathLike[str] | None = None,
+    router: str | os.PathLike[str],
     ray: str | None = None,
     workers: int | None = None,
     cpus_per_worker: int = 1,
@@ -542,8 +542,8 @@ def route_file(
 
     Args:
         input, output: ``.parquet`` or ``.jsonl`` files (output columns: `OUTPUT_COLUMNS`).
-        router: a bundle directory (default: the default bundle, built on first use like
-            `tagrouter route`'s).
+        router: a bundle directory (`tagrouter_fast.builder.default.default_bundle()` is the one
+            `tagrouter route` uses, built on first use).
         ray: a Ray address, ``"local"`` to start a local instance, or None for one process.
         workers: Ray workers (actors, each loading the router once); default one per CPU of the
             cluster divided by ``cpus_per_worker``.
@@ -568,7 +568,7 @@ def route_file(
     if ray is not None:
         _pyarrow()
         _ray()
-    bundle_dir = Path(router) if router is not None else _default_bundle()
+    bundle_dir = Path(router)
     bundle = pack_bundle(bundle_dir)
     spec = json.loads(bundle["router.json"]).get("tagger")
     if tagger_factory is None and isinstance(spec, dict) and spec.get("kind") == "custom":
@@ -638,10 +638,3 @@ def _route_local(
             bar.close()
     return rows
 
-
-def _default_bundle() -> Path:
-    """The bundle `tagrouter route` uses without --router (built on first use)."""
-    from tagrouter_fast.router import default_bundle_dir, default_router
-
-    default_router()  # builds it from $TAGROUTER_DATA when absent, else checks it loads
-    return Path(os.environ.get("TAGROUTER_ROUTER") or default_bundle_dir())

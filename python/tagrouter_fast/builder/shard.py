@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tagrouter_fast.build.batch import TaggerFactory, _ray, _worker_env, connect_ray
-from tagrouter_fast.build.table import RoutingTable
-from tagrouter_fast.build.variants import DEFAULT_VARIANT, Variant, resolve_variant
+from tagrouter_fast.batch import TaggerFactory, _ray, _worker_env, connect_ray
+from tagrouter_fast.builder.variants import DEFAULT_VARIANT, Variant, resolve_variant
 from tagrouter_fast.core import TagScorer
+from tagrouter_fast.data.table import RoutingTable
 
 if TYPE_CHECKING:
     from tagrouter_fast.protocols import Tagger
@@ -204,7 +204,7 @@ def _build_sharded(
     **options: Any,
 ) -> tuple[TagRouter, list[list[str]]]:
     """`build_router_sharded`, also returning the training queries' raw tags."""
-    from tagrouter_fast.build.bundle import build_router
+    from tagrouter_fast.builder.bundle import build_router
 
     v = resolve_variant(variant).with_options(**options)
     models = list(models)
@@ -260,7 +260,7 @@ def _build_sharded(
     if merged.to_bytes() != final.to_bytes():
         raise RuntimeError(
             "the merged per-shard store differs from the single-process store; this is a bug "
-            "in tagrouter_fast.build.shard (please report it)"
+            "in tagrouter_fast.builder.shard (please report it)"
         )
     router.swap_store(merged)
     return router, raw_tags
@@ -336,7 +336,7 @@ def build_bundle_ray(
 
     The steps around the builder are `build_bundle`'s own (`bundle._build_bundle`).
     """
-    from tagrouter_fast.build.bundle import _build_bundle
+    from tagrouter_fast.builder.bundle import _build_bundle
 
     _ray()  # fail before reading anything when Ray is missing
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tagrouter_fast.build.table import RoutingTable
+from tagrouter_fast.data.table import RoutingTable
 
 __all__ = ["DEFAULT_POOL", "POOLS", "resolve_pool"]
 

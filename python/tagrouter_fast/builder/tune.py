@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tagrouter_fast.build.folds import stratified_folds
+from tagrouter_fast.builder.folds import stratified_folds
 from tagrouter_fast.core import DecisionArrays, sweep_theta
 
 if TYPE_CHECKING:
-    from tagrouter_fast.build.variants import Variant
+    from tagrouter_fast.builder.variants import Variant
     from tagrouter_fast.router import TagRouter
 
 __all__ = ["Tuned", "decisions_in_pool_order", "preferences", "tune"]

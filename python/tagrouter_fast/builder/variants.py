@@ -4,7 +4,7 @@ A :class:`Variant` is everything that turns judgments into a router besides the 
 scorer's weighting, the decider's aggregation, alignment, normalization, and what is *tuned* on
 the judgments themselves (a pseudo-count picked by inner cross-validation, theta* by the paper's
 G.2 grid search on out-of-fold routes). The builder
-(:func:`tagrouter_fast.build.bundle.build_router`) does the tuning, so a bundle built from a
+(:func:`tagrouter_fast.builder.bundle.build_router`) does the tuning, so a bundle built from a
 user's judgments sits at the operating point the evaluation measured for the same recipe.
 """
 

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tagrouter_fast.build.table import OUTCOMES, RoutingTable, load_table
 from tagrouter_fast.core import Record, TagDecider, TagScorer
+from tagrouter_fast.data.table import OUTCOMES, RoutingTable, load_table
 
 if TYPE_CHECKING:
     from tagrouter_fast.router import TagRouter
@@ -178,7 +178,7 @@ def judgments_for_model(
     Raises:
         AddModelError: several models in the table and none chosen, ``table_model`` absent, no
             outcome rows for it, no tagger for queries new to the store.
-        tagrouter_fast.build.table.DataError: a malformed table (duplicate rows, unknown query
+        tagrouter_fast.data.table.DataError: a malformed table (duplicate rows, unknown query
             ids, bad labels: file and line named).
     """
     tab = _table_of(table)
@@ -264,7 +264,7 @@ def add_model(
         ModelExistsError: ``model`` is already in the store (so also if it is a candidate).
         AddModelError: see `judgments_for_model`; an unknown ``like``; a bad cost; no table
             and no ``like``; ``as_llm`` with a cost below the current M_LLM's.
-        tagrouter_fast.build.table.DataError: a malformed judgments table.
+        tagrouter_fast.data.table.DataError: a malformed judgments table.
     """
     if not isinstance(model, str) or not model.strip():
         raise AddModelError(f"model must be a non-empty name, got {model!r}")

@@ -1,4 +1,4 @@
-"""Judgments -> router bundle: what `tagrouter build-store` and `TagRouter.build` run.
+"""Judgments -> router bundle: what `tagrouter build-store` and `tagrouter_fast.build_router` run.
 
 One road from a routing table to a router: every training query is tagged (cached on disk by
 tagger fingerprint and text hash), the table's outcomes become store records
@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tagrouter_fast.build.table import RoutingTable, load_table
-from tagrouter_fast.build.variants import DEFAULT_VARIANT, Variant, resolve_variant
+from tagrouter_fast.builder.variants import DEFAULT_VARIANT, Variant, resolve_variant
 from tagrouter_fast.core import TagDecider, TagScorer
-from tagrouter_fast.eval.pools import DEFAULT_POOL, resolve_pool
+from tagrouter_fast.data.pools import DEFAULT_POOL, resolve_pool
+from tagrouter_fast.data.table import RoutingTable, load_table
 from tagrouter_fast.router import BundleError, TagRouter, default_bundle_dir
 
 if TYPE_CHECKING:
@@ -94,8 +94,8 @@ def build_router(
     show_progress: bool = False,
     **options: Any,
 ) -> TagRouter:
-    """Judgments -> router: the one builder behind `TagRouter.build`, `tagrouter build-store`
-    and every TagRouter variant of `tagrouter eval`.
+    """Judgments -> router: the one builder behind `tagrouter_fast.build_router`,
+    `tagrouter build-store` and every TagRouter variant of `tagrouter eval`.
 
     Every training query is tagged (cached on disk by tagger fingerprint and text hash), its
     win/tie/loss outcome per candidate model becomes a store record (`RoutingTable.records`), the
@@ -109,7 +109,7 @@ def build_router(
     Args:
         table: judgments in the routing-table format.
         models: candidate models.
-        variant: a recipe name (`tagrouter_fast.build.variants.VARIANTS`), a `Variant`, or a
+        variant: a recipe name (`tagrouter_fast.builder.variants.VARIANTS`), a `Variant`, or a
             mapping of its settings; ``options`` replace single settings (``theta``,
             ``aggregation``, ``weighting``, ``prior_strength``, ``s_tie``, ``normalize``,
             ``align``, ``align_floor``, ``min_count``, ...).
@@ -128,7 +128,7 @@ def build_router(
         KeyError: an unknown model; ValueError: bad settings or too few queries to tune on;
         DataError: a candidate without costs.
     """
-    from tagrouter_fast.build.tune import tune
+    from tagrouter_fast.builder.tune import tune
     from tagrouter_fast.tagging.cache import tag_cached
 
     v = resolve_variant(variant).with_options(**options)
@@ -259,7 +259,7 @@ def build_bundle(
     """Convert judgments in the routing-table format into a router bundle (one command:
     `tagrouter build-store`). With no arguments: the public AlpacaEval table, pool `five-api`,
     the default variant, written to the cache (outside the repository) where `route()` finds
-    it. `variant` names a :data:`~tagrouter_fast.build.variants.VARIANTS` recipe; `aggregation`,
+    it. `variant` names a :data:`~tagrouter_fast.builder.variants.VARIANTS` recipe; `aggregation`,
     `weighting`, `prior_strength` and `theta` override single settings of it (an explicit
     `prior_strength` or `theta` is used as given, not tuned). What the variant tunes (TagRouter+:
     pseudo-count and theta*) is tuned on these judgments, out-of-fold (`build_router`).
