@@ -328,3 +328,64 @@ def test_decider_is_read_only_and_updates_go_through_the_locked_path() -> None:
     # A theta change through the locked path keeps the learning store.
     r.update_decider(lambda d: d.with_theta(0.5))
     assert r.decider.theta == 0.5 and r.decider.is_live and r.scorer.n_learned == 1
+
+
+class _BrokenTagger(KeywordTagger):
+    def tag_batch(self, queries: list[str]) -> list[list[str]]:
+        raise RuntimeError("tagger down")
+
+
+def test_decide_many_is_the_one_composition(table_dir: Path) -> None:
+    built = build_router(load_table(table_dir), ["big", "small"], tagger=KeywordTagger(),
+                         normalize=False)
+    router = TagRouter(built.decider, KeywordTagger(), align=False)
+    qs = ["Write a poem about spring", "Solve the equation x = 1", "   ", "hello"]
+    batch = router.decide_many(qs)
+    assert batch.tags == [["Poetry Writing", "Creative Writing"],
+                          ["Algebra", "Mathematical Problem Solving"], [], []]
+    # The three shapes decide the same tags on the same decider: they agree query by query.
+    names = batch.models()
+    assert names == [d.model for d in batch.decisions()] == ["small", "big", "big", "big"]
+    arr = batch.arrays()
+    assert [router.decider.models[i] for i in arr.model] == names
+    # The single-query entry points are this composition.
+    assert [router.route(q) for q in qs] == names == router.route_batch(qs)
+    assert router.decide(qs[0]).to_dict() == batch.decisions()[0].to_dict()
+    # Raw tags (e.g. cached tagger output) go through the same alignment as fresh ones.
+    again = router.decide_many(raw_tags=KeywordTagger().tag_batch(qs))
+    assert again.tags == batch.tags and again.models() == names
+
+
+def test_decide_many_options(table_dir: Path) -> None:
+    built = build_router(load_table(table_dir), ["big", "small"], tagger=KeywordTagger(),
+                         normalize=False)
+    router = TagRouter(built.decider, KeywordTagger(), align=False)
+    # theta for this call only: a huge theta never leaves M_LLM; the router's is unchanged.
+    hi = router.decide_many(["Write a poem about spring"], theta=1e9)
+    assert hi.models() == ["big"] and hi.decider.theta == 1e9
+    assert router.decider.theta != 1e9
+    # Truncation happens before tagging: the keyword falls outside the first 5 characters.
+    cut = router.decide_many(["Solve the equation x = 1"], max_query_chars=5)
+    assert cut.tags == [[]]
+    # Extra tags join after alignment, without duplicates.
+    extra = router.decide_many(["Write a poem"], extra_tags=[["Algebra", "Poetry Writing"]])
+    assert extra.tags == [["Poetry Writing", "Creative Writing", "Algebra"]]
+    # A tagger fault: raised by default, routed untagged (fallback) when asked to survive it.
+    broken = TagRouter(built.decider, _BrokenTagger(), align=False)
+    with pytest.raises(RuntimeError, match="tagger down"):
+        broken.decide_many(["Write a poem"])
+    survived = broken.decide_many(["Write a poem", "x"], on_tagger_error="untagged")
+    assert survived.tags == [[], []]
+    assert isinstance(survived.tagger_error, RuntimeError)
+    assert [d.reason for d in survived.decisions()] == ["fallback", "fallback"]
+    # Bad calls name the problem.
+    with pytest.raises(ValueError, match="exactly one"):
+        router.decide_many()
+    with pytest.raises(ValueError, match="exactly one"):
+        router.decide_many(["a"], raw_tags=[["b"]])
+    with pytest.raises(ValueError, match="on_tagger_error"):
+        router.decide_many(["a"], on_tagger_error="ignore")
+    with pytest.raises(ValueError, match="extra_tags has 2 entries for 1"):
+        router.decide_many(["a"], extra_tags=[[], []])
+    with pytest.raises(TypeError, match="sequence of str"):
+        router.decide_many("a single string")

@@ -9,6 +9,7 @@ tags, so that the same tagger is used at routing time.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,9 +28,11 @@ from tagrouter_fast.tagging.normalize import TagNormalization
 
 if TYPE_CHECKING:
     from tagrouter_fast.add_model import AddedModel
-    from tagrouter_fast.core import DecisionArrays
+    from tagrouter_fast.curve import DecisionArrays
     from tagrouter_fast.data.table import RoutingTable
     from tagrouter_fast.protocols import Aligner, Encoder, Tagger
+
+log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "tagrouter-bundle"
 BUNDLE_VERSION = 1
@@ -147,6 +150,54 @@ def _bundle_member(root: Path, meta_path: Path, name: object) -> Path:
 
 
 # ==== The facade ====
+
+
+#: What `TagRouter.decide_many` does when the tagger raises: re-raise, or route the batch
+#: untagged (every query to the fallback model, reason "fallback"), as a gateway must.
+TAGGER_ERROR_POLICIES = ("raise", "untagged")
+
+
+class DecisionBatch:
+    """The result of `TagRouter.decide_many`: each query's aligned tags and the decider (at the
+    call's theta) that decides them, with the three shapes callers need computed on demand.
+
+    `decisions()` gives explained `Decision` objects (the gateway, `tagrouter route --explain`),
+    `arrays()` the columns a theta sweep reads (`DecisionArrays`), `models()` just the names
+    (the fastest: one Rust pass without the GIL). All three decide the same tags on the same
+    decider, so they always agree.
+    """
+
+    __slots__ = ("tags", "decider", "tagger_error")
+
+    def __init__(
+        self,
+        tags: list[list[str]],
+        decider: TagDecider,
+        tagger_error: BaseException | None = None,
+    ) -> None:
+        #: The store tags each query was decided on (extra tags included).
+        self.tags = tags
+        #: The decider used: the router's at the time of the call, at the call's theta.
+        self.decider = decider
+        #: The tagger's exception when ``on_tagger_error="untagged"`` routed the batch untagged.
+        self.tagger_error = tagger_error
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    def decisions(self) -> list[Decision]:
+        """An explained `Decision` per query (tags, per-model scores, Delta_q, reason)."""
+        decide = self.decider.decide
+        return [decide(t) for t in self.tags]
+
+    def arrays(self) -> DecisionArrays:
+        """The batch as columns (`TagDecider.decide_batch`): model, Delta_q, M_SLM, argmax,
+        known-tag count."""
+        return self.decider.decide_batch(self.tags)
+
+    def models(self) -> list[str]:
+        """The routed model's name per query."""
+        return self.decider.route_tags_batch(self.tags)
 
 
 class TagRouter:
@@ -397,26 +448,93 @@ class TagRouter:
             return raw
         return [list(r.tags) for r in aligner.align_batch(raw)]
 
+    def decide_many(
+        self,
+        queries: Sequence[str] | None = None,
+        *,
+        raw_tags: Sequence[Sequence[str]] | None = None,
+        theta: float | None = None,
+        extra_tags: Sequence[Sequence[str]] | None = None,
+        max_query_chars: int | None = None,
+        on_tagger_error: str = "raise",
+    ) -> DecisionBatch:
+        """The one composition every caller uses: text (or a tagger's raw tags) -> aligned store
+        tags -> decisions at a theta, batch-first.
+
+        Args:
+            queries: the query texts. An empty or whitespace-only query gets no tags (the
+                fallback model) and never reaches the tagger.
+            raw_tags: instead of ``queries``, tagger outputs computed earlier (e.g. cached by the
+                evaluation): they are normalized and aligned exactly as fresh ones.
+            theta: the cost-awareness threshold for this call (default: the decider's).
+            extra_tags: per query, store tags added after alignment (a request's own tags);
+                a tag already present is not added twice.
+            max_query_chars: each query is cut to this many characters before tagging (the
+                gateway's bound on tagging cost; None: no cut).
+            on_tagger_error: ``"raise"`` (default) or ``"untagged"``: a tagger fault routes
+                the whole batch untagged and is kept in `DecisionBatch.tagger_error`, so a
+                server never fails a request because tagging did.
+
+        Raises:
+            TypeError: bad ``queries`` (a str, or a non-str item).
+            ValueError: neither or both of ``queries``/``raw_tags``; ``extra_tags`` of another
+                length; a bad policy, theta or ``max_query_chars``; no tagger for ``queries``.
+        """
+        if on_tagger_error not in TAGGER_ERROR_POLICIES:
+            raise ValueError(
+                f"on_tagger_error must be one of {TAGGER_ERROR_POLICIES}, got {on_tagger_error!r}"
+            )
+        if (queries is None) == (raw_tags is None):
+            raise ValueError("pass exactly one of queries= and raw_tags=")
+        decider = self.decider  # read once: one store snapshot for the whole batch
+        if theta is not None:
+            decider = decider.with_theta(theta)
+        error: BaseException | None = None
+        if queries is not None:
+            texts = _check_queries(queries)
+            if max_query_chars is not None:
+                if isinstance(max_query_chars, bool) or max_query_chars < 0:
+                    raise ValueError(f"max_query_chars must be >= 0, got {max_query_chars!r}")
+                texts = [q[:max_query_chars] for q in texts]
+            try:
+                tags = self.tags_batch(texts)
+            except Exception as e:
+                if on_tagger_error == "raise" or self.tagger is None:
+                    raise
+                log.exception("tagging failed; routing %d query(ies) untagged", len(texts))
+                tags, error = [[] for _ in texts], e
+        else:
+            assert raw_tags is not None
+            tags = self.align_tags(raw_tags)
+        if extra_tags is not None:
+            if len(extra_tags) != len(tags):
+                raise ValueError(
+                    f"extra_tags has {len(extra_tags)} entries for {len(tags)} queries"
+                )
+            tags = [t + [x for x in extra if x not in t] if extra else t
+                    for t, extra in zip(tags, extra_tags, strict=True)]
+        return DecisionBatch(tags, decider, error)
+
     def route(self, query: str) -> str:
         """Model name for a raw query.
 
         >>> router.route("Rewrite this sentence in the present tense: ...")  # doctest: +SKIP
         'gpt-3.5-turbo-1106'
         """
-        return self.decider.route_tags(self.tags(_check_query(query)))
+        return self.decide_many([_check_query(query)]).models()[0]
 
     def route_batch(self, queries: Sequence[str]) -> list[str]:
         """`route` for many queries (one tagger batch, one decider pass without the GIL)."""
-        return self.decider.route_tags_batch(self.tags_batch(queries))
+        return self.decide_many(queries).models()
 
     def decide_batch(self, queries: Sequence[str]) -> DecisionArrays:
         """What a theta sweep needs for many queries, as arrays (`TagDecider.decide_batch`:
         routed model, Delta_q, M_SLM, argmax, known-tag count), computed by the Rust decider."""
-        return self.decider.decide_batch(self.tags_batch(queries))
+        return self.decide_many(queries).arrays()
 
     def decide(self, query: str) -> Decision:
         """Explained decision for a raw query (tags, per-model scores, Delta_q, reason)."""
-        return self.decider.decide(self.tags(_check_query(query)))
+        return self.decide_many([_check_query(query)]).decisions()[0]
 
     def _get_aligner(self) -> Aligner | None:
         if not self._align:

@@ -491,21 +491,13 @@ class Gateway:
         self, text: str, theta: float | None, extra: Sequence[str] = ()
     ) -> tuple[list[str], Decision]:
         t0 = time.perf_counter()
-        router = self.router
-        decider = router.decider
-        if theta is not None:
-            decider = decider.with_theta(theta)
-        text = text[: self.config.router.max_query_chars]
-        try:
-            tags = router.tags(text)
-        except Exception:  # a tagger fault must not take the gateway down: route untagged
-            log.exception("tagging failed; routing to the fallback model")
-            tags = []
-        if extra:
-            tags = tags + [t for t in extra if t not in tags]
-        d = decider.decide(tags)
+        batch = self.router.decide_many(
+            [text], theta=theta, extra_tags=[extra] if extra else None,
+            max_query_chars=self.config.router.max_query_chars, on_tagger_error="untagged",
+        )
+        d = batch.decisions()[0]
         self.metrics.decision_seconds.observe(time.perf_counter() - t0)
-        return tags, d
+        return batch.tags[0], d
 
     async def decide(
         self, text: str, theta: float | None, extra: Sequence[str] = ()
@@ -767,12 +759,12 @@ class Gateway:
         return JSONResponse({"decisions": [self._route_answer(t, d, key) for t, d in results]})
 
     def _decide_many(self, qs: list[str], theta: float | None) -> list[tuple[list[str], Decision]]:
-        router = self.router
-        decider = router.decider if theta is None else router.decider.with_theta(theta)
-        cut = self.config.router.max_query_chars
         t0 = time.perf_counter()
-        all_tags = router.tags_batch([q[:cut] for q in qs])
-        out = [(tags, decider.decide(tags)) for tags in all_tags]
+        batch = self.router.decide_many(
+            qs, theta=theta, max_query_chars=self.config.router.max_query_chars,
+            on_tagger_error="untagged",
+        )
+        out = list(zip(batch.tags, batch.decisions(), strict=True))
         self.metrics.decision_seconds.observe((time.perf_counter() - t0) / len(qs))
         return out
 
