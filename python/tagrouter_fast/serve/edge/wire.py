@@ -23,7 +23,7 @@ __all__ = [
     "IMAGE_TOKENS", "BlockStop", "Event", "Finish", "Image", "Message", "Opaque", "Part",
     "ProtocolError", "Request", "Response", "ResponseFormat", "StopReason", "StreamCollector",
     "Text", "Tool", "ToolCall", "ToolCallDelta", "ToolCallStart", "ToolChoice", "ToolResult",
-    "TextDelta", "Untranslatable", "Usage", "check_extras",
+    "TextDelta", "Untranslatable", "Usage", "check_extras", "to_events",
 ]
 
 StopReason = Literal["stop", "length", "tool_use", "content_filter"]
@@ -382,3 +382,18 @@ class StreamCollector:
         f = self.finish or Finish("stop")
         return Response(tuple(parts), f.stop_reason, f.usage, self.model, self.id,
                         f.stop_sequence)
+
+
+def to_events(resp: Response) -> list[Event]:
+    """The stream events that add up to ``resp``: to stream an answer that came whole."""
+    out: list[Event] = []
+    for i, p in enumerate(resp.parts):
+        if isinstance(p, Text):
+            out.append(TextDelta(i, p.text))
+        else:
+            out.append(ToolCallStart(i, p.id, p.name))
+            if p.arguments:
+                out.append(ToolCallDelta(i, p.arguments))
+        out.append(BlockStop(i))
+    out.append(Finish(resp.stop_reason, resp.usage, resp.stop_sequence))
+    return out
