@@ -6,7 +6,8 @@ Request fields read: ``model``, ``max_tokens`` (required, as Anthropic requires 
 and ``is_error``), ``system`` (a string or text blocks), ``tools`` (custom tools:
 ``name``, ``description``, ``input_schema``, ``strict``), ``tool_choice`` (auto, any, tool,
 none; ``disable_parallel_tool_use``), ``stop_sequences``, ``temperature``, ``top_p``,
-``stream``, ``metadata.user_id``. Other fields (``top_k``, ``thinking``, ...) go to
+``stream``, ``metadata.user_id``, ``output_config.format`` (a JSON schema: OpenAI's
+json_schema response format). Other fields (``top_k``, ``thinking``, ...) go to
 ``Request.extra``, other blocks (document, thinking, server tool blocks) and server tools to
 `Opaque`: an Anthropic backend gets them back as sent, another backend refuses them by name.
 ``cache_control`` marks and text ``citations`` are dropped: a caching hint and the model's own
@@ -54,6 +55,7 @@ from tagrouter_fast.serve.edge.wire import (
     Part,
     ProtocolError,
     Request,
+    ResponseFormat,
     Text,
     Tool,
     ToolCall,
@@ -74,7 +76,8 @@ BOOKKEEPING = frozenset(("service_tier",))
 #: The image types Anthropic accepts (base64 sources).
 MEDIA_TYPES = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
 _READ = frozenset(("model", "max_tokens", "messages", "system", "tools", "tool_choice",
-                   "stop_sequences", "temperature", "top_p", "stream", "metadata"))
+                   "stop_sequences", "temperature", "top_p", "stream", "metadata",
+                   "output_config"))
 #: With no max_tokens (an OpenAI client may leave it out) an Anthropic backend still needs one.
 DEFAULT_MAX_TOKENS = 4096
 
@@ -113,13 +116,31 @@ def parse_request(body: Mapping[str, Any], *, session_id: str | None = None,
     if not all(isinstance(s, str) for s in stops):
         raise ProtocolError(400, "stop_sequences", "must be an array of strings")
     extra = {k: v for k, v in body.items() if k not in _READ and v is not None}
+    fmt = _output_format(body, extra)
     return Request(
-        messages, model or "", _system(body.get("system")), tools, choice, parallel, max_tokens,
-        number_field(body, "temperature", "temperature", 0.0, 1.0),
-        number_field(body, "top_p", "top_p", 0.0, 1.0), tuple(stops),
-        bool(bool_field(body, "stream", "stream")), False, None, session_id or user, user,
-        None, PROTOCOL, extra, frozenset(BOOKKEEPING & extra.keys()), count_tokens,
+        messages, model=model or "", system=_system(body.get("system")), tools=tools,
+        tool_choice=choice, parallel_tool_calls=parallel, max_tokens=max_tokens,
+        temperature=number_field(body, "temperature", "temperature", 0.0, 1.0),
+        top_p=number_field(body, "top_p", "top_p", 0.0, 1.0), stop=tuple(stops),
+        stream=bool(bool_field(body, "stream", "stream")), response_format=fmt,
+        session_id=session_id or user, user=user, protocol=PROTOCOL, extra=extra,
+        droppable=frozenset(BOOKKEEPING & extra.keys()), count_tokens=count_tokens,
     )
+
+
+def _output_format(body: Mapping[str, Any], extra: dict[str, Any]) -> ResponseFormat | None:
+    oc = obj_field(body, "output_config", "output_config")
+    if oc is None:
+        return None
+    if any(v is not None for k, v in oc.items() if k != "format"):
+        extra["output_config"] = oc  # effort: for an Anthropic backend only
+    f = obj_field(oc, "format", "output_config.format")
+    if f is None:
+        return None
+    if f.get("type") != "json_schema":
+        raise ProtocolError(400, "output_config.format.type", "must be \"json_schema\"")
+    return ResponseFormat("json_schema", None,
+                          obj(f.get("schema"), "output_config.format.schema"), True)
 
 
 def _system(v: Any) -> tuple[Text, ...]:
@@ -270,8 +291,7 @@ def to_upstream(req: Request, model: str, *, default_max_tokens: int = DEFAULT_M
     if req.stream:
         body["stream"] = True
     if req.response_format is not None:
-        raise Untranslatable("response_format", f"{req.response_format.kind}: Anthropic "
-                             "Messages has no structured output format")
+        body["output_config"] = {"format": _render_format(req.response_format)}
     if req.user is not None:
         body["metadata"] = {"user_id": req.user}
     body.update(check_extras(req, PROTOCOL))
@@ -331,6 +351,18 @@ def _render_tool(t: Tool | Opaque, same: bool) -> dict[str, Any]:
     if t.strict is not None:
         out["strict"] = t.strict
     return out
+
+
+def _render_format(f: ResponseFormat) -> dict[str, Any]:
+    """Anthropic's output format is a JSON schema, always enforced; a schema's name is only
+    OpenAI's label for it, but a description guides the model and has no place to go."""
+    if f.kind != "json_schema" or f.schema is None:
+        raise Untranslatable("response_format", f"{f.kind} without a schema: Anthropic's output "
+                             "format is a JSON schema")
+    if f.description is not None:
+        raise Untranslatable("response_format.json_schema.description", "Anthropic's output "
+                             "format has no description")
+    return {"type": "json_schema", "schema": f.schema}
 
 
 def _render_choice(req: Request) -> dict[str, Any] | None:

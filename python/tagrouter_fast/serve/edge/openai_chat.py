@@ -112,14 +112,15 @@ def parse_request(body: Mapping[str, Any], *, session_id: str | None = None,
     opts = obj_field(body, "stream_options", "stream_options") or {}
     user = str_field(body, "user", "user")
     return Request(
-        messages, model or "", system, tools, choice,
-        bool_field(body, "parallel_tool_calls", "parallel_tool_calls"), max_tokens,
-        number_field(body, "temperature", "temperature", 0.0, 2.0),
-        number_field(body, "top_p", "top_p", 0.0, 1.0), str_list(body, "stop", "stop"),
-        bool(bool_field(body, "stream", "stream")),
-        bool(bool_field(opts, "include_usage", "stream_options.include_usage")), fmt,
-        session_id or user, user, None, PROTOCOL, extra, frozenset(BOOKKEEPING & extra.keys()),
-        count_tokens,
+        messages, model=model or "", system=system, tools=tools, tool_choice=choice,
+        parallel_tool_calls=bool_field(body, "parallel_tool_calls", "parallel_tool_calls"),
+        max_tokens=max_tokens,
+        temperature=number_field(body, "temperature", "temperature", 0.0, 2.0),
+        top_p=number_field(body, "top_p", "top_p", 0.0, 1.0), stop=str_list(body, "stop", "stop"),
+        stream=bool(bool_field(body, "stream", "stream")),
+        stream_usage=bool(bool_field(opts, "include_usage", "stream_options.include_usage")),
+        response_format=fmt, session_id=session_id or user, user=user, protocol=PROTOCOL,
+        extra=extra, droppable=frozenset(BOOKKEEPING & extra.keys()), count_tokens=count_tokens,
     )
 
 

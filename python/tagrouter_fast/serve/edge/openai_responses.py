@@ -120,15 +120,17 @@ def parse_request(body: Mapping[str, Any], *, session_id: str | None = None,
     tools = tuple(_tool(t, f"tools[{i}]") for i, t in enumerate(list_field(body, "tools", "tools")))
     user = str_field(body, "user", "user")
     return Request(
-        messages, model or "", tuple(system), tools, _tool_choice(body.get("tool_choice")),
-        bool_field(body, "parallel_tool_calls", "parallel_tool_calls"),
-        int_field(body, "max_output_tokens", "max_output_tokens", lo=1),
-        number_field(body, "temperature", "temperature", 0.0, 2.0),
-        number_field(body, "top_p", "top_p", 0.0, 1.0), (),
-        bool(bool_field(body, "stream", "stream")), True, _text_format(body),
-        session_id or user, user,
-        str_field(body, "previous_response_id", "previous_response_id"), PROTOCOL,
-        count_tokens=count_tokens,
+        messages, model=model or "", system=tuple(system), tools=tools,
+        tool_choice=_tool_choice(body.get("tool_choice")),
+        parallel_tool_calls=bool_field(body, "parallel_tool_calls", "parallel_tool_calls"),
+        max_tokens=int_field(body, "max_output_tokens", "max_output_tokens", lo=1),
+        temperature=number_field(body, "temperature", "temperature", 0.0, 2.0),
+        top_p=number_field(body, "top_p", "top_p", 0.0, 1.0),
+        # Responses streams always end with the usage (in response.completed).
+        stream=bool(bool_field(body, "stream", "stream")), stream_usage=True,
+        response_format=_text_format(body), session_id=session_id or user, user=user,
+        previous_response_id=str_field(body, "previous_response_id", "previous_response_id"),
+        protocol=PROTOCOL, count_tokens=count_tokens,
     )
 
 
