@@ -433,6 +433,8 @@ def test_anthropic_stream_error_event_is_a_502() -> None:
     assert am.error_for(529, "busy")["error"]["type"] == "overloaded_error"
     assert am.error_for(503, "x")["error"]["type"] == "api_error"
     assert am.error_for(429, "x")["error"]["type"] == "rate_limit_error"
+    h = am.upstream_headers("sk-ant")
+    assert h["x-api-key"] == "sk-ant" and h["anthropic-version"] == am.ANTHROPIC_VERSION
 
 
 # ==== Across protocols ====
@@ -724,6 +726,7 @@ def test_anthropic_fields_an_openai_backend_cannot_take_are_named(
     (oc.parse_request, {"model": "m", "messages": []}, "messages"),
     (oc.parse_request, _chat(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
     (oc.parse_request, _chat(temperature=3), "temperature"),
+    (oc.parse_request, _chat(max_tokens=5, max_completion_tokens=6), "max_tokens"),
     (oc.parse_request, _chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png,raw"}}]}]),
      "messages[0].content[0].image_url.url"),
@@ -824,3 +827,13 @@ def test_any_answer_survives_streaming_in_both_protocols(
     back = oc.parse_response(oc.render_response(resp))
     assert back.parts == ((Text(resp.text),) if resp.text else ()) + tuple(resp.tool_calls)
     assert (back.stop_reason, back.usage) == (resp.stop_reason, resp.usage)
+
+
+def test_responses_stream_cut_by_max_output_tokens_ends_incomplete() -> None:
+    events = [TextDelta(0, "par"), Finish("length", Usage(3, 1))]
+    sse = render_stream(orr.StreamRenderer(id="resp_4", model="m"), events)
+    last = SSEDecoder().feed(sse)[-1]
+    assert last.event == "response.incomplete"
+    r = openai.types.responses.ResponseIncompleteEvent.model_validate(json.loads(last.data))
+    assert r.response.incomplete_details.reason == "max_output_tokens"
+    assert r.response.output_text == "par"

@@ -68,7 +68,7 @@ from tagrouter_fast.serve.edge.wire import (
 __all__ = [
     "MEDIA_TYPES", "PROTOCOL", "StreamParser", "StreamRenderer", "error_body", "error_event",
     "error_for", "error_message", "parse_request", "parse_response", "render_response",
-    "to_upstream",
+    "to_upstream", "upstream_headers",
 ]
 
 #: Fields about the provider's handling of a call, not its answer: another backend goes without.
@@ -78,6 +78,8 @@ MEDIA_TYPES = frozenset(("image/jpeg", "image/png", "image/gif", "image/webp"))
 _READ = frozenset(("model", "max_tokens", "messages", "system", "tools", "tool_choice",
                    "stop_sequences", "temperature", "top_p", "stream", "metadata",
                    "output_config"))
+#: The API version the upstream bodies are written for (the ``anthropic-version`` header).
+ANTHROPIC_VERSION = "2023-06-01"
 #: With no max_tokens (an OpenAI client may leave it out) an Anthropic backend still needs one.
 DEFAULT_MAX_TOKENS = 4096
 
@@ -296,6 +298,14 @@ def to_upstream(req: Request, model: str, *, default_max_tokens: int = DEFAULT_M
         body["metadata"] = {"user_id": req.user}
     body.update(check_extras(req, PROTOCOL))
     return body
+
+
+def upstream_headers(api_key: str | None) -> dict[str, str]:
+    """The headers an Anthropic backend needs beside the body (its key in ``x-api-key``)."""
+    h = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
+    if api_key is not None:
+        h["x-api-key"] = api_key
+    return h
 
 
 def _foreign(p: Opaque, same: bool) -> dict[str, Any]:

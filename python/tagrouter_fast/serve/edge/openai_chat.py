@@ -1,15 +1,19 @@
 """OpenAI Chat Completions (``POST /v1/chat/completions``) <-> the internal request/response.
 
-Request fields read: ``model``, ``messages`` (roles system/developer, user, assistant, tool;
+Request fields read: ``model``, ``messages`` (roles system and developer (one meaning: leading
+ones are the system prompt, later ones system turns), user, assistant, tool;
 content as a string or parts: ``text``, ``image_url`` (an https or ``data:`` URL, ``detail``);
 ``name``, ``tool_calls``, ``tool_call_id``, ``refusal``), ``tools`` (function tools),
 ``tool_choice`` (auto/none/required/a function), ``parallel_tool_calls``,
 ``max_completion_tokens``/``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``stream``,
-``stream_options.include_usage``, ``response_format`` (text, json_object, json_schema),
+``stream_options.include_usage`` (its other options pad the wire only; an upstream stream
+always asks for usage), ``response_format`` (text, json_object, json_schema),
 ``user``. Every other field with a non-default value (``n`` > 1, ``logprobs``, ``seed``,
 penalties, ``logit_bias``, ``audio``, ``reasoning_effort``, legacy ``functions``...) goes to
 ``Request.extra``, and other content parts (``input_audio``, ``file``) and tool types to
 `Opaque`: an OpenAI backend gets them back as sent, another backend refuses them by name.
+A tool result marked as an error (Anthropic's ``is_error``) reaches an OpenAI backend as text
+starting with `TOOL_ERROR_PREFIX`.
 
 Answers and errors live in `openai_chat_answers` (re-exported here): a chat completion and its
 SSE stream, read from an OpenAI backend and written for a client.
@@ -61,8 +65,8 @@ from tagrouter_fast.serve.edge.wire import (
 )
 
 __all__ = [
-    "PROTOCOL", "StreamParser", "StreamRenderer", "error_body", "error_message", "parse_request",
-    "parse_response", "render_response", "to_upstream",
+    "PROTOCOL", "StreamParser", "StreamRenderer", "error_body", "error_message",
+    "image_from_url", "parse_request", "parse_response", "render_response", "to_upstream",
 ]
 
 #: Fields about OpenAI's bookkeeping of a call, not its answer: another backend goes without.
@@ -107,8 +111,10 @@ def parse_request(body: Mapping[str, Any], *, session_id: str | None = None,
     choice = _tool_choice(body.get("tool_choice"), extra)
     fmt = _response_format(obj_field(body, "response_format", "response_format"), extra)
     max_tokens = int_field(body, "max_completion_tokens", "max_completion_tokens", lo=1)
-    if max_tokens is None:
-        max_tokens = int_field(body, "max_tokens", "max_tokens", lo=1)
+    legacy = int_field(body, "max_tokens", "max_tokens", lo=1)
+    if max_tokens is not None and legacy is not None and legacy != max_tokens:
+        raise ProtocolError(400, "max_tokens", "differs from max_completion_tokens: give one")
+    max_tokens = legacy if max_tokens is None else max_tokens
     opts = obj_field(body, "stream_options", "stream_options") or {}
     user = str_field(body, "user", "user")
     return Request(
@@ -300,7 +306,7 @@ def to_upstream(req: Request, model: str, *, max_tokens_field: str = "max_tokens
         _render_message(m, f"messages[{i}]", msgs, same)
     body: dict[str, Any] = {"model": model, "messages": msgs}
     if req.tools:
-        body["tools"] = [tool_body(t, same) for t in req.tools]
+        body["tools"] = [_tool_body(t, same) for t in req.tools]
     if req.tool_choice is not None:
         tc = req.tool_choice
         body["tool_choice"] = tc.mode if tc.mode != "tool" else {
@@ -399,7 +405,7 @@ def _result_text(r: ToolResult, where: str) -> str:
     return TOOL_ERROR_PREFIX + text if r.is_error else text
 
 
-def tool_body(t: Tool | Opaque, same: bool) -> dict[str, Any]:
+def _tool_body(t: Tool | Opaque, same: bool) -> dict[str, Any]:
     if isinstance(t, Opaque):
         return dict(_foreign(t, same))
     fn: dict[str, Any] = {"name": t.name, "parameters": t.parameters}

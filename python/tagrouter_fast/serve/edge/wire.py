@@ -259,7 +259,8 @@ def check_extras(req: Request, target: str) -> dict[str, Any]:
         return dict(req.extra)
     for k in req.extra:
         if k not in req.droppable:
-            raise Untranslatable(k, f"has no equivalent for a {target} backend")
+            raise Untranslatable(k, f"a {req.protocol} field with no equivalent for a backend "
+                                 f"speaking {target}")
     return {}
 
 
