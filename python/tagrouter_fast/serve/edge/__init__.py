@@ -1,0 +1,1 @@
+"""The gateway's protocol edge: each client protocol parsed into one internal request and back."""
