@@ -213,8 +213,8 @@ def test_outcomes_reach_a_real_learner(tmp_path: Path) -> None:
 
     asyncio.run(go())
     store.close()
-    w, t, l = before
-    assert router.scorer.counts(SMALL, "Poem") == (w + 1, t, l)
+    win, tie, loss = before
+    assert router.scorer.counts(SMALL, "Poem") == (win + 1, tie, loss)
 
 
 def test_the_client_path_never_waits(tmp_path: Path) -> None:
@@ -401,6 +401,7 @@ def test_aclose_keeps_a_finished_judgment(tmp_path: Path) -> None:
     r = asyncio.run(go())
     assert [p["pair"] for p in lines(tmp_path, PAIRS_FILE)] == ["shadow:r1"]
     assert_once(tmp_path, sink)
+    assert r.counters.judged == r.counters.learned == 1 and r.counters.cancelled == 0
 
 
 def test_a_learner_outage_is_recovered_exactly_once(tmp_path: Path) -> None:

@@ -62,6 +62,9 @@ def _iv(est: Any, lo: Any, hi: Any) -> dict[str, float | None]:
 
 
 def _bounds(reps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if reps.size == 0:
+        empty = np.full(reps.shape[1:], np.nan)
+        return empty, empty
     with warnings.catch_warnings():  # an all-NaN cell (no data in any resample) stays NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         lo, hi = np.nanpercentile(reps, _Q, axis=0)

@@ -259,6 +259,8 @@ class ShadowRunner:
 
     def _submit(self, req: ShadowRequest, plan: ShadowPlan | None) -> bool:
         cfg, c = self.config, self.counters
+        if self._closed:  # shutting down: the files are closing, nothing more is recorded
+            return False
         now = self._clock()
         prompt = _prompt_text(req.body)
         served_price = cfg.prices.get(req.served)
@@ -267,9 +269,7 @@ class ShadowRunner:
         if plan is not None:
             loop = asyncio.get_running_loop()  # before anything is reserved
             call_price, judge_price = cfg.prices.get(plan.call), cfg.prices[cfg.judge_model]
-            if self._closed:
-                status = "closed"
-            elif len(self._tasks) >= cfg.max_concurrency:
+            if len(self._tasks) >= cfg.max_concurrency:
                 c.dropped_full += 1
                 status = "dropped_full"
             elif call_price is None or served_price is None:
