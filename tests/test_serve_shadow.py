@@ -499,3 +499,19 @@ def test_pairwise_judge_without_a_verdict_raises() -> None:
 
     with pytest.raises(JudgeError, match="no verdict"):
         asyncio.run(PairwiseJudge(ask)("q", "a", "b"))
+
+
+def test_the_documented_config_parses() -> None:
+    import re
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+
+    text = (Path(__file__).parent.parent / "docs" / "shadow.md").read_text(encoding="utf-8")
+    block = re.search(r"```toml\n(.*?)```", text, flags=re.S)
+    assert block is not None
+    cfg = ShadowConfig.from_dict(tomllib.loads(block.group(1))["shadow"])
+    assert cfg.default_model in cfg.prices and cfg.judge_model in cfg.prices

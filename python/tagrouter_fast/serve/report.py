@@ -71,23 +71,27 @@ def _bounds(reps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+def _first_by_id(records: list[dict[str, Any]], default: str | None) -> list[dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r["default"] == default:
+            out.setdefault(r["id"], r)
+    return list(out.values())
+
+
 class _Data:
     """The records as arrays: units are requests (decisions, then pairs without one)."""
 
     def __init__(self, rec: ShadowRecords, max_groups: int) -> None:
         stamped = [(r["t"], r["default"]) for r in rec.decisions + rec.pairs]
         self.default = max(stamped)[1] if stamped else None
-        dec, seen = [], set()
-        for d in rec.decisions:
-            if d["default"] == self.default and d["id"] not in seen:
-                seen.add(d["id"])
-                dec.append(d)
-        pairs, pseen = [], set()
-        for p in rec.pairs:
-            if p["default"] == self.default and p["id"] not in pseen:
-                pseen.add(p["id"])
-                pairs.append(p)
-        self.excluded = len(rec.decisions) + len(rec.pairs) - len(dec) - len(pairs)
+        # One reference per report: records made while another model was the default (see
+        # mode_history) are left out, and a request recorded twice counts once.
+        mine = [r for r in rec.decisions + rec.pairs if r["default"] == self.default]
+        self.other_default = len(rec.decisions) + len(rec.pairs) - len(mine)
+        dec, pairs = _first_by_id(rec.decisions, self.default), _first_by_id(rec.pairs,
+                                                                           self.default)
+        self.duplicates = len(mine) - len(dec) - len(pairs)
         self.dec, self.pairs = dec, pairs
         names: set[str] = {self.default} if self.default else set()
         for r in dec + pairs:
@@ -202,6 +206,10 @@ class _Curve:
     def at(self, w: np.ndarray, a: np.ndarray, fg: np.ndarray) -> tuple[np.ndarray, ...]:
         """Accept rate ``(T,)``, cost relative to the default's ``(T,)`` and shares
         ``(T, M)`` under request weights ``w``."""
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN where undefined
+            return self._at(w, a, fg)
+
+    def _at(self, w: np.ndarray, a: np.ndarray, fg: np.ndarray) -> tuple[np.ndarray, ...]:
         d, R, K, M = self.data, self.R, self.K, self.data.M
         wd = w[: d.n]
         Wk = np.bincount(self.inv, wd, K)
@@ -211,13 +219,12 @@ class _Curve:
         A = np.where(R == d.D, 1.0, a[self.grp[None, :], R])
         A = np.where(R == self.pcand[None, :], self.pacc[None, :], A)
         ar = A @ Wk / total
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_base = np.where(Bk > 0, Bk / fg[self.grp, self.srv], 0.0)
-            cost = np.where(Bk[None, :] > 0, per_base[None, :] * fg[self.grp[None, :], R], 0.0)
-            cost = np.where(R == self.srv[None, :], Bk[None, :], cost)
-            cost = np.where(R == self.called[None, :], Ck[None, :], cost)
-            cd = np.where(self.srv == d.D, Bk, np.where(self.called == d.D, Ck, per_base))
-            rel = cost.sum(1) / cd.sum()
+        per_base = np.where(Bk > 0, Bk / fg[self.grp, self.srv], 0.0)
+        cost = np.where(Bk[None, :] > 0, per_base[None, :] * fg[self.grp[None, :], R], 0.0)
+        cost = np.where(R == self.srv[None, :], Bk[None, :], cost)
+        cost = np.where(R == self.called[None, :], Ck[None, :], cost)
+        cd = np.where(self.srv == d.D, Bk, np.where(self.called == d.D, Ck, per_base))
+        rel = cost.sum(1) / cd.sum()
         T = len(self.thetas)
         idx = (R + M * np.arange(T)[:, None]).ravel()
         shares = np.bincount(idx, np.tile(Wk, T), T * M).reshape(T, M) / total
@@ -439,7 +446,8 @@ def build_report(
         "settings": {"target": target, "seed": seed, "n_boot": n_boot, "confidence": 0.95,
                      "max_groups": max_groups, "prior_pairs": PRIOR_PAIRS},
         "default_model": data.default, "models": data.models,
-        "inputs": {"files": rec.files, "excluded_other_default": data.excluded},
+        "inputs": {"files": rec.files, "other_default": data.other_default,
+                   "duplicates": data.duplicates},
         "traffic": _traffic(rec, data),
         "candidates": candidates, "tag_groups": groups, "curve": points,
         "recommendation": rec_out, "spend": _spend(rec), "mode_history": _modes(rec),
