@@ -1,4 +1,5 @@
-"""`tagrouter` command line: tag, route, batch-route, build-store, add-model, judge, eval."""
+"""`tagrouter` command line: tag, route, batch-route, build-store, add-model, judge, serve,
+keys, report, eval."""
 
 from __future__ import annotations
 
@@ -428,6 +429,33 @@ def _add_keys_parser(sub: Any) -> None:
     sec.set_defaults(func=_cmd_keys_secret)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tagrouter_fast.serve.report import build_report, summary_text
+
+    report = build_report(args.state, target=args.target, seed=args.seed, n_boot=args.n_boot)
+    if args.json:
+        print(json.dumps(report, sort_keys=True, indent=2, allow_nan=False))
+    else:
+        print(summary_text(report))
+    return 0
+
+
+def _add_report_parser(sub: Any) -> None:
+    r = sub.add_parser(
+        "report", help="shadow mode's savings report, from the gateway's state directory",
+        description="What routing would save at each theta, at what accept rate vs the default "
+        "model, with 95%% bootstrap intervals, and the cheapest theta meeting --target; "
+        "computed from the state directory's files only (the same files give the same JSON).",
+    )
+    r.add_argument("--state", required=True, metavar="DIR", help="the gateway's state_dir")
+    r.add_argument("--target", type=float, default=0.98,
+                   help="accept rate relative to the default to meet (default 0.98)")
+    r.add_argument("--json", action="store_true", help="the whole report as JSON")
+    r.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    r.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200)")
+    r.set_defaults(func=_cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tagrouter_fast.builder.variants import DEFAULT_VARIANT, VARIANTS
 
@@ -520,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judge_parser(sub)
     _add_serve_parser(sub)
     _add_keys_parser(sub)
+    _add_report_parser(sub)
 
     try:
         from tagrouter_fast.eval.cli import add_eval_parser
