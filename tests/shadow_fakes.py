@@ -17,8 +17,8 @@ from typing import Any
 
 from tagrouter_fast.core import TagDecider, TagScorer
 from tagrouter_fast.serve.outcomes import DuplicateOutcome
-from tagrouter_fast.serve.shadow import ShadowConfig, ShadowRequest, ShadowRunner
-from tagrouter_fast.serve.spend import Price
+from tagrouter_fast.serve.shadow.runner import ShadowConfig, ShadowRequest, ShadowRunner
+from tagrouter_fast.serve.shadow.spend import Price
 
 BIG, SMALL, JUDGE = "big", "small", "judge"
 PRICES = {BIG: Price(0.01, 0.03), SMALL: Price(0.001, 0.002), JUDGE: Price(0.0005, 0.0015)}

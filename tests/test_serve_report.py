@@ -27,9 +27,9 @@ from shadow_fakes import (
 from tagrouter_fast import journal
 from tagrouter_fast.cli import main
 from tagrouter_fast.core import TagDecider, sweep_theta
-from tagrouter_fast.serve.report import SCHEMA, build_report
-from tagrouter_fast.serve.shadow import DECISIONS_FILE, PAIRS_FILE, SPEND_FILE, ShadowRunner
-from tagrouter_fast.serve.tag_groups import OTHER, group_tags
+from tagrouter_fast.serve.shadow.groups import OTHER, group_tags
+from tagrouter_fast.serve.shadow.report import SCHEMA, build_report
+from tagrouter_fast.serve.shadow.runner import DECISIONS_FILE, PAIRS_FILE, SPEND_FILE, ShadowRunner
 
 TARGET = 0.95
 TOP_KEYS = {"schema", "settings", "default_model", "models", "inputs", "traffic", "candidates",

@@ -26,12 +26,13 @@ from shadow_fakes import (
 )
 
 from tagrouter_fast import journal
-from tagrouter_fast.build.judge import JudgeError
+from tagrouter_fast.builder.judge import JudgeError
 from tagrouter_fast.core import TagDecider, TagScorer
 from tagrouter_fast.router import TagRouter
 from tagrouter_fast.serve.config import ConfigError
 from tagrouter_fast.serve.outcomes import OutcomeStore, OutcomeStoreError
-from tagrouter_fast.serve.shadow import (
+from tagrouter_fast.serve.shadow.judge import PairwiseJudge
+from tagrouter_fast.serve.shadow.runner import (
     DECISIONS_FILE,
     LEARNED_FILE,
     PAIRS_FILE,
@@ -39,7 +40,6 @@ from tagrouter_fast.serve.shadow import (
     ShadowConfig,
     ShadowRunner,
 )
-from tagrouter_fast.serve.shadow_judge import PairwiseJudge
 
 
 def lines(d: Path, name: str) -> list[dict[str, Any]]:

@@ -430,7 +430,7 @@ def _add_keys_parser(sub: Any) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from tagrouter_fast.serve.report import build_report, summary_text
+    from tagrouter_fast.serve.shadow.report import build_report, summary_text
 
     report = build_report(args.state, target=args.target, seed=args.seed, n_boot=args.n_boot)
     if args.json:

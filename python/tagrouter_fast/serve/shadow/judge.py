@@ -3,7 +3,7 @@
 `PairwiseJudge` is the ``judge(query, answer_a, answer_b)`` callable that
 `tagrouter_fast.serve.shadow.ShadowRunner` takes. It asks the judge twice, with ``answer_a``
 shown first and then second, through the prompt, verdict parser and order combination of
-`tagrouter_fast.build.judge` (one judge, offline and live): ``win`` only when both orders prefer
+`tagrouter_fast.builder.judge` (one judge, offline and live): ``win`` only when both orders prefer
 ``answer_a``, ``loss`` only when both prefer ``answer_b``, ``tie`` otherwise. The transport is a
 separate ``ask(messages) -> (reply text, usage)`` callable, so tests judge without HTTP;
 `http_ask` is the OpenAI-compatible one.
@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from tagrouter_fast.build.judge import (
+from tagrouter_fast.builder.judge import (
     JudgeConfig,
     JudgeError,
     PromptTemplate,
@@ -23,7 +23,7 @@ from tagrouter_fast.build.judge import (
     load_prompt,
     parse_verdict,
 )
-from tagrouter_fast.serve.spend import usage_tokens
+from tagrouter_fast.serve.shadow.spend import usage_tokens
 
 if TYPE_CHECKING:
     import httpx
@@ -44,7 +44,7 @@ class PairwiseJudge:
 
     Args:
         ask: the transport (`http_ask`, or a fake in tests).
-        prompt: the judge prompt (default: `tagrouter_fast.build.judge.load_prompt()`).
+        prompt: the judge prompt (default: `tagrouter_fast.builder.judge.load_prompt()`).
         max_chars: the question and each answer are cut to this many characters.
 
     Raises (from a call):

@@ -1,7 +1,8 @@
 """The ``[shadow]`` table of the gateway config: mode, sampling, judge, limits and prices.
 
 Checked when read, each bad value one `ConfigError` naming ``shadow.<key>``, like the rest of
-the config (`tagrouter_fast.serve.config`). What the settings do: `tagrouter_fast.serve.shadow`.
+the config (`tagrouter_fast.serve.config`). What the settings do:
+`tagrouter_fast.serve.shadow.runner`.
 
 >>> ShadowConfig.from_dict({"default_model": "big", "judge_url": "x", "judge_model": "j"})
 Traceback (most recent call last):
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tagrouter_fast.serve.config import ConfigError
-from tagrouter_fast.serve.spend import Price
+from tagrouter_fast.serve.shadow.spend import Price
 
 __all__ = ["MODES", "ShadowConfig"]
 

@@ -1,13 +1,13 @@
 """The savings report of shadow mode: what routing would save, at what quality, with how much
 certainty; every number from the state directory alone (`tagrouter report --state DIR`).
 
-What it reads: the files of `tagrouter_fast.serve.shadow` (decisions of all routed traffic,
-judged pairs, the spend ledger, the mode log), through `tagrouter_fast.serve.shadow_records`.
+What it reads: the files of `tagrouter_fast.serve.shadow.runner` (decisions of all routed traffic,
+judged pairs, the spend ledger, the mode log), through `tagrouter_fast.serve.shadow.records`.
 The default model is the reference: a candidate's answer is accepted when the judge calls it a
 win or a tie against the default's, and the default accepts itself.
 
 - **candidates**: judged win/tie/loss per candidate, with 95% bootstrap intervals.
-- **tag groups** (`tagrouter_fast.serve.tag_groups`): the same per group, and its winner
+- **tag groups** (`tagrouter_fast.serve.shadow.groups`): the same per group, and its winner
   (the highest win rate minus loss rate; the default scores 0).
 - **curve**: for each theta, every logged decision is decided again from its stored scores by
   the decider's rule (`TagDecider`: to M_SLM when ``S(M_SLM) - S(M_LLM) >= theta``, else to
@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from tagrouter_fast.serve.shadow_records import OUTCOMES, ShadowRecords, load
-from tagrouter_fast.serve.tag_groups import OTHER, group_tags
+from tagrouter_fast.serve.shadow.groups import OTHER, group_tags
+from tagrouter_fast.serve.shadow.records import OUTCOMES, ShadowRecords, load
 
 __all__ = ["PRIOR_PAIRS", "SCHEMA", "build_report", "recommend", "summary_text"]
 

@@ -1,6 +1,6 @@
 """Reading a state directory's shadow files back, checked, for the report.
 
-`load` scans each file written by `tagrouter_fast.serve.shadow` with the journal's checked
+`load` scans each file written by `tagrouter_fast.serve.shadow.runner` with the journal's checked
 scan, keeps the records that have every field the report reads with the right type, and says
 how many lines were damaged (failed their checksum, or cut short) and how many were invalid,
 per file: nothing is dropped without being counted.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tagrouter_fast import journal
-from tagrouter_fast.serve.shadow import (
+from tagrouter_fast.serve.shadow.runner import (
     DECISIONS_FILE,
     LEARNED_FILE,
     MODE_FILE,

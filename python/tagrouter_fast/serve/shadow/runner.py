@@ -14,10 +14,10 @@ Modes (``[shadow] mode``):
 
 Shadow work never delays, alters or fails the client's answer: `ShadowRunner.submit` only
 appends a line and starts a task, never raises, and drops (counted) what does not fit under
-``max_concurrency`` or the daily spend cap (`tagrouter_fast.serve.spend`).
+``max_concurrency`` or the daily spend cap (`tagrouter_fast.serve.shadow.spend`).
 
 Files in the state directory (checksummed lines of `tagrouter_fast.journal`), all the report
-(`tagrouter_fast.serve.report`) needs:
+(`tagrouter_fast.serve.shadow.report`) needs:
 
 - ``shadow_decisions.jsonl``: every routed request (sampled or not): time, tags, per-candidate
   scores ``S(M)``, M_LLM and M_SLM, the routed and the serving model, the served answer's
@@ -52,8 +52,8 @@ from typing import Any, Protocol
 from tagrouter_fast import journal
 from tagrouter_fast.core import Decision
 from tagrouter_fast.serve.outcomes import DuplicateOutcome, UnknownDecision
-from tagrouter_fast.serve.shadow_config import MODES, ShadowConfig
-from tagrouter_fast.serve.spend import (
+from tagrouter_fast.serve.shadow.config import MODES, ShadowConfig
+from tagrouter_fast.serve.shadow.spend import (
     Charge,
     Price,
     SpendLedger,
