@@ -465,7 +465,26 @@ def _traffic(rec: ShadowRecords, data: _Data) -> dict[str, Any]:
         "shadow": dict(sorted(Counter(str(d.get("shadow")) for d in data.dec).items())),
         "learned": dict(sorted(marks.items())), "not_yet_learned": len(pair_ids - marked),
         "first_t": _r(min(ts)) if ts else None, "last_t": _r(max(ts)) if ts else None,
+        "progress": _progress(ts, [p["t"] for p in data.pairs]),
     }
+
+
+#: Points of the learning-progress series (the dashboard's "judged pairs over time").
+PROGRESS_POINTS = 24
+
+
+def _progress(decision_ts: list[float], pair_ts: list[float]) -> list[dict[str, Any]]:
+    """Cumulative decisions and judged pairs at `PROGRESS_POINTS` evenly spaced times from the
+    first decision to the last record: how fast the evidence grows."""
+    every = decision_ts + pair_ts
+    if not every:
+        return []
+    lo, hi = min(every), max(every)
+    dec, pairs = np.sort(np.asarray(decision_ts)), np.sort(np.asarray(pair_ts))
+    points = np.linspace(lo, hi, PROGRESS_POINTS) if hi > lo else np.asarray([hi])
+    return [{"t": _r(float(t)),
+             "decisions": int(np.searchsorted(dec, t, side="right")),
+             "pairs": int(np.searchsorted(pairs, t, side="right"))} for t in points]
 
 
 def _spend(rec: ShadowRecords) -> dict[str, Any]:
