@@ -2,8 +2,9 @@
 
 `TagDecider.decide_batch` returns `DecisionArrays`; `sweep_theta` grid-searches theta over them,
 `theta_for_llm_share` finds the theta that sends a given share to M_LLM, `sweep_curve` gives the
-whole AR/cost curve of a threshold sweep and `weighted_areas` its AUC/PAUC under many weightings
-(the paired bootstrap). The builder's tuning and the evaluation read them; each is one Rust call.
+whole AR/cost curve of a threshold sweep, `weighted_areas` its AUC/PAUC under many weightings
+(the paired bootstrap) and `sweep_auc` the AUC of one curve. The builder's tuning and the
+evaluation read them; each is one Rust call.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tagrouter_fast import _core
 __all__ = [
     "DecisionArrays",
     "ThetaSearch",
+    "sweep_auc",
     "sweep_curve",
     "sweep_theta",
     "theta_for_llm_share",
@@ -251,3 +253,29 @@ def weighted_areas(
     if w.ndim != 2:
         raise ValueError(f"weights must be 2-D (weightings, queries), got shape {w.shape}")
     return _core.weighted_areas(cols[0], cols[1], cols[2], w, cols[3])
+
+
+def sweep_auc(pref: np.ndarray, acc_llm: np.ndarray, acc_slm: np.ndarray) -> float:
+    """AUC of the accept rate over the M_LLM share along `sweep_curve`'s curve (the trapezoid
+    area over ``[0, 1]``, paper section 4): `weighted_areas` with every query weighted 1, so
+    there is one AUC in the package, the Rust one.
+
+    Args:
+        pref, acc_llm, acc_slm: as for `sweep_curve` (``(n,)``, ``n >= 1``).
+
+    Raises:
+        ValueError: an empty set, mismatched lengths, a NaN preference, arrays that are not 1-D.
+
+    >>> sweep_auc(np.array([2.0, 1.0]), np.array([1.0, 0.0]), np.array([0.0, 1.0]))
+    0.75
+    """
+    acc = np.ascontiguousarray(acc_llm, dtype=np.float64)
+    if acc.ndim != 1:
+        raise ValueError(f"acc_llm must be 1-D, got shape {acc.shape}")
+    if len(acc) == 0:
+        raise ValueError("empty test set")
+    # PAUC's reference does not change the AUC; always-M_LLM's accept rate is the natural one.
+    area, _ = weighted_areas(
+        pref, acc, acc_slm, np.ones((1, len(acc))), np.array([float(acc.mean())])
+    )
+    return float(area[0])

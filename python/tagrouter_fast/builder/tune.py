@@ -1,11 +1,11 @@
 """Tuning a variant on the judgments it is built from: pseudo-count and theta* (paper G.2).
 
 Everything here reads *out-of-fold* routes: each training query is routed by a router built from
-the other inner folds, through the public path (`TagRouter.align_tags` ->
-`TagDecider.decide_batch`), so a choice is judged on queries its router did not see. The
-pseudo-count is the candidate with the highest mean AR-vs-ratio AUC over the inner folds (a
-curve-wide criterion, steadier than one point); theta* is the grid point with the highest
-out-of-fold accept rate (ties: lower cost, then closest to 0), found by the Rust sweep.
+the other inner folds, through the public path (`TagRouter.decide_many` on its raw tags), so a
+choice is judged on queries its router did not see. The pseudo-count is the candidate with the
+highest mean AR-vs-ratio AUC over the inner folds (a curve-wide criterion, steadier than one
+point; the core's AUC, `tagrouter_fast.curve.sweep_auc`); theta* is the grid point with the
+highest out-of-fold accept rate (ties: lower cost, then closest to 0), found by the Rust sweep.
 """
 
 from __future__ import annotations
@@ -18,18 +18,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tagrouter_fast.builder.folds import stratified_folds
-from tagrouter_fast.core import DecisionArrays, sweep_theta
+from tagrouter_fast.curve import DecisionArrays, sweep_auc, sweep_theta
 
 if TYPE_CHECKING:
     from tagrouter_fast.builder.variants import Variant
     from tagrouter_fast.router import TagRouter
 
-__all__ = ["Tuned", "decisions_in_pool_order", "preferences", "tune"]
+__all__ = ["Tuned", "curve_auc", "decisions_in_pool_order", "preferences", "tune"]
 
 #: Added to the seed of the inner split, so it differs from a caller's outer split of one seed.
 _SALT = 7919
-# |Delta_q| stand-in for "routed without a threshold" in curves: beyond any real score.
-_FAR = 1e300
 
 
 @dataclass(frozen=True)
@@ -83,28 +81,26 @@ def preferences(d: DecisionArrays, llm: int, fallback_slm: int) -> tuple[np.ndar
     return pref.astype(np.float64), slm.astype(np.int64)
 
 
-def _curve_auc(d: DecisionArrays, accept: np.ndarray, cost: np.ndarray, llm: int) -> float:
-    """AUC of the accept rate against the M_LLM share over the whole [0, 1] range: queries
-    without a threshold are moved to the far ends of the Delta_q axis (as `preferences` does),
-    so one Rust sweep over the distinct thresholds traces every point of the curve."""
-    fallback = _cheapest_slm(cost, llm)
-    pref, slm = preferences(d, llm, fallback)
-    delta = np.clip(-pref, -_FAR, _FAR)
-    ext = DecisionArrays(
-        model=np.where(delta < 0, llm, slm).astype(np.int64),
-        delta=delta,
-        slm=slm,
-        top=d.top,
-        n_known=d.n_known,
-    )
-    s = sweep_theta(ext, accept, cost, llm)
-    order = np.argsort(s.llm_shares, kind="stable")
-    x, y = s.llm_shares[order], s.accept_rates[order]
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+def curve_auc(d: DecisionArrays, accept: np.ndarray, cost: np.ndarray, llm: int) -> float:
+    """AUC of the accept rate against the M_LLM share over the whole [0, 1] range, for
+    decisions in pool order: queries without a threshold go to the ends of the curve (as
+    `preferences` puts them) and the area is the core's (`tagrouter_fast.curve.sweep_auc`).
+
+    Args:
+        d: decisions, model indices in ``accept``'s columns (`decisions_in_pool_order`).
+        accept: ``(n, m)`` bool: each model's answer acceptable.
+        cost: ``(n, m)`` (or ``(m,)``) costs: they pick the small model of queries routed
+            without a threshold (the cheapest on average), nothing else.
+        llm: the column of M_LLM.
+    """
+    pref, slm = preferences(d, llm, _cheapest_slm(cost, llm))
+    acc = np.asarray(accept, dtype=np.float64)
+    return sweep_auc(pref, acc[:, llm], acc[np.arange(len(slm)), slm])
 
 
 def _cheapest_slm(cost: np.ndarray, llm: int) -> int:
-    mean = np.asarray(cost, dtype=np.float64).reshape(len(cost), -1).mean(axis=0)
+    c = np.asarray(cost, dtype=np.float64)
+    mean = c if c.ndim == 1 else c.mean(axis=0)
     slms = [j for j in range(len(mean)) if j != llm]
     return min(slms, key=lambda j: mean[j]) if slms else llm
 
@@ -167,12 +163,11 @@ def tune(
         fold_auc = []
         for test in splits:
             train = np.setdiff1d(np.arange(n), test)
-            router = make(train, k, 0.0)
-            d = router.decider.decide_batch(router.align_tags([raw_tags[i] for i in test]))
-            d = decisions_in_pool_order(d, router.decider.models, models)
+            batch = make(train, k, 0.0).decide_many(raw_tags=[raw_tags[i] for i in test])
+            d = decisions_in_pool_order(batch.arrays(), batch.decider.models, models)
             model[test], delta[test], slm[test] = d.model, d.delta, d.slm
             top[test], known[test] = d.top, d.n_known
-            fold_auc.append(_curve_auc(d, accept[test], cost[test], llm))
+            fold_auc.append(curve_auc(d, accept[test], cost[test], llm))
             if bar is not None:
                 bar.update(1)
         aucs[f"{k:g}"] = float(np.mean(fold_auc))
