@@ -10,20 +10,21 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tagrouter_fast.options import Variant
     from tagrouter_fast.protocols import Tagger
+    from tagrouter_fast.router import TagRouter
 
 
-def _load_router(args: argparse.Namespace):  # noqa: ANN202 - TagRouter, imported lazily
+def _load_router(args: argparse.Namespace) -> TagRouter:
+    """``--router``'s bundle, else the default router. ``--theta`` is not applied here: it is
+    the theta of each `TagRouter.decide_many` call, so the shared default router is never
+    changed by a command."""
     from tagrouter_fast.builder.default import default_router
     from tagrouter_fast.router import TagRouter
 
     if args.router:
-        return TagRouter.load(args.router, theta=args.theta)
-    router = default_router()
-    if args.theta is not None:
-        theta = args.theta
-        router.update_decider(lambda d: d.with_theta(theta))
-    return router
+        return TagRouter.load(args.router)
+    return default_router()
 
 
 def _cmd_tag(args: argparse.Namespace) -> int:
@@ -46,20 +47,36 @@ def _cmd_tag(args: argparse.Namespace) -> int:
 
 
 def _cmd_route(args: argparse.Namespace) -> int:
+    from tagrouter_fast.batch import DEFAULT_BATCH_SIZE
     from tagrouter_fast.core import finite_for_json
 
     router = _load_router(args)
     queries = args.query or _stdin_queries()
-    for q in queries:
-        if args.explain or args.json:
-            d = router.decide(q)
+    # Batch-first, as batch-route: one tagger call and one decider pass per chunk, printed as
+    # each chunk is decided.
+    for start in range(0, len(queries), DEFAULT_BATCH_SIZE):
+        chunk = queries[start : start + DEFAULT_BATCH_SIZE]
+        batch = router.decide_many(chunk, theta=args.theta)
+        if not (args.explain or args.json):
+            print("\n".join(batch.models()))
+            continue
+        for q, d in zip(chunk, batch.decisions(), strict=True):
             if args.json:
                 print(json.dumps(finite_for_json({"query": q, **d.to_dict()}), allow_nan=False))
             else:
                 print(d.explain())
-        else:
-            print(router.route(q))
     return 0
+
+
+def _variant_of(args: argparse.Namespace) -> Variant:
+    """``--variant``'s recipe with the single settings the flags override, resolved once."""
+    from tagrouter_fast.options import resolve_variant
+
+    v = resolve_variant(args.variant).with_options(
+        aggregation=args.aggregation, weighting=args.weighting, prior_strength=args.prior_strength
+    )
+    # Only a given --theta replaces the recipe's (theta=None would ask for theta*).
+    return v if args.theta is None else v.with_options(theta=args.theta)
 
 
 def _cmd_build_store(args: argparse.Namespace) -> int:
@@ -79,11 +96,7 @@ def _cmd_build_store(args: argparse.Namespace) -> int:
         out=args.out,
         models=models,
         llm=args.llm,
-        variant=args.variant,
-        aggregation=args.aggregation,
-        weighting=args.weighting,
-        prior_strength=args.prior_strength,
-        theta=args.theta,
+        variant=_variant_of(args),
         llm_share=args.llm_share,
         seed=args.seed,
         **extra,
@@ -125,6 +138,8 @@ def _cmd_add_model(args: argparse.Namespace) -> int:
 
 
 def _add_add_model_parser(sub: Any) -> None:
+    from tagrouter_fast.add_model import STRATEGIES
+
     a = sub.add_parser(
         "add-model", help="add a model to a router bundle from its judgments (no retraining)"
     )
@@ -165,8 +180,8 @@ def _add_add_model_parser(sub: Any) -> None:
     )
     s.add_argument(
         "--strategy",
-        choices=["stratified", "uncertainty"],
-        default="stratified",
+        choices=STRATEGIES,
+        default=STRATEGIES[0],
         help="stratified (default: an unbiased sample spread over the tags) or uncertainty "
         "(most uncertain tags first; measured no better, docs/eval-results.md)",
     )
@@ -457,7 +472,7 @@ def _add_report_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tagrouter_fast.builder.variants import DEFAULT_VARIANT, VARIANTS
+    from tagrouter_fast.options import AGGREGATIONS, DEFAULT_VARIANT, VARIANTS, WEIGHTINGS
 
     p = argparse.ArgumentParser(prog="tagrouter", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -493,19 +508,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(VARIANTS),
         default=DEFAULT_VARIANT,
         help="router recipe: 'paper' (TagRouter exactly, theta = 0), 'paper-theta' (theta* by "
-        "the paper's G.2 grid search on these judgments, out-of-fold) or 'plus' (ours: per-tag "
+        "the paper's G.2 grid search on these judgments, out-of-fold), 'plus' (ours: per-tag "
         "rates shrunk towards each model's global rate, pseudo-count and theta* tuned "
-        f"out-of-fold on these judgments); default {DEFAULT_VARIANT}; the flags below "
+        "out-of-fold on these judgments) or 'plus-difficulty' (plus, shrunk towards an "
+        f"ability and tag-difficulty prior); default {DEFAULT_VARIANT}; the flags below "
         "override single settings",
     )
     b.add_argument(
         "--aggregation",
-        choices=["sum", "mean"],
+        choices=AGGREGATIONS,
         help="combine a query's tag scores by sum (paper) or mean",
     )
     b.add_argument(
         "--weighting",
-        choices=["paper", "none", "shrunk", "difficulty"],
+        choices=WEIGHTINGS,
         help="per-tag score weighting: paper w_t, none (w_t = 1), shrunk or difficulty "
         "(shrunk towards a per-tag prior from ability and tag difficulty)",
     )

@@ -43,13 +43,26 @@ from tagrouter_fast._core import Store as _Store
 from tagrouter_fast.curve import (
     DecisionArrays,
     ThetaSearch,
+    sweep_auc,
     sweep_curve,
     sweep_theta,
     theta_for_llm_share,
     weighted_areas,
 )
+from tagrouter_fast.options import (
+    AGGREGATIONS,
+    DEFAULT_AGGREGATION,
+    DEFAULT_WEIGHTING,
+    S_LOSS,
+    S_TIE,
+    S_WIN,
+    WEIGHTINGS,
+)
 
 __all__ = [
+    # The option vocabularies live in `tagrouter_fast.options`; importable from here too.
+    "AGGREGATIONS",
+    "WEIGHTINGS",
     "Decision",
     "DecisionArrays",
     "finite_for_json",
@@ -63,6 +76,7 @@ __all__ = [
     "UnknownModelError",
     "UnknownTagError",
     "split_tags",
+    "sweep_auc",
     "sweep_curve",
     "weighted_areas",
     "sweep_theta",
@@ -71,9 +85,6 @@ __all__ = [
 
 Record = tuple[Any, Sequence[str], str, str]
 """One outcome record: ``(query_id, tags, model, outcome)`` with outcome "win", "tie" or "loss"."""
-
-WEIGHTINGS = ("paper", "none", "shrunk", "difficulty")
-AGGREGATIONS = ("sum", "mean")
 
 # ==== Scorer ====
 
@@ -123,10 +134,10 @@ class TagScorer:
     def from_records(
         cls,
         records: Iterable[Record],
-        s_win: float = 1.0,
-        s_tie: float = 0.15,
-        s_loss: float = -1.0,
-        weighting: str = "paper",
+        s_win: float = S_WIN,
+        s_tie: float = S_TIE,
+        s_loss: float = S_LOSS,
+        weighting: str = DEFAULT_WEIGHTING,
         prior_strength: float = 0.0,
     ) -> TagScorer:
         """Builds a store from outcome records.
@@ -138,7 +149,8 @@ class TagScorer:
             s_win: score of a win (paper: 1).
             s_tie: score of a tie (paper F.2: 0.15).
             s_loss: score of a loss (paper: -1).
-            weighting: "paper", "none", "shrunk" or "difficulty".
+            weighting: one of `tagrouter_fast.options.WEIGHTINGS`: "paper", "none", "shrunk"
+                or "difficulty".
             prior_strength: pseudo-count k of the "shrunk" and "difficulty" weightings (ignored
                 by the others).
 
@@ -458,7 +470,7 @@ class TagDecider:
         llm: str | None = None,
         theta: float = 0.0,
         fallback: str | None = None,
-        aggregation: str = "sum",
+        aggregation: str = DEFAULT_AGGREGATION,
     ) -> None:
         store = scorer._core if isinstance(scorer, TagScorer) else scorer
         if not isinstance(costs, Mapping):
@@ -475,8 +487,9 @@ class TagDecider:
         if isinstance(theta, bool) or not isinstance(theta, (int, float, np.floating, np.integer)):
             raise TypeError(f"theta must be a number, got {type(theta).__name__}")
         if not isinstance(aggregation, str):
+            known = " or ".join(repr(a) for a in AGGREGATIONS)
             raise TypeError(
-                f"aggregation must be a str ('sum' or 'mean'), got {type(aggregation).__name__}"
+                f"aggregation must be a str ({known}), got {type(aggregation).__name__}"
             )
         self._bind(_core.Decider(store, clean, llm, float(theta), fallback, aggregation))
 

@@ -17,12 +17,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tagrouter_fast.core import (
-    AGGREGATIONS,
     Decision,
     Record,
     TagDecider,
     TagScorer,
     UnknownModelError,
+)
+from tagrouter_fast.options import (
+    AGGREGATIONS,
+    DEFAULT_TAGGER_ERROR_POLICY,
+    DEFAULT_VARIANT,
+    PAPER_AGGREGATION,
+    TAGGER_ERROR_POLICIES,
+    check_choice,
 )
 from tagrouter_fast.tagging.normalize import TagNormalization
 
@@ -37,11 +44,8 @@ log = logging.getLogger(__name__)
 BUNDLE_FORMAT = "tagrouter-bundle"
 BUNDLE_VERSION = 1
 META_FILE = "router.json"
-#: The recipe (`tagrouter_fast.builder.variants.VARIANTS`) of the default bundle that `route()`
-#: builds and caches, and `tagrouter build-store`'s default: TagRouter+, whose AUC is above the
-#: paper's TagRouter in paired comparisons on all four AlpacaEval pools (docs/eval-results.md).
-#: `build_router` defaults to the paper's recipe.
-DEFAULT_VARIANT = "plus"
+# DEFAULT_VARIANT (the recipe of the default bundle `route()` builds and caches) and
+# TAGGER_ERROR_POLICIES are `tagrouter_fast.options`'; imported above, importable from here too.
 
 
 class BundleError(ValueError):
@@ -150,11 +154,6 @@ def _bundle_member(root: Path, meta_path: Path, name: object) -> Path:
 
 
 # ==== The facade ====
-
-
-#: What `TagRouter.decide_many` does when the tagger raises: re-raise, or route the batch
-#: untagged (every query to the fallback model, reason "fallback"), as a gateway must.
-TAGGER_ERROR_POLICIES = ("raise", "untagged")
 
 
 class DecisionBatch:
@@ -456,7 +455,7 @@ class TagRouter:
         theta: float | None = None,
         extra_tags: Sequence[Sequence[str]] | None = None,
         max_query_chars: int | None = None,
-        on_tagger_error: str = "raise",
+        on_tagger_error: str = DEFAULT_TAGGER_ERROR_POLICY,
     ) -> DecisionBatch:
         """The one composition every caller uses: text (or a tagger's raw tags) -> aligned store
         tags -> decisions at a theta, batch-first.
@@ -471,7 +470,8 @@ class TagRouter:
                 a tag already present is not added twice.
             max_query_chars: each query is cut to this many characters before tagging (the
                 gateway's bound on tagging cost; None: no cut).
-            on_tagger_error: ``"raise"`` (default) or ``"untagged"``: a tagger fault routes
+            on_tagger_error: one of `tagrouter_fast.options.TAGGER_ERROR_POLICIES`:
+                ``"raise"`` (default) or ``"untagged"``: a tagger fault routes
                 the whole batch untagged and is kept in `DecisionBatch.tagger_error`, so a
                 server never fails a request because tagging did.
 
@@ -480,10 +480,7 @@ class TagRouter:
             ValueError: neither or both of ``queries``/``raw_tags``; ``extra_tags`` of another
                 length; a bad policy, theta or ``max_query_chars``; no tagger for ``queries``.
         """
-        if on_tagger_error not in TAGGER_ERROR_POLICIES:
-            raise ValueError(
-                f"on_tagger_error must be one of {TAGGER_ERROR_POLICIES}, got {on_tagger_error!r}"
-            )
+        check_choice("on_tagger_error", on_tagger_error, TAGGER_ERROR_POLICIES)
         if (queries is None) == (raw_tags is None):
             raise ValueError("pass exactly one of queries= and raw_tags=")
         decider = self.decider  # read once: one store snapshot for the whole batch
@@ -626,10 +623,11 @@ class TagRouter:
                 f"this version reads {BUNDLE_FORMAT!r} v{BUNDLE_VERSION}"
             )
         # Bundles written before the option existed summed, as the paper does.
-        aggregation = meta.get("aggregation", "sum")
+        aggregation = meta.get("aggregation", PAPER_AGGREGATION)
         if aggregation not in AGGREGATIONS:
             raise BundleError(
-                f"{meta_path}: unknown aggregation {aggregation!r}; expected 'sum' or 'mean'"
+                f"{meta_path}: unknown aggregation {aggregation!r}; expected one of "
+                f"{', '.join(repr(a) for a in AGGREGATIONS)}"
             )
         missing = [k for k in ("store", "costs", "llm", "theta") if k not in meta]
         if missing:

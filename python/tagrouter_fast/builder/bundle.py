@@ -16,16 +16,30 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tagrouter_fast.builder.variants import DEFAULT_VARIANT, Variant, resolve_variant
 from tagrouter_fast.core import TagDecider, TagScorer
+from tagrouter_fast.curve import theta_for_llm_share
 from tagrouter_fast.data.pools import DEFAULT_POOL, resolve_pool
 from tagrouter_fast.data.table import RoutingTable, load_table
+from tagrouter_fast.options import (
+    DEFAULT_VARIANT,
+    PAPER_VARIANT,
+    VARIANTS,
+    Variant,
+    resolve_variant,
+)
 from tagrouter_fast.router import BundleError, TagRouter, default_bundle_dir
 
 if TYPE_CHECKING:
     from tagrouter_fast.protocols import Encoder, Tagger
 
-__all__ = ["DATA_ENV", "build_bundle", "build_router", "data_dir_from_env", "data_source"]
+__all__ = [
+    "DATA_ENV",
+    "build_bundle",
+    "build_router",
+    "data_dir_from_env",
+    "data_source",
+    "normalizes",
+]
 
 #: The environment variable naming the judgments the default bundle is built from.
 DATA_ENV = "TAGROUTER_DATA"
@@ -83,7 +97,7 @@ def build_router(
     table: RoutingTable,
     models: Sequence[str],
     *,
-    variant: str | Variant | Mapping[str, Any] = "paper",
+    variant: str | Variant | Mapping[str, Any] = PAPER_VARIANT,
     llm: str | None = None,
     tagger: Tagger | None = None,
     query_ids: Iterable[str] | None = None,
@@ -102,14 +116,15 @@ def build_router(
     store is built by the Rust core, and per-model cost is the mean `cost_usd` over the training
     queries. A variant that tunes (`Variant.tunes`) then routes every training query with a router
     built from the other inner folds (stratified by subset, seeded by ``seed``) through the same
-    public path (`TagRouter.align_tags` -> `TagDecider.decide_batch`), picks its pseudo-count by
-    the out-of-fold AR-vs-ratio AUC and theta* by the paper's G.2 grid search on the out-of-fold
-    routes (`tagrouter_fast.core.sweep_theta`), and builds the final router on all of them.
+    public path (`TagRouter.decide_many` on the raw tags), picks its pseudo-count by the
+    out-of-fold AR-vs-ratio AUC (`tagrouter_fast.curve.sweep_auc`) and theta* by the paper's G.2
+    grid search on the out-of-fold routes (`tagrouter_fast.curve.sweep_theta`), and builds the
+    final router on all of them.
 
     Args:
         table: judgments in the routing-table format.
         models: candidate models.
-        variant: a recipe name (`tagrouter_fast.builder.variants.VARIANTS`), a `Variant`, or a
+        variant: a recipe name (`tagrouter_fast.options.VARIANTS`), a `Variant`, or a
             mapping of its settings; ``options`` replace single settings (``theta``,
             ``aggregation``, ``weighting``, ``prior_strength``, ``s_tie``, ``normalize``,
             ``align``, ``align_floor``, ``min_count``, ...).
@@ -160,14 +175,8 @@ def build_router(
         assert tagger is not None
         raw_tags = tag_cached(tagger, [table.texts[i] for i in rows], show_progress=show_progress)
     normalization = None
-    normalize = v.normalize
-    if normalize is None:
-        from tagrouter_fast.tagging.taggers import DefaultTagger
-
-        # Given tags without a tagger (routing pre-tagged queries only): used as they are.
-        normalize = tagger is not None and not isinstance(tagger, DefaultTagger)
     store_tags = raw_tags
-    if normalize:
+    if normalizes(v, tagger):
         from tagrouter_fast.tagging.normalize import normalize_tags
 
         normalization, store_tags = normalize_tags(
@@ -186,12 +195,7 @@ def build_router(
     def make(sub: np.ndarray, prior_strength: float, theta: float) -> TagRouter:
         """A router from the training queries at positions ``sub`` of ``rows``."""
         scorer = TagScorer.from_records(
-            table.records(rows[sub], stored, by_row),
-            s_win=v.s_win,
-            s_tie=v.s_tie,
-            s_loss=v.s_loss,
-            weighting=v.weighting,
-            prior_strength=prior_strength,
+            table.records(rows[sub], stored, by_row), **v.score_params(prior_strength)
         )
         decider = TagDecider(
             scorer, costs=costs, llm=llm, theta=theta, aggregation=v.aggregation
@@ -234,6 +238,20 @@ def build_router(
     return router
 
 
+def normalizes(v: Variant, tagger: Tagger | None) -> bool:
+    """Whether building ``v`` with ``tagger`` normalises the training tags (paper 3.2): as the
+    variant says, else for open-vocabulary taggers and not for the embedded `DefaultTagger`
+    (its vocabulary is already clean). Tags given without a tagger (a router of pre-tagged
+    queries) are used as they are."""
+    if v.normalize is not None:
+        return v.normalize
+    if tagger is None:
+        return False
+    from tagrouter_fast.tagging.taggers import DefaultTagger
+
+    return not isinstance(tagger, DefaultTagger)
+
+
 def _default_encoder() -> Encoder:
     from tagrouter_fast.tagging.encoder import default_encoder
 
@@ -247,11 +265,7 @@ def build_bundle(
     *,
     models: Sequence[str] | None = None,
     llm: str | None = None,
-    variant: str = DEFAULT_VARIANT,
-    aggregation: str | None = None,
-    weighting: str | None = None,
-    prior_strength: float | None = None,
-    theta: float | None = None,
+    variant: str | Variant = DEFAULT_VARIANT,
     llm_share: float | None = None,
     seed: int = 0,
     show_progress: bool = True,
@@ -259,14 +273,30 @@ def build_bundle(
     """Convert judgments in the routing-table format into a router bundle (one command:
     `tagrouter build-store`). With no arguments: the public AlpacaEval table, pool `five-api`,
     the default variant, written to the cache (outside the repository) where `route()` finds
-    it. `variant` names a :data:`~tagrouter_fast.builder.variants.VARIANTS` recipe; `aggregation`,
-    `weighting`, `prior_strength` and `theta` override single settings of it (an explicit
-    `prior_strength` or `theta` is used as given, not tuned). What the variant tunes (TagRouter+:
-    pseudo-count and theta*) is tuned on these judgments, out-of-fold (`build_router`).
+    it. What the variant tunes (TagRouter+: pseudo-count and theta*) is tuned on these
+    judgments, out-of-fold (`build_router`).
 
-    `llm_share` replaces theta by a budget: the theta that sends at most that share of the
-    table's queries to M_LLM (:meth:`TagDecider.theta_for_llm_share` on their routing tags). It
-    reads no outcome, so it cannot overfit them."""
+    Args:
+        data_dir: the routing table (default: ``$TAGROUTER_DATA``).
+        pool: a candidate pool of the table's README (default: `five-api` unless ``models``).
+        out: the bundle directory (default: the cache's ``default-<recipe>``).
+        models: candidate models, instead of ``pool``.
+        llm: M_LLM (default: the pool's, else the most expensive model).
+        variant: a :data:`~tagrouter_fast.options.VARIANTS` recipe name or a `Variant` (e.g.
+            ``resolve_variant("plus").with_options(theta=0.2)``: an explicit ``prior_strength``
+            or ``theta`` is used as given, not tuned).
+        llm_share: instead of the variant's theta, a budget: the theta that sends at most that
+            share of the table's queries to M_LLM (`tagrouter_fast.curve.theta_for_llm_share`
+            on their routing tags). It reads no outcome, so it cannot overfit them. The variant
+            must keep its recipe's theta (a theta set on it would be lost).
+        seed: seed of the tuning's inner folds.
+        show_progress: progress bars and lines on stderr.
+
+    Raises:
+        ValueError: an unknown recipe, ``llm_share`` outside [0, 1] or with a theta set on the
+            variant, too few queries to tune on.
+        BundleError: no table, or ``out`` is not a writable directory.
+    """
 
     def build(
         table: RoutingTable, models: list[str], v: Variant, llm: str
@@ -282,11 +312,7 @@ def build_bundle(
         out,
         models=models,
         llm=llm,
-        variant=variant,
-        aggregation=aggregation,
-        weighting=weighting,
-        prior_strength=prior_strength,
-        theta=theta,
+        variant=resolve_variant(variant),
         llm_share=llm_share,
         show_progress=show_progress,
     )
@@ -307,11 +333,7 @@ def _build_bundle(
     *,
     models: Sequence[str] | None,
     llm: str | None,
-    variant: str,
-    aggregation: str | None,
-    weighting: str | None,
-    prior_strength: float | None,
-    theta: float | None,
+    variant: Variant,
     llm_share: float | None,
     show_progress: bool,
     where: str = "",
@@ -321,27 +343,27 @@ def _build_bundle(
     (on the builder's raw tags when it returns them, else the tag cache's) and the save."""
 
     src = Path(data_dir) if data_dir is not None else data_dir_from_env()
-    v = resolve_variant(variant).with_options(
-        aggregation=aggregation, weighting=weighting, prior_strength=prior_strength
-    )
+    v = variant
     if llm_share is not None:
         if not 0.0 <= llm_share <= 1.0:
             raise ValueError(f"llm_share must be in [0, 1], got {llm_share}")
-        if theta is not None:
-            raise ValueError("give theta or llm_share, not both")
-        v = v.with_options(theta=0.0)  # replaced by the budget's theta below
-    elif theta is not None:
-        v = v.with_options(theta=theta)
+        recipe = VARIANTS.get(v.label, Variant())
+        if v.theta != recipe.theta:
+            raise ValueError(
+                f"give theta or llm_share, not both (the variant's theta is {v.theta}, its "
+                f"recipe's {recipe.theta})"
+            )
+        v = v.with_options(theta=0.0)  # replaced by the budget's theta below: nothing to tune
     table = load_table(src)
     if pool is None and models is None:
         pool = DEFAULT_POOL
     models, llm = resolve_pool(table, pool=pool, models=models, llm=llm)
-    dest = Path(out) if out is not None else default_bundle_dir(variant)
+    dest = Path(out) if out is not None else default_bundle_dir(v.label)
     # Checked before tagging the table: minutes of work must not end in these errors.
     _check_writable_dir(dest)
     if show_progress:
         print(
-            f"tagrouter: building a {variant!r} router from {src} ({len(models)} models, "
+            f"tagrouter: building a {v.label!r} router from {src} ({len(models)} models, "
             f"M_LLM {llm}) into {dest}{where}",
             file=sys.stderr,
         )
@@ -360,8 +382,11 @@ def _build_bundle(
 
             assert router.tagger is not None
             raw_tags = tag_cached(router.tagger, table.texts)
-        tags = router.align_tags(raw_tags)
-        share_theta = router.decider.theta_for_llm_share(tags, llm_share)
+        # The table's queries through the router's own path (aligned, decided at its theta).
+        batch = router.decide_many(raw_tags=raw_tags)
+        share_theta = theta_for_llm_share(
+            batch.arrays(), batch.decider.models.index(batch.decider.llm), llm_share
+        )
         router.update_decider(lambda d: d.with_theta(share_theta))
         if show_progress:
             print(

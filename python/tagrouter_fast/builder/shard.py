@@ -39,9 +39,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tagrouter_fast.batch import TaggerFactory, _ray, _worker_env, connect_ray
-from tagrouter_fast.builder.variants import DEFAULT_VARIANT, Variant, resolve_variant
+from tagrouter_fast.builder.bundle import _build_bundle, build_router, normalizes
 from tagrouter_fast.core import TagScorer
 from tagrouter_fast.data.table import RoutingTable
+from tagrouter_fast.options import DEFAULT_VARIANT, PAPER_VARIANT, Variant, resolve_variant
 
 if TYPE_CHECKING:
     from tagrouter_fast.protocols import Tagger
@@ -134,20 +135,11 @@ class _ShardWorker:
         return tags, self.count(start, stop, tags)
 
 
-def _normalizes(v: Variant, tagger: Tagger) -> bool:
-    # build_router's rule: normalise open-vocabulary taggers' tags, not the DefaultTagger's.
-    if v.normalize is not None:
-        return v.normalize
-    from tagrouter_fast.tagging.taggers import DefaultTagger
-
-    return not isinstance(tagger, DefaultTagger)
-
-
 def build_router_sharded(
     table: RoutingTable,
     models: Sequence[str],
     *,
-    variant: str | Variant | Mapping[str, Any] = "paper",
+    variant: str | Variant | Mapping[str, Any] = PAPER_VARIANT,
     llm: str | None = None,
     tagger_factory: TaggerFactory | None = None,
     query_ids: Iterable[str] | None = None,
@@ -179,18 +171,18 @@ def build_router_sharded(
         BatchError: Ray is not installed. Else as `build_router`.
     """
     return _build_sharded(
-        table, models, variant=variant, llm=llm, tagger_factory=tagger_factory,
-        query_ids=query_ids, seed=seed, ray_address=ray_address, workers=workers,
-        cpus_per_worker=cpus_per_worker, shards=shards, align=align,
-        show_progress=show_progress, **options,
+        table, models, resolve_variant(variant).with_options(**options), llm=llm,
+        tagger_factory=tagger_factory, query_ids=query_ids, seed=seed, ray_address=ray_address,
+        workers=workers, cpus_per_worker=cpus_per_worker, shards=shards, align=align,
+        show_progress=show_progress,
     )[0]
 
 
 def _build_sharded(
     table: RoutingTable,
     models: Sequence[str],
+    v: Variant,
     *,
-    variant: str | Variant | Mapping[str, Any],
     llm: str | None,
     tagger_factory: TaggerFactory | None,
     query_ids: Iterable[str] | None,
@@ -201,12 +193,9 @@ def _build_sharded(
     shards: int | None,
     align: int,
     show_progress: bool,
-    **options: Any,
 ) -> tuple[TagRouter, list[list[str]]]:
-    """`build_router_sharded`, also returning the training queries' raw tags."""
-    from tagrouter_fast.builder.bundle import build_router
-
-    v = resolve_variant(variant).with_options(**options)
+    """`build_router_sharded` of the resolved variant ``v``, also returning the training
+    queries' raw tags."""
     models = list(models)
     table.model_index(models)  # unknown models fail before Ray starts
     rows = (
@@ -225,13 +214,8 @@ def _build_sharded(
             1, int(ray.cluster_resources().get("CPU", 1)) // max(1, cpus_per_worker)
         )
         bounds = shard_bounds(len(rows), shards or 2 * n_workers, align)
-        params = {
-            "s_win": v.s_win,
-            "s_tie": v.s_tie,
-            "s_loss": v.s_loss,
-            "weighting": v.weighting,
-            "prior_strength": v.prior_strength,
-        }
+        # The variant's own pseudo-count: a tuned one changes parameters, not counts (below).
+        params = v.score_params()
         if show_progress:
             print(
                 f"tagrouter: tagging {len(rows)} queries in {len(bounds)} shards on "
@@ -240,7 +224,7 @@ def _build_sharded(
             )
         raw_tags, blobs = _map_shards(
             ray, table, rows, models, params, tagger_factory, bounds, n_workers,
-            cpus_per_worker, normalize=_normalizes(v, tagger), v=v,
+            cpus_per_worker, normalize=normalizes(v, tagger), v=v,
         )
     finally:
         if started:
@@ -321,11 +305,7 @@ def build_bundle_ray(
     workers: int | None = None,
     models: Sequence[str] | None = None,
     llm: str | None = None,
-    variant: str = DEFAULT_VARIANT,
-    aggregation: str | None = None,
-    weighting: str | None = None,
-    prior_strength: float | None = None,
-    theta: float | None = None,
+    variant: str | Variant = DEFAULT_VARIANT,
     llm_share: float | None = None,
     seed: int = 0,
     show_progress: bool = True,
@@ -336,8 +316,6 @@ def build_bundle_ray(
 
     The steps around the builder are `build_bundle`'s own (`bundle._build_bundle`).
     """
-    from tagrouter_fast.builder.bundle import _build_bundle
-
     _ray()  # fail before reading anything when Ray is missing
 
     def build(
@@ -346,7 +324,7 @@ def build_bundle_ray(
         # Every query of the table trains, in table order: the raw tags returned are the
         # table's, so the llm_share budget re-tags nothing (the tag cache may be elsewhere).
         return _build_sharded(
-            table, models, variant=v, llm=llm, tagger_factory=None, query_ids=None, seed=seed,
+            table, models, v, llm=llm, tagger_factory=None, query_ids=None, seed=seed,
             ray_address=ray_address, workers=workers, cpus_per_worker=1, shards=None,
             align=TAG_CHUNK, show_progress=show_progress,
         )
@@ -358,11 +336,7 @@ def build_bundle_ray(
         out,
         models=models,
         llm=llm,
-        variant=variant,
-        aggregation=aggregation,
-        weighting=weighting,
-        prior_strength=prior_strength,
-        theta=theta,
+        variant=resolve_variant(variant),
         llm_share=llm_share,
         show_progress=show_progress,
         where=f", tagging on Ray ({ray_address})",

@@ -21,7 +21,7 @@ from tagrouter_fast.builder.folds import stratified_folds
 from tagrouter_fast.curve import DecisionArrays, sweep_auc, sweep_theta
 
 if TYPE_CHECKING:
-    from tagrouter_fast.builder.variants import Variant
+    from tagrouter_fast.options import Variant
     from tagrouter_fast.router import TagRouter
 
 __all__ = ["Tuned", "curve_auc", "decisions_in_pool_order", "preferences", "tune"]
