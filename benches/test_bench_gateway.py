@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from skip_policy import extra_missing, import_extra
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
+httpx = import_extra("serve", "httpx")
+import_extra("serve", "starlette")
+import_extra("serve", "uvicorn")
 
 from tagrouter_fast.serve.fake_backend import BackendProcess, free_port  # noqa: E402
 
@@ -161,8 +162,9 @@ def gateway_feedback(backend: BackendProcess, tmp_path_factory: pytest.TempPathF
 def litellm(backend: BackendProcess) -> Iterator[Target]:
     exe = os.environ.get("TAGROUTER_LITELLM") or shutil.which("litellm")
     if not exe:
-        pytest.skip("LiteLLM's proxy is not installed (the optional `peers-litellm` extra, or set "
-                    "TAGROUTER_LITELLM to a litellm executable)")
+        pytest.skip(extra_missing(
+            "peers-litellm", "no litellm on PATH (make bench-gateway-litellm, or set "
+            "TAGROUTER_LITELLM to a litellm executable)"))
     port = free_port()
     with tempfile.TemporaryDirectory() as d:
         cfg = Path(d) / "litellm.yaml"

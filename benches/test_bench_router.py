@@ -10,17 +10,18 @@ import itertools
 from pathlib import Path
 
 import pytest
+from skip_policy import ALPACAEVAL, data_absent
 
 from tagrouter_fast import TagRouter, build_router
 from tagrouter_fast.data.pools import resolve_pool
 from tagrouter_fast.data.table import load_table
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
-if not (DATA / "outcomes.csv").is_file():
+DATA: Path | None = ALPACAEVAL
+if not (ALPACAEVAL / "outcomes.csv").is_file():
     DATA = None
 pytestmark = [
     pytest.mark.needs_release,
-    pytest.mark.skipif(DATA is None, reason="AlpacaEval table (../shared/data/alpacaeval2) absent"),
+    pytest.mark.skipif(DATA is None, reason=data_absent(ALPACAEVAL)),
 ]
 
 

@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from skip_policy import import_extra
 
-aiohttp = pytest.importorskip("aiohttp")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("redis")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+aiohttp = import_extra("serve", "aiohttp")
+httpx = import_extra("serve", "httpx")
+import_extra("serve", "redis")
 
 from redis_server import RedisServer  # noqa: E402
 from test_bench_gateway import QUERIES, _cpu_seconds, _pct, _wait_ready  # noqa: E402

@@ -1,7 +1,8 @@
 """A real ``redis-server`` for tests: started on a free loopback port in its own directory,
-stopped (and restarted on the same data) by the test. Without redis-server the tests skip, saying
-why; under CI (``TAGROUTER_REQUIRE_SERVERS=1``, set by .ci/run) they fail instead: a server CI
-must have never turns into skips."""
+stopped (and restarted on the same data) by the test (conftest.py's ``redis_srv`` fixture).
+Without redis-server the tests skip, saying why (the serve extra's shared mode needs it); under
+CI (``TAGROUTER_REQUIRE_SERVERS=1``, set by .ci/run) they fail instead: a server CI must have
+never turns into skips. This module does that itself, so benches that import it fail too."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from tagrouter_fast.serve.fake_backend import free_port, stop_process
 def redis_server_binary() -> str:
     exe = shutil.which("redis-server")
     if exe is None:
-        why = "redis-server is not installed (apt-get install -y redis-server; .ci/run installs it)"
+        why = (
+            "optional extra 'serve' (shared mode): redis-server is not on PATH "
+            "(apt-get install -y redis-server; .ci/run installs it)"
+        )
         if os.environ.get("TAGROUTER_REQUIRE_SERVERS"):
             pytest.fail(why + "; TAGROUTER_REQUIRE_SERVERS is set, so this is a failure")
         pytest.skip(why)

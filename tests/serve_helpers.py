@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import pytest
 
 from tagrouter_fast.router import TagRouter
 from tagrouter_fast.serve.app import Gateway, create_app
@@ -70,15 +69,6 @@ def fake_backends(*names: str) -> Iterator[dict[str, Fake]]:
     finally:
         for f in fakes.values():
             f.server.stop()
-
-
-@pytest.fixture(autouse=True)
-def reset_fakes(request: pytest.FixtureRequest) -> None:
-    """Every test of a module with a ``fakes`` fixture starts with its fake backends answering
-    normally (a test may have told one to fail). Import it into the test module."""
-    if "fakes" in request.fixturenames:
-        for f in request.getfixturevalue("fakes").values():
-            f.backend.command()
 
 
 def dead_url() -> str:

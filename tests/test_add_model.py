@@ -7,10 +7,11 @@ import math
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from fake_taggers import MATH_TAGS, POEM_TAGS, KeywordTagger
+from routing_tables import write_table
 
 from tagrouter_fast import cli
 from tagrouter_fast.add_model import (
@@ -26,33 +27,6 @@ from tagrouter_fast.router import TagRouter
 
 POEMS = [f"Write a short poem about the {w}" for w in ["sea", "moon", "rain", "forest"]]
 MATHS = [f"Solve the equation {a}x + {a + 1} = {2 * a}" for a in range(1, 5)]
-POEM_TAGS = ["Poetry Writing", "Creative Writing"]
-MATH_TAGS = ["Algebra", "Mathematical Problem Solving"]
-
-
-class KeywordTagger:
-    """Deterministic stand-in tagger (as in tests/test_router.py) that counts its calls, so the
-    tag cache's effect is visible."""
-
-    fingerprint = "keyword-tagger-add-model-v1"
-
-    def __init__(self) -> None:
-        self.tagged = 0
-
-    def tag(self, query: str) -> list[str]:
-        return self.tag_batch([query])[0]
-
-    def tag_batch(self, queries: Sequence[str]) -> list[list[str]]:
-        self.tagged += len(queries)
-        out = []
-        for q in queries:
-            tags: list[str] = []
-            if "poem" in q.lower():
-                tags += POEM_TAGS
-            if "equation" in q.lower():
-                tags += MATH_TAGS
-            out.append(tags)
-        return out
 
 
 @pytest.fixture(autouse=True)
@@ -74,15 +48,8 @@ def _router(tagger: KeywordTagger | None = None) -> TagRouter:
 
 def _table(d: Path, rows: list[tuple[str, str, str, str]]) -> Path:
     """A routing table from (query_id, text, model, outcome) rows (one queries.csv row per id)."""
-    d.mkdir(parents=True)
     texts = dict((q, t) for q, t, _, _ in rows)
-    (d / "queries.csv").write_text(
-        "query_id,query_text\n" + "".join(f'{q},"{t}"\n' for q, t in texts.items())
-    )
-    (d / "outcomes.csv").write_text(
-        "query_id,model,outcome\n" + "".join(f"{q},{m},{o}\n" for q, _, m, o in rows)
-    )
-    return d
+    return write_table(d, list(texts.items()), [(q, m, o) for q, _, m, o in rows])
 
 
 def _mid_table(d: Path, model: str = "mid") -> Path:

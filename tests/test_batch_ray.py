@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from routing_tables import write_table
+from skip_policy import ALPACAEVAL, import_extra, requires_alpacaeval
 
 from tagrouter_fast.batch import BatchError, iter_chunks, read_output, route_file
 from tagrouter_fast.builder.bundle import build_router
@@ -24,7 +26,7 @@ from tagrouter_fast.cli import main
 from tagrouter_fast.core import TagScorer
 from tagrouter_fast.data.table import load_table
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
+DATA = ALPACAEVAL
 MODELS = ["small", "mid", "big"]
 
 # Ray Data's own deprecated settings, read when it starts.
@@ -55,28 +57,21 @@ def _text(i: int) -> str:
 
 def _write_table(d: Path, n: int = 600) -> Path:
     rng = np.random.default_rng(7)
-    d.mkdir(parents=True, exist_ok=True)
-    with (d / "queries.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["query_id", "query_text", "subset"])
-        for i in range(n):
-            w.writerow([f"q{i:04d}", _text(i), "ab"[i % 2]])
+    queries = [(f"q{i:04d}", _text(i), "ab"[i % 2]) for i in range(n)]
     cost = {"small": 1.0, "mid": 3.0, "big": 10.0}
-    with (d / "outcomes.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["query_id", "model", "outcome", "cost_usd"])
-        for i in range(n):
-            for j, m in enumerate(MODELS):
-                if (i + j) % 17 == 5:
-                    # Missing pairs are not losses. (Not on q0000: the tuner builds a router
-                    # from the first training query alone to learn M_LLM, which fails when that
-                    # query lacks a model; a builder limitation reported separately.)
-                    continue
-                p = [0.3 + 0.2 * j - 0.1 * (i % 3), 0.2]
-                p = [max(0.05, min(0.9, p[0])), p[1]]
-                label = rng.choice(["win", "tie", "loss"], p=[p[0], p[1], 1 - p[0] - p[1]])
-                w.writerow([f"q{i:04d}", m, label, cost[m]])
-    return d
+    outcomes = []
+    for i in range(n):
+        for j, m in enumerate(MODELS):
+            if (i + j) % 17 == 5:
+                # Missing pairs are not losses. (Not on q0000: the tuner builds a router
+                # from the first training query alone to learn M_LLM, which fails when that
+                # query lacks a model; a builder limitation reported separately.)
+                continue
+            p = [0.3 + 0.2 * j - 0.1 * (i % 3), 0.2]
+            p = [max(0.05, min(0.9, p[0])), p[1]]
+            label = rng.choice(["win", "tie", "loss"], p=[p[0], p[1], 1 - p[0] - p[1]])
+            outcomes.append((f"q{i:04d}", m, label, cost[m]))
+    return write_table(d, queries, outcomes)
 
 
 def _input_rows(n: int = 700) -> list[dict]:
@@ -115,9 +110,9 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def ray_local(cache: Path) -> Iterator[object]:
-    ray = pytest.importorskip("ray", reason="ray is not installed (pip install '.[ray]')")
-    pytest.importorskip("ray.data", reason="ray[data] is not installed")
-    pytest.importorskip("pyarrow", reason="pyarrow is not installed")
+    ray = import_extra("ray", "ray")
+    import_extra("ray", "ray.data")
+    import_extra("ray", "pyarrow")
     from ray import cloudpickle
 
     # The fake tagger lives in this test module, which Ray workers cannot import: ship it by value.
@@ -168,7 +163,7 @@ def test_merge_in_shard_order_is_byte_identical(table):
 
 
 def test_single_process_jsonl_and_parquet_agree(bundle, tmp_path):
-    pytest.importorskip("pyarrow")
+    import_extra("ray", "pyarrow")  # also batch-route's Parquet files without Ray
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -213,7 +208,7 @@ def test_cli_bad_jsonl_is_one_error_line(tmp_path, capsys, bundle, content, mess
 
 
 def test_cli_bad_files(tmp_path, capsys, bundle):
-    pytest.importorskip("pyarrow")
+    import_extra("ray", "pyarrow")  # also batch-route's Parquet files without Ray
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -298,9 +293,8 @@ def _subset_table(dest: Path, n: int) -> Path:
 
 @pytest.mark.data
 @pytest.mark.slow
+@requires_alpacaeval
 def test_default_tagger_on_alpacaeval(ray_local, tmp_path, monkeypatch, cache):
-    if not (DATA / "queries.csv").is_file():
-        pytest.skip(f"{DATA} not present")
     src = _subset_table(tmp_path / "t", 200)
     # CLI, Ray: tags computed by the 2 workers into a fresh tag cache ...
     rc = main(["build-store", "--data", str(src), "--pool", "five-api", "--variant", "paper",

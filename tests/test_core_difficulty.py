@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from routing_tables import write_table
 
 from tagrouter_fast import _reference as ref
 from tagrouter_fast.core import WEIGHTINGS, StoreFormatError, TagDecider, TagScorer
@@ -181,9 +182,9 @@ def test_reweighted_to_and_from_difficulty():
 
 
 def test_from_table_accepts_difficulty(tmp_path):
-    (tmp_path / "queries.csv").write_text("query_id,query_text\nq1,Write a poem\nq2,Add 2+2\n")
-    (tmp_path / "outcomes.csv").write_text(
-        "query_id,model,outcome\nq1,a,win\nq1,b,loss\nq2,a,loss\nq2,b,loss\n"
+    write_table(
+        tmp_path, [("q1", "Write a poem"), ("q2", "Add 2+2")],
+        [("q1", "a", "win"), ("q1", "b", "loss"), ("q2", "a", "loss"), ("q2", "b", "loss")],
     )
     tags = {"q1": ["Poem"], "q2": ["Math"]}
     s = TagScorer.from_table(tmp_path, tags, weighting="difficulty", prior_strength=1.0)
@@ -251,15 +252,15 @@ def test_plus_difficulty_stores_every_model_but_routes_only_the_pool(tmp_path):
     from tagrouter_fast.data.table import load_table
 
     rng = np.random.default_rng(0)
-    q, o = ["query_id,query_text"], ["query_id,model,outcome,cost_usd"]
+    q: list[tuple[str, str]] = []
+    o: list[tuple[str, str, str, float]] = []
     for i in range(120):
         kind = ["poem", "math", "code"][i % 3]
-        q.append(f"q{i},write about {kind}")
+        q.append((f"q{i}", f"write about {kind}"))
         for m, c in (("big", 0.01), ("small", 0.001), ("ref1", 0.002), ("ref2", 0.005)):
             p = {"poem": 0.8, "math": 0.3, "code": 0.5}[kind] + (0.15 if m == "big" else 0)
-            o.append(f"q{i},{m},{'win' if rng.random() < p else 'loss'},{c}")
-    (tmp_path / "queries.csv").write_text("\n".join(q) + "\n")
-    (tmp_path / "outcomes.csv").write_text("\n".join(o) + "\n")
+            o.append((f"q{i}", m, "win" if rng.random() < p else "loss", c))
+    write_table(tmp_path, q, o)
     table = load_table(tmp_path)
     tagger = _KindTagger()
     r = build_router(table, ["big", "small"], variant="plus-difficulty", tagger=tagger, align=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from skip_policy import platform_lacks
 
 from tagrouter_fast import _core
 from tagrouter_fast.core import StoreFormatError, TagDecider, TagRouterError, TagScorer
@@ -179,14 +180,14 @@ def _load_in_thread(path: Path, timeout: float = 10.0) -> BaseException | None:
     return out[0]
 
 
-@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason=platform_lacks("no /dev/zero"))
 def test_dev_zero_is_refused_without_reading_it():
     e = _load_in_thread(Path("/dev/zero"))
     assert isinstance(e, StoreFormatError)
     assert "/dev/zero" in str(e) and "not a regular file" in str(e)
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason=platform_lacks("no FIFOs (os.mkfifo)"))
 def test_fifo_is_refused_promptly(tmp_path):
     fifo = tmp_path / "store.fifo"
     os.mkfifo(fifo)

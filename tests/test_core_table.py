@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from routing_tables import write_table
 
 from tagrouter_fast.core import TagScorer
 
@@ -31,9 +32,7 @@ RECORDS = [
 
 @pytest.fixture
 def table(tmp_path: Path) -> Path:
-    (tmp_path / "queries.csv").write_text(QUERIES)
-    (tmp_path / "outcomes.csv").write_text(OUTCOMES)
-    return tmp_path
+    return write_table(tmp_path, QUERIES, OUTCOMES)
 
 
 @pytest.fixture

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from routing_tables import write_table
+from skip_policy import ALPACAEVAL, requires_alpacaeval
 
 from tagrouter_fast.data.pools import POOLS, resolve_pool
 from tagrouter_fast.data.table import DataError, load_table
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
+DATA = ALPACAEVAL
 
 QUERIES = 'query_id,query_text,subset\nq1,"two\nlines",a\nq2,hello,b\nq3,bye,a\n'
 OUTCOMES_HEAD = "query_id,model,outcome,score,in_chars,out_chars,cost_usd\n"
-
-
-def _write(d: Path, outcomes: str, queries: str = QUERIES) -> Path:
-    (d / "queries.csv").write_text(queries)
-    (d / "outcomes.csv").write_text(outcomes)
-    return d
 
 
 def test_loads_dense_arrays_with_missing_pairs(tmp_path):
@@ -27,7 +21,7 @@ def test_loads_dense_arrays_with_missing_pairs(tmp_path):
         "q1,big,win,0.9,1,2,0.010\nq2,big,loss,0.1,1,2,0.030\nq3,big,tie,0.5,1,2,\n"
         "q1,small,loss,0.2,1,2,0.001\nq3,small,win,0.8,1,2,0.003\n"
     )
-    t = load_table(_write(tmp_path, OUTCOMES_HEAD + rows))
+    t = load_table(write_table(tmp_path, QUERIES, OUTCOMES_HEAD + rows))
     assert t.query_ids == ["q1", "q2", "q3"]
     assert t.texts[0] == "two\nlines"
     assert t.subsets == ["a", "b", "a"]
@@ -46,7 +40,7 @@ def test_loads_dense_arrays_with_missing_pairs(tmp_path):
 
 def test_pool_llm_defaults_to_most_expensive(tmp_path):
     rows = "q1,big,win,,,,0.01\nq1,small,loss,,,,0.001\n"
-    t = load_table(_write(tmp_path, OUTCOMES_HEAD + rows))
+    t = load_table(write_table(tmp_path, QUERIES, OUTCOMES_HEAD + rows))
     assert resolve_pool(t, models=["small", "big"]) == (["small", "big"], "big")
     with pytest.raises(ValueError):
         resolve_pool(t, models=["small", "big"], llm="other")
@@ -55,7 +49,8 @@ def test_pool_llm_defaults_to_most_expensive(tmp_path):
 
 
 def test_without_cost_column_costs_are_calls_or_given(tmp_path):
-    t = load_table(_write(tmp_path, "query_id,model,outcome\nq1,a,win\nq1,b,loss\n"))
+    outcomes = "query_id,model,outcome\nq1,a,win\nq1,b,loss\n"
+    t = load_table(write_table(tmp_path, QUERIES, outcomes))
     assert t.cost_matrix(["a", "b"]).tolist()[0] == [1.0, 1.0]
     t = load_table(tmp_path, model_costs={"a": 5.0, "b": 0.5})
     assert t.cost_matrix(["a", "b"]).tolist()[0] == [5.0, 0.5]
@@ -63,7 +58,7 @@ def test_without_cost_column_costs_are_calls_or_given(tmp_path):
 
 def test_model_without_any_cost_is_an_error_unless_priced(tmp_path):
     rows = "q1,a,win,,,,0.01\nq1,b,loss,,,,0.03\nq1,c,loss,,,,\n"
-    d = _write(tmp_path, OUTCOMES_HEAD + rows)
+    d = write_table(tmp_path, QUERIES, OUTCOMES_HEAD + rows)
     t = load_table(d)
     assert t.cost_matrix(["a", "b"]).shape[1] == 2
     with pytest.raises(DataError, match=r"outcomes\.csv: model\(s\) \['c'\] have no cost_usd"):
@@ -77,12 +72,12 @@ def test_model_without_any_cost_is_an_error_unless_priced(tmp_path):
 def test_negative_or_non_finite_cost_names_file_and_line(tmp_path, bad):
     rows = f"q1,a,win,,,,0.01\nq1,b,loss,,,,{bad}\n"
     with pytest.raises(DataError, match=r"outcomes\.csv:3: cost_usd must be a finite number"):
-        load_table(_write(tmp_path, OUTCOMES_HEAD + rows))
+        load_table(write_table(tmp_path, QUERIES, OUTCOMES_HEAD + rows))
 
 
 def test_score_is_opaque_bom_accepted_non_utf8_named(tmp_path):
     rows = "q1,a,win,great,,,0.01\nq1,b,loss,0.5,,,0.03\n"
-    d = _write(tmp_path, OUTCOMES_HEAD + rows)
+    d = write_table(tmp_path, QUERIES, OUTCOMES_HEAD + rows)
     t = load_table(d)
     assert np.isnan(t.scores[0, 0]) and t.scores[0, 1] == 0.5
     q = d / "queries.csv"
@@ -113,17 +108,17 @@ def test_score_is_opaque_bom_accepted_non_utf8_named(tmp_path):
     ],
 )
 def test_bad_outcomes_name_file_and_line(tmp_path, outcomes, match):
-    _write(tmp_path, outcomes)
+    write_table(tmp_path, QUERIES, outcomes)
     with pytest.raises(DataError, match=match):
         load_table(tmp_path)
 
 
 def test_bad_queries_name_file_and_line(tmp_path):
-    _write(tmp_path, OUTCOMES_HEAD, queries="query_id,text\nq1,x\n")
+    write_table(tmp_path, "query_id,text\nq1,x\n", OUTCOMES_HEAD)
     with pytest.raises(DataError, match=r"queries\.csv:1: missing column"):
         load_table(tmp_path)
     # The multi-line quoted text of q1 ends on line 3, so the duplicate is on line 5.
-    _write(tmp_path, OUTCOMES_HEAD, queries=QUERIES + "q2,again,a\n")
+    write_table(tmp_path, QUERIES + "q2,again,a\n", OUTCOMES_HEAD)
     with pytest.raises(
         DataError, match=r"queries\.csv:6: duplicate query_id 'q2' \(first at line 4\)"
     ):
@@ -133,7 +128,7 @@ def test_bad_queries_name_file_and_line(tmp_path):
 
 
 @pytest.mark.data
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data absent at {DATA}")
+@requires_alpacaeval
 def test_real_table_pools():
     t = load_table(DATA)
     assert t.n_queries == 805

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from routing_tables import write_table
+from skip_policy import ALPACAEVAL, requires_alpacaeval
 
 from tagrouter_fast import TagRouter
 from tagrouter_fast.builder.bundle import build_router
@@ -20,7 +22,7 @@ from tagrouter_fast.eval.features import Features
 from tagrouter_fast.eval.methods import fit_variant
 from tagrouter_fast.eval.protocol import PoolData
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
+DATA = ALPACAEVAL
 
 
 class TableTagger:
@@ -47,20 +49,19 @@ def _synthetic(tmp_path: Path, n: int = 240, seed: int = 0):
         "mid": ("loss", "loss", "win"),
     }
     kinds = rng.choice(list(outcomes), size=n)
-    q = ["query_id,query_text,subset"]
-    o = ["query_id,model,outcome,cost_usd"]
+    q: list[tuple[str, str, str]] = []
+    o: list[tuple[str, str, str, float]] = []
     tags: dict[str, list[str]] = {}
     for i, k in enumerate(kinds):
         text = f"query {i} about {k}"
-        q.append(f"q{i},{text},s{i % 2}")
+        q.append((f"q{i}", text, f"s{i % 2}"))
         tags[text] = [k.capitalize(), f"Topic {rng.integers(0, 6)}"]
         res = list(outcomes[k])
         if rng.random() < 0.15:
             rng.shuffle(res)
         for m, r, c in zip(("big", "small", "mid"), res, (0.01, 0.001, 0.003), strict=True):
-            o.append(f"q{i},{m},{r},{c}")
-    (tmp_path / "queries.csv").write_text("\n".join(q) + "\n")
-    (tmp_path / "outcomes.csv").write_text("\n".join(o) + "\n")
+            o.append((f"q{i}", m, r, c))
+    write_table(tmp_path, q, o)
     return tmp_path, TableTagger(tags)
 
 
@@ -131,7 +132,7 @@ def test_tuning_needs_enough_queries(tmp_path):
 
 
 @pytest.mark.data
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data absent at {DATA}")
+@requires_alpacaeval
 def test_bundle_routes_like_the_harness_alpacaeval(tmp_path):
     from tagrouter_fast.data.pools import resolve_pool
     from tagrouter_fast.eval.features import compute_features

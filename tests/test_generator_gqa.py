@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from skip_policy import hardware, import_extra
 
 pytestmark = pytest.mark.export
 
-torch = pytest.importorskip("torch", reason="export tests need torch (pip install .[export])")
-transformers = pytest.importorskip("transformers", reason="export tests need transformers")
-onnx = pytest.importorskip("onnx", reason="export tests need onnx")
+torch = import_extra("export", "torch")
+transformers = import_extra("export", "transformers")
+onnx = import_extra("export", "onnx")
 
 from tagrouter_fast.tagging.cache import cache_dir  # noqa: E402
 from tagrouter_fast.tagging.manifest import load_manifest  # noqa: E402
@@ -250,7 +251,7 @@ def test_cuda_graph_without_cuda_ep_is_a_clear_error(gqa) -> None:  # type: igno
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this onnxruntime has the CUDA EP (see test_cuda_graph_parity)")
+        pytest.skip(hardware("this onnxruntime has the CUDA EP (see test_cuda_graph_parity)"))
     _, d = cached_gqa_export(ROOT, dtype="fp16")
     with pytest.raises(RuntimeError, match="CUDAExecutionProvider.*onnxruntime-gpu"):
         TagGeneratorTagger(d, cuda_graph=True)
@@ -266,7 +267,7 @@ def test_cuda_graph_matches_io_binding(want) -> None:  # type: ignore[no-untyped
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("needs onnxruntime-gpu with CUDAExecutionProvider")
+        pytest.skip(hardware("needs a CUDA GPU and onnxruntime-gpu (the 'cuda' extra)"))
     # fp16: onnxruntime's CUDA GroupQueryAttention has no float32 kernel.
     _, d = cached_gqa_export(ROOT, dtype="fp16")
     plain = TagGeneratorTagger(d, max_new_tokens=MAX_NEW, batch_size=4)

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from routing_tables import write_table
 
 from tagrouter_fast import TagDecider, TagRouter, TagScorer
 from tagrouter_fast.router import META_FILE, BundleError
@@ -116,16 +117,10 @@ def _table(d: Path, winner: str) -> Path:
     texts = ["write a poem", "solve 2+2", "sum a list", "a haiku", "plan a trip", "fix my code"]
     texts += ["translate this", "name a cat"]
     qs = [f"q{i}" for i in range(1, len(texts) + 1)]
-    (d / "queries.csv").write_text(
-        "query_id,query_text\n" + "".join(f"{q},{t}\n" for q, t in zip(qs, texts, strict=True))
-    )
     loser = "small" if winner == "big" else "big"
-    rows = "".join(f"{q},{winner},win,1\n{q},{loser},loss,1\n" for q in qs)
-    (d / "outcomes.csv").write_text(
-        "query_id,model,outcome,cost_usd\n"
-        + rows.replace("big,win,1", "big,win,2").replace("big,loss,1", "big,loss,2")
-    )
-    return d
+    cost = {"big": 2, "small": 1}
+    outcomes = [(q, m, o, cost[m]) for q in qs for m, o in ((winner, "win"), (loser, "loss"))]
+    return write_table(d, list(zip(qs, texts, strict=True)), outcomes)
 
 
 def test_default_bundle_remembers_its_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

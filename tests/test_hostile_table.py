@@ -9,19 +9,11 @@ from pathlib import Path
 
 import pytest
 from fake_taggers import CountingTagger
+from routing_tables import write_table
 
 from tagrouter_fast import build_router
 from tagrouter_fast.data.table import DataError, load_table
 from tagrouter_fast.tagging import cache
-
-
-def _write(d: Path, queries: str | bytes, outcomes: str | bytes) -> Path:
-    d.mkdir(exist_ok=True)
-    for name, body in (("queries.csv", queries), ("outcomes.csv", outcomes)):
-        data = body.encode("utf-8") if isinstance(body, str) else body
-        (d / name).write_bytes(data)
-    return d
-
 
 QUERIES = "query_id,query_text,subset\nq1,write a poem,a\nq2,solve 2+2,b\n"
 
@@ -32,7 +24,7 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_model_without_cost_is_an_error_naming_model_and_file(tmp_path: Path) -> None:
-    d = _write(
+    d = write_table(
         tmp_path / "t",
         QUERIES,
         "query_id,model,outcome,cost_usd\n"
@@ -53,7 +45,7 @@ def test_model_without_cost_is_an_error_naming_model_and_file(tmp_path: Path) ->
 
 @pytest.mark.parametrize("bad", ["-0.01", "nan", "inf", "-inf"])
 def test_negative_or_non_finite_cost_names_file_and_line(tmp_path: Path, bad: str) -> None:
-    d = _write(
+    d = write_table(
         tmp_path / "t",
         QUERIES,
         f"query_id,model,outcome,cost_usd\nq1,big,win,2\nq2,big,loss,{bad}\n",
@@ -63,7 +55,7 @@ def test_negative_or_non_finite_cost_names_file_and_line(tmp_path: Path, bad: st
 
 
 def test_non_numeric_score_is_kept_opaque(tmp_path: Path) -> None:
-    d = _write(
+    d = write_table(
         tmp_path / "t",
         QUERIES,
         "query_id,model,outcome,score,cost_usd\nq1,big,win,A+,1\nq2,big,loss,0.25,1\n",
@@ -73,7 +65,7 @@ def test_non_numeric_score_is_kept_opaque(tmp_path: Path) -> None:
 
 
 def test_bom_is_accepted(tmp_path: Path) -> None:
-    d = _write(
+    d = write_table(
         tmp_path / "t",
         b"\xef\xbb\xbf" + QUERIES.encode(),
         b"\xef\xbb\xbfquery_id,model,outcome\nq1,big,win\nq2,big,loss\n",
@@ -83,7 +75,7 @@ def test_bom_is_accepted(tmp_path: Path) -> None:
 
 
 def test_non_utf8_byte_names_file_and_line(tmp_path: Path) -> None:
-    d = _write(
+    d = write_table(
         tmp_path / "t",
         b"query_id,query_text\nq1,write a poem\nq2,caf\xe9\n",
         "query_id,model,outcome\nq1,big,win\n",

@@ -1,12 +1,11 @@
 """`pip install` is the whole set-up: build the wheel, install it alone in a clean venv, route.
 
-Slow (a release wheel build and a venv with onnxruntime): skipped when
-``TAGROUTER_SKIP_INSTALL_TEST=1``. Needs network to PyPI for the wheel's dependencies.
+Slow (a release wheel build and a venv with onnxruntime): `make test-fast` leaves it out. Needs
+network to PyPI for the wheel's dependencies.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -14,16 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from routing_tables import write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("TAGROUTER_SKIP_INSTALL_TEST") == "1",
-        reason="TAGROUTER_SKIP_INSTALL_TEST=1",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
 def _maturin() -> str:
@@ -31,8 +25,8 @@ def _maturin() -> str:
     if exe.is_file():
         return str(exe)
     found = shutil.which("maturin")
-    if found is None:
-        pytest.skip("maturin is not installed")
+    # The build backend every set-up installs (make's runtime stamp): missing is a failure.
+    assert found is not None, "maturin is not installed (pip install 'maturin>=1.10,<2')"
     return found
 
 
@@ -67,7 +61,6 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 def _write_table(d: Path) -> None:
-    d.mkdir()
     queries = [
         ("q1", "Write a haiku about autumn leaves", "poetry"),
         ("q2", "Write a short poem about the sea", "poetry"),
@@ -76,16 +69,11 @@ def _write_table(d: Path) -> None:
         ("q5", "Translate 'good morning' into French", "translation"),
         ("q6", "Write a Python function that reverses a linked list", "code"),
     ]
-    with (d / "queries.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["query_id", "query_text", "subset"])
-        w.writerows(queries)
-    with (d / "outcomes.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["query_id", "model", "outcome", "cost_usd"])
-        for i, (qid, _, _) in enumerate(queries):
-            w.writerow([qid, "big", "win", "0.01"])
-            w.writerow([qid, "small", ("tie", "loss", "win")[i % 3], "0.001"])
+    outcomes = []
+    for i, (qid, _, _) in enumerate(queries):
+        outcomes.append((qid, "big", "win", "0.01"))
+        outcomes.append((qid, "small", ("tie", "loss", "win")[i % 3], "0.001"))
+    write_table(d, queries, outcomes)
 
 
 def test_wheel_alone_tags_builds_and_routes(installed, tmp_path):

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from skip_policy import import_extra
 
-pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
-pytest.importorskip("starlette")
+import_extra("serve", "httpx")
+uvicorn = import_extra("serve", "uvicorn")
+import_extra("serve", "starlette")
 
 from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402

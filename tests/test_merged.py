@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from routing_tables import write_table
 
 from tagrouter_fast.data.table import load_table
 from tagrouter_fast.eval.features import Features
@@ -25,24 +26,22 @@ MODELS = ["big", "small", "mid"]
 
 def _table(d: Path, sizes: dict[str, int], seed: int = 0) -> tuple[Path, Features]:
     rng = np.random.default_rng(seed)
-    q = ["query_id,query_text,subset"]
-    o = ["query_id,model,outcome,cost_usd"]
+    q: list[tuple[str, str, str]] = []
+    o: list[tuple[str, str, str, float]] = []
     tags = []
     i = 0
     for src, k_n in sizes.items():
         for _ in range(k_n):
             k = rng.choice(list(OUTCOMES))
-            q.append(f"q{i},query {i} about {k},{src}")
+            q.append((f"q{i}", f"query {i} about {k}", src))
             tags.append([str(k).capitalize(), f"Topic {rng.integers(0, 4)}"])
             res = list(OUTCOMES[str(k)])
             if rng.random() < 0.1:
                 rng.shuffle(res)
             for m, r, c in zip(MODELS, res, (0.01, 0.001, 0.003), strict=True):
-                o.append(f"q{i},{m},{r},{c}")
+                o.append((f"q{i}", m, r, c))
             i += 1
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "queries.csv").write_text("\n".join(q) + "\n")
-    (d / "outcomes.csv").write_text("\n".join(o) + "\n")
+    write_table(d, q, o)
     emb = np.zeros((i, 4), np.float32)
     return d, Features(emb=emb, tags=tags, tag_emb=emb, encoder="test", tagger="test")
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from routing_tables import write_table
+from skip_policy import ALPACAEVAL, requires_alpacaeval
 
 from tagrouter_fast.data.table import load_table
 from tagrouter_fast.eval.features import Features
@@ -16,7 +18,7 @@ from tagrouter_fast.eval.methods import fit_knn
 from tagrouter_fast.eval.newcomer import ALL, _masked, newcomer_report, plot_recovery, run_newcomer
 from tagrouter_fast.eval.protocol import PoolData
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2"
+DATA = ALPACAEVAL
 #: kind -> outcomes of (big, small, mid); "mid" queries only the newcomer mid answers well.
 OUTCOMES = {
     "hard": ("win", "loss", "loss"),
@@ -30,19 +32,18 @@ MODELS = ["big", "small", "mid"]
 def _pool(tmp_path: Path, n: int = 160, seed: int = 0) -> tuple[Path, Features, PoolData]:
     rng = np.random.default_rng(seed)
     kinds = rng.choice(list(OUTCOMES), size=n)
-    q = ["query_id,query_text,subset"]
-    o = ["query_id,model,outcome,cost_usd"]
+    q: list[tuple[str, str, str]] = []
+    o: list[tuple[str, str, str, float]] = []
     tags = []
     for i, k in enumerate(kinds):
-        q.append(f"q{i},query {i} about {k},s{i % 2}")
+        q.append((f"q{i}", f"query {i} about {k}", f"s{i % 2}"))
         tags.append([k.capitalize(), f"Topic {rng.integers(0, 4)}"])
         res = list(OUTCOMES[k])
         if rng.random() < 0.1:
             rng.shuffle(res)
         for m, r, c in zip(MODELS, res, (0.01, 0.001, 0.003), strict=True):
-            o.append(f"q{i},{m},{r},{c}")
-    (tmp_path / "queries.csv").write_text("\n".join(q) + "\n")
-    (tmp_path / "outcomes.csv").write_text("\n".join(o) + "\n")
+            o.append((f"q{i}", m, r, c))
+    write_table(tmp_path, q, o)
     emb = rng.normal(size=(n, 8)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     feats = Features(emb=emb, tags=tags, tag_emb=emb, encoder="test", tagger="test")
@@ -212,7 +213,7 @@ def test_cli_add_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) 
 
 @pytest.mark.data
 @pytest.mark.slow
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data absent at {DATA}")
+@requires_alpacaeval
 def test_real_pool_newcomer() -> None:
     from tagrouter_fast.data.pools import resolve_pool
     from tagrouter_fast.eval.features import compute_features

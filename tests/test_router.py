@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fake_taggers import KeywordTagger
 
 from tagrouter_fast import TagDecider, TagRouter, TagScorer, build_router
 from tagrouter_fast.cli import main
@@ -19,41 +21,16 @@ POEMS = [
 MATHS = [f"Solve the equation {a}x + {a + 1} = {2 * a}" for a in range(1, 7)]
 
 
-class KeywordTagger:
-    """A deterministic stand-in tagger: tags by keyword, so the expected routes are known."""
-
-    fingerprint = "keyword-tagger-v1"
-
-    def tag(self, query: str) -> list[str]:
-        return self.tag_batch([query])[0]
-
-    def tag_batch(self, queries: list[str]) -> list[list[str]]:
-        out = []
-        for q in queries:
-            tags = []
-            if "poem" in q.lower():
-                tags += ["Poetry Writing", "Creative Writing"]
-            if "equation" in q.lower():
-                tags += ["Algebra", "Mathematical Problem Solving"]
-            out.append(tags)
-        return out
-
-
 @pytest.fixture()
-def table_dir(tmp_path: Path) -> Path:
-    rows = ["query_id,query_text,subset"]
-    out = ["query_id,model,outcome,score,in_chars,out_chars,cost_usd"]
+def table_dir(make_table: Callable[..., Path]) -> Path:
+    queries, outcomes = [], []
     for i, q in enumerate(POEMS + MATHS):
-        qid = f"q{i:02d}"
-        rows.append(f'{qid},"{q}",{"poems" if i < len(POEMS) else "maths"}')
-        poem = i < len(POEMS)
-        out.append(f"{qid},big,{'loss' if poem else 'win'},,10,100,0.010")
-        out.append(f"{qid},small,{'win' if poem else 'loss'},,10,100,0.001")
-    d = tmp_path / "table"
-    d.mkdir()
-    (d / "queries.csv").write_text("\n".join(rows) + "\n")
-    (d / "outcomes.csv").write_text("\n".join(out) + "\n")
-    return d
+        qid, poem = f"q{i:02d}", i < len(POEMS)
+        queries.append((qid, q, "poems" if poem else "maths"))
+        outcomes.append((qid, "big", "loss" if poem else "win", "", 10, 100, "0.010"))
+        outcomes.append((qid, "small", "win" if poem else "loss", "", 10, 100, "0.001"))
+    return make_table(queries, outcomes, outcome_columns=(
+        "query_id", "model", "outcome", "score", "in_chars", "out_chars", "cost_usd"))
 
 
 def test_build_routes_by_tags_and_costs(table_dir: Path) -> None:

@@ -35,7 +35,6 @@ from serve_helpers import (  # noqa: E402
     Fake,
     fake_backends,
     gateway_config,
-    reset_fakes,  # noqa: F401 (autouse fixture)
     running_gateway,
 )
 

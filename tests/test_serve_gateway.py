@@ -31,7 +31,6 @@ from serve_helpers import (  # noqa: E402
     dead_url,
     fake_backends,
     gateway_config,
-    reset_fakes,  # noqa: F401 (autouse fixture)
     running_gateway,
 )
 

@@ -577,17 +577,6 @@ def test_docstring_examples(name: str) -> None:
 # ==== Replicas: any replica takes any replica's decision, at once ====
 
 
-@pytest.fixture
-def redis_srv(tmp_path: Path) -> Iterator[Any]:
-    pytest.importorskip("redis")
-    from redis_server import RedisServer, redis_server_binary
-
-    redis_server_binary()  # skips with the reason when absent
-    srv = RedisServer(tmp_path / "redis", aof=True)
-    with srv:
-        yield srv
-
-
 def test_feedback_at_the_other_replica_before_anything_reached_redis(
     redis_srv: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -62,13 +62,6 @@ def _decision_secret() -> Iterator[None]:
     mp.undo()
 
 
-@pytest.fixture
-def redis_srv(tmp_path: Path) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path / "redis", aof=True)
-    with srv:
-        yield srv
-
-
 def replica_config(redis_url: str, state_dir: Path, *, prefix: str = "t", **shared: Any
                    ) -> Config:
     urls = {"small": dead_url(), "big": dead_url()}

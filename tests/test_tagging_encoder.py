@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from skip_policy import hardware
 
 from tagrouter_fast.tagging import encoder as encmod
 from tagrouter_fast.tagging.manifest import ManifestError
@@ -144,7 +145,7 @@ def test_cuda_request_without_cuda_is_clear():
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this machine has CUDA")
+        pytest.skip(hardware("this machine has CUDA, so the no-CUDA error cannot be shown"))
     with pytest.raises(encmod.EncoderNotAvailableError, match="onnxruntime-gpu"):
         encmod._providers("cuda")
     assert encmod._providers(None) == ["CPUExecutionProvider"]

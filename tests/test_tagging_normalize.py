@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from skip_policy import import_extra
 
 from tagrouter_fast.tagging.normalize import (
     TagNormalization,
@@ -45,7 +46,7 @@ def test_frequency_filter():
 
 
 def test_dbscan_matches_sklearn():
-    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    sklearn_cluster = import_extra("eval", "sklearn.cluster")
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(6, 16))
     x = np.concatenate(
