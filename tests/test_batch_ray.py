@@ -232,6 +232,7 @@ def test_cli_bad_files(tmp_path, capsys, bundle):
 # ---- on Ray ----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_batch_route_on_ray_equals_single_process(ray_local, bundle, tmp_path, fmt):
     src = _write_jsonl(tmp_path / "in.jsonl", _input_rows(700))

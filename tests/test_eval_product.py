@@ -132,6 +132,7 @@ def test_tuning_needs_enough_queries(tmp_path):
 
 
 @pytest.mark.data
+@pytest.mark.slow
 @requires_alpacaeval
 def test_bundle_routes_like_the_harness_alpacaeval(tmp_path):
     from tagrouter_fast.data.pools import resolve_pool

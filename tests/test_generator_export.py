@@ -221,6 +221,7 @@ def test_missing_manifest_or_file_or_wrong_kind(tiny, tmp_path: Path) -> None:  
         TagGeneratorTagger(d3)
 
 
+@pytest.mark.slow
 def test_cli_export(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "cli"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

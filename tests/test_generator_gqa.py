@@ -224,6 +224,7 @@ def test_fp16_export_has_half_kv_cache(gqa, want) -> None:  # type: ignore[no-un
     assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
 
 
+@pytest.mark.slow
 def test_cli_int8_export_is_quantised_and_decodes(gqa, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "int8"
     cmd = [sys.executable, str(EXPORT_DIR / "generator_gqa.py"), "--model", str(gqa[0])]

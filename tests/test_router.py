@@ -234,6 +234,7 @@ def test_cli_build_store_llm_share(
     assert "llm_share must be in [0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_default_bundle_dirs_name_their_variant(
     table_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

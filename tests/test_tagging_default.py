@@ -214,6 +214,7 @@ def test_taggers_package_lazy_generator():
 
 
 @pytest.mark.data
+@pytest.mark.slow
 @requires_alpacaeval
 def test_alpacaeval_queries_all_get_varied_tags(tagger):
     with DATA.open(newline="", encoding="utf-8") as f:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from skip_policy import extra_missing
 
-pytestmark = pytest.mark.export
+# Slow as a whole: the module fixture exports the encoder through torch (~30 s).
+pytestmark = [pytest.mark.export, pytest.mark.slow]
 
 for _mod in ("torch", "optimum", "sentence_transformers", "onnx"):
     if importlib.util.find_spec(_mod) is None:
