@@ -5,7 +5,7 @@ CLI's routing goes through `TagRouter.decide_many` at the call's theta."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +19,16 @@ from tagrouter_fast.router import TagRouter, default_bundle_dir
 
 
 @pytest.fixture()
-def table_dir(tmp_path: Path) -> Path:
+def table_dir(make_table: Callable[..., Path]) -> Path:
     # Poems: the small model wins; maths: the big one.
-    rows, out = ["query_id,query_text,subset"], ["query_id,model,outcome,cost_usd"]
+    queries, outcomes = [], []
     for i in range(12):
         poem = i % 2 == 0
-        rows.append(f"q{i:02d},{'Write a poem' if poem else 'Solve x + 1 = 2'} no {i},s")
-        out.append(f"q{i:02d},big,{'loss' if poem else 'win'},0.010")
-        out.append(f"q{i:02d},small,{'win' if poem else 'loss'},0.001")
-    d = tmp_path / "table"
-    d.mkdir()
-    (d / "queries.csv").write_text("\n".join(rows) + "\n")
-    (d / "outcomes.csv").write_text("\n".join(out) + "\n")
-    return d
+        text = "Write a poem" if poem else "Solve x + 1 = 2"
+        queries.append((f"q{i:02d}", f"{text} no {i}", "s"))
+        outcomes.append((f"q{i:02d}", "big", "loss" if poem else "win", "0.010"))
+        outcomes.append((f"q{i:02d}", "small", "win" if poem else "loss", "0.001"))
+    return make_table(queries, outcomes)
 
 
 def _capture(monkeypatch: pytest.MonkeyPatch, target: str) -> dict[str, Any]:
