@@ -257,11 +257,12 @@ def test_concurrent_routing_and_feedback_during_add(tmp_path: Path) -> None:
 
 
 def test_cli_round_trip_through_a_saved_bundle(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    keyword_tagger: KeywordTagger,
 ) -> None:
     import tagrouter_fast.router as router_mod
 
-    tagger = KeywordTagger()
+    tagger = keyword_tagger
     monkeypatch.setattr(router_mod, "_tagger_from_spec", lambda spec: tagger)
     bundle = _router(tagger).save(tmp_path / "bundle")
     table = _mid_table(tmp_path / "j")
@@ -425,11 +426,12 @@ def test_suggestion_errors(tmp_path: Path) -> None:
 
 
 def test_cli_suggest_judgments_and_add_model_like_pool_as_llm(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    keyword_tagger: KeywordTagger,
 ) -> None:
     import tagrouter_fast.router as router_mod
 
-    tagger = KeywordTagger()
+    tagger = keyword_tagger
     monkeypatch.setattr(router_mod, "_tagger_from_spec", lambda spec: tagger)
     bundle = _router(tagger).save(tmp_path / "bundle")
     base = ["suggest-judgments", "--router", str(bundle)]

@@ -13,7 +13,7 @@ from tagrouter_fast.core import finite_for_json
 
 
 @pytest.fixture
-def router() -> TagRouter:
+def router(counting_tagger: CountingTagger) -> TagRouter:
     recs = [
         ("q1", ["Poem"], "big", "loss"),
         ("q1", ["Poem"], "small", "win"),
@@ -21,7 +21,7 @@ def router() -> TagRouter:
         ("q2", ["Math"], "small", "loss"),
     ]
     decider = TagDecider(TagScorer.from_records(recs), costs={"big": 10.0, "small": 1.0})
-    return TagRouter(decider, CountingTagger(), align=False)
+    return TagRouter(decider, counting_tagger, align=False)
 
 
 @pytest.mark.parametrize("bad", [None, b"x", ["a"], 3])
@@ -40,14 +40,15 @@ def test_route_batch_rejects_a_bare_string(router: TagRouter) -> None:
 
 
 @pytest.mark.parametrize("blank", ["", "   ", "\n\t "])
-def test_blank_query_goes_to_fallback_without_tagging(router: TagRouter, blank: str) -> None:
-    tagger = router.tagger
-    assert isinstance(tagger, CountingTagger)
+def test_blank_query_goes_to_fallback_without_tagging(
+    router: TagRouter, counting_tagger: CountingTagger, blank: str
+) -> None:
+    assert router.tagger is counting_tagger
     d = router.decide(blank)
     assert d.reason == "fallback"
     assert d.model == router.decider.fallback
     assert router.route_batch([blank, "write a poem"]) == [router.decider.fallback, "small"]
-    assert tagger.seen == ["write a poem"]
+    assert counting_tagger.seen == ["write a poem"]
 
 
 def test_decision_json_is_valid_json(router: TagRouter) -> None:
