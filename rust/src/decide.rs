@@ -244,6 +244,7 @@ impl Reader<'_> {
     }
 
     /// `route_pref` among a restriction's candidates.
+    #[cfg_attr(not(feature = "python"), allow(dead_code))] // the glue's hot path
     #[inline]
     pub(crate) fn route_pref_among(&self, ids: &[u32], r: &Restriction) -> usize {
         self.d

@@ -42,6 +42,7 @@ impl Restriction {
     }
 
     /// `M_LLM(A)`, preference order.
+    #[cfg_attr(not(feature = "python"), allow(dead_code))] // the glue's `Decision.llm`
     pub(crate) fn llm(&self) -> usize {
         self.roles.llm
     }

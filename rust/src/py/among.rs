@@ -3,7 +3,7 @@
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyString;
+use pyo3::types::{PyList, PyString, PyTuple};
 
 use crate::candidates::CandidateMask;
 use crate::decide::{Decider, Restriction};
@@ -19,15 +19,14 @@ pub(crate) struct Among {
 ///
 /// Errors: `TypeError` for a str or a non-str name, `UnknownModelError` for a name that is not
 /// a candidate of the decider, `NoCandidateError` when no name is given.
-pub(crate) fn among(core: &Decider, names: &Bound<'_, PyAny>) -> PyResult<Among> {
+pub(crate) fn allowed_from_names(core: &Decider, names: &Bound<'_, PyAny>) -> PyResult<Among> {
     if names.cast::<PyString>().is_ok() {
         return Err(PyTypeError::new_err(
             "among must be a collection of model names, not a str",
         ));
     }
     let mut mask = CandidateMask::none(core.n_models());
-    for item in names.try_iter()? {
-        let item = item?;
+    let mut add = |item: Bound<'_, PyAny>| -> PyResult<()> {
         let Ok(name) = item.cast::<PyString>() else {
             return Err(not_a_name(&item));
         };
@@ -36,6 +35,17 @@ pub(crate) fn among(core: &Decider, names: &Bound<'_, PyAny>) -> PyResult<Among>
             .position(name)
             .ok_or_else(|| RouterError::unknown_model(name, core.models()))?;
         mask.set(pos);
+        Ok(())
+    };
+    // Lists and tuples (what callers pass) are read in place, without an iterator object.
+    if let Ok(list) = names.cast::<PyList>() {
+        list.iter().try_for_each(&mut add)?;
+    } else if let Ok(tuple) = names.cast::<PyTuple>() {
+        tuple.iter().try_for_each(&mut add)?;
+    } else {
+        for item in names.try_iter()? {
+            add(item?)?;
+        }
     }
     let restriction = core.restriction(&mask)?;
     Ok(Among { mask, restriction })
@@ -66,7 +76,7 @@ impl BatchAmong {
                 "pass at most one of among= (one set for the batch) and among_each= (one per \
                  query)",
             )),
-            (Some(names), None) => Ok(Self::One(among(core, names)?.restriction)),
+            (Some(names), None) => Ok(Self::One(allowed_from_names(core, names)?.restriction)),
             (None, Some(each)) => {
                 if each.cast::<PyString>().is_ok() {
                     return Err(PyTypeError::new_err(
@@ -83,7 +93,7 @@ impl BatchAmong {
                     let r = match &prev {
                         Some(p) if p.is(&item) => out.last().cloned().flatten(),
                         _ if item.is_none() => None,
-                        _ => Some(among(core, &item)?.restriction),
+                        _ => Some(allowed_from_names(core, &item)?.restriction),
                     };
                     out.push(r);
                     prev = Some(item);

@@ -13,7 +13,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
-use super::among::{among, Among, BatchAmong};
+use super::among::{allowed_from_names, Among, BatchAmong};
 use super::errors::run;
 use super::input::{for_each_tag, live_outcomes, tag_str, with_tag_items, Flat, Ids};
 use super::scorer::{wrap, PyStore};
@@ -252,7 +252,7 @@ impl PyDecider {
     ) -> PyResult<Py<PyString>> {
         let allowed = match among {
             None => None,
-            Some(names) => Some(self::among(&self.core, names)?.restriction),
+            Some(names) => Some(allowed_from_names(&self.core, names)?.restriction),
         };
         // Too little work to be worth detaching: the whole call is a few hundred nanoseconds.
         // Lookups and the decision under one reader (one entry to a live store); the items are
@@ -410,7 +410,7 @@ impl PyDecider {
         among: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyDecision> {
         let allowed = among
-            .map(|names| self::among(&self.core, names))
+            .map(|names| allowed_from_names(&self.core, names))
             .transpose()?;
         let mut ids: Vec<u32> = Vec::new();
         let mut known: Vec<Py<PyAny>> = Vec::new();
