@@ -139,6 +139,53 @@ def test_route_tags_batch_100k(benchmark, small, impl):
     assert benchmark.extra_info["correct"]
 
 
+# ==== Among a candidate subset (capability routing) ====
+
+# 3 of the 5 candidates, M_LLM (the most expensive, model-4) excluded: the subset's roles are
+# worked out on every call, from names, as a gateway request's are.
+AMONG = ["model-0", "model-1", "model-3"]
+
+
+@pytest.mark.parametrize("impl", ["rust", "rust-among", "rust-among-all", "reference-among"])
+def test_route_tags_among(benchmark, small, impl):
+    decider, r_decider, queries, _ = small
+    benchmark.group = "route_tags among a subset: 5 tags, 3 of 5 models"
+    q = queries[0]
+    if impl == "rust":
+        got = benchmark(decider.route_tags, q)
+        want = r_decider.route_tags(q)
+    elif impl == "reference-among":
+        got = benchmark(r_decider.route_tags, q, AMONG)
+        want = r_decider.route_tags(q, AMONG)
+    else:
+        among = AMONG if impl == "rust-among" else decider.models
+        got = benchmark(decider.route_tags, q, among=among)
+        want = r_decider.route_tags(q, among)
+    benchmark.extra_info["correct"] = got == want
+    assert benchmark.extra_info["correct"]
+
+
+@pytest.mark.parametrize("impl", ["rust", "rust-among", "rust-among-each"])
+def test_decide_batch_among_100k(benchmark, small, impl):
+    decider, r_decider, queries, _ = small
+    benchmark.group = "decide_batch among a subset: 100,000 queries"
+    kw = {
+        "rust": {},
+        "rust-among": {"among": AMONG},
+        # One list object per query, as a gateway batch of requests passes them.
+        "rust-among-each": {"among_each": [list(AMONG) for _ in queries]},
+    }[impl]
+    got = benchmark.pedantic(
+        lambda: decider.decide_batch(queries, **kw), rounds=10, iterations=1, warmup_rounds=1
+    )
+    benchmark.extra_info["queries_per_s"] = len(queries) / benchmark.stats.stats.median
+    among = None if impl == "rust" else AMONG
+    want = [r_decider.route_tags(t, among) for t in queries[:2000]]
+    ok = [decider.models[i] for i in got.model[:2000]] == want
+    benchmark.extra_info["correct"] = ok
+    assert ok
+
+
 # ==== Building and loading ====
 
 

@@ -13,6 +13,7 @@ from tagrouter_fast.builder.default import default_router, route
 from tagrouter_fast.core import (
     Decision,
     InconsistentRecordsError,
+    NoCandidateError,
     StoreFormatError,
     TagDecider,
     TagRouterError,
@@ -29,6 +30,7 @@ from tagrouter_fast.router import TagRouter
 __all__ = [
     "Decision",
     "InconsistentRecordsError",
+    "NoCandidateError",
     "StoreFormatError",
     "TagDecider",
     "TagRouter",

@@ -153,7 +153,12 @@ def _n(c: Mapping[str, int]) -> float:
 
 
 class ReferenceDecider:
-    """Cost-aware decider: argmax of summed (or averaged) tag scores, then Delta_q against theta."""
+    """Cost-aware decider: argmax of summed (or averaged) tag scores, then Delta_q against theta.
+
+    ``among`` (a set of candidate names) applies the rule to that subset: M_LLM stays if it is in
+    the subset, else the subset's most expensive candidate (ties: the smaller name); the
+    fallback stays if it is in the subset, else that M_LLM.
+    """
 
     def __init__(
         self,
@@ -188,7 +193,29 @@ class ReferenceDecider:
         # Highest S(M); ties to the cheaper model, then to the smaller name.
         return min(among, key=lambda m: (-sums[m], self.costs[m], m))
 
-    def decide(self, tags: Sequence[str]) -> dict[str, Any]:
+    def roles(self, among: Iterable[str] | None = None) -> tuple[list[str], str, str]:
+        """(candidates, M_LLM, fallback) of a decision among ``among`` (None: every candidate).
+
+        Raises:
+            KeyError: a name that is not a candidate.
+            ValueError: an empty subset.
+        """
+        if among is None:
+            return self.models, self.llm, self.fallback
+        allowed = set(among)
+        for m in allowed:
+            if m not in self.costs:
+                raise KeyError(m)
+        if not allowed:
+            raise ValueError("no candidate")
+        models = [m for m in self.models if m in allowed]
+        top = max(self.costs[m] for m in models)
+        llm = self.llm if self.llm in allowed else min(m for m in models if self.costs[m] == top)
+        fallback = self.fallback if self.fallback in allowed else llm
+        return models, llm, fallback
+
+    def decide(self, tags: Sequence[str], among: Iterable[str] | None = None) -> dict[str, Any]:
+        models, llm, fallback = self.roles(among)
         known: list[str] = []
         unknown: list[str] = []
         for t in tags:
@@ -197,30 +224,30 @@ class ReferenceDecider:
                     known.append(t)
             elif t not in unknown:
                 unknown.append(t)
-        sums = {m: 0.0 for m in self.models}
+        sums = {m: 0.0 for m in models}
         for t in known:
-            for m in self.models:
+            for m in models:
                 sums[m] += self.table[t][m]
         sums = self._aggregate(sums, len(known))
         out: dict[str, Any] = {
             "scores": sums,
             "known_tags": known,
             "unknown_tags": unknown,
-            "contributions": {t: {m: self.table[t][m] for m in self.models} for t in known},
-            "llm": self.llm,
+            "contributions": {t: {m: self.table[t][m] for m in models} for t in known},
+            "llm": llm,
             "theta": self.theta,
         }
         if not known:
             return {
                 **out,
-                "model": self.fallback,
+                "model": fallback,
                 "reason": "fallback",
                 "delta": math.nan,
                 "slm": None,
-                "argmax": self.fallback,
+                "argmax": fallback,
             }
-        best = self._argmax(sums, self.models)
-        others = [m for m in self.models if m != self.llm]
+        best = self._argmax(sums, models)
+        others = [m for m in models if m != llm]
         if not others:
             return {
                 **out,
@@ -231,32 +258,39 @@ class ReferenceDecider:
                 "argmax": best,
             }
         slm = self._argmax(sums, others)
-        delta = sums[slm] - sums[self.llm]
-        model = slm if delta >= self.theta else self.llm
+        delta = sums[slm] - sums[llm]
+        model = slm if delta >= self.theta else llm
         reason = "argmax" if model == best else "cost_threshold"
         return {**out, "model": model, "reason": reason, "delta": delta, "slm": slm, "argmax": best}
 
-    def route_tags(self, tags: Sequence[str]) -> str:
+    def route_tags(self, tags: Sequence[str], among: Iterable[str] | None = None) -> str:
         """The model only: the same rule as `decide` without building the explanation."""
+        models, llm, fallback = self.roles(among)
         table = self.table
         seen: list[str] = []
-        sums = dict.fromkeys(self.models, 0.0)
+        sums = dict.fromkeys(models, 0.0)
         for t in tags:
             row = table.get(t)
             if row is not None and t not in seen:
                 seen.append(t)
-                for m in self.models:
+                for m in models:
                     sums[m] += row[m]
         if not seen:
-            return self.fallback
+            return fallback
         sums = self._aggregate(sums, len(seen))
-        if len(self.models) == 1:
-            return self.models[0]
-        slm = self._argmax(sums, [m for m in self.models if m != self.llm])
-        return slm if sums[slm] - sums[self.llm] >= self.theta else self.llm
+        if len(models) == 1:
+            return models[0]
+        slm = self._argmax(sums, [m for m in models if m != llm])
+        return slm if sums[slm] - sums[llm] >= self.theta else llm
 
-    def route_tags_batch(self, list_of_tags: Sequence[Sequence[str]]) -> list[str]:
-        return [self.route_tags(t) for t in list_of_tags]
+    def route_tags_batch(
+        self,
+        list_of_tags: Sequence[Sequence[str]],
+        among_each: Sequence[Iterable[str] | None] | None = None,
+    ) -> list[str]:
+        if among_each is None:
+            return [self.route_tags(t) for t in list_of_tags]
+        return [self.route_tags(t, a) for t, a in zip(list_of_tags, among_each, strict=True)]
 
     def scores_batch(self, list_of_tags: Sequence[Sequence[str]]) -> np.ndarray:
         rows = [self.decide(t)["scores"] for t in list_of_tags]

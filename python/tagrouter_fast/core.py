@@ -34,6 +34,7 @@ from tagrouter_fast import _core
 from tagrouter_fast._core import (
     Decision,
     InconsistentRecordsError,
+    NoCandidateError,
     StoreFormatError,
     TagRouterError,
     UnknownModelError,
@@ -67,6 +68,7 @@ __all__ = [
     "DecisionArrays",
     "finite_for_json",
     "InconsistentRecordsError",
+    "NoCandidateError",
     "Record",
     "StoreFormatError",
     "TagDecider",
@@ -435,6 +437,18 @@ class TagDecider:
     argmax, a lower theta saves cost, a higher one (paper G.1) favours ``M_LLM``. Tags unknown to
     the store are ignored; a query with no known tag goes to ``fallback``.
 
+    Candidate subsets (capability routing): `route_tags`, `decide`, `route_tags_batch` and
+    `decide_batch` take ``among=``, the names of the candidates a query may go to (e.g. those
+    that support tools or vision), and apply the same rule to that subset, on the same scores,
+    without building another decider: ``M*`` and ``M_SLM`` are argmaxes over the subset;
+    ``M_LLM`` stays the decider's if it is in the subset, else it is the subset's most expensive
+    candidate (ties: the smaller name, as for ``llm=None``); a query with no known tag goes to
+    ``fallback`` if it is in the subset, else to that ``M_LLM``. A subset of one candidate takes
+    every query. So the decision equals that of a decider built over the subset with those
+    roles, and with every candidate listed it is the unrestricted decision exactly. A name that
+    is not a candidate raises `UnknownModelError`, an empty subset `NoCandidateError`: a query
+    never goes to a model outside its subset.
+
     Args:
         scorer: the store; the decider keeps a snapshot of its current scores.
         costs: per-model cost of a query; its keys are the candidate models (a subset of the
@@ -640,23 +654,47 @@ class TagDecider:
 
     # ---- routing ----
 
-    def route_tags(self, tags: Sequence[str]) -> str:
+    def route_tags(self, tags: Sequence[str], *, among: Iterable[str] | None = None) -> str:
         """The model for one query's tags.
 
+        Args:
+            tags: the query's tags; those the store does not know are ignored.
+            among: names of the candidates the query may go to (class docs); None: all.
+
+        Raises:
+            UnknownModelError: a name in ``among`` that is not a candidate.
+            NoCandidateError: ``among`` is empty.
+            TypeError: ``tags`` or ``among`` is a str, or holds a non-str.
+
         >>> recs = [("q", ["Poem"], "big", "win"), ("q", ["Poem"], "small", "loss")]
-        >>> scorer = TagScorer.from_records(recs)
-        >>> TagDecider(scorer, {"big": 2.0, "small": 1.0}).route_tags(["Poem"])
-        'big'
+        >>> d = TagDecider(TagScorer.from_records(recs), {"big": 2.0, "small": 1.0})
+        >>> d.route_tags(["Poem"]), d.route_tags(["Poem"], among=["small"])
+        ('big', 'small')
         """
-        return self._core.route_tags(tags)
+        return self._core.route_tags(tags, among=among)
 
     def route_tag_string(self, raw: str) -> str:
         """The model for a tag generator's raw output ``"a, b, c"`` (split and trimmed in Rust)."""
         return self._core.route_tag_string(raw)
 
-    def route_tags_batch(self, list_of_tags: Sequence[Sequence[str]]) -> list[str]:
-        """The model for each query; runs without the GIL after reading the input."""
-        return self._core.route_tags_batch(list_of_tags)
+    def route_tags_batch(
+        self,
+        list_of_tags: Sequence[Sequence[str]],
+        *,
+        among: Iterable[str] | None = None,
+        among_each: Iterable[Iterable[str] | None] | None = None,
+    ) -> list[str]:
+        """The model for each query; runs without the GIL after reading the input.
+
+        ``among`` restricts every query to the same candidates, ``among_each`` each query to
+        its own (an entry per query; None: all candidates), as in `route_tags`. At most one of
+        the two; every subset is checked before any query is routed.
+
+        Raises:
+            ValueError: both ``among`` and ``among_each``; ``among_each`` of another length.
+            UnknownModelError, NoCandidateError, TypeError: as in `route_tags`.
+        """
+        return self._core.route_tags_batch(list_of_tags, among=among, among_each=among_each)
 
     def route_tag_strings_batch(self, raws: Sequence[str]) -> list[str]:
         """`route_tag_string` for many raw generator outputs."""
@@ -666,9 +704,21 @@ class TagDecider:
         """Index into `models` of each query's model, as an int64 array."""
         return self._core.route_indices_batch(list_of_tags)
 
-    def decide(self, tags: Sequence[str]) -> Decision:
-        """The decision for one query with its explanation (`Decision`)."""
-        return self._core.decide(tags)
+    def decide(self, tags: Sequence[str], *, among: Iterable[str] | None = None) -> Decision:
+        """The decision for one query with its explanation (`Decision`).
+
+        With ``among`` (as in `route_tags`), the decision and its explanation cover those
+        candidates only: scores, contributions, ``llm`` (the subset's ``M_LLM``), ``slm`` and
+        ``argmax`` are what a decider over just that subset reports.
+
+        >>> recs = [("q", ["Poem"], "big", "win"), ("q", ["Poem"], "mid", "tie"),
+        ...         ("q", ["Poem"], "small", "loss")]
+        >>> d = TagDecider(TagScorer.from_records(recs), {"big": 3.0, "mid": 2.0, "small": 1.0})
+        >>> x = d.decide(["Poem"], among=["small", "mid"])
+        >>> x.model, x.llm, sorted(x.scores)
+        ('mid', 'mid', ['mid', 'small'])
+        """
+        return self._core.decide(tags, among=among)
 
     def decide_tag_string(self, raw: str) -> Decision:
         """`decide` for a tag generator's raw output ``"a, b, c"``."""
@@ -683,9 +733,17 @@ class TagDecider:
         """``Delta_q = S(M_SLM) - S(M_LLM)`` per query; NaN when no tag is known."""
         return self._core.deltas_batch(list_of_tags)
 
-    def decide_batch(self, list_of_tags: Sequence[Sequence[str]]) -> DecisionArrays:
+    def decide_batch(
+        self,
+        list_of_tags: Sequence[Sequence[str]],
+        *,
+        among: Iterable[str] | None = None,
+        among_each: Iterable[Iterable[str] | None] | None = None,
+    ) -> DecisionArrays:
         """`decide` for many queries, as arrays (`DecisionArrays`: model, delta, slm, top,
-        n_known), computed by the Rust decider in one pass without the GIL.
+        n_known), computed by the Rust decider in one pass without the GIL. Indices are into
+        `models` (all candidates) also when ``among``/``among_each`` (as in `route_tags_batch`)
+        restrict queries to subsets.
 
         >>> recs = [("q", ["Poem"], "big", "win"), ("q", ["Poem"], "small", "loss")]
         >>> d = TagDecider(TagScorer.from_records(recs), {"big": 2.0, "small": 1.0})
@@ -693,7 +751,9 @@ class TagDecider:
         >>> b.model.tolist(), b.slm.tolist(), b.top.tolist(), b.n_known.tolist()
         ([0, 0], [1, -1], [0, 0], [1, 0])
         """
-        model, delta, slm, top, n_known = self._core.decide_batch(list_of_tags)
+        model, delta, slm, top, n_known = self._core.decide_batch(
+            list_of_tags, among=among, among_each=among_each
+        )
         return DecisionArrays(model=model, delta=delta, slm=slm, top=top, n_known=n_known)
 
     # ---- theta (paper G.2) ----

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use tagrouter_core::table::{Outcome, Params, Record, Store};
-use tagrouter_core::{store_io, Aggregation, Decider};
+use tagrouter_core::{store_io, Aggregation, CandidateMask, Decider};
 
 /// Deterministic xorshift, so that runs compare.
 struct Rng(u64);
@@ -99,6 +99,18 @@ fn routing(c: &mut Criterion) {
     c.bench_function("explain 5 tags x 5 models", |b| {
         b.iter(|| dec.explain(black_box(one)));
     });
+    // Capability routing: 3 of the 5 candidates, M_LLM (the most expensive) excluded so that
+    // the subset's roles are worked out; the mask is prepared per call, as a request's is.
+    let among = dec
+        .candidate_mask(&["model-0", "model-1", "model-3"])
+        .expect("candidates");
+    c.bench_function("route 5 tags x 5 models, among 3", |b| {
+        b.iter(|| dec.route_among(black_box(one), black_box(&among)));
+    });
+    let all = CandidateMask::all(dec.n_models());
+    c.bench_function("route 5 tags x 5 models, among all 5", |b| {
+        b.iter(|| dec.route_among(black_box(one), black_box(&all)));
+    });
     let flat: Vec<&str> = queries.iter().flatten().copied().collect();
     let offsets: Vec<usize> = (0..=queries.len()).map(|i| i * 5).collect();
     let mut g = c.benchmark_group("batch");
@@ -106,6 +118,11 @@ fn routing(c: &mut Criterion) {
     g.sample_size(20);
     g.bench_function("route_flat 100k queries", |b| {
         b.iter(|| dec.route_flat_pref(black_box(&flat), &offsets));
+    });
+    g.bench_function("route_flat 100k queries, among 3", |b| {
+        b.iter(|| {
+            dec.route_flat_pref_among(black_box(&flat), &offsets, std::slice::from_ref(&among))
+        });
     });
     g.finish();
 }

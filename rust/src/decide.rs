@@ -15,11 +15,15 @@
 //! `Delta_q`: a query with many tags no longer has a larger margin merely for having more tags,
 //! so one theta means the same for short and long tag lists.
 
+mod among;
+
 use std::sync::Arc;
 
 use crate::error::{pyrepr, Result, RouterError};
 use crate::live::LiveStore;
-use crate::table::{FxSet, Globals, Store, Weighting};
+use crate::table::{FxMap, FxSet, Globals, Store, Weighting};
+
+pub(crate) use among::Restriction;
 
 /// How a query's per-tag scores combine into `S(M)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -238,6 +242,14 @@ impl Reader<'_> {
         let d = self.d;
         d.with_sums(self.v, ids, |sums, any| d.decide_sums(sums, any).0)
     }
+
+    /// `route_pref` among a restriction's candidates.
+    #[cfg_attr(not(feature = "python"), allow(dead_code))] // the glue's hot path
+    #[inline]
+    pub(crate) fn route_pref_among(&self, ids: &[u32], r: &Restriction) -> usize {
+        self.d
+            .with_sums(self.v, ids, |sums, any| r.decide(sums, any).0)
+    }
 }
 
 /// The cost-aware decider over a snapshot of a store, or over a live store.
@@ -252,6 +264,8 @@ pub struct Decider {
     pref_to_out: Vec<usize>,
     /// Store-order candidate names (the public order).
     out_names: Vec<String>,
+    /// Candidate name -> position in `out_names`, for candidate masks built from names.
+    positions: FxMap<Box<str>, usize>,
     n: usize,
     llm: usize,
     fallback: usize,
@@ -397,6 +411,11 @@ impl Decider {
             pref_names: pref.iter().map(|&o| cands[o].1.to_owned()).collect(),
             pref_costs: pref.iter().map(|&o| cands[o].2).collect(),
             pref_to_out: pref.clone(),
+            positions: out_names
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (Box::from(m.as_str()), i))
+                .collect(),
             out_names,
             n,
             llm,
@@ -554,14 +573,26 @@ impl Decider {
 
     /// Routes many queries, `tags[offsets[i]..offsets[i + 1]]` being query i; preference order.
     pub fn route_flat_pref<S: AsRef<str>>(&self, tags: &[S], offsets: &[usize]) -> Vec<u32> {
+        self.route_flat_pref_with(tags, offsets, |_| None)
+    }
+
+    /// `route_flat_pref`, query q decided among `among(q)`'s candidates (`None`: all of them).
+    pub(crate) fn route_flat_pref_with<'r, S: AsRef<str>>(
+        &self,
+        tags: &[S],
+        offsets: &[usize],
+        among: impl Fn(usize) -> Option<&'r Restriction>,
+    ) -> Vec<u32> {
         let mut ids: Vec<u32> = Vec::with_capacity(LINEAR_DEDUP_MAX);
         offsets
             .windows(2)
-            .map(|w| {
+            .enumerate()
+            .map(|(q, w)| {
+                let r = among(q);
                 self.with_view(|v| {
                     ids.clear();
                     ids.extend(tags[w[0]..w[1]].iter().filter_map(|t| v.tag_id(t.as_ref())));
-                    let j = self.with_sums(v, &ids, |sums, any| self.decide_sums(sums, any).0);
+                    let j = self.with_sums(v, &ids, |sums, any| self.decide_in(sums, any, r).0);
                     crate::table::to_u32(j)
                 })
             })
@@ -606,16 +637,27 @@ impl Decider {
     /// object per query. `tags[offsets[i]..offsets[i + 1]]` is query i; indices are in
     /// `models()` order.
     pub fn route_columns_flat<S: AsRef<str>>(&self, tags: &[S], offsets: &[usize]) -> RouteColumns {
+        self.route_columns_flat_with(tags, offsets, |_| None)
+    }
+
+    /// `route_columns_flat`, query q decided among `among(q)`'s candidates (`None`: all).
+    pub(crate) fn route_columns_flat_with<'r, S: AsRef<str>>(
+        &self,
+        tags: &[S],
+        offsets: &[usize],
+        among: impl Fn(usize) -> Option<&'r Restriction>,
+    ) -> RouteColumns {
         let n = offsets.len().saturating_sub(1);
         let mut out = RouteColumns::with_capacity(n);
         let mut ids: Vec<u32> = Vec::with_capacity(LINEAR_DEDUP_MAX);
-        for w in offsets.windows(2) {
+        for (q, w) in offsets.windows(2).enumerate() {
+            let r = among(q);
             let (route, distinct) = self.with_view(|v| {
                 ids.clear();
                 ids.extend(tags[w[0]..w[1]].iter().filter_map(|t| v.tag_id(t.as_ref())));
                 self.with_sums_counted(v, &ids, |sums, distinct| {
                     (
-                        self.to_out_route(self.decide_sums(sums, distinct > 0)),
+                        self.to_out_route(self.decide_in(sums, distinct > 0, r)),
                         distinct,
                     )
                 })
@@ -640,7 +682,7 @@ impl Decider {
                     None => unknown.push(i),
                 }
             }
-            let (route, sums) = self.explain_ids_in(v, &known);
+            let (route, sums) = self.explain_ids_in(v, &known, None);
             Explained {
                 route,
                 sums,
@@ -652,14 +694,23 @@ impl Decider {
 
     /// Route and `S(M)` (in `models()` order) for distinct known tag ids.
     pub fn explain_ids(&self, ids: &[u32]) -> (Route, Vec<f64>) {
-        self.with_view(|v| self.explain_ids_in(v, ids))
+        self.with_view(|v| self.explain_ids_in(v, ids, None))
     }
 
     /// `explain_ids` and each tag's contribution (candidates' scores on it, `models()` order)
     /// from one state of a live store, so that the contributions add up to the scores.
     pub fn explain_ids_with_rows(&self, ids: &[u32]) -> (Route, Vec<f64>, Vec<f64>) {
+        self.explain_ids_with_rows_in(ids, None)
+    }
+
+    /// `explain_ids_with_rows` among a restriction's candidates (`None`: all of them).
+    pub(crate) fn explain_ids_with_rows_in(
+        &self,
+        ids: &[u32],
+        among: Option<&Restriction>,
+    ) -> (Route, Vec<f64>, Vec<f64>) {
         self.with_view(|v| {
-            let (route, sums) = self.explain_ids_in(v, ids);
+            let (route, sums) = self.explain_ids_in(v, ids, among);
             let n = self.n;
             let mut rows = vec![0.0; ids.len() * n];
             let mut pref = vec![0.0; n];
@@ -673,13 +724,18 @@ impl Decider {
         })
     }
 
-    fn explain_ids_in(&self, v: &View<'_>, ids: &[u32]) -> (Route, Vec<f64>) {
+    fn explain_ids_in(
+        &self,
+        v: &View<'_>,
+        ids: &[u32],
+        among: Option<&Restriction>,
+    ) -> (Route, Vec<f64>) {
         let mut sums_pref = vec![0.0; self.n];
         for &t in ids {
             v.add_row(&mut sums_pref, t);
         }
         self.aggregate(&mut sums_pref, ids.len());
-        let route = self.to_out_route(self.decide_sums(&sums_pref, !ids.is_empty()));
+        let route = self.to_out_route(self.decide_in(&sums_pref, !ids.is_empty(), among));
         let mut sums = vec![0.0; self.n];
         for (j, s) in sums_pref.iter().enumerate() {
             sums[self.pref_to_out[j]] = *s;
@@ -749,38 +805,29 @@ impl Decider {
         }
     }
 
-    /// The decision rule over aggregated scores in preference order.
+    /// The decision rule over aggregated scores in preference order, among every candidate.
     #[inline]
-    fn decide_sums(
-        &self,
-        sums: &[f64],
-        any_known: bool,
-    ) -> (usize, Reason, f64, usize, Option<usize>) {
-        if !any_known {
-            return (
-                self.fallback,
-                Reason::Fallback,
-                f64::NAN,
-                self.fallback,
-                None,
-            );
-        }
-        let best = argmax(sums, usize::MAX);
-        if self.n == 1 {
-            return (best, Reason::Argmax, f64::NAN, best, None);
-        }
-        let slm = argmax(sums, self.llm);
-        let delta = sums[slm] - sums[self.llm];
-        let model = if delta >= self.theta { slm } else { self.llm };
-        let reason = if model == best {
-            Reason::Argmax
-        } else {
-            Reason::CostThreshold
+    fn decide_sums(&self, sums: &[f64], any_known: bool) -> Decided {
+        let roles = Roles {
+            llm: self.llm,
+            fallback: self.fallback,
+            single: self.n == 1,
+            theta: self.theta,
         };
-        (model, reason, delta, best, Some(slm))
+        // Every candidate eligible: the closure is a constant and the checks compile away.
+        decide_rule(sums, any_known, roles, |_| true)
     }
 
-    fn to_out_route(&self, d: (usize, Reason, f64, usize, Option<usize>)) -> Route {
+    /// `decide_sums` among a restriction's candidates, or among all of them.
+    #[inline]
+    fn decide_in(&self, sums: &[f64], any_known: bool, among: Option<&Restriction>) -> Decided {
+        match among {
+            None => self.decide_sums(sums, any_known),
+            Some(r) => r.decide(sums, any_known),
+        }
+    }
+
+    fn to_out_route(&self, d: Decided) -> Route {
         Route {
             model: self.pref_to_out[d.0],
             reason: d.1,
@@ -802,13 +849,61 @@ fn add_row(sums: &mut [f64], row: &[f64]) {
     }
 }
 
-/// First strict maximum, skipping index `skip`.
+/// What the rule decided, preference order: (model, reason, Delta_q, M*, M_SLM).
+type Decided = (usize, Reason, f64, usize, Option<usize>);
+
+/// The rule's parameters for one decision, preference order: the decider's own, or those of a
+/// restriction to a candidate subset.
+#[derive(Debug, Clone, Copy)]
+struct Roles {
+    llm: usize,
+    fallback: usize,
+    /// One eligible candidate: it takes every query with a known tag.
+    single: bool,
+    theta: f64,
+}
+
+/// The decision rule (module docs) over aggregated scores in preference order, among the
+/// candidates `eligible` accepts: one rule for the whole set and for subsets, so that a subset
+/// holding every candidate decides exactly as the whole set does.
 #[inline]
-fn argmax(v: &[f64], skip: usize) -> usize {
+fn decide_rule(
+    sums: &[f64],
+    any_known: bool,
+    roles: Roles,
+    eligible: impl Fn(usize) -> bool + Copy,
+) -> Decided {
+    if !any_known {
+        return (
+            roles.fallback,
+            Reason::Fallback,
+            f64::NAN,
+            roles.fallback,
+            None,
+        );
+    }
+    let best = argmax(sums, usize::MAX, eligible);
+    if roles.single {
+        return (best, Reason::Argmax, f64::NAN, best, None);
+    }
+    let slm = argmax(sums, roles.llm, eligible);
+    let delta = sums[slm] - sums[roles.llm];
+    let model = if delta >= roles.theta { slm } else { roles.llm };
+    let reason = if model == best {
+        Reason::Argmax
+    } else {
+        Reason::CostThreshold
+    };
+    (model, reason, delta, best, Some(slm))
+}
+
+/// First strict maximum among the eligible indices, skipping index `skip`.
+#[inline]
+fn argmax(v: &[f64], skip: usize, eligible: impl Fn(usize) -> bool) -> usize {
     let mut best = usize::MAX;
     let mut best_v = f64::NEG_INFINITY;
     for (j, &x) in v.iter().enumerate() {
-        if j != skip && (best == usize::MAX || x > best_v) {
+        if j != skip && eligible(j) && (best == usize::MAX || x > best_v) {
             best = j;
             best_v = x;
         }

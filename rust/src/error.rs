@@ -14,6 +14,11 @@ pub enum RouterError {
     #[error("unknown model {}; known models: {known}", pyrepr(.name))]
     UnknownModel { name: String, known: String },
 
+    /// A decision restricted to a subset of the candidates (`Decider::route_ids_among`) with
+    /// no candidate in the subset.
+    #[error("{0}")]
+    NoCandidate(String),
+
     /// A tag that the store does not know (only raised where a tag is looked up on purpose).
     #[error("unknown tag {}", pyrepr(.0))]
     UnknownTag(String),
@@ -55,6 +60,12 @@ impl RouterError {
             name: name.to_owned(),
             known: format!("[{}]", list.join(", ")),
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn no_candidate(msg: impl Into<String>) -> Self {
+        Self::NoCandidate(msg.into())
     }
 
     #[cold]

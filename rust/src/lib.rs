@@ -5,6 +5,7 @@
 // reading more than it helps.
 #![allow(clippy::doc_markdown)]
 
+pub mod candidates;
 pub mod curve;
 pub mod decide;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod theta;
 #[cfg(feature = "python")]
 mod py;
 
+pub use candidates::CandidateMask;
 pub use decide::{Aggregation, Decider, Explained, Reason, Route, RouteColumns};
 pub use error::{Result, RouterError};
 pub use live::LiveStore;

@@ -13,9 +13,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
+use super::among::{allowed_from_names, Among, BatchAmong};
 use super::errors::run;
 use super::input::{for_each_tag, live_outcomes, tag_str, with_tag_items, Flat, Ids};
 use super::scorer::{wrap, PyStore};
+use crate::candidates::CandidateMask;
 use crate::curve;
 use crate::decide::{Aggregation, Decider, Route};
 use crate::error::pyrepr;
@@ -64,21 +66,39 @@ impl PyDecider {
         ids: &[u32],
         known: Vec<Py<PyAny>>,
         unknown: Vec<Py<PyAny>>,
+        allowed: Option<&Among>,
     ) -> PyDecision {
         // One state of a live store for the scores and the contributions, so they add up.
-        let (route, sums, contributions) = self.core.explain_ids_with_rows(ids);
-        PyDecision {
+        let (route, sums, contributions) = self
+            .core
+            .explain_ids_with_rows_in(ids, allowed.map(|a| &a.restriction));
+        let d = PyDecision {
             route,
             theta: self.core.theta(),
             aggregation: self.core.aggregation(),
-            llm: self.core.llm(),
+            llm: allowed.map_or(self.core.llm(), |a| self.core.to_out(a.restriction.llm())),
             names: Arc::clone(&self.out_names),
             model: self.name(py, route.model),
             sums,
             known,
             contributions,
             unknown,
+            n_candidates: self.core.n_models(),
+        };
+        match allowed {
+            Some(a) if !a.mask.is_all() => d.only(py, &a.mask),
+            _ => d,
         }
+    }
+
+    /// The restrictions of a batch call's `among`/`among_each`.
+    fn batch_among(
+        &self,
+        among_all: Option<&Bound<'_, PyAny>>,
+        among_each: Option<&Bound<'_, PyAny>>,
+        n_queries: usize,
+    ) -> PyResult<BatchAmong> {
+        BatchAmong::from_args(&self.core, among_all, among_each, n_queries)
     }
 
     fn flat_routes(&self, py: Python<'_>, list_of_tags: &Bound<'_, PyAny>) -> PyResult<Vec<Route>> {
@@ -222,8 +242,18 @@ impl PyDecider {
 
     // ==== Routing ====
 
-    /// The model for one query's tags.
-    fn route_tags(&self, py: Python<'_>, tags: &Bound<'_, PyAny>) -> PyResult<Py<PyString>> {
+    /// The model for one query's tags; with `among`, among those candidates only.
+    #[pyo3(signature = (tags, *, among=None))]
+    fn route_tags(
+        &self,
+        py: Python<'_>,
+        tags: &Bound<'_, PyAny>,
+        among: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyString>> {
+        let allowed = match among {
+            None => None,
+            Some(names) => Some(allowed_from_names(&self.core, names)?.restriction),
+        };
         // Too little work to be worth detaching: the whole call is a few hundred nanoseconds.
         // Lookups and the decision under one reader (one entry to a live store); the items are
         // iterated inside it only when that runs no Python code (list, tuple).
@@ -235,7 +265,10 @@ impl PyDecider {
                         ids.push(id);
                     }
                 }
-                Ok(r.route_pref(ids.as_slice()))
+                Ok(match &allowed {
+                    None => r.route_pref(ids.as_slice()),
+                    Some(a) => r.route_pref_among(ids.as_slice(), a),
+                })
             })
         })?;
         Ok(self.pref_names[j].clone_ref(py))
@@ -255,15 +288,20 @@ impl PyDecider {
         self.pref_names[j].clone_ref(py)
     }
 
-    /// The model for each query of a batch of tag lists.
+    /// The model for each query of a batch of tag lists; with `among` (one set for the batch)
+    /// or `among_each` (one per query, None for all), among those candidates only.
+    #[pyo3(signature = (list_of_tags, *, among=None, among_each=None))]
     fn route_tags_batch<'py>(
         &self,
         py: Python<'py>,
         list_of_tags: &Bound<'py, PyAny>,
+        among: Option<&Bound<'py, PyAny>>,
+        among_each: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyList>> {
         let flat = Flat::from_tag_lists(list_of_tags)?;
+        let allowed = self.batch_among(among, among_each, flat.n_queries())?;
         let (core, strs, offs) = (&self.core, &flat.strs, &flat.offsets);
-        let idx = py.detach(|| core.route_flat_pref(strs, offs));
+        let idx = py.detach(|| core.route_flat_pref_with(strs, offs, |q| allowed.get(q)));
         PyList::new(
             py,
             idx.iter().map(|&j| self.pref_names[j as usize].bind(py)),
@@ -332,12 +370,16 @@ impl PyDecider {
 
     /// The routes of a batch as columns, computed in one pass without the GIL: the routed
     /// model, `Delta_q`, `M_SLM` (-1 if none) and `M*` (indices into `models`), and the number
-    /// of distinct known tags; see `TagDecider.decide_batch`.
+    /// of distinct known tags; see `TagDecider.decide_batch`. `among`/`among_each` as in
+    /// `route_tags_batch`.
     #[allow(clippy::type_complexity)]
+    #[pyo3(signature = (list_of_tags, *, among=None, among_each=None))]
     fn decide_batch<'py>(
         &self,
         py: Python<'py>,
         list_of_tags: &Bound<'py, PyAny>,
+        among: Option<&Bound<'py, PyAny>>,
+        among_each: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<(
         Bound<'py, PyArray1<i64>>,
         Bound<'py, PyArray1<f64>>,
@@ -346,8 +388,9 @@ impl PyDecider {
         Bound<'py, PyArray1<i64>>,
     )> {
         let flat = Flat::from_tag_lists(list_of_tags)?;
+        let allowed = self.batch_among(among, among_each, flat.n_queries())?;
         let (core, strs, offs) = (&self.core, &flat.strs, &flat.offsets);
-        let c = py.detach(|| core.route_columns_flat(strs, offs));
+        let c = py.detach(|| core.route_columns_flat_with(strs, offs, |q| allowed.get(q)));
         Ok((
             c.model.into_pyarray(py),
             c.delta.into_pyarray(py),
@@ -357,8 +400,18 @@ impl PyDecider {
         ))
     }
 
-    /// The decision for one query, with its explanation.
-    fn decide(&self, py: Python<'_>, tags: &Bound<'_, PyAny>) -> PyResult<PyDecision> {
+    /// The decision for one query, with its explanation; with `among`, among those candidates
+    /// only (the explanation then covers them only).
+    #[pyo3(signature = (tags, *, among=None))]
+    fn decide(
+        &self,
+        py: Python<'_>,
+        tags: &Bound<'_, PyAny>,
+        among: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyDecision> {
+        let allowed = among
+            .map(|names| allowed_from_names(&self.core, names))
+            .transpose()?;
         let mut ids: Vec<u32> = Vec::new();
         let mut known: Vec<Py<PyAny>> = Vec::new();
         let mut unknown: Vec<Py<PyAny>> = Vec::new();
@@ -379,7 +432,7 @@ impl PyDecider {
             }
             Ok(())
         })?;
-        Ok(self.decision(py, &ids, known, unknown))
+        Ok(self.decision(py, &ids, known, unknown, allowed.as_ref()))
     }
 
     /// `decide` for a tag generator's raw output, `"a, b, c"`.
@@ -402,7 +455,7 @@ impl PyDecider {
             .iter()
             .map(|t| PyString::new(py, t).into_any().unbind())
             .collect();
-        self.decision(py, &ids, known, unknown)
+        self.decision(py, &ids, known, unknown, None)
     }
 
     fn __repr__(&self) -> String {
@@ -661,9 +714,37 @@ pub struct PyDecision {
     /// `contributions[k * n_models + m]`: score of model m on known tag k.
     contributions: Vec<f64>,
     unknown: Vec<Py<PyAny>>,
+    /// The decider's candidates; more than `names` when the decision was restricted.
+    n_candidates: usize,
 }
 
 impl PyDecision {
+    /// This decision shown over the candidates of `mask` only (indices into `names` remapped),
+    /// as a decider over just those candidates would show it.
+    fn only(self, py: Python<'_>, mask: &CandidateMask) -> Self {
+        let kept: Vec<usize> = mask.positions().collect();
+        // Every index here is a kept candidate: the restricted rule never picks another.
+        let at = |out: usize| kept.iter().position(|&p| p == out).unwrap_or(0);
+        let n = self.names.len();
+        Self {
+            route: Route {
+                model: at(self.route.model),
+                argmax: at(self.route.argmax),
+                slm: self.route.slm.map(at),
+                ..self.route
+            },
+            llm: at(self.llm),
+            names: kept.iter().map(|&p| self.names[p].clone_ref(py)).collect(),
+            sums: kept.iter().map(|&p| self.sums[p]).collect(),
+            contributions: self
+                .contributions
+                .chunks_exact(n)
+                .flat_map(|row| kept.iter().map(move |&p| row[p]))
+                .collect(),
+            ..self
+        }
+    }
+
     fn name(&self, py: Python<'_>, i: usize) -> Py<PyString> {
         self.names[i].clone_ref(py)
     }
@@ -787,6 +868,14 @@ impl PyDecision {
                 s,
                 "   S(M) = mean score over the {} known tags",
                 self.known.len()
+            );
+        }
+        if self.names.len() < self.n_candidates {
+            let _ = writeln!(
+                s,
+                "   restricted to {} of {} candidates",
+                self.names.len(),
+                self.n_candidates
             );
         }
         let mut order: Vec<usize> = (0..self.names.len()).collect();

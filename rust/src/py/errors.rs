@@ -24,6 +24,12 @@ create_exception!(
 );
 create_exception!(
     tagrouter_fast,
+    NoCandidateError,
+    TagRouterError,
+    "A decision restricted to a set of candidates (`among=`) that holds none."
+);
+create_exception!(
+    tagrouter_fast,
     UnknownTagError,
     TagRouterError,
     "A tag the store does not know."
@@ -47,6 +53,7 @@ impl From<RouterError> for PyErr {
         match e {
             RouterError::InvalidArgument(_) => PyValueError::new_err(msg),
             RouterError::UnknownModel { .. } => UnknownModelError::new_err(msg),
+            RouterError::NoCandidate(_) => NoCandidateError::new_err(msg),
             RouterError::UnknownTag(_) => UnknownTagError::new_err(msg),
             RouterError::Inconsistent(_) => InconsistentRecordsError::new_err(msg),
             RouterError::StoreFormat { .. } => StoreFormatError::new_err(msg),
@@ -83,6 +90,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("TagRouterError", py.get_type::<TagRouterError>())?;
     m.add("UnknownModelError", py.get_type::<UnknownModelError>())?;
+    m.add("NoCandidateError", py.get_type::<NoCandidateError>())?;
     m.add("UnknownTagError", py.get_type::<UnknownTagError>())?;
     m.add(
         "InconsistentRecordsError",

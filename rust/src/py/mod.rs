@@ -4,6 +4,7 @@
 // option for #[pymethods].
 #![allow(clippy::needless_pass_by_value)]
 
+mod among;
 mod decider;
 mod errors;
 mod input;
