@@ -32,11 +32,12 @@ from serve_helpers import (  # noqa: E402
     fake_backends,
     gateway_config,
     running_gateway,
+    wait_for,
 )
 
+from tagrouter_fast.demo.router import demo_router  # noqa: E402
 from tagrouter_fast.serve.backends import ClientPool  # noqa: E402
 from tagrouter_fast.serve.config import ConfigError, load_config  # noqa: E402
-from tagrouter_fast.serve.fake_backend import demo_router, wait_for  # noqa: E402
 from tagrouter_fast.serve.sessions import SessionTable, in_tool_loop, keep_or_switch  # noqa: E402
 
 ADMIN_TOKEN = "s3cret-admin-token-for-tests"
@@ -870,8 +871,8 @@ def test_admin_theta_and_llm_share_budget(
 def test_admin_snapshot_and_reload(
     fakes: dict[str, Fake], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from tagrouter_fast.demo.router import KeywordTagger
     from tagrouter_fast.router import TagRouter
-    from tagrouter_fast.serve.fake_backend import KeywordTagger
 
     monkeypatch.setenv("TEST_ADMIN_TOKEN", ADMIN_TOKEN)
     bundle = tmp_path / "bundle"
@@ -1010,7 +1011,7 @@ def test_config_checks_against_the_router_and_environment(
 def backend_processes() -> Iterator[dict[str, Any]]:
     """Fake backends in child processes: a load run in one process would mostly measure the
     GIL shared by client, gateway and backends."""
-    from tagrouter_fast.serve.fake_backend import BackendProcess
+    from tagrouter_fast.demo.servers import BackendProcess
 
     procs = {}
     try:
@@ -1124,7 +1125,7 @@ def test_tagrouter_serve_bad_config_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["tagrouter_fast.serve.config", "tagrouter_fast.serve.sessions",
-                                  "tagrouter_fast.serve.fake_backend"])
+                                  "tagrouter_fast.demo.fake_backend"])
 def test_docstring_examples(name: str) -> None:
     import doctest
     import importlib

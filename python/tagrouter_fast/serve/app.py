@@ -4,8 +4,8 @@ router and forwards it to the chosen backend, learning from feedback.
 Endpoints (see docs/serving.md): ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``POST /v1/route``, ``POST /v1/feedback``, ``GET /v1/models``, ``/admin/*`` (bearer token),
 ``GET /metrics``, ``GET /healthz``, ``GET /readyz``. ``/v1`` callers present a client key
-(`tagrouter_fast.serve.keys`) unless the config allows anonymous calls; every scored decision
-id is a signed decision token (`tagrouter_fast.serve.tokens`).
+(`tagrouter_fast.serve.learn.keys`) unless the config allows anonymous calls; every scored decision
+id is a signed decision token (`tagrouter_fast.serve.learn.tokens`).
 
 Per request the event loop does: read the body (bounded), check it, tag the latest user turn
 (in a worker thread when tagging is slow enough to be worth the hop), decide on the current
@@ -57,7 +57,7 @@ from tagrouter_fast.serve.config import (
     ConfigError,
     backend_from_dict,
 )
-from tagrouter_fast.serve.keys import (
+from tagrouter_fast.serve.learn.keys import (
     ADMIN,
     FEEDBACK,
     OVERRIDE,
@@ -68,18 +68,18 @@ from tagrouter_fast.serve.keys import (
     announce,
     keyring_from_config,
 )
-from tagrouter_fast.serve.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
-from tagrouter_fast.serve.sessions import SessionTable, in_tool_loop, keep_or_switch
-from tagrouter_fast.serve.tokens import (
+from tagrouter_fast.serve.learn.tokens import (
     DecisionClaims,
     DecisionTokens,
     TokenError,
     load_secrets,
 )
+from tagrouter_fast.serve.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from tagrouter_fast.serve.sessions import SessionTable, in_tool_loop, keep_or_switch
 
 if TYPE_CHECKING:
     from tagrouter_fast.router import TagRouter
-    from tagrouter_fast.serve.learner import Learner
+    from tagrouter_fast.serve.learn.learner import Learner
 
 __all__ = ["ApiError", "Gateway", "StartupError", "create_app", "serve"]
 
@@ -425,11 +425,11 @@ class Gateway:
         }
         learner: Learner
         if self.config.shared is None:
-            from tagrouter_fast.serve.outcomes import OutcomeStore
+            from tagrouter_fast.serve.learn.outcomes import OutcomeStore
 
             learner = OutcomeStore(router, fb.state_dir, **options)
         else:
-            from tagrouter_fast.serve.shared import SharedLearner
+            from tagrouter_fast.serve.learn.shared import SharedLearner
 
             shared = SharedLearner(self.config.shared, router, fb.state_dir, **options)
             try:
@@ -782,7 +782,7 @@ class Gateway:
     # ---- /v1/feedback ----
 
     async def feedback(self, request: Request) -> Response:
-        from tagrouter_fast.serve.outcomes import (
+        from tagrouter_fast.serve.learn.outcomes import (
             DuplicateOutcome,
             OutcomeStoreError,
             UnknownDecision,
@@ -907,7 +907,7 @@ class Gateway:
         if handler is None:
             raise ApiError(404, f"no admin endpoint {request.method} /admin/{action}",
                            code="not_found")
-        from tagrouter_fast.serve.outcomes import OutcomeStoreError
+        from tagrouter_fast.serve.learn.outcomes import OutcomeStoreError
 
         try:
             result = await anyio.to_thread.run_sync(self._locked, handler, body)
@@ -1070,8 +1070,8 @@ class Gateway:
         bundle = self.config.router.bundle
         if bundle is None:
             raise ApiError(409, "router.bundle is not set: nothing to reload")
-        from tagrouter_fast.serve.outcomes import StateError
-        from tagrouter_fast.serve.shared import SharedStateError
+        from tagrouter_fast.serve.learn.outcomes import StateError
+        from tagrouter_fast.serve.learn.shared import SharedStateError
 
         # The running tagger is kept (no second encoder load); the bundle's fingerprint check
         # still refuses a store built with another tagger.
@@ -1414,9 +1414,9 @@ def serve(
     """
     import uvicorn
 
+    from tagrouter_fast.serve.learn.outcomes import OutcomeStoreError
+    from tagrouter_fast.serve.learn.shared import SharedStateError
     from tagrouter_fast.serve.listener import http_protocol
-    from tagrouter_fast.serve.outcomes import OutcomeStoreError
-    from tagrouter_fast.serve.shared import SharedStateError
 
     configure_logging(config)
     host = config.server.host if host is None else host

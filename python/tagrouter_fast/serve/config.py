@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tagrouter_fast.serve.keys import ClientKey, KeySpecError, parse_key
+from tagrouter_fast.serve.learn.keys import ClientKey, KeySpecError, parse_key
 
 if sys.version_info >= (3, 11):
     import tomllib
