@@ -64,7 +64,7 @@ OUT = Path(".benchmarks") / "feedback.json"
 # The demo router (keyword tagger), taught `history` outcomes on its own tags before serving.
 _GATEWAY = """
 import random, sys
-from tagrouter_fast.serve.app import serve
+from tagrouter_fast.serve.edge.startup import serve
 from tagrouter_fast.serve.config import load_config
 from tagrouter_fast.demo.router import demo_router
 router = demo_router("keyword")

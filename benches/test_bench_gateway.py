@@ -53,7 +53,7 @@ QUERIES = [f"Write a short poem about the {w} at dawn, take {i}" for i, w in
 
 _GATEWAY = """
 import sys
-from tagrouter_fast.serve.app import serve
+from tagrouter_fast.serve.edge.startup import serve
 from tagrouter_fast.serve.config import load_config
 from tagrouter_fast.demo.router import demo_router
 serve(load_config(sys.argv[1]), router=demo_router(sys.argv[2]), port=int(sys.argv[3]))

@@ -64,7 +64,7 @@ OUTCOMES = ("win", "loss", "tie")
 
 _GATEWAY = """
 import sys
-from tagrouter_fast.serve.app import serve
+from tagrouter_fast.serve.edge.startup import serve
 from tagrouter_fast.serve.config import load_config
 from tagrouter_fast.demo.router import demo_router
 serve(load_config(sys.argv[1]), router=demo_router("keyword"), port=int(sys.argv[2]))

@@ -19,8 +19,9 @@ from tagrouter_fast.demo.fake_backend import FakeBackend
 from tagrouter_fast.demo.router import demo_router
 from tagrouter_fast.demo.servers import ServerThread, free_port
 from tagrouter_fast.router import TagRouter
-from tagrouter_fast.serve.app import Gateway, create_app
 from tagrouter_fast.serve.config import Config
+from tagrouter_fast.serve.edge.app import create_app
+from tagrouter_fast.serve.policy.gateway import Gateway
 
 
 def wait_for(predicate: Any, timeout_s: float = 5.0, interval_s: float = 0.01) -> bool:

@@ -339,7 +339,7 @@ def test_readyz_reports_degraded_while_the_outcome_journal_cannot_be_written(
 
 _SERVE = """
 import json, sys
-from tagrouter_fast.serve.app import serve
+from tagrouter_fast.serve.edge.startup import serve
 from tagrouter_fast.serve.config import Config
 from tagrouter_fast.demo.router import demo_router
 serve(Config.from_dict(json.loads(sys.argv[1])), router=demo_router("keyword"),

@@ -36,9 +36,13 @@ from serve_helpers import (  # noqa: E402
 )
 
 from tagrouter_fast.demo.router import demo_router  # noqa: E402
-from tagrouter_fast.serve.backends import ClientPool  # noqa: E402
 from tagrouter_fast.serve.config import ConfigError, load_config  # noqa: E402
-from tagrouter_fast.serve.sessions import SessionTable, in_tool_loop, keep_or_switch  # noqa: E402
+from tagrouter_fast.serve.forward.client import ClientPool  # noqa: E402
+from tagrouter_fast.serve.policy.sessions import (  # noqa: E402
+    SessionTable,
+    in_tool_loop,
+    keep_or_switch,
+)
 
 ADMIN_TOKEN = "s3cret-admin-token-for-tests"
 
@@ -225,7 +229,7 @@ def test_per_request_llm_share_budget(fakes: dict[str, Fake]) -> None:
         r = post(g, "/v1/route", {"queries": [POEM, MATH], "tagrouter": {"llm_share": 1.0}})
         assert [d["model"] for d in r.json()["decisions"]] == ["big", "big"]
         # The budget of a share is cached per decider: the same answer without recomputing.
-        assert len(g.gw._share_cache) == 2
+        assert len(g.gw.budget._share_cache) == 2
         for body, param in (
             ({"query": POEM, "tagrouter": {"llm_share": 1.5}}, "tagrouter.llm_share"),
             ({"query": POEM, "tagrouter": {"llm_share": "half"}}, "tagrouter.llm_share"),
@@ -986,7 +990,7 @@ def test_bad_config_names_the_key(tmp_path: Path, toml: str, message: str) -> No
 def test_config_checks_against_the_router_and_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tagrouter_fast.serve.app import create_app
+    from tagrouter_fast.serve.edge.app import create_app
 
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     cfg = load_config(_write(tmp_path, '[router]\nbundle = "b"\n[[backends]]\nname = "small"\n'
@@ -1124,7 +1128,8 @@ def test_tagrouter_serve_bad_config_is_one_line(tmp_path: Path) -> None:
     assert r.stderr.strip() == "tagrouter serve: error: config error: backends[0].base_url: missing"
 
 
-@pytest.mark.parametrize("name", ["tagrouter_fast.serve.config", "tagrouter_fast.serve.sessions",
+@pytest.mark.parametrize("name", ["tagrouter_fast.serve.config",
+                                  "tagrouter_fast.serve.policy.sessions",
                                   "tagrouter_fast.demo.fake_backend"])
 def test_docstring_examples(name: str) -> None:
     import doctest

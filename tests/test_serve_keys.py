@@ -42,8 +42,8 @@ from serve_helpers import (  # noqa: E402
 from tagrouter_fast.core import TagDecider, TagScorer  # noqa: E402
 from tagrouter_fast.demo.router import demo_router  # noqa: E402
 from tagrouter_fast.router import TagRouter  # noqa: E402
-from tagrouter_fast.serve.app import create_app  # noqa: E402
 from tagrouter_fast.serve.config import Config, ConfigError  # noqa: E402
+from tagrouter_fast.serve.edge.app import create_app  # noqa: E402
 from tagrouter_fast.serve.learn.keys import ClientKey, Keyring, new_key, parse_keys  # noqa: E402
 from tagrouter_fast.serve.learn.outcomes import OutcomeStore, UnknownDecision  # noqa: E402
 from tagrouter_fast.serve.learn.tokens import (  # noqa: E402

@@ -325,8 +325,8 @@ def _add_judge_parser(sub: Any) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from tagrouter_fast.serve.app import serve
     from tagrouter_fast.serve.config import load_config
+    from tagrouter_fast.serve.edge.startup import serve
 
     if args.real_model is not None and not args.demo:
         raise ValueError("serve: --real-model goes with --demo")
