@@ -1105,6 +1105,18 @@ def test_load_zero_errors_and_no_lost_feedback(
 # ==== The command line ====
 
 
+def test_serve_app_keeps_its_public_names() -> None:
+    # `tagrouter_fast.serve.app` is where embedders found the gateway before it took the shape
+    # of its flows (edge -> policy -> forward): the same objects, re-exported.
+    from tagrouter_fast.serve import app
+    from tagrouter_fast.serve.edge import app as edge_app
+    from tagrouter_fast.serve.edge import startup
+    from tagrouter_fast.serve.policy import gateway
+
+    assert app.create_app is edge_app.create_app and app.serve is startup.serve
+    assert app.Gateway is gateway.Gateway and app.StartupError is startup.StartupError
+
+
 def test_tagrouter_serve_demo_runs_with_one_command(tmp_path: Path) -> None:
     with cli_gateway("--demo", "--demo-tagger", "keyword",
                      "--state-dir", str(tmp_path / "state")) as g:

@@ -101,7 +101,7 @@ def test_keep_alive_headers_and_body() -> None:
                 r = await pool.send("POST", url + "/v1/chat", b'{"n": %d}' % i,
                                     {"authorization": "Bearer k",
                                      "content-type": "application/json"}, timeouts())
-                assert r.status == 200 and r.content_type == "application/json"
+                assert r.status == 200 and r.header("content-type", "") == "application/json"
                 assert json.loads(await body_of(r)) == {"choices": []}
             await pool.aclose()
         assert got == [b'{"n": 0}', b'{"n": 1}', b'{"n": 2}']
@@ -242,3 +242,62 @@ def test_session_made_in_the_loop_and_closed() -> None:
             assert pool._session is None
 
     run(main())
+
+
+def test_the_shadow_judge_asks_on_the_same_client() -> None:
+    from tagrouter_fast.builder.judge import JudgeConfig, JudgeError
+    from tagrouter_fast.serve.shadow.judge import PairwiseJudge, http_ask
+
+    bodies: list[dict[str, object]] = []
+    status = {"code": b"200 OK"}
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            bodies.append(json.loads(await srv.read_request(reader)))
+            reply = {"choices": [{"message": {"content": '{"compare result": "A"}'}}],
+                     "usage": {"prompt_tokens": 10, "completion_tokens": 2}}
+            body = json.dumps(reply).encode()
+            writer.write(ok_response(body).replace(b"200 OK", status["code"]))
+            await writer.drain()
+
+    async def main() -> None:
+        pool = ClientPool(4)
+        async with srv as url:
+            cfg = JudgeConfig(url=url + "/v1", model="judge-model", api_key="k", timeout_s=5)
+            judge = PairwiseJudge(http_ask(pool, cfg))
+            outcome, usage = await judge("q", "answer a", "answer b")
+            # "A" first and second: each order prefers the answer shown first, so a tie.
+            assert outcome == "tie" and usage == {"prompt_tokens": 20, "completion_tokens": 4}
+            assert {b["model"] for b in bodies} == {"judge-model"} and len(bodies) == 2
+            assert b"authorization: bearer k" in srv.heads[0].lower()
+            status["code"] = b"500 Internal Server Error"
+            with pytest.raises(JudgeError, match="HTTP 500"):
+                await judge("q", "a", "b")
+        await pool.aclose()
+
+    srv = Scripted(handler)
+    run(main())
+
+
+def test_one_translation_of_faults_to_client_errors() -> None:
+    from tagrouter_fast.serve.forward.faults import (
+        AllBackendsFailed,
+        client_error,
+        retryable_status,
+        stream_error,
+    )
+
+    def last(*kinds: str) -> tuple[int, str]:
+        e = client_error(AllBackendsFailed([BackendError(f"b{i}", k, "x")
+                                            for i, k in enumerate(kinds)]))
+        assert e.kind == "upstream_error" and e.message.startswith("no backend answered: b0: ")
+        return e.status, e.code
+
+    # The last try decides: a client that waited out a timeout gets 504, else 502.
+    assert last("connect", "timeout") == (504, "upstream_timeout")
+    assert last("timeout", "connect") == (502, "upstream_error")
+    assert last("status", "too_large") == (502, "upstream_too_large")
+    mid = stream_error(BackendError("small", "reset", "x"))
+    assert mid.code == "upstream_reset" and "small" in mid.message
+    assert [s for s in (200, 400, 404, 408, 409, 425, 429, 500, 503) if retryable_status(s)] \
+        == [408, 409, 425, 429, 500, 503]

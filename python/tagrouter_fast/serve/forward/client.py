@@ -68,7 +68,10 @@ class Upstream:
         self._backend = backend
         self._closed = False
         self.status = response.status
-        self.content_type = response.headers.get("content-type")
+
+    def header(self, name: str, default: str) -> str:
+        """A response header (the first, if repeated), or ``default``."""
+        return self._response.headers.get(name, default)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, decoded (gzip and deflate, which the client offers)."""

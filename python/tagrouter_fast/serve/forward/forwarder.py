@@ -167,7 +167,7 @@ class Forwarder:
             release()
         self.metrics.backend_seconds.labels(backend.name).observe(time.perf_counter() - t0)
         status = resp.status
-        ctype = resp.content_type or "application/json"
+        ctype = resp.header("content-type", "application/json")
         if retryable_status(status):
             text = content[:200].decode("utf-8", "replace")
             raise self._fail(BackendError(backend.name, "status", f"HTTP {status}: {text}",
@@ -222,8 +222,9 @@ class Forwarder:
                         raise BackendError(backend.name, "status", f"HTTP {status}", status)
                     await resp.close()
                     release()
-                    return Answer(backend, status, body, resp.content_type or "application/json")
-                ctype = resp.content_type or ""
+                    return Answer(backend, status, body,
+                                  resp.header("content-type", "application/json"))
+                ctype = resp.header("content-type", "")
                 if not ctype.startswith("text/event-stream"):
                     raise BackendError(
                         backend.name, "malformed", f"stream with content-type {ctype!r}"
