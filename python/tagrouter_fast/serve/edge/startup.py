@@ -131,7 +131,7 @@ def serve(
 
     The start-up that can fail runs before uvicorn does: bind the port, load the router, open
     the outcome store, warm up the tagger. Then uvicorn serves on the bound sockets with the
-    listening limits of `serve.listener` (header timeout and size, connection bound).
+    listening limits of `edge.listener` (header timeout and size, connection bound).
 
     Args:
         on_ready: called once the gateway is listening and started, before it serves (the
