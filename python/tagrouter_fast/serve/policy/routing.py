@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,9 +88,10 @@ class Routing(GatewayState):
 
     # ---- where a request may go ----
 
-    def candidates(self) -> tuple[str, ...]:
-        """The routed models a request may be sent to. Today every routed model; the seam where
-        filtering by what a request needs (tools, vision, context length) goes."""
+    def candidates(self, needs: Collection[str] = ()) -> tuple[str, ...]:
+        """The routed models that can serve a request needing ``needs`` (``wire.Request.needs``:
+        "tools", "vision", "json_schema"; a context length to come). The seam where capability
+        filtering goes; today every routed model can serve every request."""
         return tuple(self.router.decider.models)
 
     def chain(self, first: str, *, fallback: bool) -> list[Backend]:
