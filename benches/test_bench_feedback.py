@@ -44,7 +44,7 @@ from test_bench_gateway import (  # noqa: E402
     _wait_ready,
 )
 
-from tagrouter_fast.serve.fake_backend import BackendProcess, free_port  # noqa: E402
+from tagrouter_fast.demo.servers import BackendProcess, free_port  # noqa: E402
 
 pytestmark = pytest.mark.needs_release
 
@@ -64,9 +64,9 @@ OUT = Path(".benchmarks") / "feedback.json"
 # The demo router (keyword tagger), taught `history` outcomes on its own tags before serving.
 _GATEWAY = """
 import random, sys
-from tagrouter_fast.serve.app import serve
+from tagrouter_fast.serve.edge.startup import serve
 from tagrouter_fast.serve.config import load_config
-from tagrouter_fast.serve.fake_backend import demo_router
+from tagrouter_fast.demo.router import demo_router
 router = demo_router("keyword")
 history = int(sys.argv[3])
 tags, models = list(router.scorer.tags), list(router.decider.models)

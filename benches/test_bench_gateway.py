@@ -41,7 +41,7 @@ httpx = import_extra("serve", "httpx")
 import_extra("serve", "starlette")
 import_extra("serve", "uvicorn")
 
-from tagrouter_fast.serve.fake_backend import BackendProcess, free_port  # noqa: E402
+from tagrouter_fast.demo.servers import BackendProcess, free_port  # noqa: E402
 
 N_SEQUENTIAL = 400
 N_CONCURRENT = 2000
@@ -53,9 +53,9 @@ QUERIES = [f"Write a short poem about the {w} at dawn, take {i}" for i, w in
 
 _GATEWAY = """
 import sys
-from tagrouter_fast.serve.app import serve
+from tagrouter_fast.serve.edge.startup import serve
 from tagrouter_fast.serve.config import load_config
-from tagrouter_fast.serve.fake_backend import demo_router
+from tagrouter_fast.demo.router import demo_router
 serve(load_config(sys.argv[1]), router=demo_router(sys.argv[2]), port=int(sys.argv[3]))
 """
 

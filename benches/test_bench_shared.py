@@ -47,7 +47,8 @@ import_extra("serve", "redis")
 from redis_server import RedisServer  # noqa: E402
 from test_bench_gateway import QUERIES, _cpu_seconds, _pct, _wait_ready  # noqa: E402
 
-from tagrouter_fast.serve.fake_backend import BackendProcess, demo_router, free_port  # noqa: E402
+from tagrouter_fast.demo.router import demo_router  # noqa: E402
+from tagrouter_fast.demo.servers import BackendProcess, free_port  # noqa: E402
 
 pytestmark = pytest.mark.needs_release
 
@@ -63,9 +64,9 @@ OUTCOMES = ("win", "loss", "tie")
 
 _GATEWAY = """
 import sys
-from tagrouter_fast.serve.app import serve
+from tagrouter_fast.serve.edge.startup import serve
 from tagrouter_fast.serve.config import load_config
-from tagrouter_fast.serve.fake_backend import demo_router
+from tagrouter_fast.demo.router import demo_router
 serve(load_config(sys.argv[1]), router=demo_router("keyword"), port=int(sys.argv[2]))
 """
 

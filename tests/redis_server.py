@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tagrouter_fast.serve.fake_backend import free_port, stop_process
+from tagrouter_fast.demo.servers import free_port, stop_process
 
 
 def redis_server_binary() -> str:

@@ -7,6 +7,7 @@ import copy
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,16 +15,25 @@ from typing import Any
 
 import httpx
 
+from tagrouter_fast.demo.fake_backend import FakeBackend
+from tagrouter_fast.demo.router import demo_router
+from tagrouter_fast.demo.servers import ServerThread, free_port
 from tagrouter_fast.router import TagRouter
-from tagrouter_fast.serve.app import Gateway, create_app
 from tagrouter_fast.serve.config import Config
-from tagrouter_fast.serve.fake_backend import (
-    FakeBackend,
-    ServerThread,
-    demo_router,
-    free_port,
-    wait_for,
-)
+from tagrouter_fast.serve.edge.app import create_app
+from tagrouter_fast.serve.policy.gateway import Gateway
+
+
+def wait_for(predicate: Any, timeout_s: float = 5.0, interval_s: float = 0.01) -> bool:
+    """Polls ``predicate()`` until it is true or ``timeout_s`` passes; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+
 
 #: ``[auth]`` of a gateway open to anonymous callers with every /v1 scope.
 OPEN_AUTH = {"allow_anonymous": True, "anonymous_feedback": True, "anonymous_override": True}

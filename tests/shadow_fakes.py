@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tagrouter_fast.core import TagDecider, TagScorer
-from tagrouter_fast.serve.outcomes import DuplicateOutcome
+from tagrouter_fast.serve.learn.outcomes import DuplicateOutcome
 from tagrouter_fast.serve.shadow.runner import ShadowConfig, ShadowRequest, ShadowRunner
 from tagrouter_fast.serve.shadow.spend import Price
 

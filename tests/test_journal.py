@@ -48,7 +48,7 @@ def test_line_codec_round_trip_and_format() -> None:
 
 
 def test_lines_of_both_former_codecs_decode() -> None:
-    # Lines as serve/outcomes.py (sorted keys) and the Redis outbox of serve/shared.py
+    # Lines as serve/learn/ (sorted keys) and the Redis outbox of serve/learn/shared.py
     # (insertion order) wrote them before this module: existing state directories still open.
     outcomes = b'3c44c363 {"id":"d1","model":"small","outcome":"win","seq":1,"t":1.0,"tags":[]}'
     outbox = b'bad05969 {"q":"fb:d1","tags":["Poem"],"model":"big","o":"win"}'

@@ -38,9 +38,10 @@ from serve_helpers import (  # noqa: E402
     running_gateway,
 )
 
-from tagrouter_fast.serve import outcomes as outcomes_mod  # noqa: E402
+from tagrouter_fast.demo.router import demo_router  # noqa: E402
+from tagrouter_fast.demo.servers import free_port, stop_process  # noqa: E402
 from tagrouter_fast.serve.config import Config, ConfigError  # noqa: E402
-from tagrouter_fast.serve.fake_backend import demo_router, free_port, stop_process  # noqa: E402
+from tagrouter_fast.serve.learn import state as state_mod  # noqa: E402
 
 ADMIN_TOKEN = "edge-admin-token-for-tests"
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -158,8 +159,8 @@ def test_admin_file_errors_answer_json_without_a_traceback(
     tracebacks: list[logging.LogRecord],
 ) -> None:
     import tagrouter_fast.data.table as table_mod
+    from tagrouter_fast.demo.router import KeywordTagger
     from tagrouter_fast.router import TagRouter
-    from tagrouter_fast.serve.fake_backend import KeywordTagger
 
     bundle = tmp_path / "bundle"
     demo_router().save(bundle)
@@ -198,7 +199,7 @@ def test_admin_file_errors_answer_json_without_a_traceback(
         def broken(fd: int) -> None:
             raise OSError(5, "Input/output error")
 
-        monkeypatch.setattr(outcomes_mod, "_fsync", broken)
+        monkeypatch.setattr(state_mod, "_fsync", broken)
         err = api_error(httpx.post(g.url + "/admin/snapshot", headers=AUTH, timeout=10), 500)
         assert "Input/output error" in err["message"] and err["type"] == "server_error"
         monkeypatch.undo()
@@ -318,7 +319,7 @@ def test_readyz_reports_degraded_while_the_outcome_journal_cannot_be_written(
         def broken(fd: int) -> None:
             raise OSError(5, "Input/output error")
 
-        monkeypatch.setattr(outcomes_mod, "_fsync", broken)
+        monkeypatch.setattr(state_mod, "_fsync", broken)
         r = httpx.post(g.url + "/v1/feedback", json={"decision_id": d1, "outcome": "win"})
         assert r.status_code == 503
         monkeypatch.undo()  # the disk is back; the store still refuses until restarted
@@ -338,9 +339,9 @@ def test_readyz_reports_degraded_while_the_outcome_journal_cannot_be_written(
 
 _SERVE = """
 import json, sys
-from tagrouter_fast.serve.app import serve
+from tagrouter_fast.serve.edge.startup import serve
 from tagrouter_fast.serve.config import Config
-from tagrouter_fast.serve.fake_backend import demo_router
+from tagrouter_fast.demo.router import demo_router
 serve(Config.from_dict(json.loads(sys.argv[1])), router=demo_router("keyword"),
       port=int(sys.argv[2]))
 """
@@ -602,9 +603,9 @@ def test_start_up_failure_state_dir_that_is_a_file_is_one_line(tmp_path: Path) -
 def test_start_up_failure_damaged_state_is_one_line(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
-    (state / outcomes_mod.MANIFEST).write_text("{garbage")
+    (state / state_mod.MANIFEST).write_text("{garbage")
     _one_line(_cli_serve("--demo", "--demo-tagger", "keyword", "--state-dir", str(state),
-                         "--port", str(free_port())), outcomes_mod.MANIFEST)
+                         "--port", str(free_port())), state_mod.MANIFEST)
 
 
 def test_start_up_failure_port_in_use_is_one_line(tmp_path: Path) -> None:

@@ -32,12 +32,17 @@ from serve_helpers import (  # noqa: E402
     fake_backends,
     gateway_config,
     running_gateway,
+    wait_for,
 )
 
-from tagrouter_fast.serve.backends import ClientPool  # noqa: E402
+from tagrouter_fast.demo.router import demo_router  # noqa: E402
 from tagrouter_fast.serve.config import ConfigError, load_config  # noqa: E402
-from tagrouter_fast.serve.fake_backend import demo_router, wait_for  # noqa: E402
-from tagrouter_fast.serve.sessions import SessionTable, in_tool_loop, keep_or_switch  # noqa: E402
+from tagrouter_fast.serve.forward.client import ClientPool  # noqa: E402
+from tagrouter_fast.serve.policy.sessions import (  # noqa: E402
+    SessionTable,
+    in_tool_loop,
+    keep_or_switch,
+)
 
 ADMIN_TOKEN = "s3cret-admin-token-for-tests"
 
@@ -224,7 +229,7 @@ def test_per_request_llm_share_budget(fakes: dict[str, Fake]) -> None:
         r = post(g, "/v1/route", {"queries": [POEM, MATH], "tagrouter": {"llm_share": 1.0}})
         assert [d["model"] for d in r.json()["decisions"]] == ["big", "big"]
         # The budget of a share is cached per decider: the same answer without recomputing.
-        assert len(g.gw._share_cache) == 2
+        assert len(g.gw.budget._share_cache) == 2
         for body, param in (
             ({"query": POEM, "tagrouter": {"llm_share": 1.5}}, "tagrouter.llm_share"),
             ({"query": POEM, "tagrouter": {"llm_share": "half"}}, "tagrouter.llm_share"),
@@ -870,8 +875,8 @@ def test_admin_theta_and_llm_share_budget(
 def test_admin_snapshot_and_reload(
     fakes: dict[str, Fake], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from tagrouter_fast.demo.router import KeywordTagger
     from tagrouter_fast.router import TagRouter
-    from tagrouter_fast.serve.fake_backend import KeywordTagger
 
     monkeypatch.setenv("TEST_ADMIN_TOKEN", ADMIN_TOKEN)
     bundle = tmp_path / "bundle"
@@ -985,7 +990,7 @@ def test_bad_config_names_the_key(tmp_path: Path, toml: str, message: str) -> No
 def test_config_checks_against_the_router_and_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tagrouter_fast.serve.app import create_app
+    from tagrouter_fast.serve.edge.app import create_app
 
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     cfg = load_config(_write(tmp_path, '[router]\nbundle = "b"\n[[backends]]\nname = "small"\n'
@@ -1010,7 +1015,7 @@ def test_config_checks_against_the_router_and_environment(
 def backend_processes() -> Iterator[dict[str, Any]]:
     """Fake backends in child processes: a load run in one process would mostly measure the
     GIL shared by client, gateway and backends."""
-    from tagrouter_fast.serve.fake_backend import BackendProcess
+    from tagrouter_fast.demo.servers import BackendProcess
 
     procs = {}
     try:
@@ -1100,6 +1105,18 @@ def test_load_zero_errors_and_no_lost_feedback(
 # ==== The command line ====
 
 
+def test_serve_app_keeps_its_public_names() -> None:
+    # `tagrouter_fast.serve.app` is where embedders found the gateway before it took the shape
+    # of its flows (edge -> policy -> forward): the same objects, re-exported.
+    from tagrouter_fast.serve import app
+    from tagrouter_fast.serve.edge import app as edge_app
+    from tagrouter_fast.serve.edge import startup
+    from tagrouter_fast.serve.policy import gateway
+
+    assert app.create_app is edge_app.create_app and app.serve is startup.serve
+    assert app.Gateway is gateway.Gateway and app.StartupError is startup.StartupError
+
+
 def test_tagrouter_serve_demo_runs_with_one_command(tmp_path: Path) -> None:
     with cli_gateway("--demo", "--demo-tagger", "keyword",
                      "--state-dir", str(tmp_path / "state")) as g:
@@ -1123,8 +1140,9 @@ def test_tagrouter_serve_bad_config_is_one_line(tmp_path: Path) -> None:
     assert r.stderr.strip() == "tagrouter serve: error: config error: backends[0].base_url: missing"
 
 
-@pytest.mark.parametrize("name", ["tagrouter_fast.serve.config", "tagrouter_fast.serve.sessions",
-                                  "tagrouter_fast.serve.fake_backend"])
+@pytest.mark.parametrize("name", ["tagrouter_fast.serve.config",
+                                  "tagrouter_fast.serve.policy.sessions",
+                                  "tagrouter_fast.demo.fake_backend"])
 def test_docstring_examples(name: str) -> None:
     import doctest
     import importlib

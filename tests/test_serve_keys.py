@@ -36,16 +36,17 @@ from serve_helpers import (  # noqa: E402
     fake_backends,
     gateway_config,
     running_gateway,
+    wait_for,
 )
 
 from tagrouter_fast.core import TagDecider, TagScorer  # noqa: E402
+from tagrouter_fast.demo.router import demo_router  # noqa: E402
 from tagrouter_fast.router import TagRouter  # noqa: E402
-from tagrouter_fast.serve.app import create_app  # noqa: E402
 from tagrouter_fast.serve.config import Config, ConfigError  # noqa: E402
-from tagrouter_fast.serve.fake_backend import demo_router, wait_for  # noqa: E402
-from tagrouter_fast.serve.keys import ClientKey, Keyring, new_key, parse_keys  # noqa: E402
-from tagrouter_fast.serve.outcomes import OutcomeStore, UnknownDecision  # noqa: E402
-from tagrouter_fast.serve.tokens import (  # noqa: E402
+from tagrouter_fast.serve.edge.app import create_app  # noqa: E402
+from tagrouter_fast.serve.learn.keys import ClientKey, Keyring, new_key, parse_keys  # noqa: E402
+from tagrouter_fast.serve.learn.outcomes import OutcomeStore, UnknownDecision  # noqa: E402
+from tagrouter_fast.serve.learn.tokens import (  # noqa: E402
     MAX_TOKEN_CHARS,
     SECRET_FILE,
     DecisionTokens,
@@ -516,7 +517,7 @@ def test_anonymous_only_when_configured_and_loudly(
 
 
 def test_demo_config_is_open_and_says_so() -> None:
-    from tagrouter_fast.serve.fake_backend import start_demo
+    from tagrouter_fast.demo.start import start_demo
 
     with start_demo(tagger="keyword") as (config, _):
         a = config.auth
@@ -565,7 +566,8 @@ def test_cli_keys_new_prints_the_key_once_and_its_hashed_line() -> None:
     assert "--scopes: unknown scope 'teach'" in errs.getvalue()
 
 
-@pytest.mark.parametrize("name", ["tagrouter_fast.serve.keys", "tagrouter_fast.serve.tokens"])
+@pytest.mark.parametrize("name", ["tagrouter_fast.serve.learn.keys",
+                                  "tagrouter_fast.serve.learn.tokens"])
 def test_docstring_examples(name: str) -> None:
     import doctest
     import importlib

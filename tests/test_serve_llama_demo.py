@@ -16,7 +16,7 @@ pytest.importorskip("uvicorn")
 
 from serve_helpers import MATH, POEM, cli_gateway, dead_url  # noqa: E402
 
-from tagrouter_fast.serve.llama_demo import default_gguf, llama_server_missing  # noqa: E402
+from tagrouter_fast.demo.llama import default_gguf, llama_server_missing  # noqa: E402
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -26,8 +26,9 @@ import pytest
 
 from tagrouter_fast.core import TagDecider, TagScorer
 from tagrouter_fast.router import TagRouter
-from tagrouter_fast.serve import outcomes as outcomes_mod
-from tagrouter_fast.serve.outcomes import (
+from tagrouter_fast.serve.learn import state as state_mod
+from tagrouter_fast.serve.learn.journal_reader import JournalReader
+from tagrouter_fast.serve.learn.outcomes import (
     QUERY_ID_PREFIX,
     DuplicateOutcome,
     OutcomeStore,
@@ -378,7 +379,7 @@ def test_fsync_failure_refuses_further_outcomes_and_never_double_counts(
     def broken(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(outcomes_mod, "_fsync", broken)
+    monkeypatch.setattr(state_mod, "_fsync", broken)
     with pytest.raises(OutcomeStoreError, match="fsync failed"):
         s.feedback("d2", "tie")
     monkeypatch.undo()
@@ -546,7 +547,7 @@ CHILD = textwrap.dedent(
     import sys, time
     sys.path[:0] = [sys.argv[3]]
     from test_serve_outcomes import emit, make_router, plan
-    from tagrouter_fast.serve.outcomes import OutcomeStore
+    from tagrouter_fast.serve.learn.outcomes import OutcomeStore
 
     state, start, rnd = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
     store = OutcomeStore(make_router(), state, snapshot_every=7)
@@ -624,7 +625,7 @@ def test_kill9_at_random_moments_loses_no_acknowledged_outcome(tmp_path: Path) -
                 s.feedback(d, "win")
     # No file is corrupt: every line of every log passes its check.
     for f in list(state.glob("journal-*.log")) + list(state.glob("registry-*.log")):
-        lines_ok, end = outcomes_mod._scan(f, strict=True, last=False)
+        lines_ok, end = state_mod._scan(f, strict=True, last=False)
         assert end == f.stat().st_size
     manifest = json.loads((state / "MANIFEST.json").read_text())
     TagScorer.load(state / manifest["store"])
@@ -637,7 +638,7 @@ TORN_ACK_CHILD = textwrap.dedent(
     import os, signal, sys
     sys.path[:0] = [sys.argv[2]]
     from test_serve_outcomes import emit, make_router, plan
-    from tagrouter_fast.serve.outcomes import OutcomeStore
+    from tagrouter_fast.serve.learn.outcomes import OutcomeStore
 
     store = OutcomeStore(make_router(), sys.argv[1])
     d, tags, model, label = plan(0)
@@ -689,7 +690,7 @@ PAUSED_SNAPSHOT_CHILD = textwrap.dedent(
     import os, signal, sys, threading
     sys.path[:0] = [sys.argv[3]]
     from test_serve_outcomes import emit, make_router, plan
-    from tagrouter_fast.serve.outcomes import OutcomeStore
+    from tagrouter_fast.serve.learn.outcomes import OutcomeStore
 
     state, step = sys.argv[1], sys.argv[2]
     store = OutcomeStore(make_router(), state, snapshot_every=10**6)
@@ -933,7 +934,7 @@ def test_acked_follows_each_group_commit_without_a_second_fsync(
         real(fd)
 
     s = OutcomeStore(make_router(), tmp_path)
-    monkeypatch.setattr(outcomes_mod, "_fsync", counting)
+    monkeypatch.setattr(state_mod, "_fsync", counting)
     _post(s, range(3))
     assert len(synced) == 3  # one fsync per outcome (sequential: one per group commit)
     assert json.loads((tmp_path / "ACKED").read_bytes()[9:])["acked"] == 3
@@ -954,7 +955,7 @@ def test_failure_says_why_no_outcome_can_be_recorded(
     def broken(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(outcomes_mod, "_fsync", broken)
+    monkeypatch.setattr(state_mod, "_fsync", broken)
     with pytest.raises(OutcomeStoreError):
         s.feedback("d0", "win")
     monkeypatch.undo()
@@ -967,7 +968,7 @@ def test_failure_says_why_no_outcome_can_be_recorded(
 
 def test_journal_reader_follows_rotation_and_the_kept_journal(tmp_path: Path) -> None:
     s = OutcomeStore(make_router(), tmp_path, keep_journal=True, snapshot_every=10_000)
-    reader = outcomes_mod.JournalReader(s, 0)
+    reader = JournalReader(s, 0)
     _post(s, range(3))
     got = reader.read(s.applied_seq)
     assert [seq for seq, _ in got] == [1, 2, 3]
@@ -986,8 +987,8 @@ def test_journal_reader_follows_rotation_and_the_kept_journal(tmp_path: Path) ->
     crash(s)
     # After a restart a reader starts after its own mark, whatever compaction left.
     s = OutcomeStore(make_router(), tmp_path, keep_journal=True)
-    assert [seq for seq, _ in outcomes_mod.JournalReader(s, 5).read(s.applied_seq)] == [6]
-    assert [seq for seq, _ in outcomes_mod.JournalReader(s, 0).read(s.applied_seq)] == [6]
+    assert [seq for seq, _ in JournalReader(s, 5).read(s.applied_seq)] == [6]
+    assert [seq for seq, _ in JournalReader(s, 0).read(s.applied_seq)] == [6]
     s.close()
 
 
@@ -1006,7 +1007,7 @@ def test_feedback_async_commits_groups_durably_and_counts_each_once(
         fsyncs.append(fd)
         os.fsync(fd)
 
-    monkeypatch.setattr(outcomes_mod, "_fsync", counting)
+    monkeypatch.setattr(state_mod, "_fsync", counting)
     router = make_router()
     n = 200
     with OutcomeStore(router, tmp_path) as s:
@@ -1053,7 +1054,7 @@ def test_feedback_async_fsync_failure_fails_the_group_and_the_store(
 
     router = make_router()
     with OutcomeStore(router, tmp_path) as s:
-        monkeypatch.setattr(outcomes_mod, "_fsync", broken)
+        monkeypatch.setattr(state_mod, "_fsync", broken)
 
         async def post(i: int) -> int:
             return await s.feedback_async(f"b{i}", "win", decision=(["Poem"], "small",

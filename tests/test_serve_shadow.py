@@ -30,7 +30,7 @@ from tagrouter_fast.builder.judge import JudgeError
 from tagrouter_fast.core import TagDecider, TagScorer
 from tagrouter_fast.router import TagRouter
 from tagrouter_fast.serve.config import ConfigError
-from tagrouter_fast.serve.outcomes import OutcomeStore, OutcomeStoreError
+from tagrouter_fast.serve.learn.outcomes import OutcomeStore, OutcomeStoreError
 from tagrouter_fast.serve.shadow.judge import PairwiseJudge
 from tagrouter_fast.serve.shadow.runner import (
     DECISIONS_FILE,

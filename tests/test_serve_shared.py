@@ -33,14 +33,15 @@ from serve_helpers import (  # noqa: E402
     dead_url,
     gateway_config,
     running_gateway,
+    wait_for,
 )
 
 from tagrouter_fast import journal  # noqa: E402
 from tagrouter_fast.core import TagScorer  # noqa: E402
+from tagrouter_fast.demo.router import demo_router  # noqa: E402
 from tagrouter_fast.serve.config import Config, ConfigError  # noqa: E402
-from tagrouter_fast.serve.fake_backend import demo_router, wait_for  # noqa: E402
-from tagrouter_fast.serve.outcomes import OutcomeStore, OutcomeStoreError  # noqa: E402
-from tagrouter_fast.serve.shared import SharedLearner, SharedStateError  # noqa: E402
+from tagrouter_fast.serve.learn.outcomes import OutcomeStore, OutcomeStoreError  # noqa: E402
+from tagrouter_fast.serve.learn.shared import SharedLearner, SharedStateError  # noqa: E402
 
 TAG = "Poetry Writing"  # the keyword tagger's tag for POEM
 

@@ -4,7 +4,8 @@ base (`data/`: judgment tables, tags files, pools; and the compiled Rust core `_
 <- runtime (core types, curves, router, tagging, add-model, batch routing, journal)
 <- builder (`builder/`: stores from judgments, tuning, judge, the default router)
 <- serve (`serve/`) | research (`eval/`)
-<- facade (`tagrouter_fast/__init__.py`, `cli.py`).
+<- facade (`tagrouter_fast/__init__.py`, `cli.py`) | demo (`demo/`: fake backends and the demo
+   router that ``tagrouter serve --demo`` runs; it may import serve, serve never imports it).
 
 Serving and research never import each other, and nothing below the facade imports research.
 Every import counts: module level, inside functions and under ``TYPE_CHECKING``; a lazy import
@@ -18,7 +19,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "python" / "tagrouter_fast"
 
-RANK = {"data": 0, "runtime": 1, "builder": 2, "serve": 3, "research": 3, "facade": 4}
+RANK = {"data": 0, "runtime": 1, "builder": 2, "serve": 3, "research": 3, "facade": 4,
+        "demo": 4}
 
 
 def tier(module: str) -> str:
@@ -28,9 +30,8 @@ def tier(module: str) -> str:
         return "facade"
     if parts[1] == "_core":  # the compiled Rust core: the base every tier stands on
         return "data"
-    return {"data": "data", "builder": "builder", "serve": "serve", "eval": "research"}.get(
-        parts[1], "runtime"
-    )
+    return {"data": "data", "builder": "builder", "serve": "serve", "eval": "research",
+            "demo": "demo"}.get(parts[1], "runtime")
 
 
 def module_name(path: Path) -> str:
@@ -87,6 +88,8 @@ def test_walk_sees_the_tiers() -> None:
     seen = {(tier(s), tier(d)) for s, _, d in edges()}
     assert ("builder", "data") in seen and ("research", "builder") in seen
     assert ("serve", "runtime") in seen and ("facade", "serve") in seen
+    assert ("demo", "serve") in seen and ("facade", "demo") in seen
+    assert upward("tagrouter_fast.serve.app", "tagrouter_fast.demo.fake_backend")
     assert upward("tagrouter_fast.router", "tagrouter_fast.builder.bundle")
     assert upward("tagrouter_fast.serve.app", "tagrouter_fast.eval.metrics")
     assert upward("tagrouter_fast.builder.bundle", "tagrouter_fast.eval.pools")
@@ -96,4 +99,4 @@ def test_walk_sees_the_tiers() -> None:
 def test_folders_are_the_tiers() -> None:
     # A new top-level folder must be given a tier here, not fall into "runtime" unseen.
     folders = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
-    assert folders == {"data", "builder", "serve", "eval", "tagging"}, folders
+    assert folders == {"data", "builder", "serve", "eval", "tagging", "demo"}, folders

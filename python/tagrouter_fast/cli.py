@@ -325,8 +325,8 @@ def _add_judge_parser(sub: Any) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from tagrouter_fast.serve.app import serve
     from tagrouter_fast.serve.config import load_config
+    from tagrouter_fast.serve.edge.startup import serve
 
     if args.real_model is not None and not args.demo:
         raise ValueError("serve: --real-model goes with --demo")
@@ -342,7 +342,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_demo(args: argparse.Namespace, serve: Any) -> int:
-    from tagrouter_fast.serve.fake_backend import start_demo
+    from tagrouter_fast.demo.start import start_demo
 
     with start_demo(tagger=args.demo_tagger, bundle=args.router,
                     state_dir=args.state_dir, real_model=args.real_model) as (config, router):
@@ -397,7 +397,7 @@ def _add_serve_parser(sub: Any) -> None:
 
 
 def _cmd_keys_new(args: argparse.Namespace) -> int:
-    from tagrouter_fast.serve.keys import KeySpecError, new_key
+    from tagrouter_fast.serve.learn.keys import KeySpecError, new_key
 
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
     try:
@@ -414,7 +414,7 @@ def _cmd_keys_new(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_secret(args: argparse.Namespace) -> int:
-    from tagrouter_fast.serve.tokens import new_secret
+    from tagrouter_fast.serve.learn.tokens import new_secret
 
     print(new_secret())
     return 0

@@ -1,8 +1,8 @@
 """One file discipline for the files tagrouter_fast must trust after a crash.
 
 Every writer of state goes through this module, so the rules live in one place: the outcome
-journal, its snapshots, registry and decisions logs and MANIFEST (``serve/outcomes.py``), the Redis
-link's published mark (``serve/shared.py``), the tag cache (``tagging/cache.py``), model
+journal, its snapshots, registry and decisions logs and MANIFEST (``serve/learn/``), the Redis
+link's published mark (``serve/learn/shared.py``), the tag cache (``tagging/cache.py``), model
 manifests (``tagging/manifest.py``), bundles (``router.py``) and batch outputs (``batch.py``).
 
 - **Checksummed lines** (`encode_line`, `decode_line`): ``<crc32 of the payload, 8 hex> <JSON>\\n``.

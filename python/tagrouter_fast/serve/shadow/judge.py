@@ -6,14 +6,17 @@ shown first and then second, through the prompt, verdict parser and order combin
 `tagrouter_fast.builder.judge` (one judge, offline and live): ``win`` only when both orders prefer
 ``answer_a``, ``loss`` only when both prefer ``answer_b``, ``tie`` otherwise. The transport is a
 separate ``ask(messages) -> (reply text, usage)`` callable, so tests judge without HTTP;
-`http_ask` is the OpenAI-compatible one.
+`http_ask` is the OpenAI-compatible one, on the gateway's one upstream client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import anyio
 
 from tagrouter_fast.builder.judge import (
     JudgeConfig,
@@ -23,10 +26,9 @@ from tagrouter_fast.builder.judge import (
     load_prompt,
     parse_verdict,
 )
+from tagrouter_fast.serve.forward.client import ClientPool, Timeouts
+from tagrouter_fast.serve.forward.faults import classify
 from tagrouter_fast.serve.shadow.spend import usage_tokens
-
-if TYPE_CHECKING:
-    import httpx
 
 __all__ = ["Ask", "PairwiseJudge", "http_ask"]
 
@@ -77,30 +79,54 @@ class PairwiseJudge:
         return outcome, usage
 
 
-def http_ask(client: httpx.AsyncClient, config: JudgeConfig) -> Ask:
+def http_ask(client: ClientPool, config: JudgeConfig, *,
+             max_answer_bytes: int = 1 << 20) -> Ask:
     """An `Ask` posting to an OpenAI-compatible chat-completions endpoint (``config.url``,
-    ``config.model``, its key, timeout, ``max_tokens`` and temperature). No retries: a shadow
-    judgment that fails is counted and dropped, the traffic brings more.
+    ``config.model``, its key, timeout, ``max_tokens`` and temperature) on the gateway's one
+    upstream client. No retries: a shadow judgment that fails is counted and dropped, the
+    traffic brings more.
 
     Raises (from a call):
-        JudgeError: an HTTP error status or a reply that is not a chat completion.
-        httpx.HTTPError: the request failed (timeout, connection).
+        JudgeError: an HTTP error status, a reply that is not a chat completion, or one over
+            ``max_answer_bytes``.
+        BackendError: the request failed (timeout, connection; `forward.faults`).
     """
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    headers = {"content-type": "application/json", "accept": "application/json"}
+    if config.api_key:
+        headers["authorization"] = f"Bearer {config.api_key}"
+    t = config.timeout_s
+    timeouts = Timeouts(connect_s=t, read_s=t, pool_s=t)
 
     async def ask(messages: list[dict[str, str]]) -> tuple[str, Mapping[str, Any] | None]:
-        body = {"model": config.model, "messages": messages,
-                "temperature": config.temperature, "max_tokens": config.max_tokens}
-        resp = await client.post(config.endpoint, json=body, headers=headers,
-                                 timeout=config.timeout_s)
-        if resp.status_code != 200:
-            raise JudgeError(f"{config.endpoint}: HTTP {resp.status_code}: {resp.text[:200]!r}")
+        body = json.dumps({"model": config.model, "messages": messages,
+                           "temperature": config.temperature,
+                           "max_tokens": config.max_tokens}).encode()
+        parts: list[bytes] = []
         try:
-            data = resp.json()
+            with anyio.fail_after(t):
+                resp = await client.send("POST", config.endpoint, body, headers, timeouts,
+                                         backend="judge")
+                try:
+                    size = 0
+                    async for chunk in resp.chunks():
+                        size += len(chunk)
+                        if size > max_answer_bytes:
+                            raise JudgeError(f"{config.endpoint}: reply over "
+                                             f"{max_answer_bytes} bytes")
+                        parts.append(chunk)
+                finally:
+                    await resp.close()
+        except TimeoutError as e:  # the call's deadline
+            raise classify("judge", e) from e
+        raw = b"".join(parts)
+        text = raw[:200].decode("utf-8", "replace")
+        if resp.status != 200:
+            raise JudgeError(f"{config.endpoint}: HTTP {resp.status}: {text!r}")
+        try:
+            data = json.loads(raw)
             content = data["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise JudgeError(f"{config.endpoint}: not a chat completion: "
-                             f"{resp.text[:200]!r}") from None
+            raise JudgeError(f"{config.endpoint}: not a chat completion: {text!r}") from None
         usage = data.get("usage") if isinstance(data, dict) else None
         return (content if isinstance(content, str) else ""), usage
 

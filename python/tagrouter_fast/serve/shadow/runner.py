@@ -51,7 +51,7 @@ from typing import Any, Protocol
 
 from tagrouter_fast import journal
 from tagrouter_fast.core import Decision
-from tagrouter_fast.serve.outcomes import DuplicateOutcome, UnknownDecision
+from tagrouter_fast.serve.learn.outcomes import DuplicateOutcome, UnknownDecision
 from tagrouter_fast.serve.shadow.config import MODES, ShadowConfig
 from tagrouter_fast.serve.shadow.spend import (
     Charge,
@@ -84,7 +84,7 @@ Judge = Callable[[str, str, str], Awaitable[Any]]
 
 
 class OutcomeSink(Protocol):
-    """What the runner needs of a learner (`tagrouter_fast.serve.learner.Learner` is one)."""
+    """What the runner needs of a learner (`tagrouter_fast.serve.learn.learner.Learner` is one)."""
 
     async def feedback_async(
         self, decision_id: str, outcome: str | float, *,

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from tagrouter_fast.serve.fake_backend import free_port, stop_process
+from tagrouter_fast.demo.servers import free_port, http_status, stop_process
 
 __all__ = ["LlamaServer", "default_gguf", "llama_server_missing"]
 
@@ -63,8 +63,6 @@ class LlamaServer:
 
     def __init__(self, gguf: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
                  ready_timeout_s: float = 120.0) -> None:
-        import httpx
-
         missing = llama_server_missing()
         if missing:
             raise RuntimeError(missing)
@@ -90,11 +88,8 @@ class LlamaServer:
                 err = self._log.read()[-2000:].decode(errors="replace")
                 self._log.close()
                 raise RuntimeError(f"llama.cpp server exited with {self.proc.returncode}: {err}")
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            if http_status(self.url + "/v1/models") == 200:
+                break
             if time.monotonic() > deadline:
                 self.close()
                 raise RuntimeError(f"llama.cpp server not ready in {ready_timeout_s:.0f} s")

@@ -24,7 +24,7 @@ True
 >>> ring.authenticate("Bearer tr_app1.guess")
 Traceback (most recent call last):
 ...
-tagrouter_fast.serve.keys.Unauthenticated: invalid API key
+tagrouter_fast.serve.learn.keys.Unauthenticated: invalid API key
 """
 
 from __future__ import annotations

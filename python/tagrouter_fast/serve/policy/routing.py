@@ -1,0 +1,207 @@
+"""Routing policy (policy's second layer): which backends a request goes to, and why.
+
+Per request: the model asked for is an alias (route it) or a backend (passthrough); a session
+mid tool-call loop stays on its model; else the query is decided on the current store
+(`TagRouter.decide_many`, the router's one composition) at the request's theta (its own, or
+its share budget's), among the `candidates`, and a session moves only past its switch margin.
+The decision's backend leads the fallback chain. After the answer: metrics, the decision
+token, the session.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio.to_thread
+
+from tagrouter_fast.core import Decision
+from tagrouter_fast.serve.edge.errors import ApiError
+from tagrouter_fast.serve.forward.backends import Backend
+from tagrouter_fast.serve.learn.keys import OVERRIDE, ClientKey
+from tagrouter_fast.serve.policy.sessions import in_tool_loop, keep_or_switch
+from tagrouter_fast.serve.policy.state import GatewayState
+
+__all__ = ["Routed", "Routing"]
+
+log = logging.getLogger("tagrouter.serve")
+
+
+@dataclass
+class Routed:
+    """How one request is sent: the backends to try, and why the first."""
+
+    chain: list[Backend]
+    reason: str
+    tags: list[str] = field(default_factory=list)
+    decision: Decision | None = None
+    session: str | None = None
+
+
+class Routing(GatewayState):
+    """The routing layer: decisions, the fallback chain, passthrough, sessions, tokens."""
+
+    # ---- deciding ----
+
+    def _decide(
+        self, text: str, theta: float | None, extra: Sequence[str] = ()
+    ) -> tuple[list[str], Decision]:
+        t0 = time.perf_counter()
+        batch = self.router.decide_many(
+            [text], theta=theta, extra_tags=[extra] if extra else None,
+            max_query_chars=self.config.router.max_query_chars, on_tagger_error="untagged",
+        )
+        d = batch.decisions()[0]
+        self.metrics.decision_seconds.observe(time.perf_counter() - t0)
+        return batch.tags[0], d
+
+    async def decide(
+        self, text: str, theta: float | None, extra: Sequence[str] = ()
+    ) -> tuple[list[str], Decision]:
+        """The tags and decision of one query (tagged in a worker thread when tagging is slow
+        enough to be worth the hop, `GatewayState._warm_up`)."""
+        if self.tag_in_thread and text.strip():
+            return await anyio.to_thread.run_sync(self._decide, text, theta, extra)
+        return self._decide(text, theta, extra)
+
+    def decide_many(
+        self, qs: list[str], theta: float | None
+    ) -> list[tuple[list[str], Decision]]:
+        """Tags and decisions of a batch (blocking: call it in a worker thread)."""
+        t0 = time.perf_counter()
+        batch = self.router.decide_many(
+            qs, theta=theta, max_query_chars=self.config.router.max_query_chars,
+            on_tagger_error="untagged",
+        )
+        out = list(zip(batch.tags, batch.decisions(), strict=True))
+        self.metrics.decision_seconds.observe((time.perf_counter() - t0) / len(qs))
+        return out
+
+    async def request_theta(self, theta: float | None, share: float | None) -> float | None:
+        """The theta of a request: its own, or its ``llm_share``'s on the recent traffic
+        (`ShareBudget.request_theta`)."""
+        return await self.budget.request_theta(self.router.decider, theta, share)
+
+    # ---- where a request may go ----
+
+    def candidates(self, needs: Collection[str] = ()) -> tuple[str, ...]:
+        """The routed models that can serve a request needing ``needs`` (``wire.Request.needs``:
+        "tools", "vision", "json_schema"; a context length to come). The seam where capability
+        filtering goes; today every routed model can serve every request."""
+        return tuple(self.router.decider.models)
+
+    def chain(self, first: str, *, fallback: bool) -> list[Backend]:
+        """``first``'s backend, then (``fallback``) the others of ``fallback.order`` up to
+        ``fallback.max_attempts`` in all."""
+        backends = self.backends
+        b = backends.get(first)
+        if b is None:
+            raise ApiError(503, f"model {first!r} has no backend", kind="server_error")
+        out = [b]
+        if fallback:
+            limit = self.config.fallback.max_attempts
+            for name in self.config.fallback.order:
+                if len(out) >= limit:
+                    break
+                nb = backends.get(name)
+                if nb is not None and nb not in out:
+                    out.append(nb)
+        return out
+
+    def passthrough(self, model: str) -> Backend | None:
+        """The backend a client names (by backend name or upstream model id), if any."""
+        backends = self.backends
+        if model in backends:
+            return backends[model]
+        for b in backends.values():
+            if b.model == model:
+                return b
+        return None
+
+    # ---- one request ----
+
+    async def route_request(
+        self, model: str, text: str, messages: Sequence[Mapping[str, Any]] | None,
+        caller: ClientKey, *, theta: float | None = None, share: float | None = None,
+        session: str | None = None,
+    ) -> Routed:
+        """Where a request for ``model`` goes (``theta``/``share``: its own operating point,
+        already allowed; ``session``: its session key, if any).
+
+        Raises:
+            ApiError: an unknown model (400), a share with no traffic to calibrate it on
+                (400), a decision for a model without a backend (503).
+        """
+        if model not in self.aliases:
+            b = self.passthrough(model)
+            if b is None:
+                known = sorted(self.aliases) + sorted(self.backends)
+                raise ApiError(400, f"model: unknown model {model!r}; known: {known}",
+                               param="model", code="model_not_found")
+            fb = self.config.fallback.passthrough
+            tags: list[str] = []
+            if self.config.router.learn_passthrough and b.name in self.router.decider.models \
+                    and OVERRIDE in caller.scopes:
+                # Tagged only to learn from the outcome: the model is the client's choice, so
+                # scoring it is an override (else "pick small, report a win" teaches the router).
+                tags, _ = await self.decide(text, None)
+            return Routed(self.chain(b.name, fallback=fb), "passthrough", tags)
+        sess = self.sessions.get(session) if session is not None else None
+        if sess is not None and sess.model in self.backends and messages is not None \
+                and in_tool_loop(messages):
+            # Mid tool-call loop: the model that issued the calls reads their results.
+            return Routed(self.chain(sess.model, fallback=True), "tool_loop", list(sess.tags),
+                          None, session)
+        extra = sess.tags if (sess is not None and self.config.router.previous_turn_tags) else ()
+        theta = await self.request_theta(theta, share)
+        tags, d = await self.decide(text, theta, extra)
+        self.budget.note(tags)
+        chosen, reason = d.model, d.reason
+        if sess is not None:
+            chosen, _ = keep_or_switch(
+                sess.model, d, self.config.sessions.switch_margin, self.candidates()
+            )
+            if chosen != d.model:
+                reason = "session"
+        return Routed(self.chain(chosen, fallback=True), reason, tags, d, session)
+
+    # ---- after the decision ----
+
+    def remember(self, decision_id: str, tags: Sequence[str], model: str, key: ClientKey) -> str:
+        """The id of a decision that may be scored: a signed token carrying the tags, the
+        model and the key (any replica verifies it; nothing is stored until an outcome comes).
+        ``decision_id`` (a plain id) when the token would be too long."""
+        token = self.tokens.issue(key.id, model, tags)
+        if token is None:
+            now = time.monotonic()
+            if now - self._token_warned > 60.0:
+                self._token_warned = now
+                log.warning("decision %s: %d tags make a decision token over the size limit; "
+                            "this answer cannot be scored", decision_id, len(tags))
+            return decision_id
+        return token
+
+    def answered(self, decision_id: str, routed: Routed, answered: str, errors: Sequence[Any],
+                 key: ClientKey) -> str:
+        """Book-keeping of an answered request; returns the id its headers carry."""
+        self.metrics.routed.labels(answered, "failover" if errors else routed.reason).inc()
+        if routed.reason != "passthrough" or (routed.tags and not errors):
+            # A passthrough is remembered only when tagged (learn_passthrough) and answered by
+            # the model the client asked for.
+            decision_id = self.remember(decision_id, routed.tags, answered, key)
+        if routed.session is not None:
+            self.sessions.put(routed.session, answered, routed.tags)
+        return decision_id
+
+    def decided(self, tags: list[str], d: Decision, key: ClientKey) -> str:
+        """Book-keeping of a ``/v1/route`` decision; returns its id. Remembered like a
+        forwarded decision: a client that calls the model itself can still report the
+        outcome."""
+        self.budget.note(tags)
+        decision_id = self.remember(uuid.uuid4().hex, tags, d.model, key)
+        self.metrics.routed.labels(d.model, d.reason).inc()
+        return decision_id
