@@ -188,12 +188,16 @@ def pairs(
 
 @dataclass
 class StreamLoad:
-    """What ``streams`` saw: per stream its first-event time and the gaps between events."""
+    """What ``streams`` saw: per stream its first-event time and the gaps between events, each
+    gap with the time its end arrived (seconds since the load started)."""
 
     ttft: list[float]
     gaps: list[float]
+    gap_ends: list[float]
     errors: list[str]
     wall_s: float
+    #: When the last stream got its first event: after it, every stream is open and relaying.
+    all_open_s: float
 
 
 def streams(t: Target, queries: list[str], n: int) -> StreamLoad:
@@ -204,12 +208,14 @@ def streams(t: Target, queries: list[str], n: int) -> StreamLoad:
     async def run() -> StreamLoad:
         ttft: list[float] = []
         gaps: list[float] = []
+        gap_ends: list[float] = []
+        firsts: list[float] = []
         errors: list[str] = []
 
         async def one(i: int, s: aiohttp.ClientSession) -> None:
             body = chat_body(t.model, queries[i % len(queries)], True)
             t0 = time.perf_counter()
-            last: float | None = None
+            last: float | None = None  # t0 is this stream's start, start the load's
             tail = b""
             try:
                 async with s.post(t.url + "/chat/completions", data=body,
@@ -223,8 +229,10 @@ def streams(t: Target, queries: list[str], n: int) -> StreamLoad:
                         if b"\n\n" in tail[-1:] + chunk:
                             if last is None:
                                 ttft.append(now - t0)
+                                firsts.append(now - start)
                             else:
                                 gaps.append(now - last)
+                                gap_ends.append(now - start)
                             last = now
                         tail = (tail + chunk)[-64:]
                     if r.status != 200 or not tail.endswith(b"data: [DONE]\n\n"):
@@ -233,9 +241,9 @@ def streams(t: Target, queries: list[str], n: int) -> StreamLoad:
                 errors.append(f"{type(e).__name__}: {e}")
 
         async with session(limit=0) as s:
-            t0 = time.perf_counter()
+            start = time.perf_counter()
             await asyncio.gather(*(one(i, s) for i in range(n)))
-            wall = time.perf_counter() - t0
-        return StreamLoad(ttft, gaps, errors, wall)
+            wall = time.perf_counter() - start
+        return StreamLoad(ttft, gaps, gap_ends, errors, wall, max(firsts, default=0.0))
 
     return run_loop(run())
