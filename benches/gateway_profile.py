@@ -2,6 +2,7 @@
 
     python benches/gateway_profile.py              # 2,000 JSON requests, one at a time
     python benches/gateway_profile.py --stream     # streamed answers
+    python benches/gateway_profile.py --top 25     # and the 25 costliest functions
 
 The gateway (demo router, keyword tagger: no encoder) runs in its own process under cProfile,
 in front of the shipped fake backend (another process); this process sends the requests one at
