@@ -94,7 +94,13 @@ def tracing_from_env(env: Mapping[str, str] | None = None) -> Tracing | None:
     except ImportError:
         raise ConfigError("OTEL_TRACES_EXPORTER", "tracing needs the OpenTelemetry SDK: pip "
                           "install 'tagrouter-fast[otel]'") from None
-    attrs = {} if env.get("OTEL_SERVICE_NAME") else {"service.name": "tagrouter-gateway"}
+    # The SDK reads the resource variables from os.environ; ``env`` (a test's) is honoured
+    # for the service name, which OTEL_SERVICE_NAME sets ahead of OTEL_RESOURCE_ATTRIBUTES.
+    attrs: dict[str, str] = {}
+    if env.get("OTEL_SERVICE_NAME"):
+        attrs["service.name"] = env["OTEL_SERVICE_NAME"]
+    elif "service.name=" not in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        attrs["service.name"] = "tagrouter-gateway"
     provider = TracerProvider(resource=Resource.create(attrs))
     for name in names:
         provider.add_span_processor(BatchSpanProcessor(_exporter(name, env)))
