@@ -24,9 +24,13 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tagrouter_fast.serve.learn.keys import ClientKey
+from tagrouter_fast.serve.shadow.spend import Price
+
+if TYPE_CHECKING:
+    from tagrouter_fast.serve.policy.key_budgets import BudgetsConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -128,6 +132,9 @@ class BackendConfig:
     #: Per-query cost; overrides the bundle's cost of this model (needed for a model that is
     #: not in the bundle).
     cost: float | None = None
+    #: USD per 1k input and output tokens (``price = {input_per_1k, output_per_1k}``): what
+    #: an answer of this backend is charged to the caller's key budget (``[budgets]``).
+    price: Price | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,8 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     shared: SharedConfig | None = None
+    #: Per-key spending budgets (``[budgets]``, `policy.key_budgets`); None: off.
+    budgets: BudgetsConfig | None = None
     #: Where the config was read from (for messages).
     source: str = "<dict>"
 

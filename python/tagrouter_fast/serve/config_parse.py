@@ -26,6 +26,7 @@ from tagrouter_fast.serve.config import (
     SharedConfig,
 )
 from tagrouter_fast.serve.learn.keys import KeySpecError, parse_key
+from tagrouter_fast.serve.shadow.spend import Price
 
 __all__ = ["backend_from_dict", "parse"]
 
@@ -221,6 +222,12 @@ def parse(raw: Mapping[str, Any], base: Path) -> Config:
 
     shared = _shared(top, feedback)
     auth = _auth(_section(raw, "auth", top), base)
+    budgets = None
+    if top.get("budgets") is not None:
+        from tagrouter_fast.serve.policy.key_budgets import BudgetsConfig
+
+        budgets = BudgetsConfig.from_dict(top.get("budgets"), base, feedback.state_dir,
+                                          tuple(backends))
 
     top.done()
     return Config(
@@ -234,6 +241,7 @@ def parse(raw: Mapping[str, Any], base: Path) -> Config:
         admin=admin,
         auth=auth,
         shared=shared,
+        budgets=budgets,
     )
 
 
@@ -339,7 +347,21 @@ def _backend(b: _Section) -> BackendConfig:
         stream_idle_timeout_s=b.positive("stream_idle_timeout_s", 60.0),
         connect_timeout_s=b.positive("connect_timeout_s", 5.0),
         cost=b.number("cost", None, allow_none=True),
+        price=_price(b),
     )
+
+
+def _price(b: _Section) -> Price | None:
+    raw = b.get("price")
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) != {"input_per_1k", "output_per_1k"}:
+        raise ConfigError(b.key("price"), "must be a table with exactly input_per_1k and "
+                          f"output_per_1k (USD per 1,000 tokens), got {raw!r}")
+    try:
+        return Price(raw["input_per_1k"], raw["output_per_1k"])
+    except ValueError as e:
+        raise ConfigError(b.key("price"), str(e)) from None
 
 
 def backend_from_dict(raw: Mapping[str, Any], where: str = "body") -> BackendConfig:

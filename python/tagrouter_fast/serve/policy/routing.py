@@ -23,6 +23,7 @@ from tagrouter_fast.core import Decision
 from tagrouter_fast.serve.edge.errors import ApiError
 from tagrouter_fast.serve.forward.backends import Backend
 from tagrouter_fast.serve.learn.keys import OVERRIDE, ClientKey
+from tagrouter_fast.serve.policy.key_budgets import BudgetStatus
 from tagrouter_fast.serve.policy.sessions import in_tool_loop, keep_or_switch
 from tagrouter_fast.serve.policy.state import GatewayState
 
@@ -40,6 +41,8 @@ class Routed:
     tags: list[str] = field(default_factory=list)
     decision: Decision | None = None
     session: str | None = None
+    #: Candidates left out of this request's decision, and why (a key over its budget).
+    filtered: dict[str, str] = field(default_factory=dict)
 
 
 class Routing(GatewayState):
@@ -134,8 +137,48 @@ class Routing(GatewayState):
 
         Raises:
             ApiError: an unknown model (400), a share with no traffic to calibrate it on
-                (400), a decision for a model without a backend (503).
+                (400), a decision for a model without a backend (503), a key past its budget
+                (429; with ``over_budget = "cheaper"`` only once no cheaper candidate is
+                left, or past ``cheaper_until``).
         """
+        budget = self.spending.status(caller)
+        if budget.level == "exhausted":
+            raise self.spending.refusal(budget)
+        if budget.level == "over":
+            if model not in self.aliases:  # the client chose the model: nothing to restrict
+                raise self.spending.refusal(budget, "a request naming its model is refused; "
+                                            f"ask for {sorted(self.aliases)[0]!r} to be routed "
+                                            "to a cheaper model")
+            routed = await self._route(model, text, messages, caller, theta, share, session)
+            return self._cheaper(routed, budget, theta)
+        return await self._route(model, text, messages, caller, theta, share, session)
+
+    def _cheaper(self, routed: Routed, budget: BudgetStatus, theta: float | None) -> Routed:
+        """``routed`` decided again among the candidates cheaper than its model (a key over
+        its budget), its fallback chain kept to them.
+
+        Raises:
+            ApiError: no cheaper candidate (429).
+        """
+        first = routed.chain[0].name
+        allowed, filtered = self.spending.cheaper(self.candidates(), first, self.backends)
+        if not allowed:
+            raise self.spending.refusal(budget, f"no candidate is cheaper than {first!r}, the "
+                                        "model this request was routed to")
+        dec = self.router.decider
+        # The operating point the routed decision used (a share resolved to its theta).
+        if routed.decision is not None:
+            theta = routed.decision.theta
+        if theta is not None and theta != dec.theta:
+            dec = dec.with_theta(theta)
+        d = dec.decide(routed.tags, among=allowed)
+        chain = [b for b in self.chain(d.model, fallback=True) if b.name in allowed]
+        return Routed(chain, "over_budget", routed.tags, d, routed.session, filtered)
+
+    async def _route(
+        self, model: str, text: str, messages: Sequence[Mapping[str, Any]] | None,
+        caller: ClientKey, theta: float | None, share: float | None, session: str | None,
+    ) -> Routed:
         if model not in self.aliases:
             b = self.passthrough(model)
             if b is None:

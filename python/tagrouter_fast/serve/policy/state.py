@@ -25,11 +25,18 @@ from tagrouter_fast.serve.config import Config, ConfigError
 from tagrouter_fast.serve.forward.backends import Backend
 from tagrouter_fast.serve.forward.client import ClientPool
 from tagrouter_fast.serve.forward.forwarder import Forwarder
-from tagrouter_fast.serve.learn.keys import announce, keyring_from_config
+from tagrouter_fast.serve.learn.keys import (
+    ADMIN_TOKEN_ID,
+    ANONYMOUS,
+    announce,
+    keyring_from_config,
+)
 from tagrouter_fast.serve.learn.tokens import DecisionTokens, load_secrets
 from tagrouter_fast.serve.metrics import GatewayMetrics
 from tagrouter_fast.serve.policy.budget import ShareBudget
 from tagrouter_fast.serve.policy.sessions import SessionTable
+from tagrouter_fast.serve.policy.spending import Spending
+from tagrouter_fast.serve.telemetry import tracing_from_env
 
 if TYPE_CHECKING:
     from tagrouter_fast.router import TagRouter
@@ -58,6 +65,10 @@ class GatewayState:
         for i, b in enumerate(config.backends):
             self.backends[b.name] = Backend.from_config(b, f"backends[{i}]")
         self.aliases = frozenset(config.router.aliases)
+        #: Prices, charges and per-key budgets (journal opened at start-up).
+        self.spending = Spending(config, self.metrics)
+        #: Spans per request when OpenTelemetry is on (`serve.telemetry`); None: off.
+        self.tracing = tracing_from_env()
         self.router = self._prepare_router(router)
         self.forwarder: Forwarder | None = None
         #: Learns from /v1/feedback (local journal, or Redis-shared), opened at start-up; None:
@@ -76,6 +87,12 @@ class GatewayState:
                 raise ConfigError("admin.token_env", f"environment variable {env} is not set")
             self.admin_token = token.encode()
         self.keyring = keyring_from_config(config.auth, self.admin_token)
+        if config.budgets is not None:
+            known = {k.id for k in self.keyring.keys} | {ANONYMOUS, ADMIN_TOKEN_ID}
+            for key_id in config.budgets.keys:
+                if key_id not in known:  # a typo would leave the real key unlimited
+                    raise ConfigError(f"budgets.keys.{key_id}", f"no client key has the id "
+                                      f"{key_id!r} (keys: {sorted(known)})")
         auth, fb = config.auth, config.feedback
         decision_secrets, where = load_secrets(
             file=auth.decision_secret_file, env=auth.decision_secret_env,
@@ -142,6 +159,7 @@ class GatewayState:
             return
         if self.config.feedback.state_dir is not None:
             self.learner = self._open_learner(self.router)
+        self.spending.open()
         self._started = True
         self._warm_up()
         # What start-up built (router, tagger, config, modules) lives as long as the process:
@@ -153,7 +171,11 @@ class GatewayState:
         log.info("decision tokens signed with the secret from %s", self._secret_from)
 
     def stop(self) -> None:
-        """Closes the learner (a final snapshot; the shared link after it). Idempotent."""
+        """Closes the learner (a final snapshot; the shared link after it) and the budget
+        journal. Idempotent."""
+        self.spending.close()
+        if self.tracing is not None:
+            self.tracing.close()
         if self.learner is not None:
             self.learner.close()
 
