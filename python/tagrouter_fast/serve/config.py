@@ -24,9 +24,12 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tagrouter_fast.serve.learn.keys import ClientKey
+
+if TYPE_CHECKING:
+    from tagrouter_fast.serve.shadow.config import ShadowConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -240,6 +243,8 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     shared: SharedConfig | None = None
+    #: Shadow mode (``[shadow]``, docs/shadow.md); off without it.
+    shadow: ShadowConfig | None = None
     #: Where the config was read from (for messages).
     source: str = "<dict>"
 
