@@ -293,6 +293,11 @@ def test_mode_switch_takes_effect_at_once_and_survives_a_restart(w: World,
     with running_gateway(edited) as g, httpx.Client(timeout=10) as c:
         t = c.get(g.url + "/admin/traffic", headers=ADMIN).json()
         assert (t["mode"], t["share"]) == ("ab", 0.5)
+        # ab: a share routed live (small, the router's choice), the rest served by the default.
+        got = {(r.headers["x-tagrouter-model"], r.headers["x-tagrouter-reason"])
+               for r in (chat(c, g.url, f"{poem} (#{i})") for i in range(24))}
+        assert {m for m, _ in got} == {"small", "big"}
+        assert ("big", "ab_default") in got
 
 
 # ==== Endpoints ====
