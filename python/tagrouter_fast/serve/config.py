@@ -31,6 +31,7 @@ from tagrouter_fast.serve.shadow.spend import Price
 
 if TYPE_CHECKING:
     from tagrouter_fast.serve.policy.key_budgets import BudgetsConfig
+    from tagrouter_fast.serve.shadow.config import ShadowConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -249,6 +250,8 @@ class Config:
     shared: SharedConfig | None = None
     #: Per-key spending budgets (``[budgets]``, `policy.key_budgets`); None: off.
     budgets: BudgetsConfig | None = None
+    #: Shadow mode (``[shadow]``, docs/shadow.md); off without it.
+    shadow: ShadowConfig | None = None
     #: Where the config was read from (for messages).
     source: str = "<dict>"
 

@@ -8,7 +8,7 @@ import math
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from tagrouter_fast.serve.config import (
@@ -27,6 +27,9 @@ from tagrouter_fast.serve.config import (
 )
 from tagrouter_fast.serve.learn.keys import KeySpecError, parse_key
 from tagrouter_fast.serve.shadow.spend import Price
+
+if TYPE_CHECKING:
+    from tagrouter_fast.serve.shadow.config import ShadowConfig
 
 __all__ = ["backend_from_dict", "parse"]
 
@@ -221,6 +224,7 @@ def parse(raw: Mapping[str, Any], base: Path) -> Config:
     a.done()
 
     shared = _shared(top, feedback)
+    shadow = _shadow(top, feedback, seen)
     auth = _auth(_section(raw, "auth", top), base)
     budgets = None
     if top.get("budgets") is not None:
@@ -242,6 +246,7 @@ def parse(raw: Mapping[str, Any], base: Path) -> Config:
         auth=auth,
         shared=shared,
         budgets=budgets,
+        shadow=shadow,
     )
 
 
@@ -370,3 +375,23 @@ def backend_from_dict(raw: Mapping[str, Any], where: str = "body") -> BackendCon
     out = _backend(b)
     b.done()
     return out
+
+
+def _shadow(top: _Section, feedback: FeedbackConfig,
+            backends: Mapping[str, int]) -> ShadowConfig | None:
+    """``[shadow]`` (`ShadowConfig.from_dict` checks its own keys), and what it needs of the rest
+    of the config: the default model is a backend, and a state directory holds its files."""
+    if top.get("shadow") is None:
+        return None
+    from tagrouter_fast.serve.shadow.config import ShadowConfig
+
+    cfg = ShadowConfig.from_dict(top.get("shadow"))
+    if cfg.default_model not in backends:
+        raise ConfigError("shadow.default_model", f"{cfg.default_model!r} is not a backend "
+                          f"name (backends: {sorted(backends)})")
+    if feedback.state_dir is None:
+        # Decisions, judged pairs and the spend ledger live next to the outcome journal, and
+        # the judged outcomes are learned through it.
+        raise ConfigError("shadow", "needs [feedback] state_dir (where the shadow files and "
+                          "the learned outcomes live)")
+    return cfg

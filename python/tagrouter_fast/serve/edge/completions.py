@@ -117,9 +117,12 @@ async def _forward(
     check_override(gw, key, theta, share)
     routed = await gw.route_request(model, text, messages, key, theta=theta, share=share,
                                     session=session_key(request, body))
+    shadow, plan = gw.shadow, None
+    if shadow is not None and routed.decision is not None:
+        routed, plan = shadow.steer(routed, stream=stream)  # who answers in the current mode
     span.routed(routed)
     # A plain id until the answer is in: only an answered decision gets a token to score.
-    decision_id = uuid.uuid4().hex
+    decision_id = request_id = uuid.uuid4().hex
     path = "/chat/completions" if chat else "/completions"
     spending = gw.spending
     # Charged on the usage the backend reports: a stream reports it only when asked.
@@ -172,8 +175,11 @@ async def _forward(
         span.end()
         headers = decision_headers(request, decision_id, routed, answered, errors)
         headers.update(charged)
+        # Recorded (and shadowed) once the client has the answer, never before.
+        after = shadow.after(request_id, text, body, routed, answered, opened.body, plan) \
+            if shadow is not None and opened.status == 200 else None
         return Response(opened.body, status_code=opened.status, headers=headers,
-                        media_type=opened.content_type)
+                        media_type=opened.content_type, background=after)
     try:
         decision_id = gw.answered(decision_id, routed, answered, errors, key)
         headers = decision_headers(request, decision_id, routed, answered, errors)

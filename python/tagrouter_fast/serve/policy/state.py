@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.to_thread
@@ -41,6 +41,8 @@ from tagrouter_fast.serve.telemetry import tracing_from_env
 if TYPE_CHECKING:
     from tagrouter_fast.router import TagRouter
     from tagrouter_fast.serve.learn.learner import Learner
+    from tagrouter_fast.serve.policy.gateway import Gateway
+    from tagrouter_fast.serve.shadow.service import ShadowService
 
 __all__ = ["GatewayState", "THREAD_TAGGING_ABOVE_S"]
 
@@ -74,6 +76,8 @@ class GatewayState:
         #: Learns from /v1/feedback (local journal, or Redis-shared), opened at start-up; None:
         #: feedback is off.
         self.learner: Learner | None = None
+        #: Shadow mode (``[shadow]``), opened at start-up after the learner; None: off.
+        self.shadow: ShadowService | None = None
         self.ready = False
         self._started = False
         self.tag_in_thread = config.router.tag_in_thread is not False
@@ -140,10 +144,14 @@ class GatewayState:
         try:
             if not self._started:  # `serve` starts the gateway before uvicorn runs
                 await anyio.to_thread.run_sync(self.start)
+            if self.shadow is not None:
+                await self.shadow.recover()
             self.ready = True
             yield
         finally:
             self.ready = False
+            if self.shadow is not None:  # before the client and the learner it uses close
+                await self.shadow.aclose()
             await client.aclose()
             await anyio.to_thread.run_sync(self.stop)
 
@@ -160,6 +168,10 @@ class GatewayState:
         if self.config.feedback.state_dir is not None:
             self.learner = self._open_learner(self.router)
         self.spending.open()
+        if self.config.shadow is not None:
+            from tagrouter_fast.serve.shadow.service import ShadowService
+
+            self.shadow = ShadowService(cast("Gateway", self))
         self._started = True
         self._warm_up()
         # What start-up built (router, tagger, config, modules) lives as long as the process:
