@@ -33,12 +33,12 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from tagrouter_fast.serve.shadow.activity import modes, rounded, spend, traffic
 from tagrouter_fast.serve.shadow.groups import OTHER, group_tags
 from tagrouter_fast.serve.shadow.records import OUTCOMES, ShadowRecords, load
 
@@ -50,11 +50,7 @@ PRIOR_PAIRS = 5.0
 _Q = (2.5, 97.5)
 
 
-def _r(x: Any) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return round(x, 6) + 0.0 if math.isfinite(x) else None  # + 0.0: no "-0.0"
+_r = rounded
 
 
 def _iv(est: Any, lo: Any, hi: Any) -> dict[str, float | None]:
@@ -448,72 +444,10 @@ def build_report(
         "default_model": data.default, "models": data.models,
         "inputs": {"files": rec.files, "other_default": data.other_default,
                    "duplicates": data.duplicates},
-        "traffic": _traffic(rec, data),
+        "traffic": traffic(rec, data.dec, data.pairs, data.U - data.n),
         "candidates": candidates, "tag_groups": groups, "curve": points,
-        "recommendation": rec_out, "spend": _spend(rec), "mode_history": _modes(rec),
+        "recommendation": rec_out, "spend": spend(rec), "mode_history": modes(rec),
     }
-
-
-def _traffic(rec: ShadowRecords, data: _Data) -> dict[str, Any]:
-    marks = Counter(str(m.get("how")) for m in rec.learned)
-    pair_ids = {p["pair"] for p in data.pairs}
-    marked = {m["pair"] for m in rec.learned} & pair_ids
-    ts = [d["t"] for d in data.dec]
-    return {
-        "decisions": data.n, "pairs": len(data.pairs), "orphan_pairs": data.U - data.n,
-        "served": dict(sorted(Counter(d["served"] for d in data.dec).items())),
-        "shadow": dict(sorted(Counter(str(d.get("shadow")) for d in data.dec).items())),
-        "learned": dict(sorted(marks.items())), "not_yet_learned": len(pair_ids - marked),
-        "first_t": _r(min(ts)) if ts else None, "last_t": _r(max(ts)) if ts else None,
-        "progress": _progress(ts, [p["t"] for p in data.pairs]),
-    }
-
-
-#: Points of the learning-progress series (the dashboard's "judged pairs over time").
-PROGRESS_POINTS = 24
-
-
-def _progress(decision_ts: list[float], pair_ts: list[float]) -> list[dict[str, Any]]:
-    """Cumulative decisions and judged pairs at `PROGRESS_POINTS` evenly spaced times from the
-    first decision to the last record: how fast the evidence grows."""
-    every = decision_ts + pair_ts
-    if not every:
-        return []
-    lo, hi = min(every), max(every)
-    dec, pairs = np.sort(np.asarray(decision_ts)), np.sort(np.asarray(pair_ts))
-    points = np.linspace(lo, hi, PROGRESS_POINTS) if hi > lo else np.asarray([hi])
-    return [{"t": _r(float(t)),
-             "decisions": int(np.searchsorted(dec, t, side="right")),
-             "pairs": int(np.searchsorted(pairs, t, side="right"))} for t in points]
-
-
-def _spend(rec: ShadowRecords) -> dict[str, Any]:
-    caps = [m.get("cap_usd") for m in sorted(rec.modes, key=lambda m: m["t"])]
-    cap = caps[-1] if caps and isinstance(caps[-1], (int, float)) else None
-    days: dict[str, dict[str, float]] = {}
-    for s in rec.spend:
-        d = days.setdefault(s["day"], {"shadow_usd": 0.0, "judge_usd": 0.0, "estimated_usd": 0.0,
-                                       "calls": 0.0})
-        d[f"{s['kind']}_usd"] += s["usd"]
-        d["calls"] += 1
-        if s.get("estimated"):
-            d["estimated_usd"] += s["usd"]
-    rows = []
-    for day in sorted(days):
-        d = days[day]
-        total = d["shadow_usd"] + d["judge_usd"]
-        rows.append({"day": day, "shadow_usd": _r(d["shadow_usd"]), "judge_usd": _r(d["judge_usd"]),
-                     "total_usd": _r(total), "estimated_usd": _r(d["estimated_usd"]),
-                     "calls": int(d["calls"]), "cap_used": _r(total / cap) if cap else None})
-    return {"cap_usd_per_day": _r(cap), "days": rows,
-            "total_usd": _r(sum(d["shadow_usd"] + d["judge_usd"] for d in days.values()))}
-
-
-def _modes(rec: ShadowRecords) -> list[dict[str, Any]]:
-    keys = ("mode", "default", "sample", "explore", "ab_share", "cap_usd", "theta")
-    return [{"t": _r(m["t"]), **{k: (_r(m.get(k)) if isinstance(m.get(k), (int, float)) else
-                                     m.get(k)) for k in keys}}
-            for m in sorted(rec.modes, key=lambda m: m["t"])]
 
 
 def summary_text(report: dict[str, Any]) -> str:
