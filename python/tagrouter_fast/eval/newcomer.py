@@ -46,6 +46,7 @@ from tagrouter_fast.eval.methods import (
     fit_knn,
     fit_mf,
     fit_mlp,
+    route_tagrouter,
 )
 from tagrouter_fast.eval.protocol import PoolData, _acc_cost, _reference, _score_fold
 
@@ -142,14 +143,12 @@ def _judgments_table(train: TrainSet, j: int, rows: np.ndarray) -> Any:
     )
 
 
-def _route_router(router: Any, test: TrainSet) -> tuple[np.ndarray, np.ndarray]:
-    from tagrouter_fast.builder.tune import decisions_in_pool_order, preferences
-
-    d = router.decider.decide_batch(router.align_tags(test.tags))
-    d = decisions_in_pool_order(d, router.decider.models, test.models)
+def _route_router(router: Any, test: TrainSet) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(pref, slm, threshold)`` of a product router on the test fold (`route_tagrouter`),
+    at the theta its builder chose."""
     mean_cost = test.cost.mean(axis=0)
     fallback = min(test.slms, key=lambda k: mean_cost[k]) if test.slms else test.llm
-    return preferences(d, test.llm, fallback)
+    return route_tagrouter(router, test.tags, test.models, test.llm, fallback)
 
 
 def _proxies(train: TrainSet, rest: TrainSet, j: int) -> dict[str, str]:
@@ -338,8 +337,8 @@ def _run_fold(
             for start in STARTS:
                 like = rest.models if start == "prior" else proxies[start]
                 join(name, None, like=like)
-                pref, slm = _route_router(routers[name], test)
-                record((name, start, 0), 0, pref, slm, -routers[name].decider.theta)
+                pref, slm, thr = _route_router(routers[name], test)
+                record((name, start, 0), 0, pref, slm, thr)
         for bname, fit in baselines.items():
             masked = _masked(train, j, np.zeros(0, np.int64))
             pref, slm = fit(masked, seed).route(test.features())
@@ -373,8 +372,7 @@ def _run_fold(
                 n_key = ALL if full else size
                 for name in routers:
                     join(name, rows)
-                    pref, slm = _route_router(routers[name], test)
-                    thr = -routers[name].decider.theta
+                    pref, slm, thr = _route_router(routers[name], test)
                     record((name, label, n_key), draw, pref, slm, thr)
                 for bname, fit in baselines.items():
                     fitted = fit(_masked(train, j, rows), seed)
