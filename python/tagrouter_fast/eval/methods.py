@@ -415,13 +415,16 @@ def fit_mlp(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
     y = train.acc.astype(int)
     mask = train.label_mask()
     full = mask.all(axis=0)
-    const = {j: _column_prior(train, j) for j in np.flatnonzero(full) if not _can_fit_net(y[:, j])}
-    var = [j for j in np.flatnonzero(full).tolist() if j not in const]
+    cols: list[int] = np.flatnonzero(full).tolist()
+    const = {j: _column_prior(train, j) for j in cols if not _can_fit_net(y[:, j])}
+    var = [j for j in cols if j not in const]
     partial: dict[int, Any] = {}
     for j in np.flatnonzero(~full).tolist():
         rows = mask[:, j]
         if _can_fit_net(y[rows, j]):
-            partial[j] = _fit_stopped(X[rows], y[rows, j], (128, 64), seed, patience=10, max_epochs=200)
+            partial[j] = _fit_stopped(
+                X[rows], y[rows, j], (128, 64), seed, patience=10, max_epochs=200
+            )
         else:
             const[j] = _column_prior(train, j)
     clf = None
@@ -861,6 +864,7 @@ def fit_hybrid(train: TrainSet, seed: int) -> Fitted:
 
 
 # ==== Registry ====
+
 
 def default_methods() -> list[Method]:
     """Every method of the Table-2 comparison, in display order. The three TagRouters are the
