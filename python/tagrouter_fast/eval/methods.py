@@ -21,10 +21,12 @@ threshold ``t`` is ``-theta`` (paper 3.4: M_LLM iff ``Delta_q < theta``). The me
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -257,6 +259,36 @@ def _column_prior(train: TrainSet, j: int) -> float:
     return float(train.acc[mask].mean()) if mask.any() else 0.5
 
 
+_T = TypeVar("_T")
+#: Fits already made, by a digest of everything they depend on. The newcomer experiment refits
+#: every baseline for each N and draw, but the rest of the pool's network and the embedding SVD
+#: do not depend on the newcomer's labels: the same inputs give the same (deterministic, seeded)
+#: fit, reused read-only. Bounded: a run needs the few of its current fold.
+_MEMO: OrderedDict[bytes, Any] = OrderedDict()
+_MEMO_SIZE = 16
+
+
+def _memoised(parts: Sequence[Any], fit: Callable[[], _T]) -> _T:
+    """``fit()``, or its earlier result for the same ``parts`` (arrays by content)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(f"{part.dtype}{part.shape}".encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(repr(part).encode())
+        h.update(b"|")
+    key = h.digest()
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        return _MEMO[key]  # type: ignore[no-any-return]
+    out = fit()
+    _MEMO[key] = out
+    if len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return out
+
+
 #: Below this many labels a per-model classifier is not fitted: its model's column is its
 #: accept rate (too few to fit, let alone to early-stop on a held-out tenth).
 _MIN_FIT = 20
@@ -273,7 +305,9 @@ def fit_mf(train: TrainSet, seed: int, use_tags: bool = False, dim: int = 50) ->
     X = _inputs(train, use_tags)
     k = int(min(dim, X.shape[1] - 1, X.shape[0] - 1))
     # The embedding side needs no labels: the SVD sees every training query.
-    svd = TruncatedSVD(n_components=k, random_state=seed).fit(X)
+    svd = _memoised(
+        ("svd", X, k, seed), lambda: TruncatedSVD(n_components=k, random_state=seed).fit(X)
+    )
     Z = svd.transform(X)
     y = train.acc.astype(int)
     mask = train.label_mask()
@@ -431,7 +465,10 @@ def fit_mlp(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
     if var:
         # Multi-label needs at least two output columns; duplicate a lone one.
         yy = y[:, var] if len(var) > 1 else np.repeat(y[:, var], 2, axis=1)
-        clf = _fit_stopped(X, yy, (128, 64), seed, patience=10, max_epochs=200)
+        clf = _memoised(
+            ("mlp", X, yy, seed),
+            lambda: _fit_stopped(X, yy, (128, 64), seed, patience=10, max_epochs=200),
+        )
 
     def predict(x: QueryFeatures) -> np.ndarray:
         Xq = _inputs(x, use_tags)
