@@ -65,3 +65,30 @@ def test_mlp_newcomer_column_needs_enough_labels_for_a_network() -> None:
     u = fit_mlp(train, 0)._predict(_train(50, 3).features())
     # 300 labels with enough of both classes: a network of its own, which varies by query.
     assert u[:, 2].std() > 0 and abs(u[:, 2].mean() - train.acc[:300, 2].mean()) < 0.06
+
+
+def test_label_independent_fits_are_reused_not_refitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The newcomer experiment refits the MLP for every N: the rest of the pool's network does
+    # not depend on the newcomer's labels and is fitted once; new inputs fit anew.
+    import tagrouter_fast.eval.methods as methods
+
+    calls = []
+    real = methods._fit_stopped
+
+    def counting(*args, **kw):  # type: ignore[no-untyped-def]
+        calls.append(args[1].shape)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(methods, "_fit_stopped", counting)
+    methods._MEMO.clear()
+    train = _train(300, 4)
+    known = np.ones(train.acc.shape, bool)
+    known[:, 2] = False
+    train.known = known
+    test = _train(40, 5).features()
+    first = fit_mlp(train, 0)._predict(test)
+    known[:30, 2] = True  # the newcomer's labels change, the rest's do not
+    second = fit_mlp(train, 0)._predict(test)
+    assert len(calls) == 1 and calls[0] == (300, 2)
+    np.testing.assert_array_equal(first[:, :2], second[:, :2])
+    assert fit_mlp(_train(300, 6), 0) is not None and len(calls) == 2
