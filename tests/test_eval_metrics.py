@@ -8,32 +8,61 @@ import pytest
 from tagrouter_fast.eval import metrics as M
 
 
-def test_auc_of_straight_line_is_mean_of_endpoints():
-    assert M.auc(np.array([0.0, 1.0]), np.array([0.2, 0.6])) == pytest.approx(0.4)
+def _curve_areas(ratio: np.ndarray, ar: np.ndarray, ar_llm: float) -> tuple[float, float]:
+    """The numpy areas the evaluation used before it read the core's: the trapezoid under
+    the curve, and the exact area of the curve above ``ar_llm`` (the oracle of the check)."""
+    dx, y = np.diff(ratio), ar - ar_llm
+    auc = float(np.sum(dx * (ar[1:] + ar[:-1]) / 2))
+    pauc = 0.0
+    for w, y0, y1 in zip(dx, y[:-1], y[1:], strict=True):
+        if y0 >= 0 and y1 >= 0:
+            pauc += w * (y0 + y1) / 2
+        elif (y0 > 0) != (y1 > 0):
+            top = max(y0, y1)
+            pauc += w * top * top / (2 * (abs(y0) + abs(y1)))
+    return auc, pauc
 
 
-def test_auc_of_tent_curve():
-    # Triangle on top of a 0.2 floor: 0.2 + 0.5 * 1 * 0.4
-    assert M.auc(np.array([0.0, 0.5, 1.0]), np.array([0.2, 0.6, 0.2])) == pytest.approx(0.4)
+def test_areas_of_straight_line_is_mean_of_endpoints():
+    # Constant preference: one step from all-small (AR 0.2) to all-M_LLM (AR 0.6).
+    acc_llm = np.array([1.0, 1, 1, 0, 0])
+    acc_slm = np.array([1.0, 0, 0, 0, 0])
+    auc, pauc = M.areas(np.zeros(5), acc_llm, acc_slm)
+    assert auc == pytest.approx(0.4)
+    assert pauc == pytest.approx(0.0, abs=1e-12)  # never above always-M_LLM
 
 
-def test_auc_requires_full_span():
-    with pytest.raises(ValueError):
-        M.auc(np.array([0.0, 0.5]), np.array([0.1, 0.2]))
+def test_areas_of_a_tent_above_the_llm_line():
+    # AR 0.2 -> 0.6 -> 0.4 at ratios 0, 0.5, 1 (accept may be fractional, e.g. a graded score).
+    pref = np.array([2.0, 1.0])
+    auc, pauc = M.areas(pref, np.array([0.8, 0.0]), np.array([0.0, 0.4]))
+    assert auc == pytest.approx(0.5 * (0.2 + 0.6) / 2 + 0.5 * (0.6 + 0.4) / 2)
+    # Crossing AR_LLM = 0.4 at 0.25, ending on it: 0.25 * 0.2 / 2 + 0.5 * 0.2 / 2.
+    assert pauc == pytest.approx(0.025 + 0.05)
+    # Below the line everywhere: no PAUC.
+    assert M.areas(pref, np.array([0.8, 0.0]), np.array([0.0, 0.4]), ar_llm=0.9)[1] == 0.0
 
 
-def test_pauc_counts_only_area_above_llm_line():
-    r = np.array([0.0, 0.5, 1.0])
-    # Entirely below the line: nothing.
-    assert M.pauc(r, np.array([0.1, 0.2, 0.4]), 0.4) == 0.0
-    # Tent reaching 0.2 above the line at 0.5, crossing it at 0.25 and ending on it:
-    # left triangle 0.25 * 0.2 / 2, right triangle 0.5 * 0.2 / 2.
-    assert M.pauc(r, np.array([0.2, 0.6, 0.4]), 0.4) == pytest.approx(0.025 + 0.05)
+def test_areas_equal_the_numpy_trapezoid_of_the_curve():
+    # The equality check of the switch to the core's areas: on random routers with tied and
+    # infinite preferences, the Rust areas equal the numpy areas of the same sweep's curve.
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(1, 80))
+        pref = rng.choice([-np.inf, -1.0, 0.0, 0.5, 2.0, np.inf], n) + (
+            rng.normal(size=n) if rng.random() < 0.5 else 0.0
+        )
+        acc_llm = (rng.random(n) < rng.random()).astype(float)
+        acc_slm = (rng.random(n) < rng.random()).astype(float)
+        c = M.sweep(pref, acc_llm, acc_slm)
+        want = _curve_areas(c.ratio, c.ar, float(acc_llm.mean()))
+        got = M.areas(pref, acc_llm, acc_slm)
+        assert got == pytest.approx(want, abs=1e-12)
 
 
 def test_apgr_and_cpt_on_linear_curve():
     r, y = np.array([0.0, 1.0]), np.array([0.2, 0.4])
-    area = M.auc(r, y)
+    area, _ = _curve_areas(r, y, 0.4)
     # A straight line from weak to strong recovers half the gap on average.
     assert M.apgr(area, 0.2, 0.4) == pytest.approx(0.5)
     assert M.cpt(r, y, 0.2, 0.4, 0.5) == pytest.approx(0.5)
@@ -79,7 +108,7 @@ def test_constant_preference_is_the_straight_line():
     a, b = rng.random(50) < 0.3, rng.random(50) < 0.6
     c = M.sweep(np.zeros(50), a, b)
     assert len(c.ratio) == 2
-    assert M.auc(c.ratio, c.ar) == pytest.approx((a.mean() + b.mean()) / 2)
+    assert M.areas(np.zeros(50), a, b)[0] == pytest.approx((a.mean() + b.mean()) / 2)
 
 
 def test_batch_auc_matches_explicit_resample():
@@ -94,8 +123,9 @@ def test_batch_auc_matches_explicit_resample():
     for b in range(5):
         idx = np.repeat(np.arange(n), w[b].astype(int))
         c = M.sweep(pref[idx], acc_llm[idx], acc_slm[idx])
-        assert a[b] == pytest.approx(M.auc(c.ratio, c.ar))
-        assert p[b] == pytest.approx(M.pauc(c.ratio, c.ar, acc_llm[idx].mean()))
+        auc, pauc = _curve_areas(c.ratio, c.ar, acc_llm[idx].mean())
+        assert a[b] == pytest.approx(auc)
+        assert p[b] == pytest.approx(pauc)
 
 
 def test_operating_point_rank_is_two_minus_ar():

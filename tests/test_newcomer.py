@@ -285,3 +285,84 @@ def test_cross_case_summary_and_eval_summary_cli(mid_result, tmp_path: Path, cap
     merged.write_text(json.dumps({"targets": ["a"], "results": [], "comparisons": []}))
     assert tagrouter(["eval-summary", str(one), str(merged)]) == 2
     assert "different experiments" in capsys.readouterr().err
+
+
+def _fold(n: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray]:  # type: ignore[type-arg]
+    rng = np.random.default_rng(seed)
+    acc_llm = (rng.random(n) < 0.5).astype(float)
+    acc_slm = (rng.random(n) < 0.3).astype(float)
+    return {"rows": np.arange(n), "acc_llm": acc_llm}, acc_llm, acc_slm
+
+
+def test_intervals_resample_the_draws_of_judged_queries() -> None:
+    # Three draws of one fold route very differently (one orders queries by their gain, one
+    # against it, one not at all). With the queries held fixed, the replicates are exactly the
+    # resamples of the draws: from the worst draw alone to the best alone, centred on their mean.
+    from tagrouter_fast.eval import metrics as M
+    from tagrouter_fast.eval.newcomer import _boot_series, _draw_weights, _Run, _Series
+
+    info, acc_llm, acc_slm = _fold(200, 0)
+    gain = acc_llm - acc_slm
+    prefs = [gain, -gain, np.zeros(200)]
+    s = _Series([_Run(0, d, {}, p, acc_slm) for d, p in enumerate(prefs)])
+    aucs = [M.areas(p, acc_llm, acc_slm)[0] for p in prefs]
+    boot, _ = _boot_series(s, [info], [np.ones((4000, 200))], _draw_weights(1, [3], 4000))
+    assert boot.min() == pytest.approx(min(aucs)) and boot.max() == pytest.approx(max(aucs))
+    assert boot.mean() == pytest.approx(np.mean(aucs), abs=0.005)
+    # One draw per fold (N = all, the zero-judgment starts): nothing to resample.
+    one = _Series([_Run(0, 0, {}, prefs[0], acc_slm)])
+    boot1, _ = _boot_series(one, [info], [np.ones((50, 200))], _draw_weights(1, [1], 50))
+    np.testing.assert_allclose(boot1, aucs[0])
+
+
+def test_no_recovered_share_of_a_tiny_full_data_benefit() -> None:
+    # The full data helps by a hair on every resample (graded accepts that differ by 0.001), so
+    # the gap's interval lies above 0; the judged-query run picked a worse small model and lost
+    # 3 points. Its "share" would be thousands of percent below 0: not given.
+    from tagrouter_fast.eval import metrics as M
+    from tagrouter_fast.eval.newcomer import MIN_GAP, _Run, _Series, _summarize
+
+    n, rng = 300, np.random.default_rng(1)
+    sign = rng.choice([-1.0, 1.0], n)
+    acc_slm = np.full(n, 0.5)
+
+    def summarize(benefit: float) -> dict:  # type: ignore[type-arg]
+        info = {"rows": np.arange(n), "acc_llm": 0.5 + benefit * sign}
+        series = {}
+        for key, pref, slm_acc in (
+            (("T", "prior", 0), np.zeros(n), acc_slm),
+            (("T", "all", ALL), sign, acc_slm),
+            (("T", "random", 10), np.zeros(n), acc_slm - 0.06),
+        ):
+            auc, pauc = M.areas(pref, info["acc_llm"], slm_acc)
+            met = {"auc": auc, "pauc": pauc, "ar": 0.5, "cost": 1.0, "ratio": 0.5}
+            series[key] = _Series([_Run(0, 0, met, pref, slm_acc)])
+        (rec,) = _summarize(series, [info], 200, {"variants": {"T": "plus"}})["recovery"]
+        return rec  # type: ignore[no-any-return]
+
+    rec = summarize(0.001)
+    assert rec["gap_ci95"][0] > 0 and 0 < rec["gap_auc"] < MIN_GAP
+    assert rec["share"] is None and rec["share_ci95"] is None
+    # The same runs with a benefit of a few points do get a share. A constant preference is
+    # the straight line: 0.06 off its all-small end is 0.03 of AUC.
+    rec = summarize(0.1)
+    assert rec["gap_auc"] > MIN_GAP and rec["share"] == pytest.approx(-0.03 / rec["gap_auc"])
+    lo, hi = rec["share_ci95"]
+    assert lo <= rec["share"] <= hi
+
+
+def test_hybrid_choice_of_judged_queries(tmp_path: Path) -> None:
+    # The paper's Alg. 2 picks the judged queries: measured like the other choices, paired
+    # against a random choice of the same N.
+    _, _, pool = _pool(tmp_path)
+    res = _run(pool, selections=["random", "hybrid"], variants={"TagRouter+": "plus"})
+    for n in (5, 20):
+        assert _row(res, "TagRouter+", "hybrid", n)["runs"] == 4
+        assert any(
+            c["a"] == "TagRouter+"
+            and c["b"] == "TagRouter+ (random)"
+            and c["selection"] == "hybrid"
+            and c["n"] == n
+            for c in res["comparisons"]
+        )
+    assert "Alg. 2 hybrid tag weights" in newcomer_report({**res, "pool": "synthetic"})

@@ -194,12 +194,18 @@ def _add_args(e: argparse.ArgumentParser) -> None:
         help="numbers of the newcomer's judgments, 'all' = every training judgment "
         "(default 0,10,25,50,100,200,all)",
     )
-    n.add_argument("--draws", type=int, default=3, help="random draws per fold (default 3)")
+    n.add_argument(
+        "--draws",
+        type=int,
+        default=3,
+        help="draws of the judged queries per fold (default 3); the intervals resample them",
+    )
     n.add_argument(
         "--selection",
         default="random,stratified,uncertainty",
         help="how judged queries are chosen: random, stratified, uncertainty "
-        "(suggest_judgments strategies; default all three)",
+        "(suggest_judgments strategies), hybrid (the paper's Alg. 2 hybrid tag weights) "
+        "(default random,stratified,uncertainty)",
     )
     mg = e.add_argument_group(
         "merged stores (per source of the table's subsets: its own judgments, the other "

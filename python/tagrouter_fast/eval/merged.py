@@ -177,12 +177,9 @@ def run_merged(
                         "merged": _build(data, merged, v, seed),
                     }
                     for which, router in routers.items():
-                        pref, slm = _route_router(router, test)
-                        pref = np.asarray(pref, float)
-                        slm = np.asarray(slm)
-                        thr = -router.decider.theta
+                        pref, slm, thr = _route_router(router, test)
                         met, _ = _score_fold(pref, slm, thr, test, ref)
-                        met["theta"] = float(router.decider.theta)
+                        met["theta"] = -thr
                         acc_slm = _acc_cost(test, slm)[0]
                         accepted = np.where(pref > thr, test.acc[:, test.llm], acc_slm)
                         runs.setdefault((name, which), []).append(

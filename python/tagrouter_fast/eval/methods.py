@@ -21,10 +21,12 @@ threshold ``t`` is ``-theta`` (paper 3.4: M_LLM iff ``Delta_q < theta``). The me
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -46,6 +48,7 @@ __all__ = [
     "fit_tag_difficulty",
     "fit_variant",
     "out_of_fold",
+    "route_tagrouter",
 ]
 
 
@@ -256,6 +259,36 @@ def _column_prior(train: TrainSet, j: int) -> float:
     return float(train.acc[mask].mean()) if mask.any() else 0.5
 
 
+_T = TypeVar("_T")
+#: Fits already made, by a digest of everything they depend on. The newcomer experiment refits
+#: every baseline for each N and draw, but the rest of the pool's network and the embedding SVD
+#: do not depend on the newcomer's labels: the same inputs give the same (deterministic, seeded)
+#: fit, reused read-only. Bounded: a run needs the few of its current fold.
+_MEMO: OrderedDict[bytes, Any] = OrderedDict()
+_MEMO_SIZE = 16
+
+
+def _memoised(parts: Sequence[Any], fit: Callable[[], _T]) -> _T:
+    """``fit()``, or its earlier result for the same ``parts`` (arrays by content)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(f"{part.dtype}{part.shape}".encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(repr(part).encode())
+        h.update(b"|")
+    key = h.digest()
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        return _MEMO[key]  # type: ignore[no-any-return]
+    out = fit()
+    _MEMO[key] = out
+    if len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return out
+
+
 #: Below this many labels a per-model classifier is not fitted: its model's column is its
 #: accept rate (too few to fit, let alone to early-stop on a held-out tenth).
 _MIN_FIT = 20
@@ -272,7 +305,9 @@ def fit_mf(train: TrainSet, seed: int, use_tags: bool = False, dim: int = 50) ->
     X = _inputs(train, use_tags)
     k = int(min(dim, X.shape[1] - 1, X.shape[0] - 1))
     # The embedding side needs no labels: the SVD sees every training query.
-    svd = TruncatedSVD(n_components=k, random_state=seed).fit(X)
+    svd = _memoised(
+        ("svd", X, k, seed), lambda: TruncatedSVD(n_components=k, random_state=seed).fit(X)
+    )
     Z = svd.transform(X)
     y = train.acc.astype(int)
     mask = train.label_mask()
@@ -322,64 +357,128 @@ def fit_knn(train: TrainSet, seed: int, use_tags: bool = False, k: int = 11) -> 
     return _UtilityRouter(predict, train)
 
 
-def fit_mlp(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
-    """RouterBench MLP: two hidden layers, one multi-label output per model."""
+#: A network is stopped on the log-loss of a held-out tenth of its rows; below this many rows,
+#: or this many of either class in a column, there is no held-out set worth stopping on, so
+#: the column is its accept rate instead (a constant is calibrated; a network fitted without a
+#: stopping rule is not).
+_MIN_NET_ROWS = 50
+_MIN_NET_CLASS = 5
+
+
+def _fit_stopped(
+    X: np.ndarray,
+    Y: np.ndarray,
+    hidden: tuple[int, ...],
+    seed: int,
+    *,
+    patience: int,
+    max_epochs: int,
+    groups: np.ndarray | None = None,
+) -> Any:
+    """An `MLPClassifier` trained epoch by epoch and stopped where the log-loss of a held-out
+    10% of the rows stops falling, with the weights of its best epoch.
+
+    Why not scikit-learn's ``early_stopping``: it stops on held-out *accuracy* (for several
+    outputs, the share of rows with every output right). With accept rates of 10-20%, the
+    all-reject predictor maximises that after two or three epochs, so the network stopped
+    there, barely trained: on AlpacaEval five-api its five outputs all sat near 0.4-0.47
+    (accept rates 0.09-0.19, spread 0.015 over queries), and the small model it preferred was
+    set by the initial weights, not by the models' accept rates (RouterBench-MLP's AUC fell
+    below the no-information line). Log-loss rewards calibrated probabilities, which is what
+    the router compares across models.
+
+    Args:
+        X: ``(n, d)`` inputs.
+        Y: ``(n,)`` binary labels, or ``(n, k)`` binary labels of ``k`` outputs.
+        hidden: hidden layer sizes.
+        seed: initial weights, shuffling and the held-out split.
+        patience: epochs without improvement before stopping.
+        max_epochs: at most this many epochs.
+        groups: rows of one group are held out together (FORC's pairs of one query).
+    """
     from sklearn.neural_network import MLPClassifier
 
+    Y = np.asarray(Y, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    n = len(X)
+    if groups is None:
+        groups = np.arange(n)
+    uniq = rng.permutation(np.unique(groups))
+    held = np.isin(groups, uniq[: max(1, len(uniq) // 10)])
+    if Y.ndim == 1 and len(np.unique(Y[held])) < 2:
+        # A single-output split without both classes cannot measure calibration: stratify.
+        held = np.zeros(n, bool)
+        for c in (0, 1):
+            rows = rng.permutation(np.flatnonzero(Y == c))
+            held[rows[: max(1, len(rows) // 10)]] = True
+    classes = np.arange(Y.shape[1]) if Y.ndim == 2 else np.array([0, 1])
+    clf = MLPClassifier(hidden_layer_sizes=hidden, alpha=1e-3, random_state=seed)
+    Xt, Yt, Xv, Yv = X[~held], Y[~held], X[held], Y[held]
+    best, best_state, waited = np.inf, None, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(max_epochs):
+            clf.partial_fit(Xt, Yt, classes=classes)
+            p = clf.predict_proba(Xv)
+            p = np.clip(p if Y.ndim == 2 else p[:, 1], 1e-7, 1 - 1e-7)
+            loss = float(-np.mean(Yv * np.log(p) + (1 - Yv) * np.log1p(-p)))
+            if loss < best - 1e-4:  # scikit-learn's default tolerance
+                best, waited = loss, 0
+                best_state = ([w.copy() for w in clf.coefs_], [b.copy() for b in clf.intercepts_])
+            else:
+                waited += 1
+                if waited >= patience:
+                    break
+    assert best_state is not None
+    clf.coefs_, clf.intercepts_ = best_state
+    return clf
+
+
+def _can_fit_net(y: np.ndarray) -> bool:
+    """Enough labels of both classes to hold some out and stop on them."""
+    pos = int(y.sum())
+    return len(y) >= _MIN_NET_ROWS and min(pos, len(y) - pos) >= _MIN_NET_CLASS
+
+
+def fit_mlp(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
+    """RouterBench MLP: two hidden layers (128, 64), one multi-label output per model, stopped
+    on held-out log-loss (`_fit_stopped`). A model with hidden labels (a newcomer) gets a
+    network of its own on the queries it was judged on; a column without enough labels of
+    both classes for that (`_can_fit_net`) is its accept rate."""
     X = _inputs(train, use_tags)
     y = train.acc.astype(int)
     mask = train.label_mask()
     full = mask.all(axis=0)
-    const = _constant_columns(y) | ~full
-    var = np.flatnonzero(~const)
-    # A model with hidden labels gets its own network on the queries it was judged on.
+    cols: list[int] = np.flatnonzero(full).tolist()
+    const = {j: _column_prior(train, j) for j in cols if not _can_fit_net(y[:, j])}
+    var = [j for j in cols if j not in const]
     partial: dict[int, Any] = {}
     for j in np.flatnonzero(~full).tolist():
         rows = mask[:, j]
-        yj = y[rows, j]
-        if rows.sum() < _MIN_FIT or yj.min() == yj.max():
-            partial[j] = _column_prior(train, j)
-            continue
-        # Early stopping holds out a stratified 10%: it needs a few of each class and enough
-        # rows for that split (a newcomer with 10 judgments and one accept has neither).
-        few = int(min(yj.sum(), len(yj) - yj.sum())) < 5 or len(yj) < 50
-        one = MLPClassifier(
-            hidden_layer_sizes=(128, 64),
-            alpha=1e-3,
-            max_iter=200,
-            early_stopping=not few,
-            n_iter_no_change=10,
-            random_state=seed,
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            partial[j] = one.fit(X[rows], yj)
+        if _can_fit_net(y[rows, j]):
+            partial[j] = _fit_stopped(
+                X[rows], y[rows, j], (128, 64), seed, patience=10, max_epochs=200
+            )
+        else:
+            const[j] = _column_prior(train, j)
     clf = None
-    if len(var):
+    if var:
         # Multi-label needs at least two output columns; duplicate a lone one.
         yy = y[:, var] if len(var) > 1 else np.repeat(y[:, var], 2, axis=1)
-        # Early stopping on a 10% split: without it 200 epochs overfit 600 queries and take
-        # 10 s per fit on two cores.
-        clf = MLPClassifier(
-            hidden_layer_sizes=(128, 64),
-            alpha=1e-3,
-            max_iter=200,
-            early_stopping=True,
-            n_iter_no_change=10,
-            random_state=seed,
+        clf = _memoised(
+            ("mlp", X, yy, seed),
+            lambda: _fit_stopped(X, yy, (128, 64), seed, patience=10, max_epochs=200),
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            clf.fit(X, yy)
 
     def predict(x: QueryFeatures) -> np.ndarray:
         Xq = _inputs(x, use_tags)
-        u = np.tile(y[0].astype(np.float64), (len(Xq), 1))
+        u = np.empty((len(Xq), y.shape[1]))
         if clf is not None:
-            p = clf.predict_proba(Xq)
-            u[:, var] = p[:, : len(var)]
+            u[:, var] = clf.predict_proba(Xq)[:, : len(var)]
         for j, c in partial.items():
-            u[:, j] = c if isinstance(c, float) else c.predict_proba(Xq)[:, 1]
+            u[:, j] = c.predict_proba(Xq)[:, 1]
+        for j, p in const.items():
+            u[:, j] = p
         return u
 
     return _UtilityRouter(predict, train)
@@ -390,10 +489,9 @@ def fit_forc(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
 
     FORC feeds DistilBERT the query with a model-identifier token and predicts that model's
     success. Without BERT, the query embedding is concatenated with a one-hot model id and one
-    shared MLP (one hidden layer) predicts acceptance for every pair.
+    shared MLP (one hidden layer, 128) predicts acceptance for every pair; it is stopped on the
+    held-out log-loss of a tenth of the queries (all their pairs; `_fit_stopped`).
     """
-    from sklearn.neural_network import MLPClassifier
-
     X = _inputs(train, use_tags)
     n, m = train.acc.shape
     eye = np.eye(m, dtype=np.float32)
@@ -407,20 +505,11 @@ def fit_forc(train: TrainSet, seed: int, use_tags: bool = False) -> Fitted:
     # Only the (query, model) pairs with a readable label are training pairs.
     keep = train.label_mask().reshape(-1)
     y = train.acc.astype(int).reshape(-1)[keep]
-    if y.min() == y.max():
-        const = float(y[0])
+    if not _can_fit_net(y):
+        const = float(y.mean()) if len(y) else 0.5
         return _UtilityRouter(lambda x: np.full((len(x.query_ids), m), const), train)
-    clf = MLPClassifier(
-        hidden_layer_sizes=(128,),
-        alpha=1e-3,
-        max_iter=60,
-        early_stopping=True,
-        n_iter_no_change=5,
-        random_state=seed,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        clf.fit(pairs(X)[keep], y)
+    query = np.repeat(np.arange(n), m)[keep]
+    clf = _fit_stopped(pairs(X)[keep], y, (128,), seed, patience=5, max_epochs=60, groups=query)
 
     def predict(x: QueryFeatures) -> np.ndarray:
         Xq = _inputs(x, use_tags)
@@ -481,12 +570,43 @@ class _RouterFitted(Fitted):
         )
 
     def route(self, x: QueryFeatures) -> tuple[np.ndarray, np.ndarray]:
-        from tagrouter_fast.builder.tune import decisions_in_pool_order, preferences
+        pref, slm, _ = route_tagrouter(
+            self.router, x.tags, self.models, self.llm, self.fallback_slm
+        )
+        return pref, slm
 
-        r = self.router
-        d = r.decider.decide_batch(r.align_tags(x.tags))
-        d = decisions_in_pool_order(d, r.decider.models, self.models)
-        return preferences(d, self.llm, self.fallback_slm)
+
+def route_tagrouter(
+    router: TagRouter,
+    raw_tags: Sequence[Sequence[str]],
+    models: Sequence[str],
+    llm: int,
+    fallback_slm: int,
+    theta: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Route queries by their cached tagger output through the product's one composition,
+    `TagRouter.decide_many` (alignment, then the Rust decider at ``theta``, default the
+    router's), and give the evaluation's view of the decisions.
+
+    Args:
+        router: a product `TagRouter` over (some of) ``models``.
+        raw_tags: the tagger's output per query.
+        models: the pool's columns; ``llm`` is M_LLM's.
+        fallback_slm: the small model of a query that went to M_LLM without a known tag (the
+            curve's all-small end still needs one).
+        theta: the decider's threshold for this call (default: the router's own).
+
+    Returns:
+        ``(pref, slm, threshold)``: ``pref = -Delta_q`` per query (``+-inf`` where no tag is
+        known), the small model's column, and ``threshold = -theta`` of the decider that decided
+        them (the same store snapshot), so ``pref > threshold`` is the router's own route.
+    """
+    from tagrouter_fast.builder.tune import decisions_in_pool_order, preferences
+
+    batch = router.decide_many(raw_tags=raw_tags, theta=theta)
+    d = decisions_in_pool_order(batch.arrays(), batch.decider.models, models)
+    pref, slm = preferences(d, llm, fallback_slm)
+    return pref, slm, -float(batch.decider.theta)
 
 
 _ENCODER: list[Encoder] = []
@@ -732,8 +852,7 @@ def fit_selected(
         aucs = []
         for test in splits:
             a_slm = train.acc[test, slm[test]].astype(np.float64)
-            c = M.sweep(pref[test], train.acc[test, llm], a_slm)
-            aucs.append(M.auc(c.ratio, c.ar))
+            aucs.append(M.areas(pref[test], train.acc[test, llm], a_slm)[0])
         scores[name] = float(np.mean(aucs))
         if scores[name] > best_auc:
             best_name, best_fit, best_auc = name, fit, scores[name]
@@ -782,6 +901,7 @@ def fit_hybrid(train: TrainSet, seed: int) -> Fitted:
 
 
 # ==== Registry ====
+
 
 def default_methods() -> list[Method]:
     """Every method of the Table-2 comparison, in display order. The three TagRouters are the

@@ -18,17 +18,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tagrouter_fast.core import sweep_curve
+from tagrouter_fast.curve import sweep_curve, weighted_areas
 
 __all__ = [
     "Curve",
     "aiq",
     "apgr",
-    "auc",
+    "areas",
     "batch_auc_pauc",
     "cpt",
     "operating_point",
-    "pauc",
     "rank_corr",
     "sweep",
 ]
@@ -79,43 +78,35 @@ def sweep(
     return Curve(ratio=ratio, ar=ar, cost=cost, thresholds=thresholds)
 
 
-def auc(ratio: np.ndarray, ar: np.ndarray) -> float:
-    """Area under AR(ratio) over ``[0, 1]`` by the trapezoid rule (paper section 4).
+def areas(
+    pref: np.ndarray, acc_llm: np.ndarray, acc_slm: np.ndarray, ar_llm: float | None = None
+) -> tuple[float, float]:
+    """AUC and PAUC of a router's threshold sweep (paper section 4), from the core's Rust sweep
+    (`tagrouter_fast.curve.weighted_areas` under one unit weighting: the pass the paired
+    bootstrap runs on every resample, so a point estimate and its resamples share one code).
 
-    >>> round(auc(np.array([0.0, 1.0]), np.array([0.2, 0.4])), 6)
-    0.3
-    """
-    r = np.asarray(ratio, dtype=np.float64)
-    y = np.asarray(ar, dtype=np.float64)
-    if r[0] != 0.0 or r[-1] != 1.0:
-        raise ValueError("the curve must span ratio 0 to 1")
-    return float(np.sum(np.diff(r) * (y[1:] + y[:-1]) / 2))
-
-
-def _positive_area(dx: np.ndarray, y0: np.ndarray, y1: np.ndarray) -> np.ndarray:
-    """Exact area of max(y, 0) over segments where y is linear from y0 to y1."""
-    both = (y0 >= 0) & (y1 >= 0)
-    cross = (y0 > 0) != (y1 > 0)
-    pos = np.maximum(y0, y1)
-    span = np.abs(y0) + np.abs(y1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tri = np.where(span > 0, dx * pos * pos / (2 * span), 0.0)
-    return np.where(both, dx * (y0 + y1) / 2, np.where(cross & ~both, tri, 0.0))
-
-
-def pauc(ratio: np.ndarray, ar: np.ndarray, ar_llm: float) -> float:
-    """Area of the curve above always-M_LLM's AR: ``integral of max(AR(r) - AR_LLM, 0) dr``.
-
-    The paper's prose says "area under the curve where AR > AR_LLM"; its reported values
+    ``AUC = integral_0^1 AR(rho) d rho`` by the trapezoid rule over the sweep's points;
+    ``PAUC = integral_0^1 max(AR(rho) - AR_LLM, 0) d rho``, exact for the piecewise-linear
+    curve. The paper's prose says "area under the curve where AR > AR_LLM"; its reported values
     (e.g. 1.46% at an AR gain of about 5 points) only fit the area *between* the curve and the
-    line ``AR_LLM``, which is what this computes, exactly for the piecewise-linear curve.
+    line ``AR_LLM``, which is what this is.
 
-    >>> round(pauc(np.array([0.0, 0.5, 1.0]), np.array([0.2, 0.6, 0.4]), 0.4), 6)
-    0.075
+    Args:
+        pref, acc_llm, acc_slm: as for :func:`sweep`.
+        ar_llm: always-M_LLM's accept rate (default: the mean of ``acc_llm``).
+
+    Returns:
+        ``(auc, pauc)`` as fractions.
+
+    >>> a, p = areas(np.array([2.0, 1.0]), np.array([1, 0]), np.array([0, 1]))
+    >>> round(a, 6), round(p, 6)
+    (0.75, 0.25)
     """
-    r = np.asarray(ratio, dtype=np.float64)
-    y = np.asarray(ar, dtype=np.float64) - ar_llm
-    return float(np.sum(_positive_area(np.diff(r), y[:-1], y[1:])))
+    a_llm = np.asarray(acc_llm, dtype=np.float64)
+    level = float(a_llm.mean()) if ar_llm is None else float(ar_llm)
+    ones = np.ones((1, len(a_llm)))
+    auc, pauc = weighted_areas(pref, a_llm, acc_slm, ones, np.array([level]))
+    return float(auc[0]), float(pauc[0])
 
 
 def apgr(area: float, ar_weak: float, ar_strong: float) -> float:
@@ -210,7 +201,7 @@ def batch_auc_pauc(
     ar_llm: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """AUC and PAUC of one router under many query weightings (bootstrap resamples), computed
-    by the Rust sweep (`tagrouter_fast.core.weighted_areas`; the numpy version is the oracle in
+    by the Rust sweep (`tagrouter_fast.curve.weighted_areas`; the numpy version is the oracle in
     `tagrouter_fast._reference.batch_auc_pauc`).
 
     Args:
@@ -221,10 +212,8 @@ def batch_auc_pauc(
         ar_llm: ``(B,)`` always-M_LLM AR under each weighting.
 
     Returns:
-        ``(B,)`` AUCs and ``(B,)`` PAUCs, equal to :func:`auc`/:func:`pauc` of the resampled set.
+        ``(B,)`` AUCs and ``(B,)`` PAUCs, equal to :func:`areas` of the resampled set.
     """
-    from tagrouter_fast.core import weighted_areas
-
     return weighted_areas(pref, acc_llm, acc_slm, weights, ar_llm)
 
 

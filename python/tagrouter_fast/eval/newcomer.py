@@ -15,9 +15,11 @@ same test-fold curves, paired bootstrap over queries):
   the first 10 of a draw are in its first 25), or chosen by
   `tagrouter_fast.add_model.suggest_judgments` on the rest-of-pool store (``stratified``:
   a systematic sample over the queries ordered by tags, ``draws`` random starts;
-  ``uncertainty``: the queries whose tags are most uncertain for the newcomer). ``N = all``
-  gives the newcomer every training judgment: the full-data level the recovery is measured
-  against.
+  ``uncertainty``: the queries whose tags are most uncertain for the newcomer), or drawn by the
+  paper's Alg. 2 hybrid tag weights (``hybrid``: `tagrouter_fast.eval.sampling`, rare tags
+  weigh more, so the judgments cover more of the store's tags; ``draws`` seeds, nested like
+  the random draws). ``N = all`` gives the newcomer every training judgment: the full-data
+  level the recovery is measured against.
 - Zero judgments: the newcomer starts from another model's counts (paper D.3's proxy: the
   rest-of-pool model closest in price, which a user knows before judging anything; and, as an
   upper bound no user has, the model whose training outcomes agree most with the newcomer's),
@@ -26,6 +28,13 @@ same test-fold curves, paired bootstrap over queries):
 Operating points: a TagRouter keeps the theta its builder chose for the rest of the pool (what
 a deployed router does when a model joins); the baselines route at ``pref > 0`` (the higher
 predicted accept probability). AUC and PAUC need no operating point.
+
+Intervals: which N queries were judged is, at small N, the main source of variance (one draw
+of 10 judgments can hold one accept or four). The bootstrap therefore resamples both: in every
+replicate the test queries are resampled (once for all folds, as the main evaluation does) and,
+on every fold, the draws of judged queries are resampled with replacement; a method's AUC is
+the mean over folds of the mean over the resampled draws. The draw resample of a fold is shared
+by every method and N, so paired differences compare the same judged queries.
 """
 
 from __future__ import annotations
@@ -46,8 +55,10 @@ from tagrouter_fast.eval.methods import (
     fit_knn,
     fit_mf,
     fit_mlp,
+    route_tagrouter,
 )
 from tagrouter_fast.eval.protocol import PoolData, _acc_cost, _reference, _score_fold
+from tagrouter_fast.eval.sampling import hybrid_sample
 
 __all__ = [
     "ALL",
@@ -72,8 +83,17 @@ BASELINES: dict[str, Callable[[TrainSet, int], Any]] = {
     "RouterBench-MLP": fit_mlp,
     "FORC-style": fit_forc,
 }
-#: How the judged queries are chosen: at random, or by `suggest_judgments`' strategies.
-SELECTIONS = ("random", "stratified", "uncertainty")
+#: How the judged queries are chosen: at random, by `suggest_judgments`' strategies, or by the
+#: paper's Alg. 2 hybrid tag weights (`tagrouter_fast.eval.sampling`).
+SELECTIONS = ("random", "stratified", "uncertainty", "hybrid")
+#: A full-data benefit below this (AUC, as a fraction: half a point) gets no recovered share:
+#: the share divides by it, so a benefit this small turns the noise of a few judged queries
+#: into shares of thousands of percent, even where its interval excludes 0 (two routers that
+#: differ on a handful of test queries have a narrow interval around a tiny gap). Half a point
+#: is also about the smallest difference these tables resolve between routers (`tagrouter
+#: eval-signal`: a router of gain correlation 0.05 gains ~0.5 points and is detected in about
+#: a third of evaluations).
+MIN_GAP = 0.005
 #: Zero-judgment starts of a TagRouter.
 STARTS = ("prior", "proxy-cost", "proxy-best")
 
@@ -142,14 +162,12 @@ def _judgments_table(train: TrainSet, j: int, rows: np.ndarray) -> Any:
     )
 
 
-def _route_router(router: Any, test: TrainSet) -> tuple[np.ndarray, np.ndarray]:
-    from tagrouter_fast.builder.tune import decisions_in_pool_order, preferences
-
-    d = router.decider.decide_batch(router.align_tags(test.tags))
-    d = decisions_in_pool_order(d, router.decider.models, test.models)
+def _route_router(router: Any, test: TrainSet) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(pref, slm, threshold)`` of a product router on the test fold (`route_tagrouter`),
+    at the theta its builder chose."""
     mean_cost = test.cost.mean(axis=0)
     fallback = min(test.slms, key=lambda k: mean_cost[k]) if test.slms else test.llm
-    return preferences(d, test.llm, fallback)
+    return route_tagrouter(router, test.tags, test.models, test.llm, fallback)
 
 
 def _proxies(train: TrainSet, rest: TrainSet, j: int) -> dict[str, str]:
@@ -338,8 +356,8 @@ def _run_fold(
             for start in STARTS:
                 like = rest.models if start == "prior" else proxies[start]
                 join(name, None, like=like)
-                pref, slm = _route_router(routers[name], test)
-                record((name, start, 0), 0, pref, slm, -routers[name].decider.theta)
+                pref, slm, thr = _route_router(routers[name], test)
+                record((name, start, 0), 0, pref, slm, thr)
         for bname, fit in baselines.items():
             masked = _masked(train, j, np.zeros(0, np.int64))
             pref, slm = fit(masked, seed).route(test.features())
@@ -352,6 +370,14 @@ def _run_fold(
             # Nested within a draw: its first 10 are in its first 25.
             rng = np.random.default_rng([seed, fi, draw, 12])
             return rng.permutation(n_train)[:size]
+        if sel == "hybrid":
+            # Alg. 2's draw order over every training query (alpha = 1): nested like random.
+            order = hybrid_sample(
+                train.tags,
+                alpha=1.0,
+                seed=int(np.random.default_rng([seed, fi, draw, 14]).integers(2**31)),
+            )
+            return np.asarray(order[:size], dtype=np.int64)
         ids = suggest_judgments(
             first,
             size,
@@ -373,8 +399,7 @@ def _run_fold(
                 n_key = ALL if full else size
                 for name in routers:
                     join(name, rows)
-                    pref, slm = _route_router(routers[name], test)
-                    thr = -routers[name].decider.theta
+                    pref, slm, thr = _route_router(routers[name], test)
                     record((name, label, n_key), draw, pref, slm, thr)
                 for bname, fit in baselines.items():
                     fitted = fit(_masked(train, j, rows), seed)
@@ -415,6 +440,45 @@ def _mean_auc(s: _Series) -> float:
     return float(np.mean([r.metrics["auc"] for r in s.runs]))
 
 
+def _draw_weights(
+    n_folds: int, draws: Sequence[int], n_boot: int, seed: int = 0
+) -> dict[tuple[int, int], np.ndarray]:
+    """Per (fold, number of draws ``k``): ``(n_boot, k)`` weights of a resample of the ``k``
+    draws with replacement (multinomial counts / k). One resample per fold and ``k``, shared by
+    every series with ``k`` draws there, so paired differences resample the same draws."""
+    rng = np.random.default_rng([seed, 1])
+    out = {}
+    for f in range(n_folds):
+        for k in sorted(set(draws)):
+            out[(f, k)] = rng.multinomial(k, np.full(k, 1.0 / k), size=n_boot) / k
+    return out
+
+
+def _boot_series(
+    s: _Series,
+    fold_info: list[dict[str, Any]],
+    weights: list[np.ndarray],
+    draw_w: dict[tuple[int, int], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """A series' AUC and PAUC under every replicate: queries resampled (``weights``) and, per
+    fold, its draws resampled (``draw_w``); the mean over folds of the mean over draws."""
+    by_fold: dict[int, list[_Run]] = {}
+    for r in s.runs:
+        by_fold.setdefault(r.fold, []).append(r)
+    aucs, paucs = [], []
+    for fold, runs in sorted(by_fold.items()):
+        runs.sort(key=lambda r: r.draw)
+        f, w = fold_info[fold], weights[fold]
+        ar_llm = (w * f["acc_llm"]).sum(axis=1) / w.sum(axis=1)
+        per = [M.batch_auc_pauc(r.pref, f["acc_llm"], r.acc_slm, w, ar_llm) for r in runs]
+        a = np.stack([x[0] for x in per], axis=1)  # (n_boot, draws)
+        p = np.stack([x[1] for x in per], axis=1)
+        dw = draw_w[(fold, len(runs))]
+        aucs.append((a * dw).sum(axis=1))
+        paucs.append((p * dw).sum(axis=1))
+    return np.mean(aucs, axis=0), np.mean(paucs, axis=0)
+
+
 def _summarize(
     series: dict[tuple[str, str, int], _Series],
     fold_info: list[dict[str, Any]],
@@ -422,17 +486,13 @@ def _summarize(
     meta: dict[str, Any],
 ) -> dict[str, Any]:
     weights = _boot_weights(fold_info, n_boot)
-    boots: dict[tuple[str, str, int], tuple[np.ndarray, np.ndarray]] = {}
-    for key, s in series.items():
-        aucs, paucs = [], []
-        for r in s.runs:
-            f, w = fold_info[r.fold], weights[r.fold]
-            ar_llm = (w * f["acc_llm"]).sum(axis=1) / w.sum(axis=1)
-            a, p = M.batch_auc_pauc(r.pref, f["acc_llm"], r.acc_slm, w, ar_llm)
-            aucs.append(a)
-            paucs.append(p)
-        # The mean over folds and draws, under each resample of the queries.
-        boots[key] = (np.mean(aucs, axis=0), np.mean(paucs, axis=0))
+    counts = {
+        len([r for r in s.runs if r.fold == f])
+        for s in series.values()
+        for f in {r.fold for r in s.runs}
+    }
+    draw_w = _draw_weights(len(fold_info), sorted(counts), n_boot)
+    boots = {key: _boot_series(s, fold_info, weights, draw_w) for key, s in series.items()}
 
     rows: list[dict[str, Any]] = []
     for key, s in sorted(series.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
@@ -497,9 +557,10 @@ def _summarize(
         if c:
             comparisons.append({"a": f"{t} all", "b": f"{t} prior", "n": ALL, **c})
     # Share of the full-data benefit recovered at each N: (AUC_N - AUC_0) / (AUC_all - AUC_0)
-    # from the pool's prior start (ratio of the means; interval over the resamples). A share is
-    # only meaningful where the full data measurably helps: None unless the gap's interval lies
-    # above 0 (a tiny gap makes the ratio explode).
+    # from the pool's prior start (ratio of the means; interval over the resamples, queries and
+    # draws). A share is only meaningful where the full data measurably helps: None unless the
+    # gap's interval lies above 0 and the gap is at least MIN_GAP (a tiny gap makes the ratio
+    # explode, however narrow its interval).
     recovery: list[dict[str, Any]] = []
     for name in tag_names + base_names:
         zero = (name, "prior", 0)
@@ -521,13 +582,14 @@ def _summarize(
                 "share": None,
                 "share_ci95": None,
             }
-            if gap_ci[0] > 0:
+            if gap_ci[0] > 0 and gap_point >= MIN_GAP:
                 gain = _mean_auc(series[key]) - _mean_auc(series[zero])
                 with np.errstate(divide="ignore", invalid="ignore"):
                     share = (boots[key][0] - boots[zero][0]) / gap
                 entry["share"] = float(gain / gap_point)
                 entry["share_ci95"] = _ci(share[np.isfinite(share)])
             recovery.append(entry)
+    meta = {**meta, "bootstrap": "queries and draws", "min_gap_auc": MIN_GAP}
     return {**meta, "results": rows, "comparisons": comparisons, "recovery": recovery}
 
 
@@ -564,7 +626,12 @@ def newcomer_report(result: dict[str, Any]) -> str:
     for sel in SELECTIONS[1:]:
         if not any(r["selection"] == sel for r in rows):
             continue
-        lines += ["", f"Judged queries chosen by `suggest_judgments(strategy={sel!r})`:", ""]
+        how = (
+            "Alg. 2 hybrid tag weights (`eval.sampling.hybrid_sample`)"
+            if sel == "hybrid"
+            else f"`suggest_judgments(strategy={sel!r})`"
+        )
+        lines += ["", f"Judged queries chosen by {how}:", ""]
         lines.append("| method | " + " | ".join(f"N={n}" for n in sizes) + " |")
         lines.append("|---|" + "---|" * len(sizes))
         for m in methods:
@@ -642,9 +709,14 @@ def plot_recovery(results: Sequence[dict[str, Any]], path: str) -> None:
             style = "-" if m.startswith("TagRouter") else "--"
             (line,) = ax.plot(xs, ys, style, marker="o", ms=3, label=m)
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
-        # The judged-query choices of suggest_judgments, for the default recipe: thin lines
-        # beside its random-choice curve (same colour family), so the comparison is visible.
-        for sel, style in (("stratified", ":"), ("uncertainty", "-.")):
+        # The other choices of judged queries, for the default recipe: thin black lines beside
+        # its random-choice curve, so the comparison is visible.
+        choices: tuple[tuple[str, Any], ...] = (
+            ("stratified", ":"),
+            ("uncertainty", "-."),
+            ("hybrid", (0, (5, 1))),
+        )
+        for sel, style in choices:
             pts2 = sorted(
                 (r["n"], 100 * r["auc"])
                 for r in rows
@@ -654,7 +726,7 @@ def plot_recovery(results: Sequence[dict[str, Any]], path: str) -> None:
                 ax.plot(
                     [p[0] for p in pts2],
                     [p[1] for p in pts2],
-                    style,
+                    linestyle=style,
                     color="black",
                     lw=1,
                     label=f"TagRouter+ ({sel} choice)",
@@ -741,8 +813,9 @@ def newcomer_summary(results: Sequence[dict[str, Any]]) -> str:
         return None
 
     out = [
-        "AUC (%) [95% bootstrap] against the newcomer's judgments N (random choice); "
-        "best baseline: the retrained baseline with the highest mean AUC over these N:",
+        "AUC (%) [95% bootstrap over test queries and draws of judged queries] against the "
+        "newcomer's judgments N (random choice); best baseline: the retrained baseline with the "
+        "highest mean AUC over these N:",
         "",
         "| case | method | N=0 (prior) | " + " | ".join(f"N={n}" for n in ns) + " | all |",
         "|---|---|---|" + "---|" * len(ns) + "---|",
@@ -789,19 +862,24 @@ def newcomer_summary(results: Sequence[dict[str, Any]]) -> str:
             for m in [t for t in _TAGROUTERS if t in res["variants"]]:
                 cells = [_find_comp(res, m, b, "random", mid) for b in bases]
                 out.append(f"| {_case(res)} | {m} | " + " | ".join(cells) + " |")
-    out += [
-        "",
-        "Choosing the judged queries: ΔAUC against a random choice of the same N:",
-        "",
-        "| case | recipe | choice | " + " | ".join(f"N={n}" for n in ns) + " |",
-        "|---|---|---|" + "---|" * len(ns),
-    ]
+    choice_rows = []
     for res in results:
         for m in [t for t in _TAGROUTERS if t in res["variants"]][-2:]:
             for sel in SELECTIONS[1:]:
                 cells = [_find_comp(res, m, f"{m} (random)", sel, n) for n in ns]
                 if any(cells):
-                    out.append(f"| {_case(res)} | {m} | {sel} | " + " | ".join(cells) + " |")
+                    choice_rows.append(
+                        f"| {_case(res)} | {m} | {sel} | " + " | ".join(cells) + " |"
+                    )
+    if choice_rows:  # runs with the random choice only have nothing to compare
+        out += [
+            "",
+            "Choosing the judged queries: ΔAUC against a random choice of the same N:",
+            "",
+            "| case | recipe | choice | " + " | ".join(f"N={n}" for n in ns) + " |",
+            "|---|---|---|" + "---|" * len(ns),
+            *choice_rows,
+        ]
     out += [
         "",
         "Zero judgments: AUC (%) by start, and the paper's proxy (closest price) against the "
@@ -818,15 +896,16 @@ def newcomer_summary(results: Sequence[dict[str, Any]]) -> str:
     out += [
         "",
         "Share of the full-data benefit recovered, (AUC_N - AUC_0) / (AUC_all - AUC_0) from the "
-        "prior start [95% bootstrap]; blank where the gap's interval does not lie above 0:",
+        "prior start [95% bootstrap], every recipe and retrained baseline; blank where the gap's "
+        f"interval does not lie above 0 or the gap is under {100 * MIN_GAP:g} AUC points:",
         "",
         "| case | method | gap AUC_all - AUC_0 | " + " | ".join(f"N={n}" for n in ns) + " |",
         "|---|---|---|" + "---|" * len(ns),
     ]
     for res in results:
         rec = {(r["method"], r["n"]): r for r in res.get("recovery", [])}
-        bb = best_baseline(res)
-        for m in [*_TAGROUTERS, *([bb] if bb else [])]:
+        # Every baseline, not only the best: a share means something beside the baselines'.
+        for m in [*_TAGROUTERS, *res.get("baselines", [])]:
             got = [rec.get((m, n)) for n in ns]
             if not any(got):
                 continue

@@ -132,11 +132,11 @@ def _score_fold(
     a_slm, c_slm = _acc_cost(test, slm)
     curve = M.sweep(pref, a_llm, a_slm, c_llm, c_slm)
     op = M.operating_point(pref > threshold, a_llm, a_slm, c_llm, c_slm)
-    area = M.auc(curve.ratio, curve.ar)
+    area, parea = M.areas(pref, a_llm, a_slm, ref["ar_llm"])
     out = _point_metrics(op, ref)
     out.update(
         auc=area,
-        pauc=M.pauc(curve.ratio, curve.ar, ref["ar_llm"]),
+        pauc=parea,
         apgr=M.apgr(area, ref["ar_weak"], ref["ar_llm"]),
         cpt50=M.cpt(curve.ratio, curve.ar, ref["ar_weak"], ref["ar_llm"], 0.5),
         aiq=M.aiq(curve.cost, curve.ar, ref["c_lo"], ref["c_hi"]),

@@ -1,6 +1,10 @@
 """Alg. 2 of the paper (appendix E.1): hybrid weight-based data sampling.
 
-Builds a TagGenerator training set that is less dominated by frequent tags. Each tag ``t`` with
+The paper builds a TagGenerator training set with it that is less dominated by frequent tags.
+This project trains no tagger; the evaluation uses Alg. 2 where the same question arises, the
+choice of which queries a newcomer's N judgments cover (`tagrouter_fast.eval.newcomer`,
+``tagrouter eval --add-model M --selection hybrid``): rare tags weigh more, so the judgments
+reach more of the store's tags than a random sample does. Each tag ``t`` with
 frequency ``f_t`` gets ``w_t = 1/f_t + log(max_t' f_t') - log(f_t)``: rare tags weigh more, the
 most frequent tag weighs ``1/f_max``. Then ``n = ceil(alpha * |D|)`` data points are drawn
 one at a time with probability proportional to their weight, without replacement.

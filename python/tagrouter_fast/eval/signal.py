@@ -158,12 +158,7 @@ def predictability(pool: Any, texts: Sequence[str], folds: int = 5, seed: int = 
 
 
 def _fold_auc(pref: np.ndarray, a_llm: np.ndarray, a_slm: np.ndarray, folds: list[np.ndarray]):
-    return float(np.mean([M.auc(*_ratio_ar(pref[f], a_llm[f], a_slm[f])) for f in folds]))
-
-
-def _ratio_ar(pref: np.ndarray, a_llm: np.ndarray, a_slm: np.ndarray):
-    c = M.sweep(pref, a_llm, a_slm)
-    return c.ratio, c.ar
+    return float(np.mean([M.areas(pref[f], a_llm[f], a_slm[f])[0] for f in folds]))
 
 
 def headroom(pool: Any, folds: int = 5, seed: int = 0) -> dict[str, float]:
