@@ -5,12 +5,14 @@ edge (read and check the body, the caller's key and operating point) -> policy
 (`Gateway.route_request`: the backends to try) -> forward (`Forwarder`: the fallback chain, a
 stream opened up to its first event) -> edge (the answer as it came, with the ``x-tagrouter-*``
 headers; a stream relayed event by event). The body goes upstream as the client sent it, but
-for ``model`` (the chosen backend's) and ``tagrouter`` (ours, never sent).
+for ``model`` (the chosen backend's) and ``tagrouter`` (ours, never sent); a chat request whose
+chain holds an Anthropic backend is translated instead (`protocol_routes.forward`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -24,10 +26,13 @@ from tagrouter_fast.core import finite_for_json
 from tagrouter_fast.serve.edge.auth import authenticate, check_override
 from tagrouter_fast.serve.edge.bodies import chat_turn, prompt_text, read_json, route_options
 from tagrouter_fast.serve.edge.errors import bad, openai_error_event, too_deep, upstream_error
+from tagrouter_fast.serve.edge.translate import CHAT, api_error, loose_chat_needs
+from tagrouter_fast.serve.edge.wire import ProtocolError
 from tagrouter_fast.serve.forward.backends import Backend
 from tagrouter_fast.serve.forward.faults import AllBackendsFailed, client_error
 from tagrouter_fast.serve.forward.forwarder import Answer, OpenStream
 from tagrouter_fast.serve.learn.keys import ROUTE
+from tagrouter_fast.serve.policy.capabilities import Needs, needs_of
 from tagrouter_fast.serve.policy.routing import Routed
 
 if TYPE_CHECKING:
@@ -89,8 +94,34 @@ async def completion(gw: Gateway, request: Request, *, chat: bool) -> Response:
         raise bad("model", "missing" if model is None else "must be a string")
     theta, share = route_options(body, request)
     check_override(gw, key, theta, share)
+    session = session_key(request, body)
+    req = refused = None
+    if chat:
+        # Parsed for what it needs of a backend (and its translation, should the routed
+        # backend speak Anthropic Messages); an OpenAI backend still gets the body as sent,
+        # even one the strict parser refuses (read loosely for its needs, then).
+        try:
+            req = CHAT.parse(body, session_id=session)
+            needs = needs_of(req)
+        except ProtocolError as e:
+            refused, needs = e, loose_chat_needs(body)
+    else:
+        max_tokens = body.get("max_tokens")
+        needs = Needs(frozenset({"completions"}), math.ceil(len(text) / 4),
+                      max_tokens if isinstance(max_tokens, int) else None)
     routed = await gw.route_request(model, text, messages, key, theta=theta, share=share,
-                                    session=session_key(request, body))
+                                    session=session, needs=needs)
+    if chat and any(b.protocol != "openai" for b in routed.chain):
+        # Imported here: protocol_routes builds on this module's Relay and headers.
+        from tagrouter_fast.serve.edge.protocol_routes import forward
+
+        if req is None:  # to be translated, it must parse
+            assert refused is not None
+            raise api_error(refused)
+        try:
+            return await forward(gw, request, CHAT, req, body, routed, key)
+        except ProtocolError as e:
+            raise api_error(e) from None
     # A plain id until the answer is in: only an answered decision gets a token to score.
     decision_id = uuid.uuid4().hex
     path = "/chat/completions" if chat else "/completions"
