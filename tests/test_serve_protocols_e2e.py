@@ -403,6 +403,32 @@ def test_a_need_routes_among_the_capable_and_none_is_a_400(fakes: dict[str, Fake
         assert "needs vision (images)" in e2.value.body["error"]["message"]
 
 
+def test_the_restricted_decision_explains_the_candidates_only(fakes: dict[str, Fake]) -> None:
+    with _capable_gw(fakes, {"tools": False}, {}) as g:
+        r = httpx.post(g.url + "/v1/chat/completions", headers={"x-tagrouter-explain": "1"},
+                       json={"model": "tagrouter",
+                             "messages": [{"role": "user", "content": POEM}],
+                             "tools": [{"type": "function", "function": {"name": "f"}}]})
+        assert r.status_code == 200 and r.headers["x-tagrouter-model"] == "big"
+        explained = json.loads(r.headers["x-tagrouter-explanation"])
+        assert explained["model"] == "big" and sorted(explained["scores"]) == ["big"]
+
+
+def test_the_demo_runs_an_anthropic_backend() -> None:
+    from tagrouter_fast.demo.start import start_demo
+
+    with start_demo(tagger="keyword", anthropic_llm=True) as (cfg, router), \
+            running_gateway(cfg, router) as g:
+        assert {b.name: b.protocol for b in cfg.backends} == {"small": "openai",
+                                                              "big": "anthropic"}
+        msg = ant(g).messages.create(model="tagrouter", max_tokens=16,
+                                     messages=[{"role": "user", "content": MATH}])
+        assert msg.content[0].text == f"big answers: {MATH}" and msg.model == "big-demo"
+        done = oai(g).chat.completions.create(model="tagrouter",
+                                              messages=[{"role": "user", "content": MATH}])
+        assert done.choices[0].message.content == f"big answers: {MATH}"
+
+
 def test_context_boundary_exactly_fits_one_more_does_not(fakes: dict[str, Fake]) -> None:
     limit = 50
     with _capable_gw(fakes, {"max_context_tokens": limit}, {"max_context_tokens": limit}) as g:

