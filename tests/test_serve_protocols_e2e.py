@@ -222,6 +222,16 @@ def test_messages_stream_broken_midway_ends_with_an_error_event(
     assert "failed mid-stream" in str(e.value)
 
 
+def test_count_tokens_is_the_gateways_estimate(openai_gw: RunningGateway) -> None:
+    n = ant(openai_gw).messages.count_tokens(
+        model="tagrouter", system="Be brief",
+        messages=[{"role": "user", "content": "p" * 40}])
+    assert n.input_tokens == 2 + 10  # "Be brief" and 40 characters, / 4 rounded up
+    with pytest.raises(anthropic.BadRequestError) as e:
+        ant(openai_gw).messages.count_tokens(model="tagrouter", messages=[])
+    assert e.value.body["error"]["message"].startswith("messages:")
+
+
 def test_x_api_key_carries_the_client_key(fakes: dict[str, Fake]) -> None:
     from tagrouter_fast.serve.learn.keys import new_key
 

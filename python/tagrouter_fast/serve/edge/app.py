@@ -22,7 +22,11 @@ from tagrouter_fast.serve.edge.conversations import ResponseStore
 from tagrouter_fast.serve.edge.errors import ApiError
 from tagrouter_fast.serve.edge.feedback import feedback, route_only
 from tagrouter_fast.serve.edge.middleware import Guard
-from tagrouter_fast.serve.edge.protocol_routes import messages_endpoint, responses_endpoint
+from tagrouter_fast.serve.edge.protocol_routes import (
+    count_tokens_endpoint,
+    messages_endpoint,
+    responses_endpoint,
+)
 from tagrouter_fast.serve.learn.keys import ROUTE
 from tagrouter_fast.serve.metrics import CONTENT_TYPE_LATEST
 from tagrouter_fast.serve.policy.gateway import Gateway
@@ -139,6 +143,7 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/responses", responses_endpoint(gw, responses), methods=["POST"]),
             Route("/v1/messages", messages_endpoint(gw), methods=["POST"]),
+            Route("/v1/messages/count_tokens", count_tokens_endpoint(gw), methods=["POST"]),
             Route("/v1/route", on(route_only), methods=["POST"]),
             Route("/v1/feedback", on(feedback), methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),

@@ -53,7 +53,7 @@ from tagrouter_fast.serve.policy.routing import Routed
 if TYPE_CHECKING:
     from tagrouter_fast.serve.policy.gateway import Gateway
 
-__all__ = ["forward", "messages_endpoint", "responses_endpoint"]
+__all__ = ["count_tokens_endpoint", "forward", "messages_endpoint", "responses_endpoint"]
 
 #: Session keys of Responses conversations chained by previous_response_id (no session key of
 #: their own): the response id, so that a tool-call loop stays on its model.
@@ -65,6 +65,25 @@ Endpoint = Callable[[Request], Any]
 def messages_endpoint(gw: Gateway) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         return await _serve(gw, request, MESSAGES, None)
+
+    return endpoint
+
+
+def count_tokens_endpoint(gw: Gateway) -> Endpoint:
+    """``POST /v1/messages/count_tokens`` (coding agents call it to size their context): the
+    gateway's estimate of a Messages body's input tokens (`edge.wire.Request.input_tokens`),
+    the count the context check uses for a backend without a tokenizer."""
+    async def endpoint(request: Request) -> Response:
+        try:
+            authenticate(gw, request, ROUTE, "POST /v1/messages/count_tokens")
+            body = await read_json(request, gw.config.limits.max_body_bytes)
+            # The count takes no max_tokens; the parser of a Messages body requires one.
+            req = MESSAGES.parse({"max_tokens": 1, **body})
+        except ProtocolError as e:
+            return error_response(MESSAGES, api_error(e))
+        except ApiError as e:
+            return error_response(MESSAGES, e)
+        return JSONResponse({"input_tokens": req.input_tokens})
 
     return endpoint
 
