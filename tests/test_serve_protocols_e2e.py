@@ -382,6 +382,52 @@ def test_chat_to_an_anthropic_backend(mixed_gw: RunningGateway, fakes: dict[str,
     assert raw2.headers["x-tagrouter-model"] == "big"
 
 
+def test_every_protocol_is_charged_and_traced(fakes: dict[str, Fake], tmp_path: Path) -> None:
+    """Each answer is charged at the backend that gave it, on the usage it reported (the fakes
+    report 8 input tokens and one output token per word), and traced as one request span."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from tagrouter_fast.serve.telemetry import Tracing
+
+    price = {"input_per_1k": 1.0, "output_per_1k": 2.0}
+    cfg = gateway_config({"small": fakes["asmall"].url, "big": fakes["obig"].url},
+                         backend_overrides={"small": {"protocol": "anthropic", "price": price},
+                                            "big": {"price": price}},
+                         budgets={"state_dir": str(tmp_path)})
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with running_gateway(cfg) as g:
+        g.gw.tracing = Tracing(provider)
+        calls = [  # every protocol, native and translated
+            ant(g).messages.with_raw_response.create(
+                model="tagrouter", max_tokens=32, messages=[{"role": "user", "content": POEM}]),
+            ant(g).messages.with_raw_response.create(
+                model="tagrouter", max_tokens=32, messages=[{"role": "user", "content": MATH}]),
+            oai(g).responses.with_raw_response.create(model="tagrouter", input=POEM),
+            oai(g).chat.completions.with_raw_response.create(
+                model="tagrouter", messages=[{"role": "user", "content": POEM}]),
+        ]
+        said = {"small": f"asmall answers: {POEM}", "big": f"obig answers: {MATH}"}
+        for raw in calls:
+            words = len(said[raw.headers["x-tagrouter-model"]].split())
+            expected = (8 * 1.0 + words * 2.0) / 1000
+            assert float(raw.headers["x-tagrouter-cost-usd"]) == pytest.approx(expected)
+            assert "x-tagrouter-cost-estimated" not in raw.headers
+        with ant(g).messages.stream(model="tagrouter", max_tokens=32,
+                                    messages=[{"role": "user", "content": POEM}]) as st_:
+            st_.get_final_message()
+        spans = exporter.get_finished_spans()
+        servers = [x for x in spans if x.kind == SpanKind.SERVER]
+        assert len(servers) == len(calls) + 1
+        assert all(x.attributes["gen_ai.usage.output_tokens"] > 0 for x in servers)
+        assert {x.attributes["tagrouter.backend"] for x in servers} == {"small", "big"}
+        assert len([x for x in spans if x.kind == SpanKind.CLIENT]) == len(servers)
+
+
 # ==== Routing by capability ====
 
 

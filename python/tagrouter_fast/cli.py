@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import sys
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -332,6 +335,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("serve: --real-model goes with --demo")
     if args.demo_anthropic and not args.demo:
         raise ValueError("serve: --demo-anthropic goes with --demo")
+    if args.shadow and not args.demo:
+        raise ValueError("serve: --shadow goes with --demo (else: a [shadow] table in the "
+                         "config, docs/shadow.md)")
     if args.demo:
         try:
             return _serve_demo(args, serve)
@@ -346,8 +352,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _serve_demo(args: argparse.Namespace, serve: Any) -> int:
     from tagrouter_fast.demo.start import start_demo
 
-    with start_demo(tagger=args.demo_tagger, bundle=args.router,
-                    state_dir=args.state_dir, real_model=args.real_model,
+    if args.shadow and not os.environ.get("TAGROUTER_ADMIN_TOKEN"):
+        # The dashboard needs an admin token: a fresh one for this run, shown once below.
+        os.environ["TAGROUTER_ADMIN_TOKEN"] = secrets.token_urlsafe(18)
+    with start_demo(tagger=args.demo_tagger, bundle=args.router, state_dir=args.state_dir,
+                    real_model=args.real_model, shadow=args.shadow,
                     anthropic_llm=args.demo_anthropic) as (config, router):
         real = [b.name for b in config.backends if not b.model.endswith("-demo")]
         fake = [b.name for b in config.backends if b.model.endswith("-demo")]
@@ -360,9 +369,32 @@ def _serve_demo(args: argparse.Namespace, serve: Any) -> int:
                   "'content-type: application/json' -d '{\"model\": \"tagrouter\", "
                   "\"messages\": [{\"role\": \"user\", \"content\": \"Write a poem\"}]}'",
                   file=sys.stderr, flush=True)
+            if args.shadow:
+                _shadow_banner_and_traffic(args.port or config.server.port, stop)
 
-        serve(config, router=router, host=args.host, port=args.port, on_ready=banner)
+        stop = threading.Event()
+        try:
+            serve(config, router=router, host=args.host, port=args.port, on_ready=banner)
+        finally:
+            stop.set()
     return 0
+
+
+def _shadow_banner_and_traffic(port: int, stop: threading.Event) -> None:
+    """``serve --demo --shadow``: where the dashboard is, and a day of demo traffic sent in
+    the background so that the report and the dashboard fill by themselves."""
+    from tagrouter_fast.demo.shadow_world import demo_queries, drive_traffic
+
+    url = f"http://127.0.0.1:{port}"
+    token = os.environ["TAGROUTER_ADMIN_TOKEN"]
+    print(f"shadow mode: the default model answers, the router's choice is judged in the "
+          f"background; a demo day of traffic is on its way.\n  dashboard: {url}/dashboard"
+          f"#token={token}\n  report:    curl -s {url}/admin/report -H 'authorization: "
+          f"Bearer {token}'\n  routing on: curl -s {url}/admin/mode -H 'authorization: "
+          f"Bearer {token}' -d '{{\"mode\": \"route\"}}'", file=sys.stderr, flush=True)
+    threading.Thread(target=drive_traffic, args=(url, demo_queries(400)),
+                     kwargs={"every_s": 0.1, "stop": stop}, daemon=True,
+                     name="demo-traffic").start()
 
 
 def _add_serve_parser(sub: Any) -> None:
@@ -400,6 +432,12 @@ def _add_serve_parser(sub: Any) -> None:
         "--demo-anthropic", action="store_true",
         help="with --demo: the large model's fake backend speaks Anthropic Messages (requests "
         "of every protocol reach it translated)",
+    )
+    s.add_argument(
+        "--shadow", action="store_true",
+        help="with --demo: shadow mode (docs/shadow.md): the default model answers, the "
+        "router's choice is judged in the background by a demo judge, demo traffic fills the "
+        "report and the dashboard (GET /dashboard)",
     )
     s.set_defaults(func=_cmd_serve)
 

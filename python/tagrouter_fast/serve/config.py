@@ -24,9 +24,14 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tagrouter_fast.serve.learn.keys import ClientKey
+from tagrouter_fast.serve.shadow.spend import Price
+
+if TYPE_CHECKING:
+    from tagrouter_fast.serve.policy.key_budgets import BudgetsConfig
+    from tagrouter_fast.serve.shadow.config import ShadowConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -128,6 +133,9 @@ class BackendConfig:
     #: Per-query cost; overrides the bundle's cost of this model (needed for a model that is
     #: not in the bundle).
     cost: float | None = None
+    #: USD per 1k input and output tokens (``price = {input_per_1k, output_per_1k}``): what
+    #: an answer of this backend is charged to the caller's key budget (``[budgets]``).
+    price: Price | None = None
     #: What the backend speaks: "openai" (chat completions at ``base_url/chat/completions``)
     #: or "anthropic" (Messages at ``base_url/messages``, its key sent as ``x-api-key``).
     protocol: str = "openai"
@@ -262,6 +270,10 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     shared: SharedConfig | None = None
+    #: Per-key spending budgets (``[budgets]``, `policy.key_budgets`); None: off.
+    budgets: BudgetsConfig | None = None
+    #: Shadow mode (``[shadow]``, docs/shadow.md); off without it.
+    shadow: ShadowConfig | None = None
     #: Where the config was read from (for messages).
     source: str = "<dict>"
 

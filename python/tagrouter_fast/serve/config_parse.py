@@ -8,7 +8,7 @@ import math
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from tagrouter_fast.serve.config import (
@@ -26,6 +26,10 @@ from tagrouter_fast.serve.config import (
     SharedConfig,
 )
 from tagrouter_fast.serve.learn.keys import KeySpecError, parse_key
+from tagrouter_fast.serve.shadow.spend import Price
+
+if TYPE_CHECKING:
+    from tagrouter_fast.serve.shadow.config import ShadowConfig
 
 __all__ = ["backend_from_dict", "parse"]
 
@@ -222,7 +226,14 @@ def parse(raw: Mapping[str, Any], base: Path) -> Config:
     a.done()
 
     shared = _shared(top, feedback)
+    shadow = _shadow(top, feedback, seen)
     auth = _auth(_section(raw, "auth", top), base)
+    budgets = None
+    if top.get("budgets") is not None:
+        from tagrouter_fast.serve.policy.key_budgets import BudgetsConfig
+
+        budgets = BudgetsConfig.from_dict(top.get("budgets"), base, feedback.state_dir,
+                                          tuple(backends))
 
     top.done()
     return Config(
@@ -236,6 +247,8 @@ def parse(raw: Mapping[str, Any], base: Path) -> Config:
         admin=admin,
         auth=auth,
         shared=shared,
+        budgets=budgets,
+        shadow=shadow,
     )
 
 
@@ -352,6 +365,7 @@ def _backend(b: _Section, base: Path | None = None) -> BackendConfig:
         max_context_tokens=_optional_int(b, "max_context_tokens"),
         max_output_tokens=_optional_int(b, "max_output_tokens"),
         tokenizer=b.path("tokenizer", base or Path.cwd()),
+        price=_price(b),
     )
 
 
@@ -366,9 +380,42 @@ def _optional_int(b: _Section, name: str) -> int | None:
     return None if b.get(name) is None else b.int_(name, 1)
 
 
+def _price(b: _Section) -> Price | None:
+    raw = b.get("price")
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) != {"input_per_1k", "output_per_1k"}:
+        raise ConfigError(b.key("price"), "must be a table with exactly input_per_1k and "
+                          f"output_per_1k (USD per 1,000 tokens), got {raw!r}")
+    try:
+        return Price(raw["input_per_1k"], raw["output_per_1k"])
+    except ValueError as e:
+        raise ConfigError(b.key("price"), str(e)) from None
+
+
 def backend_from_dict(raw: Mapping[str, Any], where: str = "body") -> BackendConfig:
     """A backend described in an admin request, checked like a ``[[backends]]`` table."""
     b = _Section(raw, where)
     out = _backend(b)
     b.done()
     return out
+
+
+def _shadow(top: _Section, feedback: FeedbackConfig,
+            backends: Mapping[str, int]) -> ShadowConfig | None:
+    """``[shadow]`` (`ShadowConfig.from_dict` checks its own keys), and what it needs of the rest
+    of the config: the default model is a backend, and a state directory holds its files."""
+    if top.get("shadow") is None:
+        return None
+    from tagrouter_fast.serve.shadow.config import ShadowConfig
+
+    cfg = ShadowConfig.from_dict(top.get("shadow"))
+    if cfg.default_model not in backends:
+        raise ConfigError("shadow.default_model", f"{cfg.default_model!r} is not a backend "
+                          f"name (backends: {sorted(backends)})")
+    if feedback.state_dir is None:
+        # Decisions, judged pairs and the spend ledger live next to the outcome journal, and
+        # the judged outcomes are learned through it.
+        raise ConfigError("shadow", "needs [feedback] state_dir (where the shadow files and "
+                          "the learned outcomes live)")
+    return cfg

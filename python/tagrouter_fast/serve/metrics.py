@@ -67,6 +67,19 @@ class GatewayMetrics:
             registry=r,
         )
         self.sessions = Gauge("tagrouter_sessions", "Sessions held", registry=r)
+        # Spending (policy.spending): by client key id and the backend that answered.
+        self.cost_usd = Counter(
+            "tagrouter_cost_usd", "USD charged for answered requests, at the price of the "
+            "backend that answered", ["key", "model"], registry=r,
+        )
+        self.usage_tokens = Counter(
+            "tagrouter_usage_tokens", "Tokens charged, by kind (input, output)",
+            ["key", "model", "kind"], registry=r,
+        )
+        self.usage_estimated = Counter(
+            "tagrouter_usage_estimated", "Answers charged on estimated usage (the backend "
+            "reported none)", ["key", "model"], registry=r,
+        )
 
     def track_store_version(self, fn: Callable[[], float]) -> None:
         """Reads the store version when scraped, so the gauge never lags."""

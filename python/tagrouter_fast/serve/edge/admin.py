@@ -63,6 +63,8 @@ async def admin(gw: Gateway, request: Request) -> Response:
         # fix, named in the answer; not a bug, so no traceback.
         raise ApiError(500, f"admin {action}: {e}", kind="server_error",
                        code="file_error") from None
+    if action == "theta" and gw.shadow is not None:
+        gw.shadow.note_theta()  # the report's mode history shows every theta change
     return JSONResponse(finite_for_json(result))
 
 

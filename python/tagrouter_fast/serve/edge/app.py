@@ -27,6 +27,12 @@ from tagrouter_fast.serve.edge.protocol_routes import (
     messages_endpoint,
     responses_endpoint,
 )
+from tagrouter_fast.serve.edge.shadow_admin import (
+    admin_mode,
+    admin_report,
+    admin_traffic,
+    dashboard,
+)
 from tagrouter_fast.serve.learn.keys import ROUTE
 from tagrouter_fast.serve.metrics import CONTENT_TYPE_LATEST
 from tagrouter_fast.serve.policy.gateway import Gateway
@@ -148,6 +154,10 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
             Route("/v1/feedback", on(feedback), methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/admin/models/{name}", on(admin_remove), methods=["DELETE"]),
+            Route("/admin/mode", on(admin_mode), methods=["POST"]),
+            Route("/admin/report", on(admin_report), methods=["GET"]),
+            Route("/admin/traffic", on(admin_traffic), methods=["GET"]),
+            Route("/dashboard", on(dashboard), methods=["GET"]),
             Route("/admin/{action}", on(admin), methods=["POST"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),

@@ -17,7 +17,11 @@ from tagrouter_fast.serve.edge.translate import CHAT, MESSAGES, error_response
 if TYPE_CHECKING:
     from tagrouter_fast.serve.policy.gateway import Gateway
 
-__all__ = ["Guard", "access_log"]
+__all__ = ["LOG_FIELDS", "Guard", "access_log"]
+
+#: The scope key of a dict of extra access-log fields a handler may fill in (the cost of a
+#: stream is known only once it ends, after its headers went out).
+LOG_FIELDS = "tagrouter.log_fields"
 
 access_log = logging.getLogger("tagrouter.access")
 
@@ -54,6 +58,9 @@ class Guard:
         t0 = time.perf_counter()
         status = 500
         seen: dict[str, str] = {}
+        extra: dict[str, object] = {}
+        if logging_on:
+            scope[LOG_FIELDS] = extra
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -75,10 +82,11 @@ class Guard:
                 gw.inflight -= 1
                 gw.metrics.inflight.dec()
             if logging_on:
-                self._log(scope, status, time.perf_counter() - t0, seen)
+                self._log(scope, status, time.perf_counter() - t0, seen, extra)
 
     @staticmethod
-    def _log(scope: Scope, status: int, seconds: float, seen: dict[str, str]) -> None:
+    def _log(scope: Scope, status: int, seconds: float, seen: dict[str, str],
+             extra: dict[str, object] | None = None) -> None:
         client = scope.get("client")
         access_log.info(json.dumps({
             "ts": round(time.time(), 3),
@@ -90,5 +98,6 @@ class Guard:
             "model": seen.get("model"),
             "reason": seen.get("reason"),
             "client": client[0] if client else None,
+            **(extra or {}),
         }, separators=(",", ":")))
 

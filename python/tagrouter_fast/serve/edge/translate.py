@@ -226,13 +226,13 @@ def stream_parser(backend: Backend) -> _Parser:
 
 async def translate_stream(
     forwarder: Forwarder, stream: OpenStream, proto: ClientProtocol, renderer: _Renderer,
-    on_done: Callable[[Response], None] | None = None,
+    on_done: Callable[[Response], None] | None = None, collect: StreamCollector | None = None,
 ) -> AsyncIterator[bytes]:
-    """A backend's stream, event by event, as ``proto``'s stream; ``on_done`` gets the whole
-    answer once it finished. A backend failing midway, or sending what cannot be translated,
-    ends the stream with ``proto``'s error event."""
+    """A backend's stream, event by event, as ``proto``'s stream; ``collect`` gathers the
+    answer as it goes, ``on_done`` gets it whole once it finished. A backend failing midway, or
+    sending what cannot be translated, ends the stream with ``proto``'s error event."""
     parser = stream_parser(stream.backend)
-    collect = StreamCollector()
+    collect = collect if collect is not None else StreamCollector()
     failed: list[ClientError] = []
 
     def note(error: ClientError) -> bytes:

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
@@ -31,7 +31,7 @@ from tagrouter_fast.serve.forward.faults import (
 )
 from tagrouter_fast.serve.metrics import GatewayMetrics
 
-__all__ = ["Answer", "Forwarder", "OpenStream"]
+__all__ = ["Answer", "AttemptTrace", "Forwarder", "OpenStream"]
 
 T = TypeVar("T")
 
@@ -51,6 +51,8 @@ class Answer:
     status: int
     body: bytes
     content_type: str
+    #: The body parsed (a 200 answer, which is checked as JSON): read for its usage.
+    parsed: dict[str, Any] | None = None
 
 
 @dataclass
@@ -101,6 +103,14 @@ def _check_first_events(name: str, first: bytes) -> None:
             raise BackendError(name, "malformed", f"event data is not an object: {data[:80]!r}")
         if obj.get("error"):
             raise BackendError(name, "status", f"error event: {data[:200]!r}")
+
+
+class AttemptTrace(Protocol):
+    """What follows one attempt of a fallback chain (a tracing span, `serve.telemetry`)."""
+
+    def failed(self, error: BaseException) -> None: ...
+
+    def done(self, status: int) -> None: ...
 
 
 class Forwarder:
@@ -187,20 +197,22 @@ class Forwarder:
             raise self._fail(BackendError(
                 backend.name, "malformed", f"not an API answer: {content[:80]!r}"
             ))
-        return Answer(backend, status, content, "application/json")
+        return Answer(backend, status, content, "application/json", obj)
 
     async def complete_chain(
         self, chain: Sequence[Backend], path: str | Callable[[Backend], str],
         payload_for: Callable[[Backend], bytes],
+        trace: Callable[[Backend], AttemptTrace | None] | None = None,
     ) -> tuple[Answer, list[BackendError]]:
         """The first backend of ``chain`` that answers; the failures before it. ``path``: the
-        same for every backend, or each backend's (its protocol's).
+        same for every backend, or each backend's (its protocol's); ``trace``: follows each
+        attempt.
 
         Raises:
             AllBackendsFailed: every backend failed.
         """
         return await _first_answer(
-            chain, lambda b: self.complete(b, _path(path, b), payload_for(b)))
+            chain, lambda b: self.complete(b, _path(path, b), payload_for(b)), trace)
 
     # ---- streaming ----
 
@@ -269,15 +281,16 @@ class Forwarder:
     async def open_stream_chain(
         self, chain: Sequence[Backend], path: str | Callable[[Backend], str],
         payload_for: Callable[[Backend], bytes],
+        trace: Callable[[Backend], AttemptTrace | None] | None = None,
     ) -> tuple[OpenStream | Answer, list[BackendError]]:
-        """`open_stream` on each backend of ``chain`` until one opens (``path`` as in
-        `complete_chain`).
+        """`open_stream` on each backend of ``chain`` until one opens (``path`` and ``trace``:
+        as in `complete_chain`).
 
         Raises:
             AllBackendsFailed: every backend failed.
         """
         return await _first_answer(
-            chain, lambda b: self.open_stream(b, _path(path, b), payload_for(b)))
+            chain, lambda b: self.open_stream(b, _path(path, b), payload_for(b)), trace)
 
     async def relay(
         self, stream: OpenStream, render_error: Callable[[ClientError], bytes]
@@ -311,7 +324,8 @@ class Forwarder:
 
 
 async def _first_answer(
-    chain: Sequence[Backend], attempt: Callable[[Backend], Awaitable[T]]
+    chain: Sequence[Backend], attempt: Callable[[Backend], Awaitable[T]],
+    trace: Callable[[Backend], AttemptTrace | None] | None = None,
 ) -> tuple[T, list[BackendError]]:
     """``attempt`` on each backend of ``chain`` in order; the first result and the failures
     before it (the fallback chain of both the JSON and the streaming path).
@@ -321,10 +335,21 @@ async def _first_answer(
     """
     errors: list[BackendError] = []
     for b in chain:
+        span = trace(b) if trace is not None else None
         try:
-            return await attempt(b), errors
+            out = await attempt(b)
         except BackendError as e:
             errors.append(e)
+            if span is not None:
+                span.failed(e)
+            continue
+        except BaseException as e:
+            if span is not None:
+                span.failed(e)
+            raise
+        if span is not None:
+            span.done(getattr(out, "status", 200))
+        return out, errors
     raise AllBackendsFailed(errors)
 
 

@@ -4,6 +4,6 @@ may teach it.
 `learner` (the one seam: `Learner`), `outcomes` (the local learner, `OutcomeStore`, built in
 layers: `state` <- `registry` <- `commit` <- `snapshots` <- `recovery`; `journal_reader`
 follows its journal), `shared` (`SharedLearner`: replicas sharing counts through Redis, with
-`shared_sync` and `shared_log`), `keys` (client keys and scopes), `tokens` (signed decision
-tokens).
+`shared_sync` and `shared_log`), `shared_budgets` (key budgets' totals shared through Redis),
+`keys` (client keys and scopes), `tokens` (signed decision tokens).
 """

@@ -29,6 +29,7 @@ from tagrouter_fast.serve.edge.errors import ApiError
 from tagrouter_fast.serve.forward.backends import Backend
 from tagrouter_fast.serve.learn.keys import OVERRIDE, ClientKey
 from tagrouter_fast.serve.policy.capabilities import NEED_WORDS, Needs, lacks
+from tagrouter_fast.serve.policy.key_budgets import BudgetStatus
 from tagrouter_fast.serve.policy.sessions import in_tool_loop, keep_or_switch
 from tagrouter_fast.serve.policy.state import GatewayState
 
@@ -46,8 +47,12 @@ class Routed:
     tags: list[str] = field(default_factory=list)
     decision: Decision | None = None
     session: str | None = None
+    #: Candidates left out of this request's decision, and why (a key over its budget).
+    filtered: dict[str, str] = field(default_factory=dict)
     #: The capabilities the conversation has used so far (remembered with its session).
     used: frozenset[str] = frozenset()
+    #: What the request needs of a backend (`capabilities`).
+    needs: Needs | None = None
 
 
 class Routing(GatewayState):
@@ -174,9 +179,53 @@ class Routing(GatewayState):
         Raises:
             ApiError: an unknown model (400), a need no candidate serves (400, naming it), a
                 share with no traffic to calibrate it on (400), a decision for a model without
-                a backend (503).
+                a backend (503), a key past its budget (429; with ``over_budget = "cheaper"``
+                only once no cheaper candidate is left, or past ``cheaper_until``).
         """
-        needs = needs or Needs()
+        budget = self.spending.status(caller)
+        if budget.level == "exhausted":
+            raise self.spending.refusal(budget)
+        args = (model, text, messages, caller, theta, share, session, needs or Needs(),
+                tool_loop)
+        if budget.level == "over":
+            if model not in self.aliases:  # the client chose the model: nothing to restrict
+                raise self.spending.refusal(budget, "a request naming its model is refused; "
+                                            f"ask for {sorted(self.aliases)[0]!r} to be routed "
+                                            "to a cheaper model")
+            routed = await self._route(*args)
+            return self._cheaper(routed, budget, theta)
+        return await self._route(*args)
+
+    def _cheaper(self, routed: Routed, budget: BudgetStatus, theta: float | None) -> Routed:
+        """``routed`` decided again among the candidates cheaper than its model (a key over
+        its budget) that can serve the request, its fallback chain kept to them.
+
+        Raises:
+            ApiError: no cheaper candidate (429).
+        """
+        first = routed.chain[0].name
+        allowed, filtered = self.spending.cheaper(self.candidates(routed.needs), first,
+                                                  self.backends)
+        if not allowed:
+            raise self.spending.refusal(budget, f"no candidate is cheaper than {first!r}, the "
+                                        "model this request was routed to")
+        dec = self.router.decider
+        # The operating point the routed decision used (a share resolved to its theta).
+        if routed.decision is not None:
+            theta = routed.decision.theta
+        if theta is not None and theta != dec.theta:
+            dec = dec.with_theta(theta)
+        d = dec.decide(routed.tags, among=allowed)
+        chain = [b for b in self.chain(d.model, fallback=True, needs=routed.needs)
+                 if b.name in allowed]
+        return Routed(chain, "over_budget", routed.tags, d, routed.session, filtered,
+                      routed.used, routed.needs)
+
+    async def _route(
+        self, model: str, text: str, messages: Sequence[Mapping[str, Any]] | None,
+        caller: ClientKey, theta: float | None, share: float | None, session: str | None,
+        needs: Needs, tool_loop: bool | None,
+    ) -> Routed:
         if model not in self.aliases:
             b = self.passthrough(model)
             if b is None:
@@ -193,7 +242,8 @@ class Routing(GatewayState):
                 # Tagged only to learn from the outcome: the model is the client's choice, so
                 # scoring it is an override (else "pick small, report a win" teaches the router).
                 tags, _ = await self.decide(text, None)
-            return Routed(self.chain(b.name, fallback=fb, needs=needs), "passthrough", tags)
+            return Routed(self.chain(b.name, fallback=fb, needs=needs), "passthrough", tags,
+                          needs=needs)
         sess = self.sessions.get(session) if session is not None else None
         if sess is not None:
             # A conversation keeps needing what it used (its turns still hold the images and
@@ -207,7 +257,7 @@ class Routing(GatewayState):
                 and lacks(self.backends[sess.model], needs) is None:
             # Mid tool-call loop: the model that issued the calls reads their results.
             return Routed(self.chain(sess.model, fallback=True, needs=needs), "tool_loop",
-                          list(sess.tags), None, session, used)
+                          list(sess.tags), None, session, used=used, needs=needs)
         extra = sess.tags if (sess is not None and self.config.router.previous_turn_tags) else ()
         theta = await self.request_theta(theta, share)
         restricted = among if len(among) < len(self.router.decider.models) else None
@@ -221,7 +271,7 @@ class Routing(GatewayState):
             if chosen != d.model:
                 reason = "session"
         return Routed(self.chain(chosen, fallback=True, needs=needs), reason, tags, d, session,
-                      used)
+                      used=used, needs=needs)
 
     # ---- after the decision ----
 

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.to_thread
@@ -25,15 +25,24 @@ from tagrouter_fast.serve.config import Config, ConfigError
 from tagrouter_fast.serve.forward.backends import Backend
 from tagrouter_fast.serve.forward.client import ClientPool
 from tagrouter_fast.serve.forward.forwarder import Forwarder
-from tagrouter_fast.serve.learn.keys import announce, keyring_from_config
+from tagrouter_fast.serve.learn.keys import (
+    ADMIN_TOKEN_ID,
+    ANONYMOUS,
+    announce,
+    keyring_from_config,
+)
 from tagrouter_fast.serve.learn.tokens import DecisionTokens, load_secrets
 from tagrouter_fast.serve.metrics import GatewayMetrics
 from tagrouter_fast.serve.policy.budget import ShareBudget
 from tagrouter_fast.serve.policy.sessions import SessionTable
+from tagrouter_fast.serve.policy.spending import Spending
+from tagrouter_fast.serve.telemetry import tracing_from_env
 
 if TYPE_CHECKING:
     from tagrouter_fast.router import TagRouter
     from tagrouter_fast.serve.learn.learner import Learner
+    from tagrouter_fast.serve.policy.gateway import Gateway
+    from tagrouter_fast.serve.shadow.service import ShadowService
 
 __all__ = ["GatewayState", "THREAD_TAGGING_ABOVE_S"]
 
@@ -58,11 +67,17 @@ class GatewayState:
         for i, b in enumerate(config.backends):
             self.backends[b.name] = Backend.from_config(b, f"backends[{i}]")
         self.aliases = frozenset(config.router.aliases)
+        #: Prices, charges and per-key budgets (journal opened at start-up).
+        self.spending = Spending(config, self.metrics)
+        #: Spans per request when OpenTelemetry is on (`serve.telemetry`); None: off.
+        self.tracing = tracing_from_env()
         self.router = self._prepare_router(router)
         self.forwarder: Forwarder | None = None
         #: Learns from /v1/feedback (local journal, or Redis-shared), opened at start-up; None:
         #: feedback is off.
         self.learner: Learner | None = None
+        #: Shadow mode (``[shadow]``), opened at start-up after the learner; None: off.
+        self.shadow: ShadowService | None = None
         self.ready = False
         self._started = False
         self.tag_in_thread = config.router.tag_in_thread is not False
@@ -76,6 +91,12 @@ class GatewayState:
                 raise ConfigError("admin.token_env", f"environment variable {env} is not set")
             self.admin_token = token.encode()
         self.keyring = keyring_from_config(config.auth, self.admin_token)
+        if config.budgets is not None:
+            known = {k.id for k in self.keyring.keys} | {ANONYMOUS, ADMIN_TOKEN_ID}
+            for key_id in config.budgets.keys:
+                if key_id not in known:  # a typo would leave the real key unlimited
+                    raise ConfigError(f"budgets.keys.{key_id}", f"no client key has the id "
+                                      f"{key_id!r} (keys: {sorted(known)})")
         auth, fb = config.auth, config.feedback
         decision_secrets, where = load_secrets(
             file=auth.decision_secret_file, env=auth.decision_secret_env,
@@ -123,10 +144,14 @@ class GatewayState:
         try:
             if not self._started:  # `serve` starts the gateway before uvicorn runs
                 await anyio.to_thread.run_sync(self.start)
+            if self.shadow is not None:
+                await self.shadow.recover()
             self.ready = True
             yield
         finally:
             self.ready = False
+            if self.shadow is not None:  # before the client and the learner it uses close
+                await self.shadow.aclose()
             await client.aclose()
             await anyio.to_thread.run_sync(self.stop)
 
@@ -142,6 +167,11 @@ class GatewayState:
             return
         if self.config.feedback.state_dir is not None:
             self.learner = self._open_learner(self.router)
+        self.spending.open()
+        if self.config.shadow is not None:
+            from tagrouter_fast.serve.shadow.service import ShadowService
+
+            self.shadow = ShadowService(cast("Gateway", self))
         self._started = True
         self._warm_up()
         # What start-up built (router, tagger, config, modules) lives as long as the process:
@@ -153,7 +183,11 @@ class GatewayState:
         log.info("decision tokens signed with the secret from %s", self._secret_from)
 
     def stop(self) -> None:
-        """Closes the learner (a final snapshot; the shared link after it). Idempotent."""
+        """Closes the learner (a final snapshot; the shared link after it) and the budget
+        journal. Idempotent."""
+        self.spending.close()
+        if self.tracing is not None:
+            self.tracing.close()
         if self.learner is not None:
             self.learner.close()
 
