@@ -547,6 +547,27 @@ def test_a_session_keeps_needing_what_it_used(fakes: dict[str, Fake]) -> None:
         assert raw.headers["x-tagrouter-model"] == "small"
 
 
+def test_shadow_mode_never_sends_a_request_to_a_default_that_cannot_serve(
+        fakes: dict[str, Fake], tmp_path: Path) -> None:
+    from tagrouter_fast.demo.shadow_world import shadow_table
+
+    cfg = gateway_config({"small": fakes["osmall"].url, "big": fakes["obig"].url},
+                         backend_overrides={"big": {"vision": False}},
+                         feedback={"state_dir": str(tmp_path), "fsync": False},
+                         shadow=shadow_table("http://127.0.0.1:9/v1", default_model="big",
+                                             sample=0.0))
+    image = [{"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}},
+             {"type": "text", "text": MATH}]
+    with running_gateway(cfg) as g:
+        client = ant(g)
+        raw = client.messages.with_raw_response.create(
+            model="tagrouter", max_tokens=8, messages=[{"role": "user", "content": POEM}])
+        assert raw.headers["x-tagrouter-model"] == "big"  # the default answers a poem
+        raw = client.messages.with_raw_response.create(
+            model="tagrouter", max_tokens=8, messages=[{"role": "user", "content": image}])
+        assert raw.headers["x-tagrouter-model"] == "small"  # it cannot read the image
+
+
 CAPS = st.fixed_dictionaries({
     "tools": st.booleans(), "vision": st.booleans(), "json_schema": st.booleans(),
     "max_context_tokens": st.sampled_from([None, 20, 200]),

@@ -137,6 +137,10 @@ async def _conversation(gw: Gateway, request: Request, proto: ClientProtocol,
     routed = await gw.route_request(req.model, req.route_text, None, key, theta=theta,
                                     share=share, session=session, needs=needs_of(req),
                                     tool_loop=req.in_tool_loop)
+    if gw.shadow is not None and routed.decision is not None:
+        # Who answers in the current mode (the default model in shadow mode); only chat
+        # completions are recorded and judged.
+        routed, _ = gw.shadow.steer(routed, stream=req.stream)
     span.routed(routed)
     on_done = None
     if store is not None and response_id is not None and body.get("store") is not False:
