@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -67,11 +67,12 @@ class RunningGateway:
 
 
 @contextmanager
-def fake_backends(*names: str) -> Iterator[dict[str, Fake]]:
+def fake_backends(*names: str, anthropic: Collection[str] = ()) -> Iterator[dict[str, Fake]]:
+    """Fake backends by name under uvicorn; those named in ``anthropic`` speak Messages."""
     fakes: dict[str, Fake] = {}
     try:
         for name in names:
-            b = FakeBackend(name)
+            b = FakeBackend(name, protocol="anthropic" if name in anthropic else "openai")
             # The fake's own errors (a reset is an exception on purpose) stay out of the output.
             srv = ServerThread(b.app, log_level="critical", lifespan="off").start()
             fakes[name] = Fake(b, srv)

@@ -12,6 +12,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
+anthropic = pytest.importorskip("anthropic")
 pytest.importorskip("uvicorn")
 
 from serve_helpers import MATH, POEM, cli_gateway, dead_url  # noqa: E402
@@ -70,6 +71,22 @@ def test_serve_demo_with_a_real_model(tmp_path: Path) -> None:
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert len(chunks) > 2 and streamed.strip()
         assert {c.model for c in chunks} == {default_gguf().stem}
+        # The anthropic SDK through the gateway to llama.cpp's OpenAI-compatible server:
+        # translated both ways, JSON and streamed.
+        ant = anthropic.Anthropic(base_url=g.url, api_key="unused", max_retries=0,
+                                  timeout=120)
+        raw_msg = ant.messages.with_raw_response.create(
+            model="tagrouter", max_tokens=16, temperature=0,
+            messages=[{"role": "user", "content": POEM}])
+        assert raw_msg.headers["x-tagrouter-model"] == "small"
+        msg = raw_msg.parse()
+        assert msg.model == default_gguf().stem and msg.stop_reason in ("end_turn", "max_tokens")
+        said = msg.content[0].text
+        assert said.strip() and "answers:" not in said
+        with ant.messages.stream(model="tagrouter", max_tokens=16, temperature=0,
+                                 messages=[{"role": "user", "content": POEM}]) as s:
+            pieces = list(s.text_stream)
+        assert len(pieces) > 1 and "".join(pieces).strip()
         # The big model is still the fake one.
         raw = client.chat.completions.with_raw_response.create(
             model="tagrouter", messages=[{"role": "user", "content": MATH}])

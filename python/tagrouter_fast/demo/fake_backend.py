@@ -1,11 +1,14 @@
-"""A small OpenAI-compatible backend whose behaviour is commanded (the demo's backends).
+"""A small OpenAI-compatible (or Anthropic Messages) backend whose behaviour is commanded (the
+demo's backends).
 
 Shipped so that ``tagrouter serve --demo`` runs with one command and so that tests and
 benchmarks can make a backend slow, fail, reset a stream midway or answer garbage on purpose:
 :class:`FakeBackend` answers ``POST /v1/chat/completions`` and ``/v1/completions`` (streaming or
-not). Its behaviour is set from Python (:meth:`FakeBackend.command`) or over HTTP
-(``POST /_fake/command`` with the same fields), and ``GET /_fake/state`` reports counters,
-among them ``cancelled``: streams the client (the gateway) hung up on. ``python -m
+not), or with ``protocol="anthropic"`` ``POST /v1/messages`` (Anthropic's answers, events and
+error shape: `fake_answers`); told to (``tool_call``), it calls the request's first tool.
+Its behaviour is set from Python (:meth:`FakeBackend.command`) or over HTTP
+(``POST /_fake/command`` with the same fields), and ``GET /_fake/state`` reports counters, among
+them ``cancelled``: streams the client (the gateway) hung up on. ``python -m
 tagrouter_fast.demo.fake_backend`` runs one in its own process (`BackendProcess`).
 
 >>> backend = FakeBackend("small")
@@ -19,7 +22,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -29,6 +32,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+
+from tagrouter_fast.demo.fake_answers import (
+    anthropic_error,
+    anthropic_events,
+    anthropic_message,
+    prompt_of,
+    tool_call_of,
+)
 
 __all__ = ["MODES", "FakeBackend", "FakeBehaviour", "main"]
 
@@ -54,6 +65,8 @@ class FakeBehaviour:
     size_bytes: int = 1 << 20
     #: Requests this behaviour applies to before the backend reverts to ``ok``; -1: all.
     times: int = -1
+    #: Answer a request that offers tools with a call to its first tool (after the text).
+    tool_call: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -93,15 +106,22 @@ class FakeBackend:
         behaviour: the initial behaviour (default: answer at once).
     """
 
-    def __init__(self, name: str = "fake", behaviour: FakeBehaviour | None = None) -> None:
+    def __init__(self, name: str = "fake", behaviour: FakeBehaviour | None = None,
+                 protocol: str = "openai") -> None:
+        if protocol not in ("openai", "anthropic"):
+            raise ValueError(f"protocol must be 'openai' or 'anthropic', got {protocol!r}")
         self.name = name
+        self.protocol = protocol
         self.behaviour = behaviour or FakeBehaviour()
         self.state = FakeState()
         self._lock = threading.Lock()  # commands come from test threads and the server loop
+        answers = [Route("/v1/messages", self._messages, methods=["POST"])] \
+            if protocol == "anthropic" else [
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/completions", self._completions, methods=["POST"])]
         self.app = Starlette(
             routes=[
-                Route("/v1/chat/completions", self._chat, methods=["POST"]),
-                Route("/v1/completions", self._completions, methods=["POST"]),
+                *answers,
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/_fake/command", self._command, methods=["POST"]),
                 Route("/_fake/state", self._state, methods=["GET"]),
@@ -155,7 +175,11 @@ class FakeBackend:
     async def _completions(self, request: Request) -> Response:
         return await self._answer(request, chat=False)
 
+    async def _messages(self, request: Request) -> Response:
+        return await self._answer(request, chat=True)
+
     async def _answer(self, request: Request, *, chat: bool) -> Response:
+        anthropic = self.protocol == "anthropic"
         try:
             body = json.loads(await request.body())
         except ValueError:
@@ -173,17 +197,31 @@ class FakeBackend:
         if b.mode == "slow":
             await anyio.sleep(b.delay_s)
         if b.mode == "error":
+            message = f"{self.name}: failing on command"
             return JSONResponse(
-                {"error": {"message": f"{self.name}: failing on command", "type": "server_error"}},
+                anthropic_error(message, b.status) if anthropic else
+                {"error": {"message": message, "type": "server_error"}},
                 status_code=b.status,
             )
         if b.mode == "garbage":
             return Response(b"<html>\x00\xff\xfe not an API</html>", media_type="text/html")
         model = str(body.get("model", self.name))
         text = f"{self.name} answers: {_prompt_text(body, chat)[:80]}"
+        call = tool_call_of(body) if b.tool_call else None
+        if anthropic and b.mode != "malformed":  # malformed: the same garbage as below
+            mid = f"msg_fake{self.state.requests}"
+            if not body.get("stream"):
+                if b.mode == "reset":
+                    return _ResetAfterStart()  # type: ignore[return-value]
+                self.state.completed += 1
+                return JSONResponse(anthropic_message(mid, model, text, call))
+            return StreamingResponse(
+                self._anthropic_events(b, anthropic_events(mid, model, _pieces(text, b.chunks),
+                                                           call)),
+                media_type="text/event-stream", headers={"cache-control": "no-cache"})
         if body.get("stream"):
             return StreamingResponse(
-                self._events(b, model, text, chat=chat),
+                self._events(b, model, text, chat=chat, call=call),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
@@ -195,10 +233,32 @@ class FakeBackend:
             return StreamingResponse(self._huge(model, b.size_bytes, chat=chat),
                                      media_type="application/json")
         self.state.completed += 1
-        return JSONResponse(_completion(model, text, chat=chat))
+        out = _completion(model, text, chat=chat)
+        if call is not None and chat:
+            choice = out["choices"][0]
+            choice["message"]["tool_calls"] = [{
+                "id": f"call_{self.state.requests}", "type": "function",
+                "function": {"name": call[0], "arguments": json.dumps(call[1])}}]
+            choice["finish_reason"] = "tool_calls"
+        return JSONResponse(out)
+
+    async def _anthropic_events(self, b: FakeBehaviour, events: Iterator[bytes]
+                                ) -> AsyncIterator[bytes]:
+        try:
+            for sent, ev in enumerate(events):
+                if b.mode == "reset" and sent >= b.reset_after:
+                    raise ConnectionResetError("fake backend: stream reset on command")
+                if b.chunk_delay_s:
+                    await anyio.sleep(b.chunk_delay_s)
+                yield ev
+            self.state.completed += 1
+        except (anyio.get_cancelled_exc_class(), GeneratorExit):
+            self.state.cancelled += 1
+            raise
 
     async def _events(
-        self, b: FakeBehaviour, model: str, text: str, *, chat: bool
+        self, b: FakeBehaviour, model: str, text: str, *, chat: bool,
+        call: tuple[str, dict[str, Any]] | None = None,
     ) -> AsyncIterator[bytes]:
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{self.state.requests}"
         sent = 0
@@ -206,18 +266,21 @@ class FakeBackend:
             if b.mode == "malformed":
                 yield b"data: {this is not json\n\n"
                 sent += 1
-            words = text.split(" ")
-            per = max(1, len(words) // max(1, b.chunks))
-            pieces = [" ".join(words[i : i + per]) for i in range(0, len(words), per)]
-            pieces = (pieces + [""] * b.chunks)[: max(1, b.chunks)]
-            for i, piece in enumerate(pieces):
+            for i, piece in enumerate(_pieces(text, b.chunks)):
                 if b.mode == "reset" and sent >= b.reset_after:
                     raise ConnectionResetError("fake backend: stream reset on command")
                 if b.chunk_delay_s:
                     await anyio.sleep(b.chunk_delay_s)
-                yield _sse(_chunk(cid, model, (" " if i else "") + piece, None, chat, first=i == 0))
+                yield _sse(_chunk(cid, model, piece, None, chat, first=i == 0))
                 sent += 1
-            yield _sse(_chunk(cid, model, "", "stop", chat, first=False))
+            if call is not None and chat:
+                c = _chunk(cid, model, "", None, chat, first=False)
+                c["choices"][0]["delta"] = {"tool_calls": [{
+                    "index": 0, "id": f"call_{cid}", "type": "function",
+                    "function": {"name": call[0], "arguments": json.dumps(call[1])}}]}
+                yield _sse(c)
+            finish = "tool_calls" if call is not None and chat else "stop"
+            yield _sse(_chunk(cid, model, "", finish, chat, first=False))
             yield b"data: [DONE]\n\n"
             self.state.completed += 1
         except (anyio.get_cancelled_exc_class(), GeneratorExit):
@@ -242,15 +305,16 @@ def _prompt_text(body: dict[str, Any], chat: bool) -> str:
     if not chat:
         p = body.get("prompt", "")
         return p if isinstance(p, str) else json.dumps(p)
-    msgs = body.get("messages") or []
-    for m in reversed(msgs if isinstance(msgs, list) else []):
-        if isinstance(m, dict) and m.get("role") == "user":
-            c = m.get("content")
-            if isinstance(c, str):
-                return c
-            if isinstance(c, list):
-                return " ".join(p.get("text", "") for p in c if isinstance(p, dict))
-    return ""
+    return prompt_of(body)
+
+
+def _pieces(text: str, chunks: int) -> list[str]:
+    """``text`` in ``chunks`` stream pieces (words kept whole; empty ones pad)."""
+    words = text.split(" ")
+    per = max(1, -(-len(words) // max(1, chunks)))  # rounded up: every word in some piece
+    pieces = [" ".join(words[i : i + per]) for i in range(0, len(words), per)]
+    pieces = (pieces + [""] * chunks)[: max(1, chunks)]
+    return [(" " if i and p else "") + p for i, p in enumerate(pieces)]
 
 
 def _completion(model: str, text: str, *, chat: bool) -> dict[str, Any]:
@@ -307,10 +371,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description="a commanded fake OpenAI-compatible backend")
     p.add_argument("--name", default="fake")
+    p.add_argument("--protocol", choices=("openai", "anthropic"), default="openai")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     args = p.parse_args(argv)
-    srv = ServerThread(FakeBackend(args.name).app, args.host, args.port,
+    srv = ServerThread(FakeBackend(args.name, protocol=args.protocol).app, args.host, args.port,
                        log_level="critical", lifespan="off")
     print(f"listening on {srv.url}", flush=True)
     srv.server.run(sockets=[srv.sock])

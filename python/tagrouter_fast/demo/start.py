@@ -23,7 +23,7 @@ __all__ = ["start_demo"]
 def start_demo(
     *, tagger: str = "default", bundle: str | None = None, state_dir: str | None = None,
     admin_token_env: str | None = "TAGROUTER_ADMIN_TOKEN",
-    real_model: str | None = None, shadow: bool = False,
+    real_model: str | None = None, shadow: bool = False, anthropic_llm: bool = False,
 ) -> Iterator[tuple[Config, TagRouter]]:
     """Fake backends on loopback and a config routing to them, for ``tagrouter serve --demo``.
 
@@ -38,6 +38,8 @@ def start_demo(
         shadow: shadow mode (docs/shadow.md) over `tagrouter_fast.demo.shadow_world`: backends
             whose quality depends on the topic, a deterministic judge on loopback too, the
             default model ``big`` (the router's M_LLM), every request judged.
+        anthropic_llm: the router's M_LLM has a fake backend speaking Anthropic Messages
+            (``protocol = "anthropic"``): requests of any protocol reach it translated.
     """
     import os
     import tempfile
@@ -54,13 +56,19 @@ def start_demo(
     with contextlib.ExitStack() as stack:
         if state_dir is None:
             state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tagrouter-demo-"))
+        if shadow and anthropic_llm:
+            raise ValueError("--demo-anthropic and --shadow do not combine (the shadow demo's "
+                             "backends speak OpenAI)")
+        protocols = {m: "anthropic" if anthropic_llm and m == router.decider.llm else "openai"
+                     for m in router.decider.models}
         for model in router.decider.models:
-            app = QualityBackend(model).app if shadow else FakeBackend(model).app
+            app = QualityBackend(model).app if shadow else \
+                FakeBackend(model, protocol=protocols[model]).app
             srv = ServerThread(app, log_level="critical", lifespan="off")
             servers.append(srv.start())
             stack.callback(srv.stop)
         backends: list[dict[str, Any]] = [
-            {"name": m, "base_url": s.url + "/v1", "model": f"{m}-demo"}
+            {"name": m, "base_url": s.url + "/v1", "model": f"{m}-demo", "protocol": protocols[m]}
             for m, s in zip(router.decider.models, servers, strict=True)
         ]
         if real_model is not None:

@@ -119,7 +119,7 @@ class RouterConfig:
 class BackendConfig:
     #: The router's model name (as in the bundle's store) and the passthrough name.
     name: str
-    #: OpenAI-compatible base URL, e.g. ``http://host:8000/v1``.
+    #: Base URL of its API, e.g. ``http://host:8000/v1``.
     base_url: str
     #: Model id sent upstream (default: ``name``).
     model: str = ""
@@ -136,6 +136,24 @@ class BackendConfig:
     #: USD per 1k input and output tokens (``price = {input_per_1k, output_per_1k}``): what
     #: an answer of this backend is charged to the caller's key budget (``[budgets]``).
     price: Price | None = None
+    #: What the backend speaks: "openai" (chat completions at ``base_url/chat/completions``)
+    #: or "anthropic" (Messages at ``base_url/messages``, its key sent as ``x-api-key``).
+    protocol: str = "openai"
+    # Capabilities (docs/serving.md, "Routing by capability"). The defaults claim everything
+    # and no limit, as the gateway assumed before they existed: declare what a backend lacks.
+    #: Takes tool definitions and tool-call turns.
+    tools: bool = True
+    #: Takes images.
+    vision: bool = True
+    #: Honours a structured-output request (a JSON schema or JSON mode).
+    json_schema: bool = True
+    #: Prompt plus requested output tokens it can hold; None: not checked.
+    max_context_tokens: int | None = None
+    #: Most output tokens a request may ask of it (max_tokens); None: not checked.
+    max_output_tokens: int | None = None
+    #: A `tokenizers` JSON file that counts this backend's tokens for the context check; else
+    #: the estimate (characters / 4, 1,600 per image: `edge.wire.Request`).
+    tokenizer: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +190,10 @@ class SessionConfig:
     switch_margin: float = 0.5
     max_sessions: int = 10_000
     ttl_s: float = 3600.0
+    #: Finished Responses API answers kept for ``previous_response_id`` (per client key), and
+    #: for how long: the oldest go first.
+    max_stored_responses: int = 1000
+    stored_response_ttl_s: float = 3600.0
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ def parse(raw: Mapping[str, Any], base: Path) -> Config:
     seen: dict[str, int] = {}
     for i, item in enumerate(raw_backends):
         b = _Section(item, f"backends[{i}]")
-        backends.append(_backend(b))
+        backends.append(_backend(b, base))
         b.done()
         name = backends[-1].name
         if name in seen:
@@ -206,6 +206,8 @@ def parse(raw: Mapping[str, Any], base: Path) -> Config:
         switch_margin=se.number("switch_margin", 0.5),
         max_sessions=se.int_("max_sessions", 10_000),
         ttl_s=se.positive("ttl_s", 3600.0),
+        max_stored_responses=se.int_("max_stored_responses", 1000, lo=0, hi=10_000_000),
+        stored_response_ttl_s=se.positive("stored_response_ttl_s", 3600.0),
     )
     se.done()
 
@@ -336,7 +338,11 @@ def _check_name(key: str, name: str) -> None:
                           f"{name!r}") from None
 
 
-def _backend(b: _Section) -> BackendConfig:
+#: What a backend may speak (``protocol``).
+PROTOCOLS = ("openai", "anthropic")
+
+
+def _backend(b: _Section, base: Path | None = None) -> BackendConfig:
     name = b.str_("name", required=True)
     _check_name(b.key("name"), name)
     url = b.str_("base_url", required=True)
@@ -352,8 +358,26 @@ def _backend(b: _Section) -> BackendConfig:
         stream_idle_timeout_s=b.positive("stream_idle_timeout_s", 60.0),
         connect_timeout_s=b.positive("connect_timeout_s", 5.0),
         cost=b.number("cost", None, allow_none=True),
+        protocol=_protocol(b),
+        tools=b.bool_("tools", True),
+        vision=b.bool_("vision", True),
+        json_schema=b.bool_("json_schema", True),
+        max_context_tokens=_optional_int(b, "max_context_tokens"),
+        max_output_tokens=_optional_int(b, "max_output_tokens"),
+        tokenizer=b.path("tokenizer", base or Path.cwd()),
         price=_price(b),
     )
+
+
+def _protocol(b: _Section) -> str:
+    v = b.get("protocol", "openai")
+    if v not in PROTOCOLS:
+        raise ConfigError(b.key("protocol"), f"must be one of {', '.join(PROTOCOLS)}, got {v!r}")
+    return str(v)
+
+
+def _optional_int(b: _Section, name: str) -> int | None:
+    return None if b.get(name) is None else b.int_(name, 1)
 
 
 def _price(b: _Section) -> Price | None:

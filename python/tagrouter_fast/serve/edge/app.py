@@ -18,9 +18,15 @@ from tagrouter_fast.serve.config import Config, ConfigError
 from tagrouter_fast.serve.edge.admin import admin, admin_remove
 from tagrouter_fast.serve.edge.auth import authenticate
 from tagrouter_fast.serve.edge.completions import completion
+from tagrouter_fast.serve.edge.conversations import ResponseStore
 from tagrouter_fast.serve.edge.errors import ApiError
 from tagrouter_fast.serve.edge.feedback import feedback, route_only
 from tagrouter_fast.serve.edge.middleware import Guard
+from tagrouter_fast.serve.edge.protocol_routes import (
+    count_tokens_endpoint,
+    messages_endpoint,
+    responses_endpoint,
+)
 from tagrouter_fast.serve.edge.shadow_admin import (
     admin_mode,
     admin_report,
@@ -65,6 +71,10 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
             return await handler(gw, request)
 
         return endpoint
+
+    # Responses API answers kept for previous_response_id (the gateway's, bounded).
+    responses = ResponseStore(config.sessions.max_stored_responses,
+                              config.sessions.stored_response_ttl_s)
 
     async def chat(request: Request) -> Response:
         return await completion(gw, request, chat=True)
@@ -137,6 +147,9 @@ def create_app(config: Config, *, router: TagRouter | None = None) -> Starlette:
         routes=[
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/responses", responses_endpoint(gw, responses), methods=["POST"]),
+            Route("/v1/messages", messages_endpoint(gw), methods=["POST"]),
+            Route("/v1/messages/count_tokens", count_tokens_endpoint(gw), methods=["POST"]),
             Route("/v1/route", on(route_only), methods=["POST"]),
             Route("/v1/feedback", on(feedback), methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),

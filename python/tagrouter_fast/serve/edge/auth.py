@@ -17,9 +17,14 @@ __all__ = ["authenticate", "check_admin", "check_override"]
 
 
 def authenticate(gw: Gateway, request: Request, scope: str, what: str) -> ClientKey:
-    """The caller's key, which must hold ``scope`` (401 / 403 otherwise)."""
+    """The caller's key, which must hold ``scope`` (401 / 403 otherwise): the bearer token of
+    ``Authorization``, else ``x-api-key`` (where Anthropic clients send their key)."""
+    auth = request.headers.get("authorization")
+    if auth is None:
+        api_key = request.headers.get("x-api-key")
+        auth = f"Bearer {api_key}" if api_key else None
     try:
-        key = gw.keyring.authenticate(request.headers.get("authorization"))
+        key = gw.keyring.authenticate(auth)
         gw.keyring.require(key, scope, what)
     except Unauthenticated as e:
         gw.metrics.rejected.labels("unauthenticated").inc()

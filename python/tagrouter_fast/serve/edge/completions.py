@@ -5,12 +5,14 @@ edge (read and check the body, the caller's key and operating point) -> policy
 (`Gateway.route_request`: the backends to try) -> forward (`Forwarder`: the fallback chain, a
 stream opened up to its first event) -> edge (the answer as it came, with the ``x-tagrouter-*``
 headers; a stream relayed event by event). The body goes upstream as the client sent it, but
-for ``model`` (the chosen backend's) and ``tagrouter`` (ours, never sent).
+for ``model`` (the chosen backend's) and ``tagrouter`` (ours, never sent); a chat request whose
+chain holds an Anthropic backend is translated instead (`protocol_routes.forward`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -31,10 +33,13 @@ from tagrouter_fast.serve.edge.openai_usage import (
     ask_for_usage,
     prompt_chars,
 )
+from tagrouter_fast.serve.edge.translate import CHAT, api_error, loose_chat_needs
+from tagrouter_fast.serve.edge.wire import ProtocolError
 from tagrouter_fast.serve.forward.backends import Backend
 from tagrouter_fast.serve.forward.faults import AllBackendsFailed, client_error
 from tagrouter_fast.serve.forward.forwarder import Answer, OpenStream
 from tagrouter_fast.serve.learn.keys import ROUTE, ClientKey
+from tagrouter_fast.serve.policy.capabilities import Needs, needs_of
 from tagrouter_fast.serve.policy.routing import Routed
 from tagrouter_fast.serve.policy.spending import cost_headers
 from tagrouter_fast.serve.telemetry import NO_SPAN, AttemptSpan, RequestSpan
@@ -43,7 +48,7 @@ if TYPE_CHECKING:
     from tagrouter_fast.serve.policy.gateway import Gateway
     from tagrouter_fast.serve.shadow.spend import Charge
 
-__all__ = ["completion", "decision_headers"]
+__all__ = ["completion", "cost_log_fields", "decision_headers"]
 
 
 def session_key(request: Request, body: dict[str, Any]) -> str | None:
@@ -115,12 +120,38 @@ async def _forward(
 ) -> Response:
     theta, share = route_options(body, request)
     check_override(gw, key, theta, share)
+    session = session_key(request, body)
+    req = refused = None
+    if chat:
+        # Parsed for what it needs of a backend (and its translation, should the routed
+        # backend speak Anthropic Messages); an OpenAI backend still gets the body as sent,
+        # even one the strict parser refuses (read loosely for its needs, then).
+        try:
+            req = CHAT.parse(body, session_id=session)
+            needs = needs_of(req)
+        except ProtocolError as e:
+            refused, needs = e, loose_chat_needs(body)
+    else:
+        max_tokens = body.get("max_tokens")
+        needs = Needs(frozenset({"completions"}), math.ceil(len(text) / 4),
+                      max_tokens if isinstance(max_tokens, int) else None)
     routed = await gw.route_request(model, text, messages, key, theta=theta, share=share,
-                                    session=session_key(request, body))
+                                    session=session, needs=needs)
     shadow, plan = gw.shadow, None
     if shadow is not None and routed.decision is not None:
         routed, plan = shadow.steer(routed, stream=stream)  # who answers in the current mode
     span.routed(routed)
+    if chat and any(b.protocol != "openai" for b in routed.chain):
+        # Imported here: protocol_routes builds on this module's Relay and headers.
+        from tagrouter_fast.serve.edge.protocol_routes import forward
+
+        if req is None:  # to be translated, it must parse
+            assert refused is not None
+            raise api_error(refused)
+        try:
+            return await forward(gw, request, CHAT, req, body, routed, key, span=span)
+        except ProtocolError as e:
+            raise api_error(e) from None
     # A plain id until the answer is in: only an answered decision gets a token to score.
     decision_id = request_id = uuid.uuid4().hex
     path = "/chat/completions" if chat else "/completions"
@@ -168,7 +199,7 @@ async def _forward(
             charged = cost_headers(charge, backend.config.price is not None)
             span.charged(charge, backend.config.price is not None)
             if log_fields is not None and charge is not None:
-                log_fields.update(_log_cost(charge, backend))
+                log_fields.update(cost_log_fields(charge, backend))
         span.answered(backend, decision_id, attempts)
         if opened.status != 200:
             span.failed(RuntimeError(f"backend answered HTTP {opened.status}"), opened.status)
@@ -198,7 +229,7 @@ async def _forward(
     return Relay(events, opened, headers=headers, media_type="text/event-stream")
 
 
-def _log_cost(charge: Charge, backend: Backend) -> dict[str, Any]:
+def cost_log_fields(charge: Charge, backend: Backend) -> dict[str, Any]:
     out: dict[str, Any] = {"tokens_in": charge.tokens_in, "tokens_out": charge.tokens_out}
     if backend.config.price is not None:
         out["cost_usd"] = round(charge.usd, 8)
@@ -226,7 +257,7 @@ async def _metered(
                 await aclose()
         charge = gw.spending.charge(key, backend, meter.usage, prompt, meter.answer_chars)
         if charge is not None and log_fields is not None:
-            log_fields.update(_log_cost(charge, backend))
+            log_fields.update(cost_log_fields(charge, backend))
         span.charged(charge, backend.config.price is not None)
         span.end()
 

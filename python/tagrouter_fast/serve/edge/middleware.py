@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tagrouter_fast.serve.edge.errors import ApiError
+from tagrouter_fast.serve.edge.translate import CHAT, MESSAGES, error_response
 
 if TYPE_CHECKING:
     from tagrouter_fast.serve.policy.gateway import Gateway
@@ -45,9 +46,12 @@ class Guard:
         logging_on = self.log and access_log.isEnabledFor(logging.INFO)
         if limited and gw.inflight >= self.limit:
             gw.metrics.rejected.labels("concurrency").inc()
-            await ApiError(429, f"over the concurrency limit of {self.limit} requests",
-                           kind="rate_limit_error", code="concurrency_limit",
-                           headers={"retry-after": "1"}).response()(scope, receive, send)
+            busy = ApiError(429, f"over the concurrency limit of {self.limit} requests",
+                            kind="rate_limit_error", code="concurrency_limit",
+                            headers={"retry-after": "1"})
+            # Each protocol's clients read their own error shape (Anthropic's on /v1/messages).
+            await error_response(MESSAGES if path == MESSAGES.path else CHAT,
+                                 busy)(scope, receive, send)
             if logging_on:
                 self._log(scope, 429, 0.0, {})
             return

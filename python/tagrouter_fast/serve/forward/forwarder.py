@@ -1,5 +1,6 @@
-"""Forwarding to OpenAI-compatible backends on the pooled client: deadlines, the fallback chain
-and SSE passthrough, with each failure one `BackendError` of `faults.FAULT_KINDS`.
+"""Forwarding to backends (OpenAI-compatible or Anthropic Messages) on the pooled client:
+deadlines, the fallback chain and SSE passthrough, with each failure one `BackendError` of
+`faults.FAULT_KINDS`.
 
 Streams are opened *up to their first complete event* before the client sees anything: a
 backend that fails before that point is still retried, and after it nothing is retried (the
@@ -189,24 +190,29 @@ class Forwarder:
             obj = json.loads(content)
         except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
             obj = None
-        if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+        # What every answer of the backend's protocol has: chat ``choices``, a message's
+        # ``content``.
+        key = "content" if backend.protocol == "anthropic" else "choices"
+        if not isinstance(obj, dict) or not isinstance(obj.get(key), list):
             raise self._fail(BackendError(
                 backend.name, "malformed", f"not an API answer: {content[:80]!r}"
             ))
         return Answer(backend, status, content, "application/json", obj)
 
     async def complete_chain(
-        self, chain: Sequence[Backend], path: str, payload_for: Callable[[Backend], bytes],
+        self, chain: Sequence[Backend], path: str | Callable[[Backend], str],
+        payload_for: Callable[[Backend], bytes],
         trace: Callable[[Backend], AttemptTrace | None] | None = None,
     ) -> tuple[Answer, list[BackendError]]:
-        """The first backend of ``chain`` that answers; the failures before it. ``trace``:
-        follows each attempt.
+        """The first backend of ``chain`` that answers; the failures before it. ``path``: the
+        same for every backend, or each backend's (its protocol's); ``trace``: follows each
+        attempt.
 
         Raises:
             AllBackendsFailed: every backend failed.
         """
-        return await _first_answer(chain, lambda b: self.complete(b, path, payload_for(b)),
-                                   trace)
+        return await _first_answer(
+            chain, lambda b: self.complete(b, _path(path, b), payload_for(b)), trace)
 
     # ---- streaming ----
 
@@ -273,17 +279,18 @@ class Forwarder:
         return OpenStream(backend, resp, chunks, first, buf[cut:], release)
 
     async def open_stream_chain(
-        self, chain: Sequence[Backend], path: str, payload_for: Callable[[Backend], bytes],
+        self, chain: Sequence[Backend], path: str | Callable[[Backend], str],
+        payload_for: Callable[[Backend], bytes],
         trace: Callable[[Backend], AttemptTrace | None] | None = None,
     ) -> tuple[OpenStream | Answer, list[BackendError]]:
-        """`open_stream` on each backend of ``chain`` until one opens (``trace``: as in
-        `complete_chain`).
+        """`open_stream` on each backend of ``chain`` until one opens (``path`` and ``trace``:
+        as in `complete_chain`).
 
         Raises:
             AllBackendsFailed: every backend failed.
         """
         return await _first_answer(
-            chain, lambda b: self.open_stream(b, path, payload_for(b)), trace)
+            chain, lambda b: self.open_stream(b, _path(path, b), payload_for(b)), trace)
 
     async def relay(
         self, stream: OpenStream, render_error: Callable[[ClientError], bytes]
@@ -345,3 +352,7 @@ async def _first_answer(
         return out, errors
     raise AllBackendsFailed(errors)
 
+
+
+def _path(path: str | Callable[[Backend], str], backend: Backend) -> str:
+    return path if isinstance(path, str) else path(backend)

@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,9 @@ class Session:
     #: Tags of the session's last routed user turn.
     tags: tuple[str, ...]
     last_seen: float
+    #: Capabilities the conversation has used (tools, vision, json_schema): the session never
+    #: moves to a model without them.
+    used: frozenset[str] = frozenset()
 
 
 class SessionTable:
@@ -65,10 +68,14 @@ class SessionTable:
             self._items.move_to_end(key)
             return s
 
-    def put(self, key: str, model: str, tags: Sequence[str]) -> None:
+    def put(self, key: str, model: str, tags: Sequence[str],
+            used: Collection[str] = ()) -> None:
         now = self._clock()
         with self._lock:
-            self._items[key] = Session(model, tuple(tags), now)
+            old = self._items.get(key)
+            kept = old.used if old is not None and now - old.last_seen <= self.ttl_s \
+                else frozenset()
+            self._items[key] = Session(model, tuple(tags), now, kept | frozenset(used))
             self._items.move_to_end(key)
             while len(self._items) > self.max_sessions:
                 self._items.popitem(last=False)

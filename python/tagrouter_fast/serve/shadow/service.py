@@ -37,6 +37,7 @@ from starlette.background import BackgroundTask
 
 from tagrouter_fast import journal
 from tagrouter_fast.serve.config import ConfigError
+from tagrouter_fast.serve.policy.capabilities import lacks
 from tagrouter_fast.serve.shadow.config import MODES, ShadowConfig
 from tagrouter_fast.serve.shadow.runner import (
     ShadowCounters,
@@ -204,11 +205,18 @@ class ShadowService:
         runner, gw = self.runner, self.gw
         cfg = runner.config
         served = routed.chain[0].name
-        if cfg.mode == "shadow" or (cfg.mode == "ab" and runner.serve_model(d) != d.model):
+        default = gw.backends.get(cfg.default_model)
+        # A default that cannot serve the request (no vision for its image, too short a
+        # context...) does not answer it: the routed model, which can, does.
+        capable = default is not None and (routed.needs is None
+                                            or lacks(default, routed.needs) is None)
+        if capable and (cfg.mode == "shadow"
+                        or (cfg.mode == "ab" and runner.serve_model(d) != d.model)):
             served = cfg.default_model
             routed = replace(
                 routed, reason=REASON_SHADOW if cfg.mode == "shadow" else REASON_AB_DEFAULT,
-                chain=gw.chain(served, fallback=gw.config.fallback.passthrough))
+                chain=gw.chain(served, fallback=gw.config.fallback.passthrough,
+                               needs=routed.needs))
         plan = None if stream else runner.plan(d, served=served)
         return routed, plan
 
