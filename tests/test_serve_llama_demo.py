@@ -75,15 +75,16 @@ def test_serve_demo_with_a_real_model(tmp_path: Path) -> None:
         # translated both ways, JSON and streamed.
         ant = anthropic.Anthropic(base_url=g.url, api_key="unused", max_retries=0,
                                   timeout=120)
+        # (anthropic 2.x's create() takes no temperature: sent as an extra body field)
         raw_msg = ant.messages.with_raw_response.create(
-            model="tagrouter", max_tokens=16, temperature=0,
+            model="tagrouter", max_tokens=16, extra_body={"temperature": 0},
             messages=[{"role": "user", "content": POEM}])
         assert raw_msg.headers["x-tagrouter-model"] == "small"
         msg = raw_msg.parse()
         assert msg.model == default_gguf().stem and msg.stop_reason in ("end_turn", "max_tokens")
         said = msg.content[0].text
         assert said.strip() and "answers:" not in said
-        with ant.messages.stream(model="tagrouter", max_tokens=16, temperature=0,
+        with ant.messages.stream(model="tagrouter", max_tokens=16, extra_body={"temperature": 0},
                                  messages=[{"role": "user", "content": POEM}]) as s:
             pieces = list(s.text_stream)
         assert len(pieces) > 1 and "".join(pieces).strip()
@@ -92,3 +93,30 @@ def test_serve_demo_with_a_real_model(tmp_path: Path) -> None:
             model="tagrouter", messages=[{"role": "user", "content": MATH}])
         assert raw.headers["x-tagrouter-model"] == "big"
         assert (raw.parse().choices[0].message.content or "").startswith("big answers")
+
+
+@pytest.mark.skipif(_demo_ready() is not None, reason=f"real-model demo: {_demo_ready()}")
+def test_shadow_demo_with_a_real_small_model(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    """`tagrouter serve --demo --shadow --real-model`: the default (fake big model) answers every
+    client, SmolLM2 on llama.cpp answers the sampled requests in the background, and the judged
+    pairs reach the report."""
+    from serve_helpers import wait_for
+
+    from tagrouter_fast.serve.shadow.records import load
+    from tagrouter_fast.serve.shadow.report import build_report
+
+    token = "real-model-shadow-admin"
+    monkeypatch.setenv("TAGROUTER_ADMIN_TOKEN", token)
+    admin = {"authorization": f"Bearer {token}"}
+    state = tmp_path / "s"
+    with cli_gateway("--demo", "--shadow", "--demo-tagger", "keyword", "--real-model",
+                     "--state-dir", str(state), ready_timeout_s=180) as g:
+        def judged() -> bool:
+            r = httpx.get(g.url + "/admin/report", headers=admin, timeout=30)
+            return r.status_code == 200 and r.json()["traffic"]["pairs"] >= 2
+        assert wait_for(judged, timeout_s=240, interval_s=2)
+    recs = load(state)
+    small = [p for p in recs.pairs if p.get("candidate") == "small"]
+    assert small, "no judged pair of the real small model"
+    assert build_report(state)["traffic"]["pairs"] == len(recs.pairs)
