@@ -6,7 +6,9 @@ kept-alive connection per server), one event loop (uvloop when installed, as und
 gateway), the same backend process, the same query in the same round. The two legs alternate
 which goes first, and nothing else runs in the round (no third server whose leftover CPU would
 slow whoever follows it). Streams are timed to the first body byte (time to first token) and
-to the last.
+to the last. Each target speaks one client protocol (`APIS`: chat completions, Responses or
+Anthropic Messages), so a gateway's protocols can be measured against a baseline of the same
+one, or against each other.
 
 Server CPU is read from ``/proc`` (user + system of the process and its descendants) around the
 timed rounds: CPU milliseconds per request, which the other work on a shared machine does not
@@ -31,12 +33,61 @@ T = TypeVar("T")
 _HEADERS = {"content-type": "application/json", "accept": "application/json"}
 
 
+def chat_body(model: str, query: str, stream: bool) -> bytes:
+    return json.dumps({"model": model, "stream": stream,
+                       "messages": [{"role": "user", "content": query}]}).encode()
+
+
+def responses_body(model: str, query: str, stream: bool) -> bytes:
+    return json.dumps({"model": model, "stream": stream, "input": query}).encode()
+
+
+def messages_body(model: str, query: str, stream: bool) -> bytes:
+    return json.dumps({"model": model, "stream": stream, "max_tokens": 256,
+                       "messages": [{"role": "user", "content": query}]}).encode()
+
+
+@dataclass(frozen=True)
+class Api:
+    """One client protocol: where its requests go, what they hold, and how a complete stream
+    ends (every protocol's stream has a last event of its own; a stream cut before it is an
+    error, not a fast answer)."""
+
+    path: str
+    body: Callable[[str, str, bool], bytes]
+    last_event: bytes
+    headers: dict[str, str]
+
+
+#: The client protocols a target may speak (`Target.api`).
+APIS = {
+    "chat": Api("/chat/completions", chat_body, b"data: [DONE]", _HEADERS),
+    "responses": Api("/responses", responses_body, b"event: response.completed", _HEADERS),
+    # The header every Anthropic SDK sends: both legs carry it, as a real client's would.
+    "messages": Api("/messages", messages_body, b"event: message_stop",
+                    {**_HEADERS, "anthropic-version": "2023-06-01"}),
+}
+
+
+def stream_complete(api: Api, data: bytes) -> bool:
+    """Whether ``data`` is a whole SSE stream of ``api``: it ends at an event boundary and its
+    last event is the protocol's closing one."""
+    if not data.endswith(b"\n\n"):
+        return False
+    return data[:-2].rsplit(b"\n\n", 1)[-1].startswith(api.last_event)
+
+
 @dataclass
 class Target:
     name: str
     url: str  # base URL ending in /v1
     model: str
     pid: int | None = None  # the server's process, for its CPU time per request
+    api: str = "chat"  # the protocol spoken to it: a key of APIS
+
+    def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise ValueError(f"{self.name}: api must be one of {sorted(APIS)}, got {self.api!r}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -84,21 +135,17 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
         loop.close()
 
 
-def chat_body(model: str, query: str, stream: bool) -> bytes:
-    return json.dumps({"model": model, "stream": stream,
-                       "messages": [{"role": "user", "content": query}]}).encode()
-
-
 async def one_request(
     session: aiohttp.ClientSession, t: Target, query: str, stream: bool
 ) -> tuple[float, float, bytes]:
-    """(seconds to the last body byte, seconds to the first, the body) of one chat request;
-    raises on anything but a complete 200 answer."""
-    body = chat_body(t.model, query, stream)
+    """(seconds to the last body byte, seconds to the first, the body) of one request in the
+    target's protocol; raises on anything but a complete 200 answer."""
+    api = APIS[t.api]
+    body = api.body(t.model, query, stream)
     t0 = time.perf_counter()
     first = 0.0
     parts: list[bytes] = []
-    async with session.post(t.url + "/chat/completions", data=body, headers=_HEADERS) as r:
+    async with session.post(t.url + api.path, data=body, headers=api.headers) as r:
         while True:
             chunk = await r.content.readany()
             if not chunk:
@@ -109,7 +156,7 @@ async def one_request(
         status = r.status
     total = time.perf_counter() - t0
     data = b"".join(parts)
-    if status != 200 or (stream and not data.endswith(b"data: [DONE]\n\n")):
+    if status != 200 or (stream and not stream_complete(api, data)):
         raise RuntimeError(f"{t.name}: HTTP {status}: {data[-200:]!r}")
     return total, first, data
 
@@ -138,6 +185,11 @@ def pairs(
     whole request (and of the first byte when streaming), the added p50/p99 over the baseline,
     the median of the per-round differences, and the server's CPU ms per request."""
     calls = in_process or {}
+    pids = [t.pid for t in targets if t.pid]
+    if len(pids) != len(set(pids)):
+        # A process's CPU cannot be split between the targets it serves: one process each.
+        raise ValueError("two targets share a server process: its CPU per request would be "
+                         "the sum of both")
 
     async def run() -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
         whole: dict[str, list[float]] = {t.name: [] for t in targets}
@@ -209,6 +261,8 @@ def streams(t: Target, queries: list[str], n: int) -> StreamLoad:
     """``n`` streamed chat requests at once on one client session (a connection each). The
     arrival time of every read holding an event boundary is recorded; a gap is the time between
     two such reads of one stream."""
+    if t.api != "chat":
+        raise ValueError(f"{t.name}: concurrent streams are chat completions, not {t.api}")
 
     async def run() -> StreamLoad:
         ttft: list[float] = []

@@ -15,9 +15,12 @@ leg reports p50 and p99, and the gateway its CPU per request.
 Scenarios: tagging excluded (a keyword tagger: microseconds) and included (the default tagger:
 one encoder pass per request), streaming (time to first byte and to the last) and not, one
 client, 512 concurrent paced streams (gaps between events), 64 concurrent (throughput), and
-the CPU of a routed query's tagging with and without head pooling. Goals (docs/serving.md):
-added p99 <= 1 ms without tagging, streams without a gap > 100 ms that the backend did not
-make, zero errors.
+the CPU of a routed query's tagging with and without head pooling. Per client protocol (keyword
+tagger): /v1/responses and /v1/messages against a direct call of the same protocol, an Anthropic
+client translated to an OpenAI backend against one passed through to an Anthropic backend, and
+the gateway's CPU per request in each protocol beside chat's. Goals (docs/serving.md): added
+p99 <= 1 ms without tagging, streams without a gap > 100 ms that the backend did not make, zero
+errors, translation's extra <= 0.3 ms p50, each protocol's CPU within 1.2x of chat's.
 
 LiteLLM is the optional ``peers-litellm`` extra (``pip install -e '.[peers-litellm]'``); set
 ``TAGROUTER_LITELLM`` to a ``litellm`` executable of another environment to use that one.
@@ -26,6 +29,8 @@ LiteLLM is the optional ``peers-litellm`` extra (``pip install -e '.[peers-litel
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -50,6 +55,8 @@ from tagrouter_fast.demo.servers import BackendProcess, free_port  # noqa: E402
 
 #: Interleaved (direct, gateway) pairs per one-client scenario: p99 needs 1,000+ samples.
 N_PAIRS = 1500
+#: Rounds per scenario of the per-protocol benchmarks (/v1/responses, /v1/messages, translation).
+N_PROTOCOL_PAIRS = 1000
 N_CONCURRENT = 2000
 CONCURRENCY = 64
 #: Concurrent streams, and the backend's pacing of their events.
@@ -109,28 +116,61 @@ def backend() -> Iterator[BackendProcess]:
 
 
 def _gateway(
-    backend: BackendProcess, tagger: str, tmp: Path, extra: str = ""
+    backend: BackendProcess, tagger: str, tmp: Path, extra: str = "", name: str = ""
 ) -> Iterator[Target]:
+    """A gateway process on ``backend`` (``small``) and its ``big``, both of the backends'
+    protocol (``backend.protocol``)."""
     big: BackendProcess = backend.big  # type: ignore[attr-defined]
     cfg = tmp / f"gateway-{tagger}.toml"
+    protocol = f'protocol = "{backend.protocol}"\n'
     cfg.write_text(
         "[server]\naccess_log = false\n[limits]\nmax_concurrency = 4096\nmax_connections = 1024\n"
         # Anonymous, as the figures in docs/serving.md were measured (no key to check).
         "[auth]\nallow_anonymous = true\nanonymous_feedback = true\n"
         f'[[backends]]\nname = "small"\nbase_url = "{backend.url}/v1"\nmodel = "small-model"\n'
+        + protocol +
         f'[[backends]]\nname = "big"\nbase_url = "{big.url}/v1"\nmodel = "big-model"\n'
-        + extra
+        + protocol + extra
     )
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _GATEWAY, str(cfg), tagger, str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
-        yield Target(f"tagrouter ({tagger} tagger)", f"http://127.0.0.1:{port}/v1", "tagrouter",
-                     proc.pid)
+        yield Target(name or f"tagrouter ({tagger} tagger)", f"http://127.0.0.1:{port}/v1",
+                     "tagrouter", proc.pid)
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def backend_anthropic() -> Iterator[BackendProcess]:
+    """Fakes answering Anthropic Messages, named like the OpenAI ones (their answers read
+    ``small answers: ...`` too, which `_from_small` checks)."""
+    with BackendProcess("small", protocol="anthropic") as small, \
+            BackendProcess("big", protocol="anthropic") as big:
+        small.big = big  # type: ignore[attr-defined]
+        yield small
+
+
+@pytest.fixture(scope="module")
+def gateway_anthropic(backend_anthropic: BackendProcess,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    """The keyword gateway on Anthropic backends: /v1/messages passes through untranslated."""
+    yield from _gateway(backend_anthropic, "keyword", tmp_path_factory.mktemp("gw"),
+                        name="tagrouter (keyword tagger, anthropic backends)")
+
+
+@pytest.fixture(scope="module")
+def gateway_twins(backend: BackendProcess, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[list[Target]]:
+    """Two more processes of `gateway_fast`'s configuration: a protocol each, so that each
+    protocol's CPU per request is its own process's, in the same rounds as chat's."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(contextlib.contextmanager(_gateway)(
+            backend, "keyword", tmp_path_factory.mktemp("gw"),
+            name=f"tagrouter (keyword tagger, process {k})")) for k in (2, 3)]
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +333,117 @@ def test_added_latency_tagging_excluded(
                           check=_from_small))
 
     benchmark.group = f"gateway, 1 client, {'stream' if stream else 'json'}, no tagging"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    _report(benchmark, benchmark.group, info)
+
+
+def _direct_anthropic(backend_anthropic: BackendProcess) -> Target:
+    return Target("direct (anthropic)", backend_anthropic.url + "/v1", "small-model",
+                  api="messages")
+
+
+def _speaking(t: Target, api: str, name: str) -> Target:
+    """``t`` spoken to in another client protocol, under a name that says which."""
+    return dataclasses.replace(t, name=name, api=api)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_protocol_added_latency(
+    benchmark: Any, request: pytest.FixtureRequest, backend: BackendProcess,
+    gateway_fast: Target, api: str, stream: bool,
+) -> None:
+    """/v1/responses and /v1/messages through the gateway (keyword tagger), against a direct
+    call of the same protocol in interleaved pairs: Messages straight to the Anthropic fake
+    (the gateway on Anthropic backends, nothing translated). No backend speaks Responses: its
+    baseline is a chat completion straight to the OpenAI fake, the backend the gateway
+    translates it to."""
+    if api == "messages":
+        direct = _direct_anthropic(request.getfixturevalue("backend_anthropic"))
+        gw = request.getfixturevalue("gateway_anthropic")
+    else:
+        direct, gw = _direct(backend), gateway_fast
+    gw = _speaking(gw, api, f"tagrouter /v1/{api}")
+    info: dict[str, Any] = {"baseline": f"{direct.name}, {direct.api}"}
+
+    def run() -> None:
+        info.update(pairs([direct, gw], WRITING, stream, N_PROTOCOL_PAIRS, check=_from_small))
+
+    benchmark.group = f"gateway /v1/{api}, 1 client, {'stream' if stream else 'json'}, no tagging"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    _report(benchmark, benchmark.group, info)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_translation_extra(
+    benchmark: Any, backend: BackendProcess, backend_anthropic: BackendProcess,
+    gateway_fast: Target, gateway_anthropic: Target, stream: bool,
+) -> None:
+    """An Anthropic client through the gateway to an OpenAI backend (translated both ways)
+    against the same client through a gateway to an Anthropic backend (passed through),
+    interleaved in one run: the difference is what translating costs (goal: <= 0.3 ms p50).
+    Both backends are also called directly in the same rounds: were the two fakes unequal, the
+    difference of the hops' added times (each over its own backend) shows it."""
+    same = _speaking(gateway_anthropic, "messages", "messages -> anthropic backend")
+    translated = _speaking(gateway_fast, "messages", "messages -> openai backend")
+    direct_a = _direct_anthropic(backend_anthropic)
+    direct_o = _direct(backend)
+    info: dict[str, Any] = {}
+
+    def run() -> None:
+        # The passed-through leg is the baseline: "added" is translation's extra.
+        out = pairs([same, translated, direct_a, direct_o], WRITING, stream, N_PROTOCOL_PAIRS,
+                    check=_from_small)
+        info["rounds"] = out["rounds"]
+        kinds = ["", "first byte "] if stream else [""]
+        for kind in kinds:
+            for p in ("p50", "p99"):
+                info[f"translation extra, {kind}{p} ms"] = out[
+                    f"{translated.name} added {kind}{p} ms"]
+        info["translation extra, median of paired differences ms"] = out[
+            f"{translated.name} added, median of paired differences ms"]
+        for gw, d in ((same, direct_a), (translated, direct_o)):
+            for kind in kinds:
+                for p in ("p50", "p99"):
+                    info[f"{gw.name}: {kind}{p} ms"] = out[f"{gw.name} {kind}{p} ms"]
+                    info[f"{gw.name}: added over {d.name}, {kind}{p} ms"] = round(
+                        out[f"{gw.name} {kind}{p} ms"] - out[f"{d.name} {kind}{p} ms"], 3)
+            info[f"{gw.name}: gateway CPU ms/request"] = out[f"{gw.name} CPU ms/request"]
+        for d in (direct_a, direct_o):
+            info[f"{d.name} p50 ms"] = out[f"{d.name} p50 ms"]
+            info[f"{d.name} p99 ms"] = out[f"{d.name} p99 ms"]
+        info["translation extra p50 <= 0.3 ms"] = info["translation extra, p50 ms"] <= 0.3
+
+    benchmark.group = f"gateway translation, anthropic client, {'stream' if stream else 'json'}"
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    _report(benchmark, benchmark.group, info)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_cpu_by_protocol(
+    benchmark: Any, backend: BackendProcess, gateway_fast: Target, gateway_twins: list[Target],
+    gateway_anthropic: Target, stream: bool,
+) -> None:
+    """The gateway's CPU per request in each client protocol, one gateway process per protocol
+    (the same configuration), all in the same interleaved rounds beside a direct chat call:
+    chat completions, Responses and Messages translated to the OpenAI backend, and Messages
+    passed through to an Anthropic backend (goal: each within 1.2x of chat's)."""
+    chat = _speaking(gateway_fast, "chat", "chat")
+    others = [_speaking(gateway_twins[0], "responses", "responses -> openai backend"),
+              _speaking(gateway_twins[1], "messages", "messages -> openai backend"),
+              _speaking(gateway_anthropic, "messages", "messages -> anthropic backend")]
+    info: dict[str, Any] = {}
+
+    def run() -> None:
+        info.update(pairs([_direct(backend), chat, *others], WRITING, stream, N_PROTOCOL_PAIRS,
+                          check=_from_small))
+        base = info[f"{chat.name} CPU ms/request"]
+        for t in others:
+            ratio = info[f"{t.name} CPU ms/request"] / base
+            info[f"{t.name} CPU / chat's"] = round(ratio, 2)
+            info[f"{t.name} within 1.2x"] = ratio <= 1.2
+
+    benchmark.group = f"gateway CPU by protocol, 1 client, {'stream' if stream else 'json'}"
     benchmark.pedantic(run, rounds=1, iterations=1)
     _report(benchmark, benchmark.group, info)
 

@@ -152,15 +152,21 @@ class ServerThread:
 class BackendProcess:
     """A :class:`FakeBackend` in a child process (``python -m
     tagrouter_fast.demo.fake_backend``), so that load runs and benchmarks do not share the
-    GIL with it. Commanded over HTTP (``POST /_fake/command``)."""
+    GIL with it. Commanded over HTTP (``POST /_fake/command``). ``protocol="anthropic"``: it
+    answers Anthropic Messages (``POST /v1/messages``) instead of chat completions."""
 
-    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0,
+                 protocol: str = "openai") -> None:
         import sys
 
+        if protocol not in ("openai", "anthropic"):
+            # Checked here too: the child would exit on it, seen only as "did not start".
+            raise ValueError(f"protocol must be 'openai' or 'anthropic', got {protocol!r}")
         self.name = name
+        self.protocol = protocol
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tagrouter_fast.demo.fake_backend", "--name", name,
-             "--host", host, "--port", str(port)],
+             "--protocol", protocol, "--host", host, "--port", str(port)],
             stdout=subprocess.PIPE, text=True,
         )
         assert self.proc.stdout is not None
