@@ -557,11 +557,12 @@ def test_routed_query_cpu_head_pooling(benchmark: Any) -> None:
     from tagrouter_fast.router import TagRouter
     from tagrouter_fast.tagging.taggers import DefaultTagger
 
-    two_runs = demo_router("default")
-    pooled_tagger = DefaultTagger(head_pooling=True)
+    demo = demo_router("default")
+    pooled_tagger = DefaultTagger(head_pooling=True)  # the default since 2026-12-07
     if not pooled_tagger.head_pooling:
         raise AssertionError("the default encoder does not pool prefixes: nothing to compare")
-    one_run = TagRouter(two_runs.decider, tagger=pooled_tagger, align=False)
+    two_runs = TagRouter(demo.decider, tagger=DefaultTagger(head_pooling=False), align=False)
+    one_run = TagRouter(demo.decider, tagger=pooled_tagger, align=False)
     encoder = pooled_tagger.encoder
     calls = {
         "route, head_pooling=False": two_runs.route,

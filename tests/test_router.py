@@ -367,3 +367,20 @@ def test_decide_many_options(table_dir: Path) -> None:
         router.decide_many(["a"], extra_tags=[[], []])
     with pytest.raises(TypeError, match="sequence of str"):
         router.decide_many("a single string")
+
+
+def test_default_tagger_spec_keeps_the_head_mode_a_bundle_was_built_with() -> None:
+    from tagrouter_fast.router import _tagger_from_spec, _tagger_spec
+    from tagrouter_fast.tagging.taggers import DefaultTagger
+
+    pooled = DefaultTagger()  # the default since 2026-12-07: the head pooled from the query's run
+    assert pooled.head_pooling
+    spec = _tagger_spec(pooled)
+    assert spec["head_pooling"] is True
+    assert _tagger_from_spec(spec).fingerprint == pooled.fingerprint
+    # A bundle saved before the change has no "head_pooling": its tags came from the head's own
+    # run, and it gets that tagger back (the loader's fingerprint check then passes).
+    old = {k: v for k, v in _tagger_spec(DefaultTagger(head_pooling=False)).items()
+           if k != "head_pooling"}
+    restored = _tagger_from_spec(old)
+    assert not restored.head_pooling and restored.fingerprint == old["fingerprint"]

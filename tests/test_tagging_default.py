@@ -230,7 +230,10 @@ def test_alpacaeval_queries_all_get_varied_tags(tagger):
 
 def test_head_pooling_one_run_same_rules(tagger):
     pooled = DefaultTagger(tagger.encoder, head_pooling=True)
-    assert pooled.head_pooling and pooled.fingerprint != tagger.fingerprint
+    own_run = DefaultTagger(tagger.encoder, head_pooling=False)
+    # Pooled is the default (one encoder run per query); the two taggers are told apart.
+    assert tagger.head_pooling and pooled.fingerprint == tagger.fingerprint
+    assert not own_run.head_pooling and own_run.fingerprint != pooled.fingerprint
     queries = [
         "Summarize this abstract: Deep networks need a lot of labelled data to train, and "
         "collecting labels is expensive in medicine.",
@@ -240,8 +243,8 @@ def test_head_pooling_one_run_same_rules(tagger):
     ]
     batch = pooled.tag_batch(queries)
     assert batch == [pooled.tag(q) for q in queries]
-    # No head: the same tags as the shipped two-run tagger.
-    assert batch[1] == tagger.tag(queries[1])
+    # No head: the same tags as the two-run tagger.
+    assert batch[1] == own_run.tag(queries[1])
     # The head still sets the task tag.
     assert batch[2][0] == "Sentiment Analysis"
     calls = []
@@ -272,4 +275,5 @@ def test_head_pooling_needs_token_outputs(tagger):
             return tagger.encoder.encode(texts, max_length=max_length)
 
     t = DefaultTagger(PooledOnly(), head_pooling=True)
-    assert not t.head_pooling and t.fingerprint == tagger.fingerprint
+    own_run = DefaultTagger(tagger.encoder, head_pooling=False)
+    assert not t.head_pooling and t.fingerprint == own_run.fingerprint

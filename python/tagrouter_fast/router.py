@@ -60,7 +60,8 @@ def _tagger_spec(tagger: Tagger) -> dict[str, Any]:
     from tagrouter_fast.tagging.taggers import DefaultTagger
 
     if isinstance(tagger, DefaultTagger):
-        return {"kind": "default", "fingerprint": tagger.fingerprint}
+        return {"kind": "default", "fingerprint": tagger.fingerprint,
+                "head_pooling": tagger.head_pooling}
     manifest = getattr(tagger, "manifest", None)
     if manifest is not None and manifest.get("kind") == "generator":
         return {
@@ -76,7 +77,10 @@ def _tagger_from_spec(spec: Mapping[str, Any]) -> Tagger:
     if kind == "default":
         from tagrouter_fast.tagging.taggers import DefaultTagger
 
-        return DefaultTagger()
+        # The instruction head's vector is pooled from the query's run by default since
+        # 2026-12-07; a bundle saved before (no "head_pooling" in its spec) was tagged with the
+        # head's own run and keeps that tagger, so its store and its routing tags agree.
+        return DefaultTagger(head_pooling=spec.get("head_pooling") is True)
     if kind == "generator":
         from tagrouter_fast.tagging.taggers import TagGeneratorTagger
 

@@ -97,9 +97,9 @@ def _pooled_head_tagger() -> Any:
 
 def methods_for(ablation: str, train_sizes: Sequence[int] = (100, 300, 1000)) -> list[Method]:
     """The methods of one ablation: ``stie``, ``wt``, ``align``, ``norm``, ``trainsize`` or
-    ``head`` (the default tagger's instruction head from a run of its own, as shipped, against
-    pooled from the query's run, ``DefaultTagger(head_pooling=True)``; run it with the default
-    tagger)."""
+    ``head`` (the instruction head from a run of its own against pooled from the query's run,
+    ``DefaultTagger(head_pooling=True)``, the default since 2026-12-07; run it with
+    ``--tagger default+ownhead`` so the run's own tagger is the other arm)."""
     base = [Method("prior", "baseline", fit_prior), Method("RouterBench-KNN", "baseline", fit_knn)]
     if ablation == "stie":
         return base + [_tr(f"TagRouter s_tie={v:g}", s_tie=v) for v in (0.0, 0.15, 0.5, 1.0)]
