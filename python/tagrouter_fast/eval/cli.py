@@ -27,6 +27,7 @@ TAGGERS: dict[str, dict[str, Any]] = {
     # The default tagger before 2026-12-07 (the instruction head from a run of its own): the
     # tables of docs/eval-results.md were measured with it.
     "default+ownhead": {"head_pooling": False},
+    "default+shape+ownhead": {"shape_tags": True, "head_pooling": False},
 }
 
 
