@@ -161,6 +161,43 @@ def test_shadow_answer_is_byte_identical_to_a_direct_call(w: World, tmp_path: Pa
         assert g.gw.learner is not None and g.gw.learner.version == 1  # learned once
 
 
+def test_streamed_answers_are_relayed_unchanged_and_judged(w: World, tmp_path: Path) -> None:
+    # Coding agents stream: in shadow mode a streamed request is answered by the default as a
+    # direct stream would be, and its relayed text is what the judge compares.
+    poem = "Write a short poem about the rain"
+    body = {"messages": [{"role": "user", "content": poem}], "stream": True}
+    with running_gateway(config(w, tmp_path)) as g, httpx.Client(timeout=10) as c:
+        routed = c.post(g.url + "/v1/chat/completions", json={**body, "model": "tagrouter"})
+        direct = c.post(w.urls["big"] + "/v1/chat/completions", json={**body, "model": "big-model"})
+        assert routed.status_code == 200 and routed.headers["x-tagrouter-reason"] == "shadow"
+        assert routed.content == direct.content  # byte for byte, [DONE] included
+        settle(g.gw, tmp_path, 1)
+        recs = load(tmp_path)
+        assert [d["served"] for d in recs.decisions] == ["big"]
+        # The poem went to small in the background and was judged against the streamed answer.
+        assert [(p["candidate"], p["outcome"]) for p in recs.pairs] == [
+            ("small", true_outcome(poem))]
+        assert w.judge.requests == 2  # both orders
+
+
+def test_stream_meter_collects_text_and_knows_a_finished_stream() -> None:
+    from tagrouter_fast.serve.edge.openai_usage import StreamMeter
+
+    def event(obj: Any) -> bytes:
+        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+    meter = StreamMeter(strip=False, collect=True)
+    blocks = [event({"choices": [{"index": 0, "delta": {"content": "Rain "}}]}),
+              event({"choices": [{"index": 1, "delta": {"content": "other choice"}},
+                                 {"index": 0, "delta": {"content": "falls"}}]}),
+              event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})]
+    assert [meter.feed(b) for b in blocks] == blocks  # nothing stripped: the client's bytes
+    assert meter.text == "Rain falls" and not meter.done  # cut short: not judged
+    meter.feed(b"data: [DONE]\n\n")
+    assert meter.done and meter.usage == {"prompt_tokens": 3, "completion_tokens": 2}
+    assert StreamMeter(strip=False).text is None  # collects only when asked
+
+
 # ==== A scripted day: the report against the truth ====
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -223,9 +223,20 @@ async def _forward(
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"  # proxies in front must not buffer the stream
     events = forwarder.relay(opened, openai_error_event)
-    if spending.enabled or gw.tracing is not None:
-        events = _metered(events, StreamMeter(strip=strip_usage), gw, key, backend,
-                          prompt_chars(body), span, log_fields)
+    # Shadow mode judges a streamed answer too: its text is collected as it passes.
+    shadowed = shadow is not None and routed.decision is not None and chat
+    if spending.enabled or gw.tracing is not None or shadowed:
+        meter = StreamMeter(strip=strip_usage, collect=shadowed)
+        events = _metered(events, meter, gw, key, backend, prompt_chars(body), span, log_fields)
+        if shadowed:
+            assert shadow is not None
+            query = text
+
+            def record(answer: str | None) -> None:
+                shadow.after_stream(request_id, query, body, routed, answered, answer,
+                                    meter.usage, plan)
+
+            events = _shadowed(events, meter, record)
     return Relay(events, opened, headers=headers, media_type="text/event-stream")
 
 
@@ -260,6 +271,17 @@ async def _metered(
             log_fields.update(cost_log_fields(charge, backend))
         span.charged(charge, backend.config.price is not None)
         span.end()
+
+
+async def _shadowed(events: AsyncIterator[bytes], meter: StreamMeter,
+                    record: Callable[[str | None], None]) -> AsyncIterator[bytes]:
+    """The relayed stream, then its record for shadow mode however it ends: the collected text
+    when the stream finished (``[DONE]``), None (the decision only) when it did not."""
+    try:
+        async for block in events:
+            yield block
+    finally:
+        record(meter.text if meter.done else None)
 
 
 class Relay(StreamingResponse):

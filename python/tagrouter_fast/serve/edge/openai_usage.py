@@ -91,14 +91,19 @@ class StreamMeter:
     """Reads the usage and the text size of an OpenAI stream as it is relayed.
 
     ``strip``: the gateway asked for the usage (`ask_for_usage`), so the client gets the stream
-    without it. `feed` takes whole events (`Forwarder.relay` yields them) and returns the bytes
-    for the client.
+    without it. ``collect``: keep the answer's text too (shadow mode judges streamed answers).
+    `feed` takes whole events (`Forwarder.relay` yields them) and returns the bytes for the
+    client.
     """
 
-    def __init__(self, *, strip: bool) -> None:
+    def __init__(self, *, strip: bool, collect: bool = False) -> None:
         self.strip = strip
         self.usage: dict[str, Any] | None = None
         self.answer_chars = 0
+        #: The streamed text of choice 0, when ``collect``.
+        self.parts: list[str] | None = [] if collect else None
+        #: The stream ended with ``data: [DONE]``: the answer is whole.
+        self.done = False
 
     def feed(self, block: bytes) -> bytes:
         if b"data:" not in block:
@@ -110,6 +115,7 @@ class StreamMeter:
                 continue
             data = line[5:].strip()
             if data == b"[DONE]":
+                self.done = True
                 continue
             try:
                 obj = json.loads(data)
@@ -120,6 +126,8 @@ class StreamMeter:
             choices = obj.get("choices")
             if isinstance(choices, list):
                 self.answer_chars += sum(_choice_chars(c, "delta") for c in choices)
+                if self.parts is not None:
+                    self._collect(choices)
             if "usage" not in obj:
                 continue
             usage = obj["usage"]
@@ -143,3 +151,18 @@ class StreamMeter:
         while b"\n\n\n" in out:
             out = out.replace(b"\n\n\n", b"\n\n")
         return out
+
+    def _collect(self, choices: list[Any]) -> None:
+        for c in choices:
+            if not isinstance(c, dict) or c.get("index", 0) != 0:
+                continue
+            delta = c.get("delta")
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(content, str):
+                assert self.parts is not None
+                self.parts.append(content)
+
+    @property
+    def text(self) -> str | None:
+        """The collected answer text (None unless ``collect``)."""
+        return None if self.parts is None else "".join(self.parts)

@@ -8,14 +8,15 @@ the gateway's ``[feedback] state_dir``) and holds:
   `PairwiseJudge` over `http_ask` to ``judge_url`` on that client;
 - the per-request hooks of the edge: `steer` (who answers the client in the current mode, and
   the shadow plan) before the backend call, `after` (the request recorded and its shadow call
-  started) once the client's answer is sent;
+  started) once the client's answer is sent, `after_stream` the same once a streamed answer
+  has ended;
 - the mode switch (`switch`): mode, theta and ``ab_share`` at once, persisted in
   ``shadow_switch.json`` so that it survives restarts, and recorded in the mode log;
 - the runner's counters on ``/metrics`` and the traffic summary of ``GET /admin/traffic``.
 
-Streamed answers are served and routed like the others but not recorded or sampled: a shadow
-pair needs the served answer's whole text and usage, and the stream relay passes bytes through
-without parsing them (docs/shadow.md, "Streams").
+A streamed chat answer is relayed byte for byte while its text and usage are collected beside
+it (`StreamMeter`); a stream that finished (``[DONE]``) is judged like a JSON answer, one cut
+short records its decision only (docs/shadow.md, "Streams").
 
 Shadow work never delays, alters or fails the client's answer: `after` runs after the response
 is sent and `ShadowRunner.submit` never raises; a broken shadow backend or judge only counts.
@@ -217,7 +218,7 @@ class ShadowService:
                 routed, reason=REASON_SHADOW if cfg.mode == "shadow" else REASON_AB_DEFAULT,
                 chain=gw.chain(served, fallback=gw.config.fallback.passthrough,
                                needs=routed.needs))
-        plan = None if stream else runner.plan(d, served=served)
+        plan = runner.plan(d, served=served)
         return routed, plan
 
     def after(self, request_id: str, query: str, body: Mapping[str, Any], routed: Routed,
@@ -228,11 +229,25 @@ class ShadowService:
             return None
         return BackgroundTask(self._record, request_id, query, body, routed, answered, raw, plan)
 
+    def after_stream(self, request_id: str, query: str, body: Mapping[str, Any],
+                     routed: Routed, answered: str, text: str | None,
+                     usage: Mapping[str, Any] | None, plan: ShadowPlan | None) -> None:
+        """Records a streamed answer once its stream has ended: ``text`` is what was relayed
+        (None when the stream did not finish: the decision is recorded, nothing is judged)."""
+        if routed.decision is None:
+            return
+        self._submit(request_id, query, body, routed, answered, text, usage, plan)
+
     async def _record(self, request_id: str, query: str, body: Mapping[str, Any],
                       routed: Routed, answered: str, raw: bytes,
                       plan: ShadowPlan | None) -> None:
+        text, usage = answer_text(raw)
+        self._submit(request_id, query, body, routed, answered, text, usage, plan)
+
+    def _submit(self, request_id: str, query: str, body: Mapping[str, Any], routed: Routed,
+                answered: str, text: str | None, usage: Mapping[str, Any] | None,
+                plan: ShadowPlan | None) -> None:
         try:
-            text, usage = answer_text(raw)
             if answered != (plan.served if plan is not None else answered) or text is None:
                 # A failover answered (the plan was for another model) or no text to judge:
                 # the decision is recorded, nothing is shadowed.
