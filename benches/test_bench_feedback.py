@@ -1,4 +1,4 @@
-"""Feedback through the gateway at production history sizes (issue 21): acknowledged outcomes per
+"""Feedback through the gateway at production history sizes: acknowledged outcomes per
 second with 64 concurrent writers (journal fsynced, group commit, loopback), their latency, and
 how long until an outcome is visible to the next decision, on a young store and after 10^6
 outcomes of history, measured in one run. Run with `make bench-feedback` (or `pytest

@@ -1,5 +1,5 @@
 """Live learning at production scale: the cost of one outcome and of one decision as history
-grows, and the memory it takes (issue 21). Run with `make bench-learn` (or `pytest
+grows, and the memory it takes. Run with `make bench-learn` (or `pytest
 benches/test_bench_learn.py --benchmark-enable -s`).
 
 Goals: applying one outcome (`TagRouter.learn`, one call per outcome) p50 <= 20 us at 0, 10^5,

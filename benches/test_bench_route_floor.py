@@ -1,5 +1,5 @@
 """`route(query)` against its floor, one pass of its own encoder, and against aurelio
-`semantic-router` driven by that same encoder (issue 8, part 7; `make bench`).
+`semantic-router` driven by that same encoder (`make bench`).
 
 Goal: on real prompts, `route(query)` p50 <= 1.2x one encoder pass and below semantic-router's.
 
@@ -295,7 +295,7 @@ def _report(h: Harness) -> dict[str, Any]:
     }
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
-        "benchmark": "route-floor (issue 8, part 7)",
+        "benchmark": "route-floor",
         "command": "make bench  (or: .venv/bin/python -m pytest "
         "benches/test_bench_route_floor.py --benchmark-enable -q)",
         "machine": {

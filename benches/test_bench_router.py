@@ -1,6 +1,6 @@
 """End-to-end `route(query)` with the embedded defaults: default tagger -> aligner -> Rust core.
 
-Target (issue 3): p50 <= 10 ms on this 2-core CPU. The store is built from the public AlpacaEval
+Target: p50 <= 10 ms on this 2-core CPU. The store is built from the public AlpacaEval
 table (pool five-api); the benchmark skips when that table is absent.
 """
 

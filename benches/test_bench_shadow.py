@@ -7,7 +7,7 @@ The backends and the judge (`tagrouter_fast.demo.shadow_world`: deterministic, n
 in one child process, each gateway in its own; the client is this process, one keep-alive
 connection per target, and the three targets are called in turn for each query, so a load
 change on the machine hits all alike. Reported: p50/p99 per target, and the ratios shadow /
-route and route / direct. Issue 24's bar: shadow's overhead stays within the gateway's (the
+route and route / direct. The bar: shadow's overhead stays within the gateway's (the
 shadow/route ratio near 1; the background work shares the gateway's cores, so on a 2-core
 machine it is not free).
 """

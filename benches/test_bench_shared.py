@@ -1,4 +1,4 @@
-"""Two gateway replicas sharing their counts through Redis (issue 21): every valid cross-replica
+"""Two gateway replicas sharing their counts through Redis: every valid cross-replica
 feedback is accepted, and both replicas end on byte-identical stores.
 
 Run with `make bench-shared` (or `pytest benches/test_bench_shared.py --benchmark-enable -s`).
@@ -8,7 +8,7 @@ backends, and two `tagrouter serve` gateways (replicas A and B) on the demo rout
 own state directory (journal fsynced), the same `[shared] redis_url` and the same decision
 secret, open to anonymous callers with feedback. Then 10,000 decisions: each is routed on one
 replica (alternating A and B) and its outcome posted to the *other* replica the moment the
-decision is answered, 64 decisions in flight (the race of issue 21: feedback arriving before the
+decision is answered, 64 decisions in flight (the race it guards: feedback arriving before the
 decision reached Redis was refused, about 25% in the first seconds under load).
 
 Goals: 0 of 10,000 refused (any status but 200 counts as refused); once both replicas have

@@ -1,4 +1,4 @@
-"""Adding a model to a router from its judgments (issue 12 "Build"): `TagRouter.add_model`,
+"""Adding a model to a router from its judgments: `TagRouter.add_model`,
 `tagrouter_fast.add_model`, ``tagrouter add-model``."""
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ def test_runtime_does_not_import_build_code() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# ==== like= several models, as_llm (issue 12: the difficulty-aware and pool-prior starts) ====
+# ==== like= several models, as_llm (the difficulty-aware and pool-prior starts) ====
 
 
 def test_like_several_models_takes_each_query_from_one_of_them() -> None:

@@ -1,4 +1,4 @@
-"""Merged stores (issue 12, the paper's enhanced TagScorer): `tagrouter_fast.eval.merged` and
+"""Merged stores (the paper's enhanced TagScorer): `tagrouter_fast.eval.merged` and
 ``tagrouter eval --merged`` on a synthetic table whose queries come from several sources."""
 
 from __future__ import annotations

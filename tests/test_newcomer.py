@@ -1,4 +1,4 @@
-"""A model joins the pool with N judgments (issue 12 "Measure"): `tagrouter_fast.eval.newcomer`
+"""A model joins the pool with N judgments: `tagrouter_fast.eval.newcomer`
 and ``tagrouter eval --add-model`` on a synthetic pool where the tags say which model wins."""
 
 from __future__ import annotations

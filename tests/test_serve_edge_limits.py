@@ -1,4 +1,4 @@
-"""The gateway's edge under hostile or broken input (issue 21, "Reliability of the same path"):
+"""The gateway's edge under hostile or broken input:
 every error in the documented JSON shape and without a client-caused traceback, bounded
 answers, header timeouts and a bounded connection count, one-line start-up failures, and a
 readiness that says when feedback cannot be recorded.
@@ -488,7 +488,7 @@ def test_slow_header_clients_are_timed_out_while_normal_requests_go_through(
 def test_connection_count_is_bounded_so_slow_clients_cannot_take_every_descriptor(
     fakes: dict[str, Fake], tmp_path: Path
 ) -> None:
-    # The failure of issue 21: 256 descriptors, a few hundred clients sending headers slowly,
+    # The failure it guards: 256 descriptors, a few hundred clients sending headers slowly,
     # and no request got through. Now connections beyond the bound push out the longest
     # waiting one, and the gateway keeps descriptors for its backends and its journal.
     raw = _serve_raw(fakes, tmp_path, header_timeout_s=60.0, max_client_connections=64)

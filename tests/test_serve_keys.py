@@ -1,4 +1,4 @@
-"""Who may teach the router, and decisions any replica can verify (issue 21).
+"""Who may teach the router, and decisions any replica can verify.
 
 Client keys (hashed, scoped, rate-limited) in front of real gateways on loopback, decision
 tokens posted back as feedback (forged, tampered, expired, someone else's), anonymous access
@@ -596,7 +596,7 @@ def test_feedback_at_the_other_replica_before_anything_reached_redis(
     with ExitStack() as stack:
         a = stack.enter_context(running_gateway(replica("a")))
         b = stack.enter_context(running_gateway(replica("b")))
-        # Redis up: each outcome posted to B the moment A answered (the race of issue 21).
+        # Redis up: each outcome posted to B the moment A answered (the cross-replica race).
         for i in range(30):
             did = route(a, "app", POEM if i % 2 else MATH).json()["decision_id"]
             r = feedback(b, did, "loss", "app")
