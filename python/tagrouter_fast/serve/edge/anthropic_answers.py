@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tagrouter_fast.serve.edge.fields import dumps, int_field, list_field, obj, str_field
-from tagrouter_fast.serve.edge.sse import SSEDecoder, encode
+from tagrouter_fast.serve.edge.sse import DataParser, encode
 from tagrouter_fast.serve.edge.wire import (
     BlockStop,
     Event,
@@ -113,12 +113,12 @@ def parse_response(body: Mapping[str, Any]) -> Response:
                     str_field(body, "stop_sequence", "stop_sequence", status=502))
 
 
-class StreamParser:
+class StreamParser(DataParser[Event]):
     """A backend's message stream (SSE bytes) -> internal events; `Finish` at
     ``message_stop`` with the usage of ``message_start`` and ``message_delta``."""
 
     def __init__(self) -> None:
-        self._sse = SSEDecoder()
+        super().__init__()
         self.id = ""
         self.model = ""
         self._blocks: dict[int, int] = {}  # Anthropic's index -> ours (in order of start)
@@ -128,17 +128,9 @@ class StreamParser:
         self._stop_sequence: str | None = None
         self.done = False
 
-    def feed(self, chunk: bytes) -> list[Event]:
-        out: list[Event] = []
-        for ev in self._sse.feed(chunk):
-            self._event(ev.data, out)
-        return out
-
     def close(self) -> list[Event]:
         """Events left at the stream's end. Raises ProtocolError (502) if it never finished."""
-        out: list[Event] = []
-        for ev in self._sse.close():
-            self._event(ev.data, out)
+        out = self._drain()
         if not self.done:
             raise ProtocolError(502, "stream", "ended before message_stop")
         return out

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tagrouter_fast.serve.edge.fields import dumps, int_field, list_field, obj, str_field
-from tagrouter_fast.serve.edge.sse import SSEDecoder, encode
+from tagrouter_fast.serve.edge.sse import DataParser, encode
 from tagrouter_fast.serve.edge.wire import (
     BlockStop,
     Event,
@@ -99,7 +99,7 @@ def parse_response(body: Mapping[str, Any]) -> Response:
                     str(body.get("model") or ""), str(body.get("id") or ""))
 
 
-class StreamParser:
+class StreamParser(DataParser[Event]):
     """A backend's chat completion stream (SSE bytes) -> internal events.
 
     Text and tool calls become numbered blocks, one open at a time; the `Finish` comes at
@@ -107,7 +107,7 @@ class StreamParser:
     """
 
     def __init__(self) -> None:
-        self._sse = SSEDecoder()
+        super().__init__()
         self.id = ""
         self.model = ""
         self._open: int | None = None
@@ -119,17 +119,9 @@ class StreamParser:
         self._usage: Usage | None = None
         self.done = False
 
-    def feed(self, chunk: bytes) -> list[Event]:
-        out: list[Event] = []
-        for ev in self._sse.feed(chunk):
-            self._event(ev.data, out)
-        return out
-
     def close(self) -> list[Event]:
         """Events left at the stream's end. Raises ProtocolError (502) if it never finished."""
-        out: list[Event] = []
-        for ev in self._sse.close():
-            self._event(ev.data, out)
+        out = self._drain()
         if not self.done:
             self._end(out)
         return out

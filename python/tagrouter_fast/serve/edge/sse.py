@@ -10,10 +10,11 @@ join with newlines), comments and other fields ignored, ``\\n`` or ``\\r\\n`` li
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from tagrouter_fast.serve.edge.wire import ProtocolError
 
-__all__ = ["MAX_EVENT_BYTES", "SSEDecoder", "SSEEvent", "encode"]
+__all__ = ["MAX_EVENT_BYTES", "DataParser", "SSEDecoder", "SSEEvent", "encode"]
 
 #: An upstream event larger than this is a broken backend, not a long answer (each event is
 #: one delta): the decoder refuses it rather than buffer without bound.
@@ -92,3 +93,30 @@ class SSEDecoder:
             out.append(SSEEvent(self._event, "\n".join(self._data)))
             self._event, self._data, self._size = None, [], 0
         return out
+
+
+E = TypeVar("E")
+
+
+class DataParser(Generic[E]):
+    """A backend's stream read event by event: a protocol's parser turns each event's data into
+    its own events (`_event`); `feed` and `_drain` are the SSE framing around it."""
+
+    def __init__(self) -> None:
+        self._sse = SSEDecoder()
+
+    def feed(self, chunk: bytes) -> list[E]:
+        out: list[E] = []
+        for ev in self._sse.feed(chunk):
+            self._event(ev.data, out)
+        return out
+
+    def _drain(self) -> list[E]:
+        """The events of whatever the stream's last bytes complete (the framing checked)."""
+        out: list[E] = []
+        for ev in self._sse.close():
+            self._event(ev.data, out)
+        return out
+
+    def _event(self, data: str, out: list[E]) -> None:
+        raise NotImplementedError
